@@ -1,0 +1,364 @@
+"""Typed model configuration, read from and written to the released `MplugOwlConfig` layout.
+
+The released checkpoints carry a `config.json` with three sub-configs (`vision_config`,
+`visual_abstractor_config`, `text_config`) and a top-level `num_query_tokens`. `OwlConfig.from_hf_config`
+reads exactly that layout; `OwlConfig.to_hf_config` writes it back so that the released PyTorch code can
+load what we export.
+
+Architecture fields describe the weights; `dtype`, `param_dtype`, `scan_layers`, `remat_policy` and
+`attention_impl` describe how we run them and never change the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Sequence
+
+_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "silu")
+_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a valid mPLUG-Owl model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """f_V: the CLIP ViT-L/14 layout used by mPLUG-Owl (`vision_model.*`)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        """Tokens per image leaving the ViT: the patches plus the class token."""
+        return self.num_patches + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractorConfig:
+    """f_K: the visual abstractor (`query_tokens`, `abstractor.*`)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_layers: int = 6
+    num_heads: int = 16
+    encoder_hidden_size: int = 1024
+    # Used by `ffn_ln` only: norm1, normk and norm2 use torch's default 1e-5 in the released code.
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """f_L: LLaMA (`language_model.*`, HF names)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on linear layers chosen by name (peft semantics).
+
+    `target_modules` is either one regular expression that must match the whole HF module name
+    (e.g. `.*language_model.*\\.(q_proj|v_proj)`, the released recipe) or a list of name suffixes
+    (`["q_proj", "v_proj"]`).
+    """
+
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = r".*language_model.*\.(q_proj|v_proj)"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def matches(self, module_name: str) -> bool:
+        """Whether the HF module `module_name` carries an adapter (peft's rule)."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, module_name) is not None
+        return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        target = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": target,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+        if d.get("peft_type", "LORA").upper() != "LORA":
+            raise ConfigError(f"adapter config has peft_type={d.get('peft_type')!r}; only LORA adapters are supported")
+        if d.get("fan_in_fan_out"):
+            raise ConfigError("adapter config sets fan_in_fan_out=True, which LLaMA/mPLUG-Owl adapters never use")
+        if d.get("bias", "none") != "none":
+            raise ConfigError(f"adapter config has bias={d['bias']!r}; only bias='none' adapters are supported")
+        target = d.get("target_modules")
+        if target is None:
+            raise ConfigError("adapter config has no target_modules")
+        target = target if isinstance(target, str) else tuple(target)
+        return cls(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
+                   target_modules=target)
+
+
+@dataclasses.dataclass(frozen=True)
+class OwlConfig:
+    """The whole model: f_V → f_K → f_L, plus how to run it."""
+
+    vision: VisionConfig = VisionConfig()
+    abstractor: AbstractorConfig = AbstractorConfig()
+    text: TextConfig = TextConfig()
+    num_query_tokens: int = 64
+    lora: LoRAConfig | None = None
+    # How to run (not part of the checkpoint).
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    @property
+    def image_tokens(self) -> int:
+        """LLM tokens per image: the abstractor's queries plus `vit_eos`."""
+        return self.num_query_tokens + 1
+
+    def replace(self, **changes: Any) -> "OwlConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "OwlConfig":
+        """Raise `ConfigError` naming the first inconsistent field."""
+        v, a, t = self.vision, self.abstractor, self.text
+        checks = [
+            (v.hidden_size % v.num_heads == 0, f"vision hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}"),
+            (v.image_size % v.patch_size == 0, f"vision image_size {v.image_size} is not divisible by patch_size {v.patch_size}"),
+            (a.hidden_size % a.num_heads == 0, f"abstractor hidden_size {a.hidden_size} is not divisible by num_heads {a.num_heads}"),
+            (a.encoder_hidden_size == v.hidden_size, f"abstractor encoder_hidden_size {a.encoder_hidden_size} != vision hidden_size {v.hidden_size}"),
+            (a.hidden_size == v.hidden_size, f"abstractor hidden_size {a.hidden_size} != vision hidden_size {v.hidden_size} (the abstractor's keys/values concatenate queries and image tokens)"),
+            (t.hidden_size % t.num_heads == 0, f"text hidden_size {t.hidden_size} is not divisible by num_heads {t.num_heads}"),
+            (t.head_dim % 2 == 0, f"text head_dim {t.head_dim} must be even for rotary embeddings"),
+            (t.num_heads % t.num_kv_heads == 0, f"text num_heads {t.num_heads} is not a multiple of num_kv_heads {t.num_kv_heads}"),
+            (v.hidden_act in _ACTIVATIONS, f"vision hidden_act {v.hidden_act!r} is not one of {_ACTIVATIONS}"),
+            (t.hidden_act == "silu", f"text hidden_act {t.hidden_act!r}: LLaMA uses silu"),
+            (self.num_query_tokens > 0, f"num_query_tokens must be positive, got {self.num_query_tokens}"),
+            (self.dtype in _DTYPES, f"dtype {self.dtype!r} is not one of {_DTYPES}"),
+            (self.param_dtype in _DTYPES, f"param_dtype {self.param_dtype!r} is not one of {_DTYPES}"),
+            (self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    # ----------------------------------------------------------------------------------------------
+    # The released `MplugOwlConfig` layout.
+    @classmethod
+    def from_hf_config(cls, source: str | os.PathLike | dict[str, Any], **runtime: Any) -> "OwlConfig":
+        """Read a released `config.json` (a path, a folder holding one, or the parsed dict).
+
+        `runtime` sets the run-time fields (`dtype`, `param_dtype`, `scan_layers`, ...).
+        """
+        d = _read_json_source(source)
+        missing = [k for k in ("vision_config", "visual_abstractor_config", "text_config") if k not in d]
+        if missing:
+            raise ConfigError(f"config is not in the MplugOwlConfig layout: missing {missing}; "
+                              f"top-level keys are {sorted(d)[:12]}")
+        vc, ac, tc = d["vision_config"], d["visual_abstractor_config"], d["text_config"]
+        if tc.get("model_type", "llama") != "llama":
+            raise ConfigError(f"text_config.model_type is {tc.get('model_type')!r}; only LLaMA language models are supported")
+        vision = vision_config_from_hf(vc)
+        abstractor = AbstractorConfig(
+            hidden_size=ac.get("hidden_size", 1024),
+            intermediate_size=ac.get("intermediate_size", 2816),
+            num_layers=ac.get("num_hidden_layers", 6),
+            num_heads=ac.get("num_attention_heads", 16),
+            encoder_hidden_size=ac.get("encoder_hidden_size", vision.hidden_size),
+            layer_norm_eps=ac.get("layer_norm_eps", 1e-6),
+            attention_dropout=ac.get("attention_probs_dropout_prob", 0.1),
+        )
+        text = text_config_from_hf(tc)
+        cfg = cls(vision=vision, abstractor=abstractor, text=text,
+                  num_query_tokens=d.get("num_query_tokens", 64), **runtime)
+        return cfg.validate()
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `MplugOwlConfig` dict the released code reads (`config.json`)."""
+        v, a, t = self.vision, self.abstractor, self.text
+        return {
+            "architectures": ["MplugOwlForConditionalGeneration"],
+            "model_type": "mplug-owl",
+            "num_query_tokens": self.num_query_tokens,
+            "use_decoder_only_language_model": True,
+            "tie_word_embeddings": False,
+            "initializer_range": 0.02,
+            "initializer_factor": 1.0,
+            "vision_config": {
+                "model_type": "mplug_owl_vision_model",
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_hidden_layers": v.num_layers,
+                "num_attention_heads": v.num_heads,
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "num_channels": v.num_channels,
+                "layer_norm_eps": v.layer_norm_eps,
+                "hidden_act": v.hidden_act,
+                "attention_dropout": 0.0,
+                "initializer_range": 0.02,
+                "initializer_factor": 1.0,
+                "projection_dim": 768,
+                "use_flash_attn": False,
+            },
+            "visual_abstractor_config": {
+                "model_type": "mplug_owl_visual_abstract",
+                "hidden_size": a.hidden_size,
+                "intermediate_size": a.intermediate_size,
+                "num_hidden_layers": a.num_layers,
+                "num_attention_heads": a.num_heads,
+                "encoder_hidden_size": a.encoder_hidden_size,
+                "layer_norm_eps": a.layer_norm_eps,
+                "attention_probs_dropout_prob": a.attention_dropout,
+                "initializer_range": 0.02,
+            },
+            "text_config": {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_layers,
+                "num_attention_heads": t.num_heads,
+                "num_key_value_heads": t.num_kv_heads,
+                "rms_norm_eps": t.rms_norm_eps,
+                "rope_theta": t.rope_theta,
+                "max_position_embeddings": t.max_position_embeddings,
+                "tie_word_embeddings": t.tie_word_embeddings,
+                "hidden_act": t.hidden_act,
+                "bos_token_id": t.bos_token_id,
+                "eos_token_id": t.eos_token_id,
+                "pad_token_id": t.pad_token_id,
+                "initializer_range": 0.02,
+                "use_cache": True,
+            },
+        }
+
+
+def vision_config_from_hf(vc: dict[str, Any]) -> VisionConfig:
+    """A vision sub-config: mPLUG-Owl's `vision_config` or an HF `CLIPVisionConfig`."""
+    return VisionConfig(
+        hidden_size=vc.get("hidden_size", 1024),
+        intermediate_size=vc.get("intermediate_size", 4096),
+        num_layers=vc.get("num_hidden_layers", 24),
+        num_heads=vc.get("num_attention_heads", 16),
+        image_size=vc.get("image_size", 224),
+        patch_size=vc.get("patch_size", 14),
+        num_channels=vc.get("num_channels", 3),
+        layer_norm_eps=vc.get("layer_norm_eps", 1e-6),
+        hidden_act=vc.get("hidden_act", "quick_gelu"),
+    )
+
+
+def text_config_from_hf(tc: dict[str, Any]) -> TextConfig:
+    """A LLaMA config (`text_config` of mPLUG-Owl or a `LlamaForCausalLM` config.json)."""
+    rope_theta = tc.get("rope_theta")
+    rope_params = tc.get("rope_parameters") or {}
+    if rope_theta is None:
+        rope_theta = rope_params.get("rope_theta", 10000.0)
+    scaling = tc.get("rope_scaling")
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or rope_params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ConfigError(f"rope scaling {rope_type!r} is not supported (mPLUG-Owl uses plain RoPE)")
+    heads = tc.get("num_attention_heads", 32)
+    if tc.get("attention_bias") or tc.get("mlp_bias"):
+        raise ConfigError("LLaMA configs with attention_bias/mlp_bias are not supported (mPLUG-Owl's LLaMA has no biases)")
+    if "head_dim" in tc and tc["head_dim"] is not None and tc["head_dim"] != tc.get("hidden_size", 4096) // heads:
+        raise ConfigError(f"text head_dim {tc['head_dim']} != hidden_size/num_attention_heads; not supported")
+    return TextConfig(
+        vocab_size=tc.get("vocab_size", 32000),
+        hidden_size=tc.get("hidden_size", 4096),
+        intermediate_size=tc.get("intermediate_size", 11008),
+        num_layers=tc.get("num_hidden_layers", 32),
+        num_heads=heads,
+        num_kv_heads=tc.get("num_key_value_heads") or heads,
+        rms_norm_eps=tc.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        max_position_embeddings=tc.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
+        hidden_act=tc.get("hidden_act", "silu"),
+        bos_token_id=_first_id(tc.get("bos_token_id"), 1),
+        eos_token_id=_first_id(tc.get("eos_token_id"), 2),
+        pad_token_id=_first_id(tc.get("pad_token_id"), 0),
+    )
+
+
+def _first_id(value: int | Sequence[int] | None, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, (list, tuple)):
+        return int(value[0])
+    return int(value)
+
+
+def _read_json_source(source: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(source, dict):
+        return source
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json at {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None

@@ -1,0 +1,157 @@
+"""Building blocks shared by the three towers: linear (LoRA-capable), norms, dropout, activations.
+
+Conventions:
+- Every parameter is an `nnx.Param` (adapters: `nnx.LoRAParam`) with an `axes` metadata tuple of logical
+  axis names (see `owl_jax.sharding`).
+- Layers of a tower are stacked: a module built with `stack=L` holds every parameter with a leading
+  `layers` axis of size L and is applied one slice at a time by `_stack.apply_layers`.
+- Matmuls run in the compute dtype with float32 accumulation and are cast back to the compute dtype;
+  norms and softmax always compute in float32 (as the released model does).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from owl_jax.config import LoRAConfig
+
+Array = jax.Array
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _stacked(stack: int | None, shape: Sequence[int], axes: Sequence[str | None]):
+    if stack is None:
+        return tuple(shape), tuple(axes)
+    return (stack, *shape), ("layers", *axes)
+
+
+def matmul(x: Array, w: Array, dtype: jnp.dtype) -> Array:
+    """`x @ w` in `dtype` with float32 accumulation (faster and more accurate for bf16 than a bf16 output)."""
+    y = jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout; the identity when `key` is None (evaluation) or `rate` is 0."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def lora_targeted(lora: LoRAConfig | None, hf_name: str, stack: int | None) -> bool:
+    """Whether the linear layer called `hf_name` (with `{i}` for the layer index) gets an adapter.
+
+    Stacked layers share one set of modules, so the adapter must target every layer or none.
+    """
+    if lora is None:
+        return False
+    names = [hf_name.format(i=i) for i in range(stack)] if stack else [hf_name]
+    hits = [lora.matches(n) for n in names]
+    if any(hits) and not all(hits):
+        chosen = [n for n, h in zip(names, hits) if h]
+        raise ValueError(f"LoRA target_modules {lora.target_modules!r} select only some layers ({chosen[:3]}...) "
+                         f"of a stacked tower; adapters must cover all layers of {hf_name!r} or none")
+    return all(hits)
+
+
+class Linear(nnx.Module):
+    """`y = x W + b` with an optional low-rank adapter `+ scale · dropout(x) A B`.
+
+    `kernel` is (in, out) (the transpose of PyTorch's Linear weight); `lora_a` is (in, r), `lora_b` (r, out).
+    `hf_name` is the module's name in the released checkpoint (with `{i}` for the layer index); adapters
+    attach where `lora.matches(hf_name)`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+                 hf_name: str, rngs: nnx.Rngs, use_bias: bool = True, stack: int | None = None,
+                 lora: LoRAConfig | None = None, dtype: str = "float32", param_dtype: str = "float32",
+                 init_std: float = 0.02):
+        self.hf_name = hf_name
+        self.dtype = dtype
+        pdt = dtype_of(param_dtype)
+        shape, kaxes = _stacked(stack, (in_features, out_features), axes)
+        self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), shape, pdt), axes=kaxes)
+        if use_bias:
+            bshape, baxes = _stacked(stack, (out_features,), axes[1:])
+            self.bias = nnx.Param(jnp.zeros(bshape, pdt), axes=baxes)
+        else:
+            self.bias = None
+        if lora_targeted(lora, hf_name, stack):
+            assert lora is not None
+            ashape, aaxes = _stacked(stack, (in_features, lora.rank), (axes[0], "lora_rank"))
+            bshape, baxes = _stacked(stack, (lora.rank, out_features), ("lora_rank", axes[1]))
+            bound = in_features ** -0.5  # peft's kaiming_uniform(a=sqrt(5)) on A; B starts at zero
+            self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), ashape, pdt, -bound, bound), axes=aaxes)
+            self.lora_b = nnx.LoRAParam(jnp.zeros(bshape, pdt), axes=baxes)
+            self.lora_scale = float(lora.scale)
+            self.lora_dropout = float(lora.dropout)
+        else:
+            self.lora_a = None
+            self.lora_b = None
+            self.lora_scale = 0.0
+            self.lora_dropout = 0.0
+
+    def __call__(self, x: Array, dropout_key: Array | None = None, *, float32_output: bool = False) -> Array:
+        """`(..., in)` → `(..., out)` in the compute dtype (float32 with `float32_output`)."""
+        dt = dtype_of(self.dtype)
+        y = jnp.matmul(x.astype(dt), self.kernel[...].astype(dt), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        if self.lora_a is not None:
+            h = dropout(x, self.lora_dropout, dropout_key)
+            h = matmul(h, self.lora_a[...], dt)
+            y = y + self.lora_scale * jnp.matmul(h, self.lora_b[...].astype(dt), preferred_element_type=jnp.float32)
+        return y if float32_output else y.astype(dt)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 and cast back (the released `LayerNormFp32`)."""
+
+    def __init__(self, features: int, *, eps: float, stack: int | None = None, param_dtype: str = "float32",
+                 axis_name: str = "norm"):
+        self.eps = float(eps)
+        pdt = dtype_of(param_dtype)
+        shape, axes = _stacked(stack, (features,), (axis_name,))
+        self.scale = nnx.Param(jnp.ones(shape, pdt), axes=axes)
+        self.bias = nnx.Param(jnp.zeros(shape, pdt), axes=axes)
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA's RMSNorm: normalise in float32, cast to the compute dtype, then scale."""
+
+    def __init__(self, features: int, *, eps: float, stack: int | None = None, dtype: str = "float32",
+                 param_dtype: str = "float32"):
+        self.eps = float(eps)
+        self.dtype = dtype
+        shape, axes = _stacked(stack, (features,), ("norm",))
+        self.scale = nnx.Param(jnp.ones(shape, dtype_of(param_dtype)), axes=axes)
+
+    def __call__(self, x: Array) -> Array:
+        dt = dtype_of(self.dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(dt) * y.astype(dt)

@@ -1,0 +1,62 @@
+"""Running a stack of identical layers: one `lax.scan` (one compiled layer) or an unrolled loop.
+
+A stacked module holds each parameter with a leading `layers` axis. `apply_layers` splits it into its
+graph and state, and runs `body` on one slice of the state at a time, optionally under a named
+rematerialisation policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], *,
+                 num_layers: int, scan: bool = True, remat_policy: str = "none", xs: Any = None) -> tuple[Any, Any]:
+    """Fold `body(layer, carry, x_i) -> (carry, y_i)` over the stacked `layers`.
+
+    Args:
+      layers: a module whose parameters all carry a leading axis of size `num_layers`.
+      carry: the running value (e.g. hidden states `(B, L, D)`).
+      xs: optional per-layer inputs with a leading `num_layers` axis (e.g. dropout keys, cache slices).
+      scan: `lax.scan` (compile one layer) when True, a Python loop otherwise.
+      remat_policy: "none" or a key of `REMAT_POLICIES`.
+
+    Returns:
+      The final carry and the per-layer outputs stacked on a leading axis (None if `body` returns None).
+    """
+    graphdef, state = nnx.split(layers)
+
+    def step(c: Any, inputs: Any) -> tuple[Any, Any]:
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), c, x)
+
+    if remat_policy != "none":
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+
+    if scan:
+        return jax.lax.scan(step, carry, (state, xs), length=num_layers)
+    outputs = []
+    for i in range(num_layers):
+        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        outputs.append(y)
+    if outputs and outputs[0] is not None:
+        stacked = jax.tree.map(lambda *ys: jax.numpy.stack(ys), *outputs)
+    else:
+        stacked = None
+    return carry, stacked
+
+
+def layer_keys(key: jax.Array | None, num_layers: int) -> jax.Array | None:
+    """One dropout key per layer (None stays None: deterministic)."""
+    return None if key is None else jax.random.split(key, num_layers)

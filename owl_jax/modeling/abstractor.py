@@ -1,0 +1,103 @@
+"""f_K: the visual abstractor: learnable queries cross-attend to the ViT tokens, then `visual_fc`.
+
+Per layer (all Linear layers with bias, nothing masked):
+
+    q   = norm1(x)                                   # eps 1e-5
+    kv  = concat([q, normk(image)], axis=tokens)     # eps 1e-5; Q + T keys and values
+    h   = q + out_proj(attention(query(q), key(kv), value(kv)))   # residual on the *normalised* query
+    h   = h + w2(ffn_ln(silu(w1(norm2(h))) * w3(norm2(h))))        # norm2 eps 1e-5, ffn_ln eps from config
+
+The output is `visual_fc` of the Q query states with `vit_eos` appended: `(N, Q + 1, D_llm)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from owl_jax.config import AbstractorConfig, LoRAConfig
+from owl_jax.modeling._attention import dot_product_attention
+from owl_jax.modeling._layers import LayerNorm, Linear, dtype_of
+from owl_jax.modeling._stack import apply_layers
+from owl_jax.modeling.hf_names import hf_module
+from owl_jax.sharding import constrain
+
+Array = jax.Array
+_TORCH_LAYER_NORM_EPS = 1e-5  # norm1, normk and norm2 are built without an eps in the released code
+
+
+class AbstractorLayer(nnx.Module):
+    def __init__(self, cfg: AbstractorConfig, *, stack: int, lora: LoRAConfig | None, dtype: str,
+                 param_dtype: str, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        common = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(stack=stack, param_dtype=param_dtype)
+        self.num_heads = cfg.num_heads
+        self.dropout_rate = float(cfg.attention_dropout)
+        self.norm1 = LayerNorm(d, eps=_TORCH_LAYER_NORM_EPS, **norm)
+        self.normk = LayerNorm(cfg.encoder_hidden_size, eps=_TORCH_LAYER_NORM_EPS, **norm)
+        self.query = Linear(d, d, axes=("vision_embed", "vision_heads"), hf_name=hf_module("abstractor/layers/query"), **common)
+        self.key = Linear(cfg.encoder_hidden_size, d, axes=("vision_embed", "vision_heads"),
+                          hf_name=hf_module("abstractor/layers/key"), **common)
+        self.value = Linear(cfg.encoder_hidden_size, d, axes=("vision_embed", "vision_heads"),
+                            hf_name=hf_module("abstractor/layers/value"), **common)
+        self.out_proj = Linear(d, d, axes=("vision_heads", "vision_embed"), hf_name=hf_module("abstractor/layers/out_proj"),
+                               **common)
+        self.norm2 = LayerNorm(d, eps=_TORCH_LAYER_NORM_EPS, **norm)
+        self.w1 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=hf_module("abstractor/layers/w1"), **common)
+        self.w2 = Linear(f, d, axes=("vision_mlp", "vision_embed"), hf_name=hf_module("abstractor/layers/w2"), **common)
+        self.w3 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=hf_module("abstractor/layers/w3"), **common)
+        self.ffn_ln = LayerNorm(f, eps=cfg.layer_norm_eps, **norm)
+
+    def __call__(self, x: Array, image: Array, key: Array | None) -> Array:
+        keys = [None] * 8 if key is None else list(jax.random.split(key, 8))
+        n, nq, d = x.shape
+        hd = d // self.num_heads
+        q = self.norm1(x)
+        kv = jnp.concatenate([q, self.normk(image)], axis=1)
+        heads = lambda t: t.reshape(n, t.shape[1], self.num_heads, hd)
+        ctx = dot_product_attention(heads(self.query(q, keys[0])), heads(self.key(kv, keys[1])),
+                                    heads(self.value(kv, keys[2])), scale=hd ** -0.5,
+                                    dropout_rate=self.dropout_rate, dropout_key=keys[3])
+        h = q + self.out_proj(ctx.reshape(n, nq, d), keys[4])
+        m = self.norm2(h)
+        gated = jax.nn.silu(self.w1(m, keys[5])) * self.w3(m, keys[6])
+        return h + self.w2(self.ffn_ln(gated), keys[7])
+
+
+class Abstractor(nnx.Module):
+    """`query_tokens` + `abstractor.*`: ViT features `(N, T, D_v)` → LLM tokens `(N, Q + 1, D_llm)`."""
+
+    def __init__(self, cfg: AbstractorConfig, num_queries: int, llm_hidden: int, *, lora: LoRAConfig | None = None,
+                 dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = True,
+                 remat_policy: str = "none", rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat_policy = remat_policy
+        pdt = dtype_of(param_dtype)
+        # The released code zero-initialises the queries; identical queries never become different
+        # under training, so a fresh model draws them at random (imported checkpoints overwrite this).
+        self.query_tokens = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_queries, cfg.hidden_size), pdt),
+                                      axes=(None, "queries", "vision_embed"))
+        self.layers = AbstractorLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                                      rngs=rngs)
+        self.visual_fc = Linear(cfg.hidden_size, llm_hidden, axes=("vision_embed", "embed"),
+                                hf_name=hf_module("abstractor/visual_fc"), lora=lora, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
+        self.vit_eos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, llm_hidden), pdt),
+                                 axes=(None, None, "embed"))
+
+    def __call__(self, image_features: Array, dropout_key: Array | None = None) -> Array:
+        dt = dtype_of(self.dtype)
+        n = image_features.shape[0]
+        image = image_features.astype(dt)
+        x = jnp.broadcast_to(self.query_tokens[...].astype(dt), (n, *self.query_tokens.shape[1:]))
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers + 1)
+        body = lambda layer, h, k: (constrain(layer(h, image, k), ("batch", "length", "act_embed")), None)
+        x, _ = apply_layers(self.layers, x, body, num_layers=self.cfg.num_layers, scan=self.scan_layers,
+                            remat_policy=self.remat_policy, xs=None if keys is None else keys[1:])
+        out = self.visual_fc(x, None if keys is None else keys[0])
+        eos = jnp.broadcast_to(self.vit_eos[...].astype(dt), (n, 1, out.shape[-1]))
+        return jnp.concatenate([out, eos], axis=1)

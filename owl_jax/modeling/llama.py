@@ -1,0 +1,146 @@
+"""f_L: LLaMA with HF's names and numerics (RoPE rotate_half, float32 RMSNorm and softmax, untied head).
+
+The attention path takes explicit positions, a boolean mask and an optional preallocated KV cache, so
+the same layers serve training (no cache), prefill and one-token decode steps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from owl_jax.config import LoRAConfig, TextConfig
+from owl_jax.modeling._attention import apply_rope, dot_product_attention
+from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of
+from owl_jax.modeling._stack import apply_layers
+from owl_jax.modeling.hf_names import hf_module
+from owl_jax.sharding import constrain
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: `(layers, B, S, Hkv, Dh)` each, S the preallocated length."""
+
+    k: Array
+    v: Array
+
+    @classmethod
+    def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: str = "float32") -> "KVCache":
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class LlamaLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, stack: int, lora: LoRAConfig | None, dtype: str, param_dtype: str,
+                 rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        common = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=False)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.rope_theta = float(cfg.rope_theta)
+        self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, stack=stack, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "heads"), hf_name=hf_module("language_model/layers/q_proj"),
+                             **common)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"),
+                             hf_name=hf_module("language_model/layers/k_proj"), **common)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"),
+                             hf_name=hf_module("language_model/layers/v_proj"), **common)
+        self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), hf_name=hf_module("language_model/layers/o_proj"),
+                             **common)
+        self.post_attention_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, stack=stack, dtype=dtype,
+                                                param_dtype=param_dtype)
+        self.gate_proj = Linear(d, cfg.intermediate_size, axes=("embed", "mlp"), hf_name=hf_module("language_model/layers/gate_proj"),
+                                **common)
+        self.up_proj = Linear(d, cfg.intermediate_size, axes=("embed", "mlp"), hf_name=hf_module("language_model/layers/up_proj"),
+                              **common)
+        self.down_proj = Linear(cfg.intermediate_size, d, axes=("mlp", "embed"), hf_name=hf_module("language_model/layers/down_proj"),
+                                **common)
+
+    def __call__(self, x: Array, positions: Array, mask: Array, cache: tuple[Array, Array] | None,
+                 cache_index: Array | int, key: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+        keys = [None] * 7 if key is None else list(jax.random.split(key, 7))
+        b, length, _ = x.shape
+        h = self.input_layernorm(x)
+        q = self.q_proj(h, keys[0]).reshape(b, length, self.num_heads, self.head_dim)
+        k = self.k_proj(h, keys[1]).reshape(b, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h, keys[2]).reshape(b, length, self.num_kv_heads, self.head_dim)
+        q = constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "act_heads", None))
+        k = apply_rope(k, positions, self.rope_theta)
+        new_cache = None
+        if cache is not None:
+            ck, cv = cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            new_cache = (k, v)
+        ctx = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask)
+        x = x + self.o_proj(ctx.reshape(b, length, self.num_heads * self.head_dim), keys[3])
+        h = self.post_attention_layernorm(x)
+        h = self.down_proj(jax.nn.silu(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
+        return constrain(x + h, ("batch", "length", "act_embed")), new_cache
+
+
+class LlamaModel(nnx.Module):
+    """`language_model.*`: embeddings → decoder layers → final norm → `lm_head`."""
+
+    def __init__(self, cfg: TextConfig, *, lora: LoRAConfig | None = None, dtype: str = "float32",
+                 param_dtype: str = "float32", scan_layers: bool = True, remat_policy: str = "none",
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat_policy = remat_policy
+        pdt = dtype_of(param_dtype)
+        self.embed_tokens = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
+                                      axes=("vocab", "embed"))
+        self.layers = LlamaLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                                  hf_name=hf_module("language_model/lm_head"), use_bias=False, lora=lora, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+
+    def embed(self, token_ids: Array) -> Array:
+        """`(B, L)` valid token ids → `(B, L, D)` embeddings in the compute dtype."""
+        table = self.embed_tokens[...]
+        return jnp.take(table, token_ids, axis=0).astype(dtype_of(self.dtype))
+
+    def __call__(self, embeds: Array, positions: Array, mask: Array, *, cache: KVCache | None = None,
+                 cache_index: Array | int = 0, dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:
+        """Decoder stack.
+
+        Args:
+          embeds: `(B, L, D)` input embeddings (text with images spliced in).
+          positions: `(B, L)` RoPE positions.
+          mask: `(B, L, K)` boolean; K = L without a cache, K = S (the cache length) with one.
+          cache: optional `KVCache`; this call's keys/values are written at `cache_index`.
+
+        Returns:
+          Final-normed hidden states `(B, L, D)` and the updated cache (None without one).
+        """
+        n = self.cfg.num_layers
+        keys = None if dropout_key is None else jax.random.split(dropout_key, n)
+        x = constrain(embeds.astype(dtype_of(self.dtype)), ("batch", "length", "act_embed"))
+
+        def body(layer, h, xs):
+            layer_cache, k = xs
+            return layer(h, positions, mask, layer_cache, cache_index, k)
+
+        xs = (None if cache is None else (cache.k, cache.v), keys)
+        x, new = apply_layers(self.layers, x, body, num_layers=n, scan=self.scan_layers,
+                              remat_policy=self.remat_policy, xs=xs)
+        return self.norm(x), (None if new is None else KVCache(*new))
+
+    def logits(self, hidden: Array) -> Array:
+        """`(B, L, D)` → float32 logits `(B, L, V)`."""
+        if self.lm_head is not None:
+            out = self.lm_head(hidden, float32_output=True)
+        else:
+            dt = dtype_of(self.dtype)
+            out = jnp.matmul(hidden.astype(dt), self.embed_tokens[...].T.astype(dt), preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "length", "act_vocab"))

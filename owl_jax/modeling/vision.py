@@ -1,0 +1,106 @@
+"""f_V: mPLUG-Owl's ViT (CLIP ViT-L/14 layout with a head-interleaved fused QKV).
+
+Differences from HF's CLIP that a port must keep: the pre-LayerNorm sits inside the embeddings, the
+patch convolution has no bias, `query_key_value` orders its outputs `[head, (q, k, v), head_dim]`, and
+the post-LayerNorm is applied to every token (the abstractor reads all of them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from owl_jax.config import LoRAConfig, VisionConfig
+from owl_jax.modeling._attention import dot_product_attention
+from owl_jax.modeling._layers import ACTIVATIONS, LayerNorm, Linear, dtype_of
+from owl_jax.modeling._stack import apply_layers
+from owl_jax.modeling.hf_names import hf_module
+from owl_jax.sharding import constrain
+
+Array = jax.Array
+
+
+def patchify(pixel_values: Array, patch_size: int) -> Array:
+    """`(N, C, H, W)` → `(N, (H/p)·(W/p), C·p·p)`, patches row-major, each flattened as (C, p, p).
+
+    Multiplying by the conv weight reshaped to `(D, C·p·p)` equals a stride-p convolution.
+    """
+    n, c, h, w = pixel_values.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+    x = pixel_values.reshape(n, c, h // p, p, w // p, p)
+    x = x.transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+
+class VisionLayer(nnx.Module):
+    """One pre-LN transformer block; built with `stack=L` it holds all L layers."""
+
+    def __init__(self, cfg: VisionConfig, *, stack: int, lora: LoRAConfig | None, dtype: str, param_dtype: str,
+                 rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        common = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads = cfg.num_heads
+        self.act = cfg.hidden_act
+        self.input_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, stack=stack, param_dtype=param_dtype)
+        self.query_key_value = Linear(d, 3 * d, axes=("vision_embed", "qkv"),
+                                      hf_name=hf_module("vision_model/layers/query_key_value"), **common)
+        self.dense = Linear(d, d, axes=("vision_heads", "vision_embed"), hf_name=hf_module("vision_model/layers/dense"), **common)
+        self.post_attention_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, stack=stack, param_dtype=param_dtype)
+        self.fc1 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=hf_module("vision_model/layers/fc1"), **common)
+        self.fc2 = Linear(f, d, axes=("vision_mlp", "vision_embed"), hf_name=hf_module("vision_model/layers/fc2"), **common)
+
+    def __call__(self, x: Array, key: Array | None) -> Array:
+        keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+        n, t, d = x.shape
+        h = self.input_layernorm(x)
+        qkv = self.query_key_value(h, keys[0]).reshape(n, t, self.num_heads, 3, d // self.num_heads)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        ctx = dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5)
+        x = x + self.dense(ctx.reshape(n, t, d), keys[1])
+        h = self.post_attention_layernorm(x)
+        h = self.fc2(ACTIVATIONS[self.act](self.fc1(h, keys[2])), keys[3])
+        return constrain(x + h, ("batch", "length", "act_embed"))
+
+
+class VisionTower(nnx.Module):
+    """`vision_model.*`: pixels `(N, C, H, W)` → features `(N, 1 + H·W/p², D_v)` after the post-LN."""
+
+    def __init__(self, cfg: VisionConfig, *, lora: LoRAConfig | None = None, dtype: str = "float32",
+                 param_dtype: str = "float32", scan_layers: bool = True, remat_policy: str = "none",
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat_policy = remat_policy
+        d, pdt = cfg.hidden_size, dtype_of(param_dtype)
+        patch_dim = cfg.num_channels * cfg.patch_size ** 2
+        self.patch_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (patch_dim, d), pdt),
+                                     axes=("patch", "vision_embed"))
+        self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d), pdt),
+                                   axes=(None, None, "vision_embed"))
+        self.position_embedding = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (1, cfg.num_positions, d), pdt),
+            axes=(None, "positions", "vision_embed"))
+        self.pre_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.layers = VisionLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
+        self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, pixel_values: Array, dropout_key: Array | None = None) -> Array:
+        cfg, dt = self.cfg, dtype_of(self.dtype)
+        expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this model expects (N, "
+                             f"{expected[0]}, {expected[1]}, {expected[2]}) (config image_size={cfg.image_size})")
+        patches = patchify(pixel_values.astype(dt), cfg.patch_size)
+        x = jnp.matmul(patches, self.patch_embed[...].astype(dt), preferred_element_type=jnp.float32).astype(dt)
+        cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(dt)
+        x = constrain(self.pre_layernorm(x), ("batch", "length", "act_embed"))
+        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+        x, _ = apply_layers(self.layers, x, lambda layer, h, k: (layer(h, k), None), num_layers=cfg.num_layers,
+                            scan=self.scan_layers, remat_policy=self.remat_policy, xs=keys)
+        return self.post_layernorm(x)
