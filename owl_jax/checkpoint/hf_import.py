@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from owl_jax.checkpoint.importer import KeyInventory, check_keys, keep_on_host, stream_leaves, to_devices
+from owl_jax.checkpoint.importer import KeyInventory, check_keys, keep_on_host, stream_leaves
 from owl_jax.checkpoint.layout import Path, is_rotary_buffer, leaf_shapes, owl_targets
 from owl_jax.checkpoint.lora import LoRASource, merge_lora
 from owl_jax.checkpoint.tensor_files import weight_files
@@ -95,17 +95,6 @@ def load_hf_leaves(hf_dir: str, cfg: OwlConfig, *, dtype: str | None = None, lor
     return model_cfg, leaves
 
 
-def load_hf_model(hf_dir: str, cfg: OwlConfig, *, lora: LoRASource | None = None, merge: bool = False,
-                  mesh: jax.sharding.Mesh | None = None, show_progress: bool = True) -> Owl:
-    """An `Owl` with the weights of `hf_dir` in `cfg.param_dtype`, on `mesh` when given."""
-    model_cfg = cfg.replace(lora=None if (lora is None or merge) else lora.config)
-    graphdef, abstract = abstract_model(model_cfg)
-    shardings = flat_shardings(abstract, mesh) if mesh is not None else None
-    model_cfg, leaves = load_hf_leaves(hf_dir, cfg, dtype=cfg.param_dtype, lora=lora, merge=merge,
-                                       finalize=to_devices(shardings), show_progress=show_progress)
-    return assemble(graphdef, abstract, leaves)
-
-
 def host_leaves(model: Owl) -> dict[Path, np.ndarray]:
     """The model's parameters as host numpy arrays, `{path: array}`."""
     out = {}
@@ -115,4 +104,4 @@ def host_leaves(model: Owl) -> dict[Path, np.ndarray]:
     return out
 
 
-__all__ = ["abstract_model", "assemble", "flat_shardings", "host_leaves", "load_hf_leaves", "load_hf_model"]
+__all__ = ["abstract_model", "assemble", "flat_shardings", "host_leaves", "load_hf_leaves"]

@@ -44,6 +44,8 @@ class KeyTarget:
         if self.transform == QKV_PART:
             d3 = piece.shape[-1]
             heads = piece.reshape(*piece.shape[:-1], self.num_heads, 3, d3 // (3 * self.num_heads))
+            # reshape copies a non-contiguous array, and writes into a copy would be lost
+            assert np.shares_memory(heads, leaf), "fused q/k/v leaf must be contiguous"
             return heads[..., self.part, :]
         return piece
 

@@ -1,0 +1,52 @@
+"""`owl_jax.from_pretrained`: a checkpoint folder → a ready `Owl` model and its processor."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from owl_jax.checkpoint.convert import load_checkpoint
+from owl_jax.checkpoint.hf_import import abstract_model, assemble
+from owl_jax.modeling import Owl
+
+
+def from_pretrained(path: str | os.PathLike, dtype: str = "float32", lora: str | os.PathLike | None = None, *,
+                    param_dtype: str | None = None, merge_lora: bool = False, lora_alpha: float | None = None,
+                    mesh: jax.sharding.Mesh | None = None, scan_layers: bool = True, remat_policy: str = "none",
+                    show_progress: bool = True) -> tuple[Owl, Any]:
+    """Load mPLUG-Owl for inference or further training.
+
+    Args:
+      path: an HF-layout folder of the released model (`config.json` with `pytorch_model.bin`, `.bin` shards
+        + `pytorch_model.bin.index.json`, `model.safetensors`, or safetensors shards + index), or a folder
+        written by `convert_weights.py import`.
+      dtype: compute dtype, "float32" or "bfloat16" ("float16" also works).
+      lora: a peft adapter folder, or a training checkpoint holding LoRA keys (`base_model.model.` prefix,
+        `.default` adapter keys). Kept as LoRA parameters unless `merge_lora`.
+      param_dtype: dtype of the parameters (default: `dtype`).
+      lora_alpha: adapter alpha when the source has no `adapter_config.json`.
+      mesh: a `(data, fsdp, tensor)` mesh (`owl_jax.sharding.make_mesh`); each tensor goes straight onto
+        its shards. Default: the first device.
+
+    Returns:
+      `(model, processor)`; `processor` is None when the folder holds no `tokenizer.model`.
+    """
+    path = os.fspath(path)
+    param_dtype = param_dtype or dtype
+    runtime = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy)
+    loaded = load_checkpoint(path, weights_dtype=param_dtype, lora=None if lora is None else os.fspath(lora),
+                             merge_lora=merge_lora, lora_alpha=lora_alpha, mesh=mesh, show_progress=show_progress,
+                             runtime=runtime)
+    graphdef, abstract = abstract_model(loaded.config)
+    model = assemble(graphdef, abstract, loaded.leaves)
+    return model, _processor_for(path, loaded.config)
+
+
+def _processor_for(path: str, config: Any) -> Any:
+    from owl_jax.data.processor import OwlProcessor, find_tokenizer
+
+    if find_tokenizer(path) is None:
+        return None
+    return OwlProcessor.from_pretrained(path, config=config)
