@@ -1,0 +1,1 @@
+"""Experiment and model definitions. Each module exposes `get_config()`."""
