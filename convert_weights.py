@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="output dtype (default: the stored one)")
     exp.add_argument("--merge-lora", action="store_true", help="merge adapters instead of writing OUT_DIR/adapter")
-    exp.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
+    exp.add_argument("--max-shard-size", default=None,
+                     help="largest shard, e.g. 5GB or 500MB (default: 5GB safetensors, 1GB .bin)")
 
     init = sub.add_parser("init", help="fresh model from HF CLIP and LLaMA checkpoints")
     init.add_argument("out_dir")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                                             overwrite=args.overwrite, show_progress=progress)
         elif args.command == "export":
             out = convert.export_checkpoint(args.ckpt_dir, args.out_dir, fmt=args.format, dtype=args.dtype,
-                                            merge_lora=args.merge_lora, max_shard_bytes=parse_size(args.max_shard_size),
+                                            merge_lora=args.merge_lora, max_shard_bytes=args.max_shard_size and parse_size(args.max_shard_size),
                                             overwrite=args.overwrite, show_progress=progress)
         else:
             out = convert.init_from_towers_checkpoint(args.clip, args.llama, args.out_dir,

@@ -21,7 +21,7 @@ class _Bar:
         self.items += items
         if self._bar is not None:
             self._bar.update(nbytes)
-            self._bar.set_postfix_str(f"{self.items}/{self.total_items} tensors", refresh=False)
+            self._bar.set_postfix_str(f"{self.items}/{self.total_items} tensors", refresh=self.items == self.total_items)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -220,3 +220,23 @@ def test_config_for_clip_large_and_llama_7b():
     small = config_from_towers(flat, llama).abstractor
     assert (small.hidden_size, small.num_heads, small.intermediate_size) == (768, 12, 2112)
     json.dumps(dataclasses.asdict(small))  # plain data: can go into a run's config file
+
+
+def test_cli_init_writes_a_loadable_model(towers, tmp_path):
+    import subprocess
+    import sys
+
+    import owl_jax
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / "convert_weights.py"), "init", str(tmp_path / "fresh"),
+                             "--clip", str(towers.clip_dir), "--llama", str(towers.llama_dir),
+                             "--num-query-tokens", "4", "--seed", "3"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "tensors" in result.stderr  # the progress bar counts tensors (and bytes)
+    model, _ = owl_jax.from_pretrained(tmp_path / "fresh", show_progress=False)
+    assert model.config.image_tokens == 5
+    ids = np.array([[1, 5, 7, 9]])
+    with torch.no_grad():
+        expected = towers.llama(torch.from_numpy(ids)).logits
+    assert _max_err(model(None, ids), expected) < TOL

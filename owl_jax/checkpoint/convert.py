@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from owl_jax.checkpoint import native
-from owl_jax.checkpoint.export import DEFAULT_MAX_SHARD_BYTES, export_hf
+from owl_jax.checkpoint.export import export_hf
 from owl_jax.checkpoint.hf_import import abstract_model, flat_shardings, load_hf_leaves
 from owl_jax.checkpoint.importer import KeyInventory, check_keys, keep_on_host, stream_leaves, to_devices
 from owl_jax.checkpoint.layout import Path, leaf_shapes, owl_targets
@@ -128,7 +128,7 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, dtype: str | None = None, lo
 
 
 def export_checkpoint(ckpt_dir: str, out_dir: str, *, fmt: str = "safetensors", dtype: str | None = None,
-                      merge_lora: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      merge_lora: bool = False, max_shard_bytes: int | None = None,
                       overwrite: bool = False, show_progress: bool = True) -> str:
     """Converted (or HF) folder → HF layout loadable by the released code; adapters go to `OUT_DIR/adapter`."""
     loaded = load_checkpoint(ckpt_dir, merge_lora=merge_lora, on_host=True, show_progress=show_progress)

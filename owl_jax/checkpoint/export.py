@@ -22,7 +22,8 @@ from owl_jax.progress import progress_bar
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
                       "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+# safetensors shards are streamed (no memory cost); a `.bin` shard is built whole by torch.save.
+DEFAULT_MAX_SHARD_BYTES = {"safetensors": 5 * 10 ** 9, "bin": 10 ** 9}
 
 
 def parse_size(text: str | int) -> int:
@@ -92,7 +93,7 @@ def write_torch_bin(path: str, entries: list[tuple[str, tuple[int, ...], str]], 
 
 
 def write_hf_tensors(folder: str, tensors: list[tuple[str, tuple[int, ...], str, Any]], *, fmt: str = "safetensors",
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, basename: str | None = None,
+                     max_shard_bytes: int | None = None, basename: str | None = None,
                      show_progress: bool = True, desc: str = "export") -> list[str]:
     """Write `(key, shape, dtype, producer)` tensors as one file or shards + index; returns the file names.
 
@@ -101,7 +102,7 @@ def write_hf_tensors(folder: str, tensors: list[tuple[str, tuple[int, ...], str,
     if fmt not in ("safetensors", "bin"):
         raise ValueError(f"unknown format {fmt!r}; use safetensors or bin")
     entries = [(k, s, d) for k, s, d, _ in tensors]
-    shards = plan_shards(entries, max_shard_bytes)
+    shards = plan_shards(entries, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES[fmt])
     stem, ext = (basename or ("model" if fmt == "safetensors" else "pytorch_model")), (
         ".safetensors" if fmt == "safetensors" else ".bin")
     names = [f"{stem}{ext}"] if len(shards) == 1 else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}{ext}"
@@ -142,7 +143,7 @@ def _leaf_tensor(target: KeyTarget, leaf: Any, dtype: str | None) -> tuple[str, 
 
 def export_hf(out_dir: str, cfg: OwlConfig, base_targets: list[KeyTarget], leaves: dict[Path, Any], *,
               hf_config: dict[str, Any], fmt: str = "safetensors", dtype: str | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, with_rotary_buffers: bool = True,
+              max_shard_bytes: int | None = None, with_rotary_buffers: bool = True,
               lora_targets: list[KeyTarget] | None = None, lora: LoRAConfig | None = None,
               side_files_from: str | None = None, overwrite: bool = False, show_progress: bool = True) -> str:
     """Write the released HF layout (and, with `lora_targets`, a peft adapter in `OUT_DIR/adapter`).
@@ -151,6 +152,7 @@ def export_hf(out_dir: str, cfg: OwlConfig, base_targets: list[KeyTarget], leave
       base_targets: the keys to write (`layout.owl_targets(..., include_lora=False)`).
       leaves: `{path: array}` host or device arrays.
       dtype: output dtype for all tensors; None keeps each leaf's dtype.
+      max_shard_bytes: largest shard (default 5 GB for safetensors, 1 GB for `.bin`, which is built in memory).
       with_rotary_buffers: add `rotary_emb.inv_freq` buffers (the released code loads with strict=True).
     """
     tensors = [_leaf_tensor(t, leaves[t.path], dtype) for t in base_targets]

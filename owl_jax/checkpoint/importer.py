@@ -124,8 +124,7 @@ def stream_leaves(inventory: KeyInventory, targets: list[KeyTarget],
                         shape, leaf_dtype = leaf_specs[target.path]
                         chosen = dtype or leaf_dtype or hf.dtype
                         leaf = buffers[target.path] = np.empty(shape, NUMPY_DTYPES[str(np.dtype(chosen))])
-                    view = target.view(leaf)
-                    view[...] = target.to_flax(hf, view.shape).astype(leaf.dtype, copy=False)
+                    target.write(leaf, hf)
                     del hf
                     f.release(file_key)
                     bar.advance(f.nbytes(file_key))

@@ -131,15 +131,31 @@ def save_converted(out_dir: str, leaves: dict[Path, Any], *, hf_config: dict[str
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
         copy_side_files(side_files_from, tmp)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, PARAMS_DIR), nest(leaves))
-        checkpointer.wait_until_finished()
+        _save_pytree(os.path.join(tmp, PARAMS_DIR), nest(leaves))
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "param_dtypes": dtypes,
                 "lora": None if lora is None else lora.to_peft_dict(), "rotary_buffers": rotary_buffers,
                 "source": source}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
     return os.path.abspath(out_dir)
+
+
+def _save_pytree(path: str, tree: dict[str, Any]) -> None:
+    """Orbax save without the two costs of its defaults on large host trees.
+
+    Compression makes saving ~3x slower for ~20% smaller bf16 weights, and numpy leaves are deep-copied
+    before writing (twice the model in memory); our leaves are not modified while the save runs.
+    """
+    import orbax.checkpoint as ocp
+
+    options: dict[str, Any] = {"use_compression": False}
+    try:
+        options["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.ArrayHandler()))
+    except (TypeError, AttributeError):  # an Orbax without the option: fall back to its default (copying)
+        pass
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options)).save(path, args=ocp.args.PyTreeSave(tree))
 
 
 def load_converted_leaves(folder: str, shapes: dict[Path, tuple[tuple[int, ...], Any]], *, dtype: str | None = None,

@@ -87,10 +87,10 @@ class SafetensorsFile(TensorFile):
         from safetensors import safe_open
 
         try:
-            self._handle = safe_open(path, framework="numpy")
-            for key in self._handle.keys():
-                sl = self._handle.get_slice(key)
-                self._meta[key] = (tuple(int(s) for s in sl.get_shape()), dtype_name(sl.get_dtype()))
+            with safe_open(path, framework="numpy") as handle:
+                for key in handle.keys():
+                    sl = handle.get_slice(key)
+                    self._meta[key] = (tuple(int(s) for s in sl.get_shape()), dtype_name(sl.get_dtype()))
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
             raise CheckpointError(f"cannot read safetensors file {path}: {e} (truncated or corrupt? "
                                   f"re-download it)") from None
@@ -108,13 +108,16 @@ class SafetensorsFile(TensorFile):
                                   f"of tensors but only {actual} are present; re-download or re-export it")
 
     def get(self, key: str) -> np.ndarray:
+        # A fresh handle per tensor: the file's mapped pages leave this process when the handle closes,
+        # so streaming a large file keeps only the current tensor resident.
+        from safetensors import safe_open
+
         try:
-            return self._handle.get_tensor(key)
+            with safe_open(self.path, framework="numpy") as handle:
+                return handle.get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {self.path}: {e}") from None
 
-    def close(self) -> None:
-        self._handle = None
 
 
 class TorchBinFile(TensorFile):
