@@ -238,3 +238,14 @@ def test_existing_output_is_kept_unless_overwrite(fixture_dir, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
     import_checkpoint(str(fixture_dir / "checkpoint"), str(out), overwrite=True, show_progress=False)
     assert not (out / "precious.txt").exists() and (out / "owl_jax.json").exists()
+
+
+def test_sharded_safetensors_folder_loads_with_parity(fixture_dir, tmp_path, reference):
+    """from_pretrained also reads the safetensors layout (shards + index) that export writes."""
+    import_checkpoint(str(fixture_dir / "checkpoint"), str(tmp_path / "conv"), show_progress=False)
+    out = export_checkpoint(str(tmp_path / "conv"), str(tmp_path / "st"), max_shard_bytes=500_000,
+                            show_progress=False)
+    assert (tmp_path / "st" / "model.safetensors.index.json").exists()
+    model, _ = owl_jax.from_pretrained(out, show_progress=False)
+    logits = model(reference["pixel_values"], reference["input_ids"], reference["attention_mask"])
+    np.testing.assert_allclose(logits, reference["logits"], atol=ATOL, rtol=0)

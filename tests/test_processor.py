@@ -190,3 +190,15 @@ def test_bad_images_rejected(processor, tmp_path, spec):
 
 def test_image_marker_constant():
     assert IMAGE_MARKER == "<image>" and count_images("<image>\n<image> x") == 2
+
+
+@pytest.mark.parametrize("text", ["a</s>b <s> c", "<unk>", "  leading", "x\n\ny", "AI: ", "é 東京 12345",
+                                  "trailing  ", "tabs\tand\u00a0nbsp"])
+def test_chunks_encode_like_plain_sentencepiece(processor, text):
+    """The released tokenizer (built directly from tokenizer.model) is SentencePiece's own encode, with
+    no special-token splitting; each chunk gets the dummy prefix."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(FIXTURE, "tokenizer.model"))
+    ids = processor.encode_prompt(text)
+    assert ids == [1] + sp.encode(text)
