@@ -129,3 +129,12 @@ def test_dropout_only_with_a_key(reference):
     c = model.abstractor(model.vision_model(px), jax.random.key(0))
     assert float(jnp.abs(a - b).max()) > 1e-3  # attention dropout 0.1 is active with a key
     np.testing.assert_array_equal(b, c)
+
+
+def test_merge_with_fixed_image_slots_per_row():
+    ids = jnp.array([[5, -1, -1, 7, 8], [3, 4, 6, 7, 8], [-1, -1, 9, -1, -1]])
+    text = jnp.zeros((3, 5, 1))
+    images = jnp.arange(1, 13, dtype=jnp.float32).reshape(6, 2, 1)  # 2 slots per row; slot s holds 2s+1, 2s+2
+    out = merge_image_embeddings(text, ids, images, images_per_row=2)[..., 0]
+    # row 0 uses its slot 0 (image 0), row 1 none, row 2 its two slots (images 4 and 5)
+    np.testing.assert_array_equal(out, [[0, 1, 2, 0, 0], [0, 0, 0, 0, 0], [9, 10, 0, 11, 12]])

@@ -42,7 +42,8 @@ def build_prompt(turns: Union[str, Sequence[Turn]], num_images: int = 0, system:
         AI:·
 
       i.e. `SYSTEM + "\\nHuman: <image>\\nHuman: What is drawn?\\nAI: "`. With `num_images=0` there is no
-      `Human: <image>` line; a finished turn `(q, a)` contributes `"Human: {q}\\nAI: {a}\\n"`.
+      `Human: <image>` line; a finished turn `(q, a)` contributes `"Human: {q}\\nAI: {a}\\n"`, and a turn
+      with an empty question (a caption) only `"AI: {a}\\n"`.
 
     Raises:
       ValueError: no turns, a negative image count, a missing answer before the last turn, or an `<image>`
@@ -66,7 +67,8 @@ def build_prompt(turns: Union[str, Sequence[Turn]], num_images: int = 0, system:
         for text in (question, answer or ""):
             if IMAGE_MARKER in text:
                 raise ValueError(f"turn {i} contains {IMAGE_MARKER!r}; pass images through num_images instead")
-        parts.append(f"{HUMAN}{question}\n{AI}")
+        # An empty question (an image-caption pair) has no Human line: the answer follows the images.
+        parts.append(f"{HUMAN}{question}\n{AI}" if question else AI)
         if answer is not None:
             parts.append(f"{answer}\n")
     return "".join(parts)
@@ -75,3 +77,10 @@ def build_prompt(turns: Union[str, Sequence[Turn]], num_images: int = 0, system:
 def count_images(prompt: str) -> int:
     """How many image slots `prompt` asks for (its `<image>` markers)."""
     return prompt.count(IMAGE_MARKER)
+
+
+def templated_text(turns: Sequence[Tuple[str, str]], num_images: int = 0, system: str = SYSTEM) -> str:
+    """The released training text: the template with every answer filled in and no final newline."""
+    if any(answer is None for _, answer in turns):
+        raise ValueError("templated_text needs every turn answered")
+    return build_prompt(list(turns), num_images=num_images, system=system)[:-1]

@@ -22,16 +22,19 @@ from owl_jax.modeling.vision import VisionTower
 Array = jax.Array
 
 
-def merge_image_embeddings(text_embeds: Array, input_ids: Array, image_embeds: Array) -> Array:
-    """Overwrite each run of negative ids with the next image's embeddings (static shapes, no host sync).
+def merge_image_embeddings(text_embeds: Array, input_ids: Array, image_embeds: Array,
+                           images_per_row: int | None = None) -> Array:
+    """Overwrite each run of negative ids with its image's embeddings (static shapes, no host sync).
 
     A run starts where an id is negative and differs from the id before it (or at position 0). Runs are
     numbered in row-major order over the batch; run r takes `image_embeds[r]`, one vector per position.
+    With `images_per_row = M` (fixed image slots, as in training batches) run r of row b instead takes
+    `image_embeds[b * M + r]`, so rows with fewer images leave their spare slots unused.
 
     Args:
       text_embeds: `(B, L, D)` embeddings of the text tokens (placeholders embedded as any valid id).
       input_ids: `(B, L)` with -1 placeholders.
-      image_embeds: `(N, T, D)`, one row per image, N = number of runs in the batch.
+      image_embeds: `(N, T, D)`, one row per image: N = number of runs in the batch, or B·M with slots.
 
     Returns:
       `(B, L, D)`.
@@ -49,7 +52,10 @@ def merge_image_embeddings(text_embeds: Array, input_ids: Array, image_embeds: A
     previous = jnp.concatenate([jnp.zeros_like(input_ids[:, :1]), input_ids[:, :-1]], axis=1)
     pos = jnp.broadcast_to(jnp.arange(length), (b, length))
     run_start = is_image & ((pos == 0) | (input_ids != previous))
-    image_index = (jnp.cumsum(run_start.reshape(-1)) - 1).reshape(b, length)
+    if images_per_row is None:
+        image_index = (jnp.cumsum(run_start.reshape(-1)) - 1).reshape(b, length)
+    else:
+        image_index = jnp.arange(b)[:, None] * images_per_row + jnp.cumsum(run_start, axis=1) - 1
     start_pos = jax.lax.cummax(jnp.where(run_start, pos, -1), axis=1)
     offset = pos - start_pos
     n, t, _ = image_embeds.shape
@@ -118,27 +124,29 @@ class Owl(nnx.Module):
         return self.abstractor(self.vision_features(pixel_values, keys[0]), keys[1])
 
     # -- text + images ---------------------------------------------------------------------------
-    def embed_inputs(self, input_ids: Array, image_embeds: Array | None) -> Array:
+    def embed_inputs(self, input_ids: Array, image_embeds: Array | None, images_per_row: int | None = None) -> Array:
         """Token embeddings with every placeholder run replaced by its image's `(Q + 1)` vectors."""
         input_ids = jnp.asarray(input_ids)
         text = self.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
         if image_embeds is None:
             return text
-        return merge_image_embeddings(text, input_ids, image_embeds)
+        return merge_image_embeddings(text, input_ids, image_embeds, images_per_row)
 
     def forward(self, pixel_values: Array | None, input_ids: Array, attention_mask: Array | None = None, *,
                 positions: Array | None = None, image_embeds: Array | None = None,
-                dropout_key: Array | None = None) -> Array:
+                images_per_row: int | None = None, dropout_key: Array | None = None) -> Array:
         """Traceable forward pass → float32 logits `(B, L, V)`; see `__call__`.
 
-        `image_embeds` (from `encode_images`) may be passed instead of `pixel_values`.
+        `image_embeds` (from `encode_images`) may be passed instead of `pixel_values`. With
+        `images_per_row = M`, `pixel_values` holds M image slots per row (`(B·M, C, H, W)`, spare slots
+        unused) instead of the batch's images in order.
         """
         input_ids = jnp.asarray(input_ids)
         b, length = input_ids.shape
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
         if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_embeds = self.encode_images(pixel_values, keys[0])
-        embeds = self.embed_inputs(input_ids, image_embeds)
+        embeds = self.embed_inputs(input_ids, image_embeds, images_per_row)
         if attention_mask is None:
             attention_mask = jnp.ones((b, length), dtype=jnp.int32)
         if positions is None:

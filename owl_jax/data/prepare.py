@@ -1,0 +1,319 @@
+"""Turn a data source into ArrayRecord shards of `Example`s, the only thing training reads.
+
+    python -m owl_jax.data.prepare --format llava --input llava_instruct_150k.json \\
+        --image-root coco/train2014 --output data/llava/train
+
+writes `data/llava/train-00000-of-0000N.array_record` and `data/llava/train.manifest.json` (what was read,
+what was written, and what was skipped and why). Bad items (a missing or corrupt image, a malformed line,
+an empty or non-alternating conversation) are skipped and counted; if more than `--max-skip-fraction` of
+the items were skipped the run fails and leaves no shards, since that usually means a wrong `--image-root`
+or the wrong `--format` rather than a few bad items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import json
+import os
+import sys
+from typing import Any, Iterator, Sequence
+
+from owl_jax.data import records, sources
+
+FORMATS = ("mplug_jsonl", "llava", "alpaca", "sharegpt", "captions", "webdataset", "tfds")
+TFDS_OPTIONS = {"tfds_name": None, "tfds_split": "train", "data_dir": None, "image_key": "image",
+                "caption_key": "caption"}
+# How many skipped items of each reason the manifest and the error message show.
+EXAMPLES_PER_REASON = 5
+
+
+class PrepareError(RuntimeError):
+    """The prepare step cannot produce a usable dataset (bad arguments, unusable inputs, too many skips)."""
+
+
+@dataclasses.dataclass
+class PrepareReport:
+    """What one prepare run read, wrote and skipped (also written as the manifest)."""
+
+    format: str
+    inputs: list[str]
+    written: int = 0
+    tasks: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped_examples: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    shards: list[str] = dataclasses.field(default_factory=list)
+    manifest: str = ""
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def skip_fraction(self) -> float:
+        seen = self.written + self.num_skipped
+        return self.num_skipped / seen if seen else 0.0
+
+    def top_reasons(self, n: int = 3) -> str:
+        """The `n` most common skip reasons as "reason x count, ..."."""
+        ranked = sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+        return ", ".join(f"{reason} x{count}" for reason, count in ranked)
+
+    def summary(self) -> str:
+        """A few lines for the end of a run."""
+        tasks = ", ".join(f"{task} {n}" for task, n in sorted(self.tasks.items())) or "none"
+        lines = [f"prepared {self.written} examples ({tasks}) from {self.format} into {len(self.shards)} shard(s)",
+                 f"skipped {self.num_skipped} ({self.skip_fraction:.2%})"
+                 + (f": {self.top_reasons(len(self.skipped))}" if self.skipped else "")]
+        if self.manifest:
+            lines.append(f"manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+class _Tally:
+    """Counts outcomes as they stream past, keeping a few skipped items of each reason."""
+
+    def __init__(self, report: PrepareReport):
+        self.report = report
+        self.tasks: collections.Counter = collections.Counter()
+        self.skipped: collections.Counter = collections.Counter()
+
+    def add(self, outcome: sources.Outcome) -> bool:
+        """Count `outcome`; True if it is an example to write."""
+        if isinstance(outcome, sources.Skip):
+            self.skipped[outcome.reason] += 1
+            if self.skipped[outcome.reason] <= EXAMPLES_PER_REASON:
+                self.report.skipped_examples.append(dataclasses.asdict(outcome))
+            return False
+        self.tasks[outcome.task] += 1
+        self.report.written += 1
+        return True
+
+    def finish(self) -> None:
+        self.report.tasks, self.report.skipped = dict(self.tasks), dict(self.skipped)
+
+
+def read_source(format: str, inputs: Sequence[str], *, image_root: str | None = None,
+                **tfds_options: Any) -> Iterator[sources.Outcome]:
+    """All outcomes (examples and skips) of `inputs` read as `format`, input after input."""
+    if format == "tfds":
+        options = {**TFDS_OPTIONS, **tfds_options}
+        yield from sources.tfds_captions(options["tfds_name"], options["tfds_split"], options["data_dir"],
+                                         options["image_key"], options["caption_key"])
+        return
+    if format == "webdataset":
+        yield from sources.webdataset(list(inputs))
+        return
+    for path in inputs:
+        if format == "mplug_jsonl":
+            yield from sources.mplug_jsonl(path, image_root)
+        elif format == "llava":
+            yield from sources.llava_json(path, image_root)
+        elif format == "alpaca":
+            yield from sources.alpaca_json(path)
+        elif format == "sharegpt":
+            yield from sources.sharegpt_json(path)
+        elif format == "captions":
+            yield from sources.captions(path, image_root)
+        else:
+            raise PrepareError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _existing_outputs(prefix: str) -> list[str]:
+    """Shards, leftover temporary shards and the manifest of an earlier run under `prefix`."""
+    pattern = glob.escape(prefix)
+    found = set(glob.glob(f"{pattern}-*-of-*{records.SHARD_SUFFIX}")) | set(glob.glob(f"{pattern}.tmp-*"))
+    if os.path.exists(prefix + records.MANIFEST_SUFFIX):
+        found.add(prefix + records.MANIFEST_SUFFIX)
+    return sorted(found)
+
+
+def _remove(paths: Sequence[str]) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _check_arguments(format: str, inputs: Sequence[str], examples_per_shard: int, max_skip_fraction: float,
+                     limit: int | None, tfds_options: dict[str, Any]) -> None:
+    if format not in FORMATS:
+        raise PrepareError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    unknown = set(tfds_options) - set(TFDS_OPTIONS)
+    if unknown:
+        raise PrepareError(f"unknown options {sorted(unknown)}; the TFDS options are {sorted(TFDS_OPTIONS)}")
+    if format == "tfds":
+        if not tfds_options.get("tfds_name"):
+            raise PrepareError("--format tfds needs --tfds-name")
+    else:
+        if tfds_options:
+            raise PrepareError(f"{sorted(tfds_options)} only apply to --format tfds")
+        if not inputs:
+            raise PrepareError(f"--format {format} needs at least one --input")
+        missing = [p for p in inputs if not os.path.exists(p)]
+        if missing:
+            raise PrepareError(f"input not found: {', '.join(missing)}")
+    if examples_per_shard < 1:
+        raise PrepareError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+    if not 0.0 <= max_skip_fraction <= 1.0:
+        raise PrepareError(f"max_skip_fraction must be between 0 and 1, got {max_skip_fraction}")
+    if limit is not None and limit < 1:
+        raise PrepareError(f"limit must be >= 1, got {limit}")
+
+
+def _too_many_skips(report: PrepareReport, max_skip_fraction: float) -> str:
+    seen = report.written + report.num_skipped
+    shown = "\n".join(f"  {s['item']}: {s['reason']}: {s['detail']}" for s in report.skipped_examples[:8])
+    return (f"{report.format} input {', '.join(report.inputs)}: skipped {report.num_skipped} of {seen} "
+            f"items ({report.skip_fraction:.1%}), more than the allowed {max_skip_fraction:.1%}. Most common "
+            f"reasons: {report.top_reasons()}. For example:\n{shown}\n"
+            f"Check --image-root and --format, or raise --max-skip-fraction if these items are expected to be bad. "
+            f"No shards were kept.")
+
+
+def prepare(format: str, inputs: Sequence[str], output_prefix: str, *, image_root: str | None = None,
+            examples_per_shard: int = 10_000, max_skip_fraction: float = 0.01, limit: int | None = None,
+            overwrite: bool = False, progress: bool = True, **tfds_options: Any) -> PrepareReport:
+    """Read `inputs` as `format` and write ArrayRecord shards plus a manifest under `output_prefix`.
+
+    Args:
+      format: one of `FORMATS`.
+      inputs: input files (for "webdataset" also folders of `.tar` shards); ignored for "tfds".
+      output_prefix: shards go to `{prefix}-0000i-of-0000n.array_record`, the manifest to
+        `{prefix}.manifest.json`.
+      image_root: folder that relative image names are taken from (default: each input file's folder).
+      examples_per_shard: shard size.
+      max_skip_fraction: the largest allowed fraction of skipped items among all items read.
+      limit: stop after writing this many examples.
+      overwrite: replace the shards and manifest of an earlier run under the same prefix (otherwise that
+        is an error, since mixing shards of two runs would silently corrupt the dataset).
+      progress: show a progress bar on stderr.
+      **tfds_options: for "tfds": `tfds_name` (required), `tfds_split`, `data_dir`, `image_key`,
+        `caption_key`.
+
+    Returns:
+      The report, also saved as the manifest.
+
+    Raises:
+      PrepareError: bad arguments, existing outputs without `overwrite`, nothing to write, or more than
+        `max_skip_fraction` of the items skipped (then no shards are left behind).
+      sources.SourceError: an input that cannot be read at all (names the file).
+    """
+    from tqdm import tqdm
+
+    inputs = [os.fspath(p) for p in inputs]
+    _check_arguments(format, inputs, examples_per_shard, max_skip_fraction, limit, tfds_options)
+    previous = _existing_outputs(output_prefix)
+    if previous and not overwrite:
+        raise PrepareError(f"{output_prefix} already holds a prepared dataset ({len(previous)} files, e.g. "
+                           f"{previous[0]}); pass --overwrite to replace it")
+    _remove(previous)
+
+    if format == "tfds":
+        options = {**TFDS_OPTIONS, **tfds_options}
+        inputs = [f"tfds:{options['tfds_name']}/{options['tfds_split']}"]
+    report = PrepareReport(format=format, inputs=inputs)
+    tally = _Tally(report)
+    bar = tqdm(desc=f"prepare {format}", unit=" items", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+    def examples() -> Iterator[records.Example]:
+        for outcome in read_source(format, inputs, image_root=image_root, **tfds_options):
+            bar.update(1)
+            if tally.add(outcome):
+                yield outcome
+                if limit is not None and report.written >= limit:
+                    return
+            if bar.n % 1000 == 0:
+                bar.set_postfix(written=report.written, skipped=sum(tally.skipped.values()), refresh=False)
+
+    try:
+        report.shards = records.write_shards(examples(), output_prefix, examples_per_shard=examples_per_shard)
+    except BaseException:
+        # Leave nothing half-written behind (write_shards renames its temporary files only at the end).
+        _remove(_existing_outputs(output_prefix))
+        raise
+    finally:
+        bar.close()
+    tally.finish()
+
+    if report.skip_fraction > max_skip_fraction:
+        _remove(report.shards)
+        raise PrepareError(_too_many_skips(report, max_skip_fraction))
+    if report.written == 0:
+        raise PrepareError(f"no examples found in {', '.join(inputs)}"
+                           + (f" (all {report.num_skipped} items skipped: {report.top_reasons()})"
+                              if report.num_skipped else ""))
+    report.manifest = _write_manifest(report, output_prefix, image_root=image_root, limit=limit,
+                                      examples_per_shard=examples_per_shard, tfds_options=tfds_options)
+    return report
+
+
+def _write_manifest(report: PrepareReport, prefix: str, **settings: Any) -> str:
+    path = prefix + records.MANIFEST_SUFFIX
+    folder = os.path.dirname(os.path.abspath(path))
+    manifest = {
+        "format": report.format,
+        "inputs": report.inputs,
+        "settings": {k: v for k, v in settings.items() if v},
+        "num_examples": report.written,
+        "tasks": report.tasks,
+        "num_skipped": report.num_skipped,
+        "skipped": report.skipped,
+        "skipped_examples": report.skipped_examples,
+        # Relative, so a dataset folder can be moved or copied elsewhere as a whole.
+        "shards": [os.path.relpath(os.path.abspath(p), folder) for p in report.shards],
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m owl_jax.data.prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--input", nargs="+", default=[], metavar="PATH",
+                   help="input files (webdataset: .tar files or folders of them); not used with --format tfds")
+    p.add_argument("--image-root", help="folder of the images named in the inputs (default: each input's folder)")
+    p.add_argument("--output", required=True, metavar="PREFIX", help="output prefix, e.g. data/llava/train")
+    p.add_argument("--examples-per-shard", type=int, default=10_000)
+    p.add_argument("--max-skip-fraction", type=float, default=0.01,
+                   help="fail if more than this fraction of the items had to be skipped")
+    p.add_argument("--limit", type=int, help="stop after writing this many examples")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's shards under --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t = p.add_argument_group("tfds (--format tfds)")
+    t.add_argument("--tfds-name", help="dataset name, e.g. coco_captions")
+    t.add_argument("--tfds-split", default="train")
+    t.add_argument("--data-dir", help="TFDS data_dir holding the prepared dataset")
+    t.add_argument("--image-key", default="image", help="image feature; nested keys as a/b")
+    t.add_argument("--caption-key", default="caption", help="caption feature; nested keys as a/b")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (1 with a one-paragraph message on failure)."""
+    args = _parser().parse_args(argv)
+    tfds_options = {}
+    if args.format == "tfds":
+        tfds_options = {"tfds_name": args.tfds_name, "tfds_split": args.tfds_split, "data_dir": args.data_dir,
+                        "image_key": args.image_key, "caption_key": args.caption_key}
+    try:
+        report = prepare(args.format, args.input, args.output, image_root=args.image_root,
+                         examples_per_shard=args.examples_per_shard, max_skip_fraction=args.max_skip_fraction,
+                         limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress, **tfds_options)
+    except (PrepareError, sources.SourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The sharded train and eval steps for one stage.
+
+The train state holds every parameter (trainable and frozen) as a nested dict, the optimizer state, the
+step and a base PRNG key. Gradients are taken only with respect to the trainable leaves: frozen towers are
+constants of the differentiated function, so no backward pass runs through a tower that nothing upstream
+of it trains (the ViT in stage 2). Frozen leaves can be held in bfloat16 while trainable ones keep float32
+master copies.
+
+The loss is the sum of next-token cross-entropies over answer tokens (and the EOS after each answer),
+divided by the number of such tokens in the whole global batch, all micro-batches of a gradient
+accumulation included, so the result does not depend on sharding or accumulation; a batch without answer
+tokens gives loss 0 and zero gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from owl_jax.checkpoint.hf_import import abstract_model, assemble, flat_shardings
+from owl_jax.checkpoint.native import flatten, nest
+from owl_jax.config import OwlConfig
+from owl_jax.modeling.loss import next_token_loss_sums
+from owl_jax.sharding import use_mesh
+from owl_jax.training.optimizer import FROZEN, TRAIN, decay_mask, labels_for, learning_rate_schedule, make_optimizer
+
+Batch = dict[str, jax.Array]
+BATCH_AXES = ("data", "fsdp")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict[str, Any]  # nested {tower: {module: {param: array}}}, trainable and frozen
+    opt_state: Any
+    rng: jax.Array  # uint32 key data of the base PRNG key
+
+
+def split_params(params: dict, labels: dict) -> tuple[dict, dict]:
+    flat, flat_labels = flatten(params), flatten(labels)
+    trainable = {p: v for p, v in flat.items() if flat_labels[p] == TRAIN}
+    frozen = {p: v for p, v in flat.items() if flat_labels[p] == FROZEN}
+    return nest(trainable), nest(frozen)
+
+
+def merge_params(a: dict, b: dict) -> dict:
+    return nest({**flatten(a), **flatten(b)})
+
+
+class Trainer:
+    """Builds the optimizer, the state shardings and the jitted steps of one training stage.
+
+    Args:
+      model_cfg: the model (with `lora` set for a LoRA stage).
+      stage: "stage1", "stage2", "stage2_full" or "text_pretrain" (see `optimizer.trainable`).
+      mesh: the device mesh; batches are sharded over `data` × `fsdp`.
+      optim: a mapping with lr, end_lr, warmup_steps, b1, b2, eps, weight_decay, clip_norm.
+      total_steps: optimizer steps of the stage (for the schedule).
+      grad_accum: micro-batches per step.
+      frozen_dtype: dtype to hold frozen parameters in ("" keeps them as loaded).
+    """
+
+    def __init__(self, model_cfg: OwlConfig, *, stage: str, mesh: Mesh, optim: Any, total_steps: int,
+                 grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
+                 max_consecutive_nonfinite: int = 5):
+        self.model_cfg, self.stage, self.mesh, self.grad_accum = model_cfg, stage, mesh, grad_accum
+        self.graphdef, self.abstract = abstract_model(model_cfg)
+        shapes = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(self.abstract)}
+        flat_labels = labels_for(list(shapes), stage, train_abstractor=train_abstractor)
+        self.labels = nest(flat_labels)
+        self.frozen_dtype = frozen_dtype
+        self.schedule = learning_rate_schedule(optim["lr"], warmup_steps=optim["warmup_steps"],
+                                               total_steps=total_steps, end_lr=optim.get("end_lr", 0.0))
+        self.tx = make_optimizer(self.labels, nest(decay_mask(flat_labels)), schedule=self.schedule,
+                                 b1=optim["b1"], b2=optim["b2"], eps=optim["eps"],
+                                 weight_decay=optim["weight_decay"], clip_norm=optim.get("clip_norm"),
+                                 max_consecutive_nonfinite=max_consecutive_nonfinite)
+        self.param_shardings = nest(flat_shardings(self.abstract, mesh))
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.num_trainable = sum(int(np.prod(shapes[p].shape)) for p, l in flat_labels.items() if l == TRAIN)
+        self.num_frozen = sum(int(np.prod(shapes[p].shape)) for p, l in flat_labels.items() if l == FROZEN)
+        self._train_step: Callable | None = None
+        self._eval_step: Callable | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def _cast_frozen(self, params: dict) -> dict:
+        if not self.frozen_dtype:
+            return params
+        trainable, frozen = split_params(params, self.labels)
+        frozen = jax.tree.map(lambda x: x.astype(self.frozen_dtype), frozen)
+        return merge_params(trainable, frozen)
+
+    def init_state(self, params: dict, seed: int) -> TrainState:
+        """A sharded state from host or device parameters (nested dict covering every leaf)."""
+        missing = set(flatten(self.param_shardings)) - set(flatten(params))
+        if missing:
+            raise ValueError(f"initial parameters lack {sorted('/'.join(p) for p in missing)[:8]}")
+        params = jax.device_put(self._cast_frozen(params), self.param_shardings)
+        opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(params))(params)
+        rng = jax.random.key_data(jax.random.key(seed))
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.device_put(rng, self.replicated))
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""
+        flat_labels, flat_sh = flatten(self.labels), flatten(self.param_shardings)
+
+        def spec(path, var):
+            value = var.get_value() if hasattr(var, "get_value") else var.value
+            frozen = self.frozen_dtype and flat_labels[path] == FROZEN
+            return jax.ShapeDtypeStruct(value.shape, jnp.dtype(self.frozen_dtype) if frozen else value.dtype,
+                                        sharding=flat_sh[path])
+
+        params = nest({p: spec(p, v) for p, v in
+                       ((tuple(str(k) for k in path), var) for path, var in nnx.to_flat_state(self.abstract))})
+        opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                 jax.eval_shape(self.tx.init, params), self._opt_shardings(params))
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.replicated)
+        return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated), params, opt_state, rng)
+
+    def _opt_shardings(self, params: Any) -> Any:
+        """Optimizer-state shardings: moments follow their parameters (as GSPMD propagates them), and
+        scalars (step counts, finiteness flags) are replicated over the mesh."""
+        compiled = jax.jit(self.tx.init).lower(params).compile().output_shardings
+        return jax.tree.map(lambda sh: sh if isinstance(sh, NamedSharding) else self.replicated, compiled)
+
+    # -- the model as a function of parameters -----------------------------------------------------
+    def model(self, params: dict) -> nnx.Module:
+        # Leaves keep their own dtype (frozen ones may be bf16): every layer casts weights to the compute
+        # dtype where it uses them, so no full-precision copy of a frozen tower is made.
+        return assemble(self.graphdef, self.abstract, flatten(params))
+
+    def logits(self, params: dict, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
+        b, m = batch["image_mask"].shape
+        pixels = batch["pixel_values"].reshape(b * m, *batch["pixel_values"].shape[2:])
+        return self.model(params).forward(pixels, batch["input_ids"], batch["attention_mask"], images_per_row=m,
+                                          dropout_key=dropout_key)
+
+    def loss_sums(self, params: dict, batch: Batch, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        mask = batch["loss_mask"] * (batch["skipped"] == 0)[:, None]
+        return next_token_loss_sums(self.logits(params, batch, dropout_key), batch["input_ids"], mask)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _micro_batches(self, batch: Batch) -> Batch:
+        # (A·m, ...) → (A, m, ...) with micro-batch i = rows {j·A + i}: every device keeps rows of every
+        # micro-batch, so the split moves no data between devices.
+        a = self.grad_accum
+        return {k: v.reshape(v.shape[0] // a, a, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
+
+    def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        trainable, frozen = split_params(state.params, self.labels)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def micro(carry, inputs):
+            grads_sum, total_sum, count_sum = carry
+            index, mb = inputs
+            loss_of = lambda tr: self.loss_sums(merge_params(tr, frozen), mb, jax.random.fold_in(key, index))
+            (total, count), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+            grads_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grads_sum, grads)
+            return (grads_sum, total_sum + total, count_sum + count), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        micro_batches = self._micro_batches(batch)
+        (grads, total, count), _ = jax.lax.scan(micro, init, (jnp.arange(self.grad_accum), micro_batches))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        full_grads = merge_params(grads, jax.tree.map(lambda _: optax.MaskedNode(), frozen))
+        updates, opt_state = self.tx.update(full_grads, state.opt_state, state.params)
+        new_trainable = optax.apply_updates(trainable, split_params(updates, self.labels)[0])
+        new_state = state.replace(step=state.step + 1, params=merge_params(new_trainable, frozen), opt_state=opt_state)
+        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads),
+                   "lr": self.schedule(state.step), "nonfinite_steps": opt_state.total_notfinite}
+        return new_state, metrics
+
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step on a global batch (rows sharded over data × fsdp); the state is donated."""
+        if self._train_step is None:
+            state_shardings = jax.tree.map(lambda x: x.sharding, state)
+            batch_shardings = {k: self.batch_sharding for k in batch}
+            self._train_step = jax.jit(self._step, in_shardings=(state_shardings, batch_shardings),
+                                       out_shardings=(state_shardings, self.replicated), donate_argnums=0)
+        with use_mesh(self.mesh):
+            return self._train_step(state, batch)
+
+    def _eval(self, params: dict, batch: Batch) -> dict[str, jax.Array]:
+        logits = self.logits(params, batch, None)
+        targets = batch["input_ids"][:, 1:]
+        mask = (batch["loss_mask"] * (batch["skipped"] == 0)[:, None]) > 0
+        hit = (jnp.argmax(logits[:, :-1], axis=-1) == targets) | ~mask
+        total, count = next_token_loss_sums(logits, batch["input_ids"], mask)
+        return {"row_correct": jnp.all(hit, axis=1) & mask.any(axis=1), "row_tokens": mask.sum(axis=1),
+                "loss_sum": total, "tokens": count}
+
+    def eval_step(self, params: dict, batch: Batch) -> dict[str, jax.Array]:
+        """Teacher-forced answers of a batch: per-row exact match of every answer token, and loss sums."""
+        if self._eval_step is None:
+            param_shardings = jax.tree.map(lambda x: x.sharding, params)
+            self._eval_step = jax.jit(self._eval, in_shardings=(param_shardings, {k: self.batch_sharding for k in batch}))
+        with use_mesh(self.mesh):
+            return self._eval_step(params, batch)
+
+    # -- host ↔ device ---------------------------------------------------------------------------
+    def global_batch(self, local: dict[str, np.ndarray]) -> Batch:
+        """This process's rows → one global array per field, sharded over data × fsdp."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
