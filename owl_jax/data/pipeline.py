@@ -41,6 +41,7 @@ class PipelineSpec:
     augment: bool = False
     min_crop_scale: float = 0.5
     flip: bool = True
+    drop_images: bool = False  # train on the conversation text alone (e.g. language-model pretraining)
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -108,6 +109,8 @@ class ExampleTransform:
             example = Example.from_bytes(record).validate()
         except RecordError:
             return self.empty(1)
+        if s.drop_images:
+            example = dataclasses.replace(example, images=[], task="text")
         if len(example.images) > s.max_images:
             return self.empty(4)
         try:
@@ -134,38 +137,63 @@ class ExampleTransform:
 
 
 def source_dataset(paths: Sequence[str], transform: ExampleTransform, *, seed: int, shuffle: bool = True,
-                   process_index: int = 0, process_count: int = 1, repeat: bool = True):
-    """One prepared dataset as a grain `MapDataset` of rows, sliced for this process."""
+                   repeat: bool = True):
+    """One prepared dataset as a grain `MapDataset` of rows in one global order (every process alike)."""
     import grain
 
     files: list[str] = []
     for p in paths:
         files += find_shards(p)
     ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
-    if len(ds) < process_count:
-        raise ValueError(f"{paths}: {len(ds)} records cannot be split over {process_count} processes")
-    ds = ds[process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat()
+    # The transform's random stream is keyed by the global index, so augmentation does not depend on
+    # how many processes share the work.
     return ds.random_map(transform, seed=seed) if shuffle else ds.map(transform)
+
+
+def _process_rows(parent, rows_per_process: int, process_index: int, process_count: int):
+    """This process's part of every global batch: local row j of batch k is global row
+    `k·R·P + p·R + j` (R rows per process, P processes), so the global batch assembled from all processes'
+    rows in process order is the same whatever P is."""
+    import grain
+
+    class ProcessRows(grain.MapDataset):
+        def __len__(self) -> int:
+            return len(parent) // process_count
+
+        def _global_index(self, index: int) -> int:
+            batch, row = divmod(index, rows_per_process)
+            return (batch * process_count + process_index) * rows_per_process + row
+
+        def __getitem__(self, index):
+            if isinstance(index, slice):
+                return self.slice(index)
+            return parent[self._global_index(index)]
+
+    return ProcessRows(parent)
 
 
 def training_batches(sources: Sequence[Sequence[str]], transform: ExampleTransform, *, batch_size: int, seed: int,
                      process_index: int = 0, process_count: int = 1):
-    """Infinite batches of `batch_size` rows; several sources are mixed in equal parts.
+    """Infinite local batches of `batch_size / process_count` rows; several sources mix in equal parts.
 
     Returns a grain `IterDataset`; its iterator's `get_state()` / `set_state()` resume the exact order.
     """
     import grain
 
-    datasets = [source_dataset(paths, transform, seed=seed + 1000 * i, process_index=process_index,
-                               process_count=process_count) for i, paths in enumerate(sources)]
+    if batch_size % process_count:
+        raise ValueError(f"global batch size {batch_size} is not divisible by {process_count} processes")
+    datasets = [source_dataset(paths, transform, seed=seed + 1000 * i) for i, paths in enumerate(sources)]
     if len(datasets) > 1 and batch_size % len(datasets):
         raise ValueError(f"batch size {batch_size} must be a multiple of the {len(datasets)} mixed sources")
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, [1.0] * len(datasets))
-    return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
+    local = batch_size // process_count
+    if process_count > 1:
+        ds = _process_rows(ds, local, process_index, process_count)
+    return ds.to_iter_dataset().batch(local, drop_remainder=True)
 
 
 def evaluation_rows(paths: Sequence[str], transform: ExampleTransform, *, batch_size: int) -> tuple[list[Any], list[Example]]:

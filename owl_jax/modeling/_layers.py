@@ -81,12 +81,15 @@ class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                  hf_name: str, rngs: nnx.Rngs, use_bias: bool = True, stack: int | None = None,
                  lora: LoRAConfig | None = None, dtype: str = "float32", param_dtype: str = "float32",
-                 init_std: float = 0.02):
+                 init_std: float | None = None):
         self.hf_name = hf_name
         self.dtype = dtype
         pdt = dtype_of(param_dtype)
         shape, kaxes = _stacked(stack, (in_features, out_features), axes)
-        self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), shape, pdt), axes=kaxes)
+        # Fresh weights: LeCun normal (std 1/sqrt(fan_in)), which keeps activations O(1) at any width; the
+        # released 0.02 is about that for 1024-wide layers but starves narrow ones. Imports overwrite it.
+        std = in_features ** -0.5 if init_std is None else init_std
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), shape, pdt), axes=kaxes)
         if use_bias:
             bshape, baxes = _stacked(stack, (out_features,), axes[1:])
             self.bias = nnx.Param(jnp.zeros(bshape, pdt), axes=baxes)

@@ -94,7 +94,9 @@ class LlamaModel(nnx.Module):
         self.scan_layers = scan_layers
         self.remat_policy = remat_policy
         pdt = dtype_of(param_dtype)
-        self.embed_tokens = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
+        # Fresh models only (imports overwrite it): unit-variance embeddings, the scale visual_fc's LeCun
+        # init gives image tokens, so text and image positions start on an equal footing in the residual.
+        self.embed_tokens = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
                                       axes=("vocab", "embed"))
         self.layers = LlamaLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)

@@ -77,13 +77,14 @@ class VisionTower(nnx.Module):
         self.remat_policy = remat_policy
         d, pdt = cfg.hidden_size, dtype_of(param_dtype)
         patch_dim = cfg.num_channels * cfg.patch_size ** 2
-        self.patch_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (patch_dim, d), pdt),
+        # Fresh towers only (imports overwrite these): patch and position embeddings start at comparable,
+        # O(1) scales. With the usual 0.02 for positions, the pre-LayerNorm all but erases where a patch is,
+        # and a ViT trained from scratch takes hundreds of steps to recover it.
+        self.patch_embed = nnx.Param(patch_dim ** -0.5 * jax.random.normal(rngs.params(), (patch_dim, d), pdt),
                                      axes=("patch", "vision_embed"))
-        self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d), pdt),
-                                   axes=(None, None, "vision_embed"))
-        self.position_embedding = nnx.Param(
-            0.02 * jax.random.normal(rngs.params(), (1, cfg.num_positions, d), pdt),
-            axes=(None, "positions", "vision_embed"))
+        self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d), pdt), axes=(None, None, "vision_embed"))
+        self.position_embedding = nnx.Param(jax.random.normal(rngs.params(), (1, cfg.num_positions, d), pdt),
+                                            axes=(None, "positions", "vision_embed"))
         self.pre_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
         self.layers = VisionLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs)

@@ -105,7 +105,8 @@ class Trainer:
         params = jax.device_put(self._cast_frozen(params), self.param_shardings)
         opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(params))(params)
         rng = jax.random.key_data(jax.random.key(seed))
-        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.device_put(rng, self.replicated))
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
+        return TrainState(step, params, opt_state, jax.device_put(rng, self.replicated))
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""
@@ -175,7 +176,7 @@ class Trainer:
         updates, opt_state = self.tx.update(full_grads, state.opt_state, state.params)
         new_trainable = optax.apply_updates(trainable, split_params(updates, self.labels)[0])
         new_state = state.replace(step=state.step + 1, params=merge_params(new_trainable, frozen), opt_state=opt_state)
-        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
                    "lr": self.schedule(state.step), "nonfinite_steps": opt_state.total_notfinite}
         return new_state, metrics
 

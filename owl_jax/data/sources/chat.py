@@ -101,7 +101,8 @@ def _mplug_item(obj: object, item: str, example_id: str, path: str, image_root: 
     if isinstance(loaded, Skip):
         yield loaded
         return
-    source = obj.get("task_type") if isinstance(obj.get("task_type"), str) else "mplug_jsonl"
+    # A `question_type` (held-out sets) names the group an evaluation reports; else the released task type.
+    source = next((obj[k] for k in ("question_type", "task_type") if isinstance(obj.get(k), str)), "mplug_jsonl")
     yield build(turns, loaded, "multimodal" if loaded else "text", id=example_id, source=source, item=item)
 
 

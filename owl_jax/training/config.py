@@ -1,0 +1,69 @@
+"""The training configuration schema (ml_collections), shared by every file in `configs/`.
+
+A run trains the stages named in `run` (comma-separated) in order; each stage starts from the previous
+stage's parameters, the first from `model` (random, a checkpoint folder, or CLIP + LLaMA towers). Paths of
+datasets are relative to `data.dir` (default `<workdir>/data`). Every field can be overridden on the
+command line: `python train.py --config configs/x.py --config.stages.stage2.steps=100`.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+
+def optim_config(**overrides) -> ConfigDict:
+    c = ConfigDict(dict(lr=1e-4, end_lr=0.0, warmup_steps=100, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0,
+                        clip_norm=1.0))
+    c.update(overrides)
+    return c
+
+
+def lora_config(rank: int = 0, alpha: float = 32.0, dropout: float = 0.05,
+                targets: str = r".*language_model.*\.(q_proj|v_proj)") -> ConfigDict:
+    """rank 0 means no adapters."""
+    return ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets))
+
+
+def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: ConfigDict,
+                 grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
+                 lora: ConfigDict | None = None, drop_images: bool = False, max_images: int = 0,
+                 eval_every: int = 0) -> ConfigDict:
+    """One stage.
+
+    Args:
+      kind: "stage1", "stage2", "stage2_full" or "text_pretrain" (what trains; see `optimizer.trainable`).
+      batch_size: global rows per optimizer step (all processes, all accumulation micro-batches).
+      sources: datasets (prepared prefixes) to mix in equal parts, each a list of prefixes read as one
+        (stored as tuples: ml_collections overrides tuples from the command line, not lists).
+      frozen_dtype: hold frozen parameters in this dtype (e.g. "bfloat16"); "" keeps them as loaded.
+      drop_images: train on the conversations' text only.
+      max_images: image slots per row in this stage (0: `data.max_images`); captions need one.
+    """
+    return ConfigDict(dict(kind=kind, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                           train_abstractor=train_abstractor, frozen_dtype=frozen_dtype,
+                           lora=lora if lora is not None else lora_config(), optim=optim, eval_every=eval_every,
+                           data=ConfigDict(dict(sources=tuple(tuple(group) for group in sources),
+                                                drop_images=drop_images, max_images=max_images))))
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.workdir = "runs/owl"
+    c.seed = 0
+    c.run = ""
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.model = ConfigDict(dict(
+        init="checkpoint",  # "checkpoint" (HF or converted folder) | "towers" (CLIP + LLaMA) | "random" (arch)
+        checkpoint="", clip="", llama="", num_query_tokens=64,
+        arch=ConfigDict(),  # MplugOwlConfig-layout dict, for init="random"
+        dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none"))
+    c.tokenizer = ""  # tokenizer.model; default: the one beside the checkpoint
+    c.data = ConfigDict(dict(dir="", seq_len=512, max_images=1, augment=True, max_skip_fraction=0.01,
+                             eval=()))
+    c.synthetic = ConfigDict(dict(enabled=False, seed=0, image_size=64, n_captions=2000, n_multimodal=3000,
+                                  n_text=1000, n_eval_per_type=100))
+    c.stages = ConfigDict()
+    c.checkpoint = ConfigDict(dict(every=500, keep=3, async_save=True))
+    c.log = ConfigDict(dict(every=10, tensorboard=True))
+    c.peak_flops = 0.0  # per device; 0 picks a known value for the device kind (none on CPU)
+    return c

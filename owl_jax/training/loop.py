@@ -1,0 +1,201 @@
+"""The training loop of one stage: resume, train with a progress bar, evaluate, checkpoint, stop cleanly.
+
+`run_stage` resumes from the stage's latest complete checkpoint when there is one (train state, data
+iterator position, so later losses equal those of an uninterrupted run), otherwise starts from the
+parameters `init_params()` returns. SIGTERM (preemption) or Ctrl-C saves a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from owl_jax.data.pipeline import SKIP_REASONS, ExampleTransform, PipelineSpec, evaluation_rows, training_batches
+from owl_jax.training.checkpoints import StageCheckpoints
+from owl_jax.training.evaluation import evaluate
+from owl_jax.training.flops import peak_flops, train_step_flops
+from owl_jax.training.metrics import MetricsWriter
+from owl_jax.training.trainer import Trainer
+
+
+class SkippedRecordsError(RuntimeError):
+    """More unusable records than the configured threshold."""
+
+
+class _StopRequest:
+    """Set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def requested(self) -> bool:
+        flag = np.int32(self.signal is not None)
+        if jax.process_count() > 1:  # every process must stop at the same step
+            flag = multihost_utils.process_allgather(flag).max()
+        return bool(flag)
+
+
+STOP = _StopRequest()
+
+
+@dataclasses.dataclass
+class StageResult:
+    params: Any  # the final parameters (device arrays)
+    evaluation: dict[str, Any] | None
+    steps: int
+
+
+def _progress(total: int, start: int, name: str):
+    if jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=name, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+
+def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir: str, tokenizer: str,
+              init_params: Callable[[], Any], data_cfg: Any, checkpoint_cfg: Any, log_cfg: Any,
+              config_dict: dict, seed: int, eval_paths: list[str] | None = None,
+              peak_flops_per_device: float = 0.0) -> StageResult:
+    """Train one stage to `stage.steps` optimizer steps (resuming if possible) and evaluate it."""
+    stage_dir = os.path.join(workdir, name)
+    cfg = trainer.model_cfg
+    ckpt = StageCheckpoints(os.path.join(stage_dir, "checkpoints"), every=checkpoint_cfg.every,
+                            keep=checkpoint_cfg.keep, async_save=checkpoint_cfg.async_save)
+    latest = ckpt.latest_step()
+    data_state = None
+    if latest is not None:
+        state, data_state, _ = ckpt.restore(latest, trainer.abstract_state())
+    else:
+        state = trainer.init_state(init_params(), seed)
+    start = int(state.step)
+
+    max_images = stage.data.max_images or data_cfg.max_images
+    spec = PipelineSpec(seq_len=data_cfg.seq_len, max_images=max_images, image_size=cfg.vision.image_size,
+                        image_tokens=cfg.image_tokens, augment=data_cfg.augment, drop_images=stage.data.drop_images)
+    transform = ExampleTransform(spec, tokenizer)
+    procs = jax.process_count()
+    if stage.batch_size % (procs * stage.grad_accum):
+        raise ValueError(f"{name}: batch_size {stage.batch_size} must be a multiple of processes ({procs}) × "
+                         f"grad_accum ({stage.grad_accum})")
+    sources = [[os.path.join(data_dir, p) for p in group] for group in stage.data.sources]
+    batches = training_batches(sources, transform, batch_size=stage.batch_size, seed=seed,
+                               process_index=jax.process_index(), process_count=procs)
+    iterator = iter(batches)
+    if data_state:
+        iterator.set_state(data_state)
+
+    writer = MetricsWriter(os.path.join(stage_dir, "logs"), tensorboard=log_cfg.tensorboard)
+    images_per_step = stage.batch_size * max_images
+    flops = train_step_flops(cfg, stage.kind, rows=stage.batch_size, seq_len=data_cfg.seq_len,
+                             images=0 if stage.data.drop_images else images_per_step,
+                             train_abstractor=stage.train_abstractor)
+    peak = peak_flops_per_device or peak_flops(jax.devices()[0].device_kind)
+    skipped = np.zeros(len(SKIP_REASONS), np.int64)
+    rows_seen = 0
+    bar = _progress(stage.steps, start, name)
+    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+    try:
+        for step in range(start, stage.steps):
+            local = next(iterator)
+            skipped += np.bincount(local["skipped"], minlength=len(SKIP_REASONS))[: len(SKIP_REASONS)]
+            rows_seen += len(local["skipped"])
+            _check_skips(skipped, rows_seen, data_cfg.max_skip_fraction, name)
+            state, metrics = trainer.train_step(state, trainer.global_batch(local))
+            window_steps += 1
+            done = step + 1
+            if done % log_cfg.every == 0 or done == stage.steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                window_tokens += values["tokens"]
+                values["answer_tokens_per_s"] = window_tokens / elapsed
+                values["tokens_per_s"] = window_steps * stage.batch_size * data_cfg.seq_len / elapsed
+                values["step_s"] = elapsed / window_steps
+                if peak:
+                    values["mfu"] = flops * window_steps / elapsed / (peak * jax.device_count())
+                values["skipped_rows"] = int(skipped[1:].sum())
+                writer.write(done, values)
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {values['loss']:.3f} lr {values['lr']:.2e} "
+                                        f"tok/s {values['tokens_per_s']:.0f} "
+                                        + (f"MFU {values['mfu']:.1%}" if peak else "MFU n/a"), refresh=False)
+                window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+            if bar is not None:
+                bar.update(1)
+            if stage.eval_every and done % stage.eval_every == 0 and done != stage.steps and eval_paths:
+                result = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg.max_images)
+                writer.write(done, {"loss": result["loss"], "overall": result["overall"],
+                                    **{f"accuracy/{g}": a for g, a in result["accuracy"].items()}}, prefix="eval")
+            ckpt.save(done, state, iterator.get_state(), config_dict)
+            _fault_injection(done)
+            if STOP.requested():
+                ckpt.save(done, state, iterator.get_state(), config_dict, force=True)
+                ckpt.wait()
+                if bar is not None:
+                    bar.close()
+                print(f"\n{name}: stop requested (signal {STOP.signal}); saved step {done} to {ckpt.directory}",
+                      file=sys.stderr)
+                raise SystemExit(128 + (STOP.signal or 15))
+        if ckpt.latest_step() != stage.steps:
+            ckpt.save(stage.steps, state, iterator.get_state(), config_dict, force=True)
+        ckpt.wait()
+    except BaseException:
+        try:  # let a save in flight finish (it is complete or discarded, never half-visible)
+            ckpt.wait()
+        finally:
+            raise
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+    evaluation = None
+    if eval_paths:
+        evaluation = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg.max_images)
+        writer = MetricsWriter(os.path.join(stage_dir, "logs"), tensorboard=log_cfg.tensorboard)
+        writer.write(stage.steps, {"loss": evaluation["loss"], "overall": evaluation["overall"],
+                                   **{f"accuracy/{g}": a for g, a in evaluation["accuracy"].items()}}, prefix="eval")
+        writer.close()
+    ckpt.close()
+    return StageResult(state.params, evaluation, stage.steps)
+
+
+def _evaluate(trainer: Trainer, params: Any, paths: list[str], transform: ExampleTransform, batch_size: int,
+              max_images: int):
+    eval_transform = ExampleTransform(dataclasses.replace(transform.spec, augment=False, drop_images=False,
+                                                          max_images=max_images),
+                                      transform.tokenizer_path)
+    batches, examples = evaluation_rows(paths, eval_transform, batch_size=batch_size)
+    return evaluate(trainer, params, batches, examples)
+
+
+def _fault_injection(step: int) -> None:
+    """For crash tests. `OWL_JAX_KILL_AT_STEP=N` SIGKILLs this process right after step N's checkpoint
+    save has started (an asynchronous save may still be in flight); `OWL_JAX_STOP_AT_STEP=N` acts as a
+    preemption notice (SIGTERM) arriving during step N."""
+    if os.environ.get("OWL_JAX_KILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("OWL_JAX_STOP_AT_STEP") == str(step):
+        STOP.signal = signal.SIGTERM
+
+
+def _check_skips(skipped: np.ndarray, rows: int, max_fraction: float, name: str) -> None:
+    bad = int(skipped[1:].sum())
+    if rows >= 100 and bad > max_fraction * rows:
+        reasons = ", ".join(f"{SKIP_REASONS[i]}: {int(n)}" for i, n in enumerate(skipped) if i and n)
+        raise SkippedRecordsError(f"{name}: {bad} of {rows} rows were unusable ({reasons}), more than "
+                                  f"max_skip_fraction={max_fraction}; fix the data or raise the threshold")

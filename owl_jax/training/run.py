@@ -1,0 +1,193 @@
+"""A whole training run: data (synthetic if asked), the model's starting point, each stage, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
+
+from owl_jax.checkpoint import native
+from owl_jax.checkpoint.hf_import import abstract_model
+from owl_jax.checkpoint.layout import leaf_shapes
+from owl_jax.checkpoint.lora import merge_lora_params
+from owl_jax.checkpoint.native import flatten, nest
+from owl_jax.config import LoRAConfig, OwlConfig
+from owl_jax.sharding import make_mesh
+from owl_jax.training import distributed
+from owl_jax.training.evaluation import format_table, majority_baseline
+from owl_jax.training.loop import STOP, run_stage
+from owl_jax.training.trainer import Trainer
+
+DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "assets", "demo_tokenizer.model")
+
+
+def model_config(config: ConfigDict) -> OwlConfig:
+    m = config.model
+    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+    if m.init == "random":
+        return OwlConfig.from_hf_config(m.arch.to_dict(), **runtime)
+    if m.init == "checkpoint":
+        return OwlConfig.from_hf_config(m.checkpoint, **runtime)
+    if m.init == "towers":
+        from owl_jax.checkpoint.towers import config_from_towers
+
+        return config_from_towers(m.clip, m.llama, num_query_tokens=m.num_query_tokens, **runtime)
+    raise ValueError(f"model.init must be random, checkpoint or towers, not {m.init!r}")
+
+
+def first_params(config: ConfigDict, cfg: OwlConfig) -> dict[tuple, Any]:
+    """Host parameters of the run's starting point, `{path: array}` (no adapters)."""
+    m = config.model
+    if m.init == "random":
+        model = _random_model(cfg.replace(lora=None), config.seed)
+        return {tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+                for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if m.init == "checkpoint":
+        from owl_jax.checkpoint.convert import load_checkpoint
+
+        loaded = load_checkpoint(m.checkpoint, merge_lora=True, on_host=True, weights_dtype=cfg.param_dtype)
+        return loaded.leaves
+    from owl_jax.checkpoint.towers import init_from_towers
+
+    _, leaves = init_from_towers(m.clip, m.llama, num_query_tokens=m.num_query_tokens, dtype=cfg.param_dtype,
+                                 seed=config.seed)
+    return leaves
+
+
+def _random_model(cfg: OwlConfig, seed: int):
+    from owl_jax.modeling import Owl
+
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return Owl(cfg, rngs=nnx.Rngs(seed))
+
+
+def adapt_params(flat: dict[tuple, Any], cfg: OwlConfig, previous_lora: LoRAConfig | None, seed: int) -> dict:
+    """Carry parameters into a stage: merge adapters the new stage does not keep, add fresh ones it needs."""
+    flat = {p: np.asarray(jax.device_get(v)) for p, v in flat.items()}
+    if previous_lora is not None and cfg.lora != previous_lora:
+        flat = merge_lora_params(flat, previous_lora.scale)
+    shapes = leaf_shapes(abstract_model(cfg)[1])
+    missing = [p for p in shapes if p not in flat]
+    if any(p[-1] not in ("lora_a", "lora_b") for p in missing):
+        raise ValueError(f"parameters missing for {[('/'.join(p)) for p in missing][:5]}")
+    rng = np.random.default_rng(seed)
+    for path in missing:  # peft's initialisation: A uniform in ±1/sqrt(in), B zero (the model starts unchanged)
+        shape, dtype = shapes[path]
+        if path[-1] == "lora_a":
+            bound = shape[-2] ** -0.5
+            flat[path] = rng.uniform(-bound, bound, shape).astype(dtype)
+        else:
+            flat[path] = np.zeros(shape, dtype)
+    return nest(flat)
+
+
+def prepare_synthetic(data_dir: str, syn: ConfigDict) -> None:
+    """Generate the synthetic data and prepare it like any other source (once; process 0 writes)."""
+    marker = os.path.join(data_dir, "synthetic.done.json")
+    wanted = syn.to_dict()
+    if jax.process_index() == 0 and not (os.path.exists(marker) and json.load(open(marker)) == wanted):
+        from owl_jax.data.prepare import prepare
+        from owl_jax.data.synthetic import generate
+
+        generated = generate(os.path.join(data_dir, "synthetic"), seed=syn.seed, image_size=syn.image_size,
+                             n_captions=syn.n_captions, n_multimodal=syn.n_multimodal, n_text=syn.n_text,
+                             n_eval_per_type=syn.n_eval_per_type)
+        for fmt, source, name in [("captions", generated.captions, "captions"),
+                                  ("mplug_jsonl", generated.instruct_multimodal, "instruct_multimodal"),
+                                  ("mplug_jsonl", generated.instruct_text, "instruct_text"),
+                                  ("mplug_jsonl", generated.eval, "eval")]:
+            prepare(fmt, [str(source)], os.path.join(data_dir, name), overwrite=True, progress=False)
+        with open(marker, "w") as f:
+            json.dump(wanted, f)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("synthetic data prepared")
+
+
+def run(config: ConfigDict) -> dict[str, Any]:
+    """Train every stage of `config.run` in order; returns the evaluations by stage."""
+    distributed.maybe_initialize()
+    STOP.install()
+    workdir = os.path.abspath(config.workdir)
+    data_dir = os.path.abspath(config.data.dir or os.path.join(workdir, "data"))
+    if config.synthetic.enabled:
+        prepare_synthetic(data_dir, config.synthetic)
+    tokenizer = config.tokenizer or _tokenizer_beside(config) or DEMO_TOKENIZER
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    base_cfg = model_config(config)
+    eval_paths = [os.path.join(data_dir, p) for p in config.data.eval]
+    stages = [s.strip() for s in config.run.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in config.stages]
+    if not stages or unknown:
+        raise ValueError(f"config.run={config.run!r}: stages {unknown or '(none)'} are not in config.stages "
+                         f"({list(config.stages)})")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
+    evaluations: dict[str, Any] = {}
+    params, previous_lora = None, None
+    for name in stages:
+        stage = config.stages[name]
+        lora = None
+        if stage.lora.rank:
+            lora = LoRAConfig(rank=stage.lora.rank, alpha=stage.lora.alpha, dropout=stage.lora.dropout,
+                              target_modules=stage.lora.targets)
+        cfg = base_cfg.replace(lora=lora)
+        trainer = Trainer(cfg, stage=stage.kind, mesh=mesh, optim=stage.optim, total_steps=stage.steps,
+                          grad_accum=stage.grad_accum, train_abstractor=stage.train_abstractor,
+                          frozen_dtype=stage.frozen_dtype)
+        carried = params
+
+        def init_params(carried=carried, cfg=cfg):
+            flat = flatten(carried) if carried is not None else first_params(config, cfg)
+            return adapt_params(flat, cfg, previous_lora if carried is not None else None, config.seed)
+
+        result = run_stage(name, stage, trainer, workdir=workdir, data_dir=data_dir, tokenizer=tokenizer,
+                           init_params=init_params, data_cfg=config.data, checkpoint_cfg=config.checkpoint,
+                           log_cfg=config.log, config_dict=json.loads(json.dumps(config.to_dict(), default=str)),
+                           seed=config.seed, eval_paths=eval_paths, peak_flops_per_device=config.peak_flops)
+        params, previous_lora = result.params, lora
+        evaluations[name] = result.evaluation
+        _save_model(os.path.join(workdir, name, "model"), params, cfg, tokenizer)
+        if result.evaluation and jax.process_index() == 0:
+            print(f"{name}: held-out answer accuracy {result.evaluation['overall']:.1%}, "
+                  f"answer loss {result.evaluation['loss']:.3f}", file=sys.stderr)
+    if eval_paths and jax.process_index() == 0:
+        _report(eval_paths, evaluations, workdir)
+    return evaluations
+
+
+def _tokenizer_beside(config: ConfigDict) -> str | None:
+    from owl_jax.data.processor import find_tokenizer
+
+    folder = config.model.checkpoint if config.model.init == "checkpoint" else config.model.llama
+    return find_tokenizer(folder) if folder and os.path.isdir(folder) else None
+
+
+def _save_model(folder: str, params: Any, cfg: OwlConfig, tokenizer: str) -> None:
+    """The stage's final parameters as a converted folder (`from_pretrained` and `export` read it)."""
+    if jax.process_count() > 1:  # multi-host: the Orbax train checkpoint is the artifact
+        return
+    leaves = {p: np.asarray(jax.device_get(v)) for p, v in flatten(params).items()}
+    native.save_converted(folder, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, overwrite=True)
+    import shutil
+
+    shutil.copy(tokenizer, os.path.join(folder, "tokenizer.model"))
+
+
+def _report(eval_paths: list[str], evaluations: dict[str, Any], workdir: str) -> None:
+    from owl_jax.data.records import find_shards, read_examples
+
+    files = [f for p in eval_paths for f in find_shards(p)]
+    baseline = majority_baseline(list(read_examples(files)))
+    table = format_table(baseline, {n: e["accuracy"] for n, e in evaluations.items() if e})
+    print("\nHeld-out teacher-forced answer accuracy (every answer token right) per question type:\n" + table)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({"baseline": baseline, "evaluations": evaluations}, f, indent=2)
