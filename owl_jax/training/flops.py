@@ -45,9 +45,9 @@ def train_step_flops(cfg: OwlConfig, stage: str, *, rows: int, seq_len: int, ima
     """FLOPs of one optimizer step over `rows` sequences of `seq_len` tokens with `images` images in all."""
     n = tower_matmul_params(cfg)
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
-    vision_trains = stage == "stage1"
+    vision_trains = stage in ("stage1", "joint_pretrain")
     abstractor_trains = stage == "stage1" or (stage in ("stage2", "stage2_full") and train_abstractor)
-    llm_trains = stage in ("stage2_full", "text_pretrain")
+    llm_trains = stage in ("stage2_full", "text_pretrain", "joint_pretrain")
     # multipliers of the forward FLOPs: 3 if the weights train, 2 if only gradients pass through, 1 if neither
     grads_reach_vision = vision_trains
     grads_reach_abstractor = abstractor_trains or vision_trains

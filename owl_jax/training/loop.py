@@ -41,7 +41,12 @@ class _StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step boundary
         self.signal = signum
+        if jax.process_index() == 0:
+            print(f"\nsignal {signum}: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
+                  file=sys.stderr)
 
     def requested(self) -> bool:
         flag = np.int32(self.signal is not None)

@@ -11,7 +11,9 @@ Stages:
 - `stage1`: ViT + abstractor (queries included) train, LLaMA frozen (paper, multimodal pre-training);
 - `stage2`: LoRA adapters train (+ the abstractor when `train_abstractor`), everything else frozen;
 - `stage2_full`: the LLaMA weights train (+ the abstractor when `train_abstractor`), the ViT frozen;
-- `text_pretrain`: only the LLaMA weights train (on text): a small model's stand-in for a pretrained LLaMA.
+- `text_pretrain`: only the LLaMA weights train;
+- `joint_pretrain`: every tower trains (no adapters): for a model without pretrained towers, a stand-in for
+  the pretrained CLIP and LLaMA that stage 1 starts from.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import optax
 
-STAGES = ("stage1", "stage2", "stage2_full", "text_pretrain")
+STAGES = ("stage1", "stage2", "stage2_full", "text_pretrain", "joint_pretrain")
 TRAIN, FROZEN = "train", "frozen"
 LORA_LEAVES = ("lora_a", "lora_b")
 NO_DECAY_LEAVES = ("bias", "scale")  # biases and every norm's scale
@@ -35,6 +37,8 @@ def trainable(path: Path, stage: str, *, train_abstractor: bool = True) -> bool:
     tower, is_lora = path[0], path[-1] in LORA_LEAVES
     if stage == "text_pretrain":
         return tower == "language_model" and not is_lora
+    if stage == "joint_pretrain":
+        return not is_lora
     if stage == "stage1":
         return tower in ("vision_model", "abstractor") and not is_lora
     if tower == "abstractor" and not is_lora:

@@ -153,10 +153,7 @@ def llava_json(path: str, image_root: str | None = None) -> Iterator[Outcome]:
     item with an image but no marker is accepted (the image goes first either way), while markers without
     an image, or more than one marker, are skipped as "image_count_mismatch".
     """
-    name = os.path.basename(path)
-    for index, obj in enumerate(load_json_list(path)):
-        item = f"{path}[{index}]"
-        yield from guarded(item, lambda: _llava_item(obj, item, f"{name}[{index}]", path, image_root))
+    yield from _json_list_items(path, lambda obj, item, example_id: _llava_item(obj, item, example_id, path, image_root))
 
 
 def _llava_item(obj: object, item: str, fallback_id: str, path: str, image_root: str | None) -> Iterator[Outcome]:
@@ -190,15 +187,20 @@ def _llava_item(obj: object, item: str, fallback_id: str, path: str, image_root:
     yield build(turns, loaded, "multimodal" if loaded else "text", id=example_id, source="llava", item=item)
 
 
+def _json_list_items(path: str, handle) -> Iterator[Outcome]:
+    """`handle(obj, item, example_id)` for every element of a JSON list file, errors turned into skips."""
+    name = os.path.basename(path)
+    for index, obj in enumerate(load_json_list(path)):
+        item = f"{path}[{index}]"
+        yield from guarded(item, lambda: handle(obj, item, f"{name}[{index}]"))
+
+
 def alpaca_json(path: str) -> Iterator[Outcome]:
     """Text examples from Alpaca-style JSON: a list of `{"instruction", "input", "output"}`.
 
     One turn: the human side is the instruction, plus a line break and the input when there is one.
     """
-    name = os.path.basename(path)
-    for index, obj in enumerate(load_json_list(path)):
-        item = f"{path}[{index}]"
-        yield from guarded(item, lambda: _alpaca_item(obj, item, f"{name}[{index}]"))
+    yield from _json_list_items(path, _alpaca_item)
 
 
 def _alpaca_item(obj: object, item: str, example_id: str) -> Iterator[Outcome]:
@@ -220,10 +222,7 @@ def sharegpt_json(path: str) -> Iterator[Outcome]:
     Speakers "human"/"user" and "gpt"/"assistant"/"chatgpt"/"bing"/"bard"/"model" are mapped to the two
     roles and "system" is ignored; see `pair_messages` for what is dropped and what is skipped.
     """
-    name = os.path.basename(path)
-    for index, obj in enumerate(load_json_list(path)):
-        item = f"{path}[{index}]"
-        yield from guarded(item, lambda: _sharegpt_item(obj, item, f"{name}[{index}]"))
+    yield from _json_list_items(path, _sharegpt_item)
 
 
 def _sharegpt_item(obj: object, item: str, fallback_id: str) -> Iterator[Outcome]:
