@@ -57,11 +57,23 @@ def build_prompt(turns: Union[str, Sequence[Turn]], num_images: int = 0, system:
         raise ValueError("build_prompt needs at least one (question, answer) turn")
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
-    parts = [system, "\n", f"{HUMAN}{IMAGE_MARKER}\n" * num_images]
     for i, turn in enumerate(turns):
         if len(turn) != 2:
             raise ValueError(f"turn {i} must be a (question, answer) pair, got {turn!r}")
-        question, answer = turn
+    return build_conversation([(num_images if i == 0 else 0, q, a) for i, (q, a) in enumerate(turns)], system)
+
+
+def build_conversation(turns: Sequence[Tuple[int, str, Optional[str]]], system: str = SYSTEM) -> str:
+    """A conversation whose turns may each bring images: `(num_images, question, answer)` per turn.
+
+    Each turn's images get their `Human: <image>` lines just before its question (for the first turn that
+    is right after the system sentence, as in `build_prompt`). Only the last answer may be None.
+    """
+    parts = [system, "\n"]
+    for i, (num_images, question, answer) in enumerate(turns):
+        if num_images < 0:
+            raise ValueError(f"turn {i}: num_images must be >= 0, got {num_images}")
+        parts.append(f"{HUMAN}{IMAGE_MARKER}\n" * num_images)
         if answer is None and i != len(turns) - 1:
             raise ValueError(f"turn {i} has no answer, but only the last turn may be left open")
         for text in (question, answer or ""):

@@ -1,0 +1,286 @@
+"""Batched generation over a preallocated KV cache.
+
+Prompts arrive right-padded (the processor's layout) and are re-laid out left-padded, so every row's last
+prompt token sits in the same cache slot and all rows advance one shared slot per step; each row keeps its
+own RoPE positions (contiguous from 0 over its real tokens) and key mask. The prompt length is rounded up to
+a bucket and the cache to a second one, so a new prompt length inside a bucket reuses the compiled prefill,
+and every decode step reuses one compiled step (the slot index is a traced value).
+
+Greedy decoding reproduces the released model's `generate` (HF transformers 4.28); the logits processors
+follow it too: `min_new_tokens` masks EOS, `no_repeat_ngram_size` looks at the generated tokens (the
+released generate starts its token history from BOS, not from the prompt), then temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from owl_jax.modeling.llama import KVCache
+from owl_jax.modeling.owl import Owl, check_image_placeholders, merge_image_embeddings
+from owl_jax.sharding import constrain, use_mesh
+
+Array = jax.Array
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding options (hashable: part of the compiled step's static arguments)."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    seed: int = 0
+
+    def validate(self) -> "GenerationConfig":
+        if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"need 0 <= min_new_tokens ({self.min_new_tokens}) <= max_new_tokens "
+                             f"({self.max_new_tokens}) and max_new_tokens >= 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be positive when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1 or self.top_k < 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError("top_p must be in (0, 1], top_k and no_repeat_ngram_size >= 0")
+        return self
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated ids per row, up to and including EOS when it was produced
+    finished: list[bool]  # whether each row stopped at EOS
+    prompt_lengths: list[int]
+
+
+def round_up(n: int, bucket: int) -> int:
+    return max(bucket, -(-n // bucket) * bucket)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token selection (traced).
+
+def banned_ngram_tokens(history: Array, length: Array, n: int, vocab: int) -> Array:
+    """`(B, V)` mask of tokens that would repeat an n-gram of `history[:, :length]` (HF's rule)."""
+    b, h = history.shape
+    if n <= 0 or h < n:
+        return jnp.zeros((b, vocab), bool)
+    idx = jnp.arange(h - n + 1)
+    windows = jnp.stack([history[:, idx + k] for k in range(n)], axis=-1)  # (B, W, n)
+    prefix = jax.vmap(lambda row, l: jax.lax.dynamic_slice(row, (l - (n - 1),), (n - 1,)))(
+        history, jnp.maximum(length, n - 1))
+    in_range = (idx + n <= length[:, None]) & (length[:, None] >= n)
+    hit = jnp.all(windows[:, :, : n - 1] == prefix[:, None, :], axis=-1) & in_range  # (B, W)
+    banned = jnp.zeros((b, vocab), bool)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], hit.shape)
+    return banned.at[rows, windows[:, :, n - 1]].max(hit)
+
+
+def select_tokens(logits: Array, step: Array, history: Array, history_len: Array, key: Array,
+                  cfg: GenerationConfig) -> Array:
+    """Next tokens `(B,)` from float32 logits `(B, V)` after the configured processors."""
+    vocab = logits.shape[-1]
+    logits = logits.astype(jnp.float32)
+    if cfg.min_new_tokens:
+        logits = jnp.where((step < cfg.min_new_tokens) & (jnp.arange(vocab) == cfg.eos_token_id), NEG_INF, logits)
+    if cfg.no_repeat_ngram_size:
+        logits = jnp.where(banned_ngram_tokens(history, history_len, cfg.no_repeat_ngram_size, vocab), NEG_INF, logits)
+    if not cfg.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = jax.lax.top_k(logits, min(cfg.top_k, vocab))[0][:, -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if cfg.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        drop_sorted = cumulative - jax.nn.softmax(sorted_logits, axis=-1) >= cfg.top_p  # keep the first past top_p
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, NEG_INF, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compiled pieces (pure functions of the split model state).
+
+def _cache_axes(cache: KVCache) -> KVCache:
+    axes = (None, "batch", None, "act_heads", None)
+    return KVCache(constrain(cache.k, axes), constrain(cache.v, axes))
+
+
+def _prefill(graphdef, state, input_ids, mask, image_embeds, cache_len: int):
+    """Run left-padded prompts `(B, P)` into a fresh cache of `cache_len` slots; logits of the last slot."""
+    model: Owl = nnx.merge(graphdef, state)
+    b, p = input_ids.shape
+    embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
+    if image_embeds is not None:
+        embeds = merge_image_embeddings(embeds, input_ids, image_embeds)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    slots = jnp.arange(cache_len)
+    key_valid = jnp.pad(mask > 0, ((0, 0), (0, cache_len - p)))
+    attend = (slots[None, None, :] <= jnp.arange(p)[None, :, None]) & key_valid[:, None, :]
+    cache = _cache_axes(KVCache.zeros(model.config.text, b, cache_len, model.config.dtype))
+    hidden, cache = model.language_model(embeds, positions, attend, cache=cache, cache_index=0)
+    logits = model.language_model.logits(hidden[:, -1:])[:, 0]
+    return logits, _cache_axes(cache), key_valid
+
+
+def _extend(graphdef, state, cache, key_valid, input_ids, n_real, start, image_embeds):
+    """Append one row's tokens `(1, n)` (the first `n_real` real) at cache slot `start`; logits of the last real one.
+
+    Slots from `start + n_real` on become invalid, so a conversation can branch from any earlier point.
+    """
+    model: Owl = nnx.merge(graphdef, state)
+    n = input_ids.shape[1]
+    embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
+    if image_embeds is not None:
+        embeds = merge_image_embeddings(embeds, input_ids, image_embeds)
+    slots = jnp.arange(key_valid.shape[1])
+    key_valid = key_valid & (slots < start)[None] | ((slots >= start) & (slots < start + n_real))[None]
+    query_slots = start + jnp.arange(n)
+    attend = (slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]
+    hidden, cache = model.language_model(embeds, query_slots[None], attend, cache=cache, cache_index=start)
+    last = jax.lax.dynamic_slice_in_dim(hidden, n_real - 1, 1, axis=1)
+    return model.language_model.logits(last)[:, 0], _cache_axes(cache), key_valid
+
+
+def _decode(graphdef, state, cache, tokens, positions, slot, key_valid):
+    """One token per row at cache `slot` → logits `(B, V)` and the updated cache and key mask."""
+    model: Owl = nnx.merge(graphdef, state)
+    key_valid = key_valid.at[:, slot].set(True)
+    embeds = model.language_model.embed(tokens[:, None])
+    hidden, cache = model.language_model(embeds, positions[:, None], key_valid[:, None, :], cache=cache,
+                                         cache_index=slot)
+    return model.language_model.logits(hidden)[:, 0], _cache_axes(cache), key_valid
+
+
+class Generator:
+    """Generation for one model; compiled functions are cached per bucket and reused across calls.
+
+    Args:
+      model: an `Owl` (sharded or not).
+      mesh: the mesh the model lives on; activations and the cache are constrained to it.
+      prompt_bucket, cache_bucket: prompt lengths and cache lengths are rounded up to these multiples.
+    """
+
+    def __init__(self, model: Owl, *, mesh: jax.sharding.Mesh | None = None, prompt_bucket: int = 64,
+                 cache_bucket: int = 128):
+        self.model, self.mesh = model, mesh
+        self.prompt_bucket, self.cache_bucket = prompt_bucket, cache_bucket
+        self.graphdef, self.state = nnx.split(model)
+        self.prefill = jax.jit(_prefill, static_argnums=(0, 5))
+        self.decode = jax.jit(_decode, static_argnums=(0,), donate_argnums=(2,))
+        self.extend = jax.jit(_extend, static_argnums=(0,), donate_argnums=(2,))
+        self.select = jax.jit(select_tokens, static_argnums=(5,))
+        self.encode = jax.jit(lambda state, px: nnx.merge(self.graphdef, state).encode_images(px))
+
+    def _ctx(self):
+        return use_mesh(self.mesh)
+
+    def encode_images(self, pixel_values: np.ndarray | None) -> Array | None:
+        if pixel_values is None or len(pixel_values) == 0:
+            return None
+        with self._ctx():
+            return self.encode(self.state, jnp.asarray(pixel_values))
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                 pixel_values: np.ndarray | None = None, config: GenerationConfig = GenerationConfig(), *,
+                 image_embeds: Array | None = None,
+                 stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> GenerationOutput:
+        """Generate for a batch of right-padded prompts (the processor's output).
+
+        Args:
+          input_ids: `(B, L)` with runs of -1 for images, right-padded.
+          attention_mask: `(B, L)` 1 on real tokens (default: all).
+          pixel_values: `(N, C, H, W)` the batch's images in prompt order (or pass `image_embeds`).
+          stream: called after every step with `(step, tokens (B,), finished (B,))` on the host.
+        """
+        cfg = config.validate()
+        ids = np.asarray(input_ids, np.int32)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        lengths = mask.sum(axis=1)
+        if (lengths == 0).any():
+            raise ValueError("every prompt needs at least one token")
+        if image_embeds is None:
+            n_images = 0 if pixel_values is None else len(pixel_values)
+            check_image_placeholders(np.where(mask > 0, ids, 0), n_images, self.model.config.image_tokens)
+            image_embeds = self.encode_images(pixel_values)
+        b = ids.shape[0]
+        p = round_up(int(lengths.max()), self.prompt_bucket)
+        cache_len = round_up(p + cfg.max_new_tokens, self.cache_bucket)
+        if cache_len > self.model.config.text.max_position_embeddings * 4:
+            raise ValueError(f"prompt + max_new_tokens needs {cache_len} cache slots; that is too long")
+        left_ids = np.full((b, p), cfg.pad_token_id, np.int32)
+        left_mask = np.zeros((b, p), np.int32)
+        for row in range(b):  # right padding → left padding
+            n = int(lengths[row])
+            left_ids[row, p - n:] = ids[row, :n]
+            left_mask[row, p - n:] = 1
+        with self._ctx():
+            logits, cache, key_valid = self.prefill(self.graphdef, self.state, jnp.asarray(left_ids),
+                                                    jnp.asarray(left_mask), image_embeds, cache_len)
+        generated, finished, _, _ = self.decode_loop(logits, cache, key_valid, lengths, p, cfg, stream)
+        return GenerationOutput(generated, finished.tolist(), lengths.tolist())
+
+    def decode_loop(self, logits: Array, cache: KVCache, key_valid: Array, positions: np.ndarray, slot: int,
+                    cfg: GenerationConfig, stream: Callable | None = None):
+        """Pick tokens from `logits` and keep feeding them until EOS or `max_new_tokens`.
+
+        Args:
+          positions: `(B,)` RoPE position of each row's first generated token.
+          slot: cache slot of the first generated token.
+
+        Returns:
+          `(tokens per row, finished (B,), cache, key_valid)`; the cache holds every generated token but
+          the last (which was never fed back).
+        """
+        b = logits.shape[0]
+        history = np.zeros((b, cfg.max_new_tokens + 1), np.int32)
+        history[:, 0] = cfg.bos_token_id
+        key = jax.random.key(cfg.seed)
+        generated = np.zeros((b, cfg.max_new_tokens), np.int32)
+        finished = np.zeros(b, bool)
+        steps = 0
+        for step in range(cfg.max_new_tokens):
+            key, sub = jax.random.split(key)
+            with self._ctx():
+                tokens = np.asarray(self.select(logits, jnp.int32(step), jnp.asarray(history),
+                                                jnp.full((b,), step + 1, jnp.int32), sub, cfg))
+            tokens = np.where(finished, cfg.pad_token_id, tokens)
+            generated[:, step] = tokens
+            history[:, step + 1] = tokens
+            finished |= tokens == cfg.eos_token_id
+            steps = step + 1
+            if stream is not None:
+                stream(step, tokens, finished.copy())
+            if finished.all() or step + 1 == cfg.max_new_tokens:
+                break
+            with self._ctx():
+                logits, cache, key_valid = self.decode(self.graphdef, self.state, cache, jnp.asarray(tokens),
+                                                       jnp.asarray(positions + step, jnp.int32),
+                                                       jnp.int32(slot + step), key_valid)
+        out = []
+        for row in range(b):
+            row_tokens = generated[row, :steps].tolist()
+            if cfg.eos_token_id in row_tokens:
+                row_tokens = row_tokens[: row_tokens.index(cfg.eos_token_id) + 1]
+            out.append(row_tokens)
+        return out, finished, cache, key_valid
+
+
+def generate(model: Owl, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+             pixel_values: np.ndarray | None = None, **options: Any) -> GenerationOutput:
+    """One-off generation (builds a `Generator`; keep one around to reuse its compiled steps)."""
+    return Generator(model).generate(input_ids, attention_mask, pixel_values, GenerationConfig(**options))
