@@ -139,3 +139,29 @@ def test_sharded_generation_matches(reference):
     out = Generator(model, mesh=mesh).generate(reference["input_ids"][:2], reference["attention_mask"][:2],
                                                reference["pixel_values"][:3], GREEDY)
     assert out.tokens == [reference["greedy_0"][1:].tolist(), reference["greedy_1"][1:].tolist()]
+
+
+def _chat(folder, *args, stdin=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "owl_jax.chat", "--checkpoint", str(folder), "--max-new-tokens", "6",
+                           *args], input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_chat_cli_one_shot_and_repl(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    folder = tmp_path / "m"
+    shutil.copytree(FIXTURE / "checkpoint", folder)
+    shutil.copy(FIXTURE / "tokenizer.model", folder / "tokenizer.model")
+    image = str(FIXTURE / "images" / "a.png")
+    question = "What is drawn in the upper left corner of this picture?"
+    session = ChatSession(Generator(model), processor, config=GenerationConfig(max_new_tokens=6))
+    expected = session.ask(question, [image])
+    one_shot = _chat(folder, "--image", image, "--prompt", question)
+    assert one_shot.returncode == 0, one_shot.stderr
+    assert one_shot.stdout.strip() == expected
+    repl = _chat(folder, stdin=f"/image {image}\n{question}\n/reset\n/image missing.png\n/bogus\n/quit\n")
+    assert repl.returncode == 0, repl.stderr
+    assert repl.stdout.strip() == expected
+    assert "missing.png" in repl.stderr and "unknown command /bogus" in repl.stderr

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Generation throughput: prefill tokens/s, decode tokens/s per batch size, time to first token.
+
+    python benchmarks/generate_benchmark.py [--checkpoint DIR] [--batch-sizes 1 8 32] [--prompt-len 128]
+        [--new-tokens 64] [--images-per-row 1] [--dtype float32|bfloat16] [--out results.json]
+
+Default model: the tiny reference fixture. Each configuration is compiled first, then timed over
+`--repeats` runs (medians). Decoding runs with EOS disabled (min_new_tokens = new tokens), so every row
+produces every token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def prompts(cfg, batch: int, length: int, images_per_row: int, seed: int = 0):
+    """Right-padded prompts of exactly `length` tokens, each with `images_per_row` image runs."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, cfg.text.vocab_size, size=(batch, length)).astype(np.int32)
+    ids[:, 0] = 1
+    t = cfg.image_tokens
+    for k in range(images_per_row):
+        start = 2 + k * (t + 2)
+        if start + t >= length:
+            raise ValueError(f"prompt length {length} cannot hold {images_per_row} images of {t} tokens")
+        ids[:, start:start + t] = -1
+    v = cfg.vision
+    pixels = rng.normal(size=(batch * images_per_row, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+    return ids, np.ones_like(ids), pixels
+
+
+def measure(generator, ids, mask, pixels, new_tokens: int):
+    from owl_jax.inference.generate import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    marks = {}
+
+    def on_token(step, tokens, finished):
+        if step == 0:
+            marks["first"] = time.perf_counter()
+
+    start = time.perf_counter()
+    generator.generate(ids, mask, pixels, config, stream=on_token)
+    end = time.perf_counter()
+    return {"ttft_s": marks["first"] - start, "decode_s": end - marks["first"], "total_s": end - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=os.path.join(REPO, "tests", "fixtures", "mplug_owl_tiny", "checkpoint"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--images-per-row", type=int, default=1)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    import jax
+
+    import owl_jax
+    from owl_jax.inference.generate import Generator
+
+    model, _ = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
+    generator = Generator(model)
+    rows = []
+    for batch in args.batch_sizes:
+        ids, mask, pixels = prompts(model.config, batch, args.prompt_len, args.images_per_row)
+        measure(generator, ids, mask, pixels, args.new_tokens)  # compile
+        runs = [measure(generator, ids, mask, pixels, args.new_tokens) for _ in range(args.repeats)]
+        ttft = statistics.median(r["ttft_s"] for r in runs)
+        decode = statistics.median(r["decode_s"] for r in runs)
+        rows.append({"batch": batch, "prompt_len": args.prompt_len, "images": batch * args.images_per_row,
+                     "ttft_ms": ttft * 1e3, "prefill_tok_s": batch * args.prompt_len / ttft,
+                     "decode_tok_s": batch * (args.new_tokens - 1) / decode,
+                     "decode_ms_per_step": decode / (args.new_tokens - 1) * 1e3})
+    device = jax.devices()[0]
+    print(f"\nmodel {os.path.basename(os.path.normpath(args.checkpoint))} ({args.dtype}), {device.platform} "
+          f"{device.device_kind} x{jax.device_count()}; prompt {args.prompt_len} tokens with "
+          f"{args.images_per_row} image(s) per row, {args.new_tokens} new tokens, median of {args.repeats}\n")
+    print("| batch | time to first token (ms) | prefill tokens/s | decode tokens/s | decode ms/step |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
+              f"{r['decode_ms_per_step']:.2f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": device.device_kind, "args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
