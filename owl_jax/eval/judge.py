@@ -1,0 +1,370 @@
+"""Grade OwlEval answers A-D with a judge model behind an OpenAI-compatible `/chat/completions` endpoint.
+
+    python -m owl_jax.eval.judge --answers A.jsonl [B.jsonl ...] --owleval OWLEVAL_DIR \
+        --judge-url http://127.0.0.1:8000/v1 --judge-model NAME [--api-key KEY] [--out grades.jsonl] \
+        [--concurrency 4] [--no-judge-sees-images]
+
+The mPLUG-Owl paper graded OwlEval by hand on four levels; the judge gets the same scale (`RUBRIC`), the
+question (from `questions.jsonl`, which also gives category and abilities), for a multi-turn question the
+earlier turns with the answers the graded model gave, the answer, and the image (as a data URL) unless the
+judge is text-only. A reply is parsed for a grade (`parse_grade`); a reply without one is asked once more,
+then recorded as "?"; a request that fails after its retries is recorded as "?" with the error. No grade is
+ever guessed. The tables count a question under every category it lists (the paper's convention: the 20
+questions that open a conversation count as single-turn and as multi-turn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import dataclasses
+import functools
+import http.client
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Sequence
+
+from owl_jax.eval.owleval import ABILITIES, CATEGORIES, Question, conversations, image_path, load_questions, read_jsonl
+
+SHORT_ABILITIES = {"a": "instruction", "b": "visual", "c": "OCR", "d": "knowledge", "e": "reasoning",
+                   "f": "multi-turn"}
+GRADES = ("A", "B", "C", "D")
+UNPARSEABLE = "?"
+SCORES = {"A": 3, "B": 2, "C": 1, "D": 0}
+# Human grades of mPLUG-Owl 7B in the paper (arXiv 2304.14178), for reference beside a judge's grades.
+PAPER = {"mPLUG-Owl 7B (paper, human)": {"single_turn": {"A": 32, "B": 10, "C": 8, "D": 0},
+                                         "multi_turn": {"A": 31, "B": 8, "C": 13, "D": 0}}}
+
+RUBRIC = """You grade the answers of an AI assistant that was shown an image and asked about it.
+Give the answer exactly one of four grades:
+A: correct and satisfying. It does what was asked, agrees with the image, and a demanding user would be content.
+B: acceptable. It answers the request and is essentially right, with minor imperfections such as a small \
+inaccuracy, a small omission, or needless content.
+C: it responds to the request but has significant errors: wrong statements about the image or the world, text \
+misread, faulty reasoning or arithmetic, or a major part of the request left undone.
+D: irrelevant or invalid. It does not address the request, or is empty, unreadable or mostly made up.
+Judge what the answer says, not its length or style. In a conversation, grade only the last answer; the earlier \
+turns are context, and a later question may refer back to them.
+Give at most two sentences of justification, then end with a line of the form "Grade: X" with X one of A, B, C, D."""
+TEXT_ONLY_NOTE = """
+You cannot see the image. Judge whether the answer addresses the question and is plausible and consistent; a \
+claim about the image that you cannot check is not an error unless the question or the answer contradicts it."""
+REASK = "Give only the grade for the last answer, as one line: Grade: X (X is A, B, C or D)."
+
+_LABELLED = re.compile(r"(?i:\b(?:final\s+)?(?:grade|rating|verdict)\b)[\s*_`]*(?::|：|=|-|\bis\b)[\s*_`'\"(\[]*"
+                       r"([A-D])(?![A-Za-z0-9])")
+_LEADING = re.compile(r"^[\s*_`'\"(\[]*([A-D])[*_`'\")\]]*\s*(?:[.:)\-]|$)")
+_MARKUP = " \t\r\n*_`'\"()[].:!"
+
+
+def parse_grade(reply: str | None) -> str | None:
+    """The grade A-D in a judge's reply, or None when there is none to be sure of.
+
+    Accepted: a labelled grade ("Grade: B", "**Grade:** C", "final grade is A"; the last one wins), a reply
+    that is only a letter ("B", "**B**", "(C)."), a reply that starts with one ("A. Correct ..."), or a last
+    line that is only a letter. A lone capital inside prose ("A cat sits ...") is not a grade.
+    """
+    if not reply:
+        return None
+    labelled = _LABELLED.findall(reply)
+    if labelled:
+        return labelled[-1]
+    if reply.strip(_MARKUP) in GRADES:
+        return reply.strip(_MARKUP)
+    lines = [line for line in reply.splitlines() if line.strip()]
+    last = lines[-1].strip(_MARKUP) if lines else ""
+    if last in GRADES:
+        return last
+    leading = _LEADING.match(reply)
+    return leading.group(1) if leading else None
+
+
+class JudgeError(Exception):
+    """The judge could not be asked (after retries) or refused the request."""
+
+
+@dataclasses.dataclass
+class JudgeClient:
+    """A minimal `/chat/completions` client (stdlib only) with retries and exponential backoff.
+
+    `url` is the API base ("http://host:port/v1") or the full `.../chat/completions` address.
+    """
+
+    url: str
+    model: str
+    api_key: str | None = None
+    timeout: float = 120.0
+    retries: int = 3
+    backoff: float = 1.0
+    max_tokens: int = 512
+
+    @property
+    def endpoint(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+    def chat(self, messages: list[dict]) -> str:
+        """The text of the first choice; retries network errors, timeouts, 5xx, 408 and 429."""
+        payload = {"model": self.model, "messages": messages, "temperature": 0}
+        if self.max_tokens:
+            payload["max_tokens"] = self.max_tokens
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(payload).encode()
+        error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return _reply_text(json.loads(response.read()))
+            except urllib.error.HTTPError as e:
+                error = f"HTTP {e.code} from {self.endpoint}: {e.read()[:300].decode('utf-8', 'replace')}"
+                if e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying cannot help
+                    raise JudgeError(error + (" (a text-only judge needs --no-judge-sees-images)"
+                                              if e.code in (400, 415, 422) else "")) from None
+            except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeouts, bad bodies
+                error = f"{type(e).__name__}: {e}"
+        raise JudgeError(f"{self.retries + 1} attempts failed; last: {error}")
+
+
+def _reply_text(body: Any) -> str:
+    try:
+        content = body["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"not a chat completion: {str(body)[:200]}") from None
+    if isinstance(content, list):  # some servers return content parts
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""
+
+
+@functools.lru_cache(maxsize=64)
+def image_data_url(path: str) -> str:
+    """The image file as a `data:` URL; the type comes from its bytes (OwlEval has a PNG named .jpg)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    kind = ("image/png" if raw.startswith(b"\x89PNG") else "image/gif" if raw[:4] == b"GIF8" else
+            "image/webp" if raw[8:12] == b"WEBP" else "image/jpeg")
+    return f"data:{kind};base64,{base64.b64encode(raw).decode()}"
+
+
+@dataclasses.dataclass
+class Item:
+    """One answer to grade: `history` holds the earlier (question, answer) turns of its conversation."""
+
+    model_id: str
+    source: str
+    question: Question
+    answer: str
+    history: list[tuple[str, str]]
+
+
+def build_messages(item: Item, image_url: str | None) -> list[dict]:
+    """The judge's messages: the rubric as system, then the image part (if any) and the text of the case."""
+    parts = []
+    if item.history:
+        parts.append("[Earlier turns of this conversation]\n" +
+                     "\n".join(f"User: {q}\nAssistant: {a}" for q, a in item.history))
+    parts.append(f"[Question]\n{item.question.question}")
+    parts.append(f"[Answer to grade]\n{item.answer}")
+    text = "\n\n".join(parts)
+    system = RUBRIC if image_url else RUBRIC + TEXT_ONLY_NOTE
+    user: Any = text if image_url is None else [{"type": "image_url", "image_url": {"url": image_url}},
+                                                {"type": "text", "text": text}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def load_answers(paths: Sequence[str | os.PathLike], questions: Sequence[Question]) -> list[Item]:
+    """The answers of every file, each with its conversation history; ValueError names file:line."""
+    by_id = {q.question_id: q for q in questions}
+    group_of = {q.question_id: g for g in conversations(questions) for q in g}
+    items: list[Item] = []
+    seen_models: dict[str, str] = {}
+    for path in map(os.fspath, paths):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        answers: dict[int, tuple[str, str]] = {}
+        for n, row in read_jsonl(path):
+            qid, answer = row.get("question_id"), row.get("answer", "")
+            if qid not in by_id:
+                raise ValueError(f"{path}:{n}: question_id {qid!r} is not in the OwlEval questions")
+            if qid in answers:
+                raise ValueError(f"{path}:{n}: question_id {qid} is answered twice")
+            if answer is not None and not isinstance(answer, str):
+                raise ValueError(f"{path}:{n}: answer must be a string, got {type(answer).__name__}")
+            answers[qid] = (answer or "", str(row.get("model_id") or stem))
+        for qid in sorted(answers):
+            answer, model_id = answers[qid]
+            if seen_models.setdefault(model_id, path) != path:  # two files, one model_id: keep them apart
+                model_id = f"{model_id} [{stem}]"
+            group = group_of[qid]
+            earlier = group[:group.index(by_id[qid])]
+            history = [(q.question, answers.get(q.question_id, ("(no answer recorded)", ""))[0]) for q in earlier]
+            items.append(Item(model_id, os.path.basename(path), by_id[qid], answer, history))
+    return items
+
+
+def grade_item(client: JudgeClient, item: Item, image_url: str | None) -> dict:
+    """Grade one answer: `{"model_id", "answers_file", "question_id", "image", "category", "ability", "grade",
+    "replies", "error"}` with grade one of A-D or "?" (no grade after one re-ask, or `error` says why)."""
+    messages = build_messages(item, image_url)
+    replies: list[str] = []
+    grade, error = None, None
+    try:
+        replies.append(client.chat(messages))
+        grade = parse_grade(replies[-1])
+        if grade is None:  # ask once more, showing the judge its reply and the expected form
+            replies.append(client.chat(messages + [{"role": "assistant", "content": replies[-1]},
+                                                   {"role": "user", "content": REASK}]))
+            grade = parse_grade(replies[-1])
+            if grade is None:
+                error = "no grade found in the judge's replies"
+    except JudgeError as e:
+        error = str(e)
+    q = item.question
+    return {"model_id": item.model_id, "answers_file": item.source, "question_id": q.question_id, "image": q.image,
+            "category": list(q.categories), "ability": ",".join(q.abilities), "grade": grade or UNPARSEABLE,
+            "replies": replies, "error": error}
+
+
+def grade_answers(answer_files: Sequence[str | os.PathLike], owleval_dir: str | os.PathLike, *, judge_url: str,
+                  judge_model: str, api_key: str | None = None, sees_images: bool = True, concurrency: int = 4,
+                  timeout: float = 120.0, retries: int = 3, backoff: float = 1.0, max_tokens: int = 512,
+                  show_progress: bool = True) -> list[dict]:
+    """Grade every answer of `answer_files` (released format) against the questions of `owleval_dir`.
+
+    Returns one row per answer (see `grade_item`), in file order then question_id order.
+    """
+    from tqdm.auto import tqdm
+
+    questions = load_questions(owleval_dir, check_images=sees_images)
+    items = load_answers(answer_files, questions)
+    client = JudgeClient(judge_url, judge_model, api_key, timeout, retries, backoff, max_tokens)
+    urls = {q.image: image_data_url(image_path(owleval_dir, q)) for q in questions} if sees_images else {}
+    results: list[dict | None] = [None] * len(items)
+    with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool, \
+            tqdm(total=len(items), desc="judge", unit="answer", file=sys.stderr, disable=not show_progress) as bar:
+        futures = {pool.submit(grade_item, client, item, urls.get(item.question.image)): i
+                   for i, item in enumerate(items)}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update(1)
+    return results  # type: ignore[return-value]
+
+
+def summarize(grades: Sequence[dict]) -> dict:
+    """Tables from grade rows, per model in order of appearance.
+
+    Returns `{"models": {model_id: {"category": {cat: {"n", "counts": {A, B, C, D, ?}, "percent": {...}}},
+    "ability": {letter: {"n", "graded", "unparseable", "a_or_b", "mean_score"}}}}, "paper": PAPER}`.
+    Category percentages are of all answers in the category ("?" included, so a row sums to 100); the
+    ability share of A+B (in %) and mean score (A=3 .. D=0) are over graded answers only (None if none).
+    """
+    models: dict[str, dict] = {}
+    for row in grades:
+        m = models.setdefault(row["model_id"], {"category": {c: dict.fromkeys((*GRADES, UNPARSEABLE), 0)
+                                                              for c in CATEGORIES},
+                                                 "ability": {a: [] for a in ABILITIES}})
+        for c in row["category"]:
+            m["category"][c][row["grade"]] += 1
+        for a in str(row["ability"]).split(","):
+            if a.strip() in m["ability"]:
+                m["ability"][a.strip()].append(row["grade"])
+    out: dict[str, dict] = {}
+    for name, m in models.items():
+        cats = {}
+        for c, counts in m["category"].items():
+            n = sum(counts.values())
+            cats[c] = {"n": n, "counts": counts, "percent": {g: 100 * k / n if n else 0.0 for g, k in counts.items()}}
+        abilities = {}
+        for a, got in m["ability"].items():
+            graded = [g for g in got if g in SCORES]
+            abilities[a] = {"n": len(got), "graded": len(graded), "unparseable": len(got) - len(graded),
+                            "a_or_b": 100 * sum(g in ("A", "B") for g in graded) / len(graded) if graded else None,
+                            "mean_score": sum(SCORES[g] for g in graded) / len(graded) if graded else None}
+        out[name] = {"category": cats, "ability": abilities}
+    return {"models": out, "paper": PAPER}
+
+
+def format_tables(tables: dict) -> str:
+    """The `summarize` tables as text: one block per category (the paper's row beside), then abilities."""
+    names = list(tables["models"]) + list(tables["paper"])
+    width = max([len(n) for n in names] + [5]) + 2
+    lines = []
+    for c in CATEGORIES:
+        lines.append(f"{c}: count (% of answers; ? = no grade)")
+        lines.append("model".ljust(width) + "n".rjust(4) + "".join(g.rjust(13) for g in (*GRADES, UNPARSEABLE)))
+        rows = [(name, m["category"][c]["counts"]) for name, m in tables["models"].items()]
+        rows += [(name, {**p[c], UNPARSEABLE: None}) for name, p in tables["paper"].items()]
+        for name, counts in rows:
+            n = sum(v for v in counts.values() if v)
+            cells = ["-" if counts[g] is None else f"{counts[g]} ({100 * counts[g] / n if n else 0:.1f}%)"
+                     for g in (*GRADES, UNPARSEABLE)]
+            lines.append(name.ljust(width) + str(n).rjust(4) + "".join(cell.rjust(13) for cell in cells))
+        lines.append("")
+    lines.append("ability: % A+B of graded answers, mean score (A=3 .. D=0), answers [?: no grade]")
+    lines.append("model".ljust(width) + "".join(f"{a} {label}".rjust(22) for a, label in SHORT_ABILITIES.items()))
+    for name, m in tables["models"].items():
+        cells = []
+        for a in ABILITIES:
+            s = m["ability"][a]
+            cell = "-" if s["a_or_b"] is None else f"{s['a_or_b']:.0f}% {s['mean_score']:.2f}"
+            cell += f" n={s['n']}" + (f" ?{s['unparseable']}" if s["unparseable"] else "")
+            cells.append(cell.rjust(22))
+        lines.append(name.ljust(width) + "".join(cells))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--answers", nargs="+", required=True, help="answer files in the released OwlEval format")
+    p.add_argument("--owleval", required=True, help="folder with questions.jsonl and cases/")
+    p.add_argument("--judge-url", required=True, help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--judge-model", required=True, help="model name to ask for")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer key (default: $OPENAI_API_KEY)")
+    p.add_argument("--judge-sees-images", action=argparse.BooleanOptionalAction, default=True,
+                   help="send each case image as a data URL (turn off for text-only judges)")
+    p.add_argument("--out", default=None, help="write one grade row per answer here (.jsonl)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=3, help="retries of a failed request")
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each time)")
+    p.add_argument("--max-tokens", type=int, default=512, help="reply length limit sent to the judge (0: none)")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        grades = grade_answers(args.answers, args.owleval, judge_url=args.judge_url, judge_model=args.judge_model,
+                               api_key=args.api_key, sees_images=args.judge_sees_images, concurrency=args.concurrency,
+                               timeout=args.timeout, retries=args.retries, backoff=args.backoff,
+                               max_tokens=args.max_tokens, show_progress=not args.quiet)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for row in grades:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    failed = [g for g in grades if g["grade"] == UNPARSEABLE]
+    for g in failed[:5]:
+        print(f"no grade for {g['model_id']} question {g['question_id']}: {g['error']}", file=sys.stderr)
+    if len(failed) > 5:
+        print(f"... {len(failed) - 5} more without a grade", file=sys.stderr)
+    tables = summarize(grades)
+    print(json.dumps(tables, indent=1) if args.json else format_tables(tables))
+    return 1 if grades and len(failed) == len(grades) else 0  # nothing graded: most likely the judge is down
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""HTTP request handling: routing, body limits, JSON and server-sent-event responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import time
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from owl_jax.serve.errors import ApiError
+from owl_jax.serve.page import INDEX_HTML
+
+log = logging.getLogger("owl_jax.serve")
+
+CHAT_PATH = "/v1/chat/completions"
+GET_PATHS = ("/", "/index.html", "/health", "/v1/models")
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+# Only the page's own inline script and style, images from data:/blob: URLs, requests to this server.
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+
+def encode_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON (non-ASCII text stays readable)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP connection of an `OwlServer` (keep-alive; streamed responses close it when done)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "owl-jax-serve"
+    timeout = 120  # seconds a connection may sit idle or trickle its body before it is dropped
+    _unread = 0  # bytes of the request body not read yet
+
+    # ------------------------------------------------------------------------------------------ routing
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        # No CORS: a cross-origin page's preflight fails here, so it cannot post JSON to the model.
+        self._handle("OPTIONS")
+
+    def _handle(self, method: str) -> None:
+        length = (self.headers.get("Content-Length") or "0").strip()
+        self._unread = int(length) if length.isdigit() else 0
+        path = unquote(urlsplit(self.path).path)
+        try:
+            if path == CHAT_PATH:
+                self._require(method, "POST")
+                self._chat()
+            elif path.startswith("/v1/models/"):
+                self._require(method, "GET")
+                if path[len("/v1/models/"):] != self.server.model_name:
+                    raise ApiError(404, f"the model {path[len('/v1/models/'):]!r} does not exist; this server "
+                                        f"serves {self.server.model_name!r}", code="model_not_found")
+                self._send_json(200, self.server.model_card())
+            elif path in GET_PATHS:
+                self._require(method, "GET")
+                if path == "/health":
+                    self._send_json(200, {"status": "ok"})
+                elif path == "/v1/models":
+                    self._send_json(200, self.server.models())
+                else:
+                    self._send(200, INDEX_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                               {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"})
+            else:
+                raise ApiError(404, f"no such endpoint: {method} {path}; see GET /v1/models, "
+                                    f"POST {CHAT_PATH}, GET /health and GET /", code="not_found")
+        except ApiError as e:
+            self._send_error(e)
+        except CLIENT_GONE:
+            log.info("%s went away before the response was sent", self.address_string())
+            self.close_connection = True
+        except Exception as e:  # a bug: answer 500 rather than dropping the connection
+            log.exception("unexpected error handling %s %s", method, path)
+            self._send_error(ApiError(500, f"internal server error: {type(e).__name__}", type="server_error"))
+        finally:
+            self._discard_unread_body()
+
+    def _require(self, method: str, allowed: str) -> None:
+        if method != allowed:
+            raise _MethodNotAllowed(allowed, method, unquote(urlsplit(self.path).path))
+
+    # ----------------------------------------------------------------------------------- chat requests
+    def _read_json(self) -> Any:
+        """The request body parsed as JSON, after checking its size (before reading it) and type."""
+        if self.headers.get("Transfer-Encoding"):
+            raise ApiError(411, "chunked request bodies are not supported; send a Content-Length header")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "a Content-Length header is required")
+        if not length.strip().isdigit():
+            raise ApiError(400, f"invalid Content-Length {length!r}")
+        length = int(length)
+        if length > self.server.max_body_bytes:
+            raise self._too_large(length)
+        # A cross-site page can send text/plain without a CORS preflight; JSON needs one, which we refuse.
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(415, f"send the request as Content-Type: application/json (got "
+                                f"{self.headers.get('Content-Type')!r})")
+        data = self.rfile.read(length)
+        self._unread = 0
+        if len(data) < length:
+            self.close_connection = True
+            raise ApiError(400, f"the request body ended after {len(data)} of {length} bytes")
+        try:
+            return json.loads(data)
+        except ValueError as e:  # JSONDecodeError and undecodable bytes
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    def _too_large(self, length: int) -> ApiError:
+        return ApiError(413, f"the request body is {length} bytes, more than the server's limit of "
+                             f"{self.server.max_body_bytes} bytes (--max-body-mb); send smaller images",
+                        code="request_too_large")
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it (`Expect: 100-continue`, as curl does)."""
+        length = (self.headers.get("Content-Length") or "").strip()
+        if length.isdigit() and int(length) > self.server.max_body_bytes:
+            self.close_connection = True
+            self._send_error(self._too_large(int(length)))
+            return False
+        return super().handle_expect_100()
+
+    def _chat(self) -> None:
+        request, job = self.server.prepare(self._read_json())
+        self.server.worker.submit(job)
+        if request.stream:
+            self._stream(request, job)
+            return
+        pieces = []
+        while True:
+            kind, value = self._next_event(job)
+            if kind == "error":
+                raise value
+            if kind == "done":
+                break
+            pieces.append(value)
+        self._send_json(200, {
+            "id": job.label, "object": "chat.completion", "created": int(time.time()),
+            "model": self.server.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                         "logprobs": None, "finish_reason": value.finish_reason}],
+            "usage": _usage(value)})
+
+    def _stream(self, request: Any, job: Any) -> None:
+        # Wait for the first event before answering, so a failure before any text still gets a real status.
+        event = self._next_event(job)
+        if event[0] == "error":
+            raise event[1]
+        created = int(time.time())
+
+        def chunk(delta: dict, finish: Any = None) -> dict:
+            return {"id": job.label, "object": "chat.completion.chunk", "created": created,
+                    "model": self.server.model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream's end is the connection's end
+        self.end_headers()
+        self.close_connection = True
+        try:
+            self._event(chunk({"role": "assistant", "content": ""}))
+            while True:
+                kind, value = event
+                if kind == "delta":
+                    self._event(chunk({"content": value}))
+                elif kind == "error":  # headers are gone: report it in the stream, as OpenAI does
+                    self._event(value.body())
+                    return
+                else:
+                    self._event(chunk({}, value.finish_reason))
+                    if request.include_usage:
+                        self._event({**chunk({}), "choices": [], "usage": _usage(value)})
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    return
+                event = self._next_event(job)
+        except CLIENT_GONE:
+            job.cancelled.set()  # stop generating for nobody
+            log.info("%s: client went away during the stream", job.label)
+
+    def _next_event(self, job: Any) -> tuple[str, Any]:
+        while True:
+            try:
+                return job.events.get(timeout=1.0)
+            except queue.Empty:
+                if not self.server.worker.is_alive():
+                    return "error", ApiError(503, "the model worker has stopped", type="server_error")
+
+    def _event(self, obj: Any) -> None:
+        self.wfile.write(b"data: " + encode_json(obj) + b"\n\n")
+        self.wfile.flush()
+
+    # ---------------------------------------------------------------------------------------- responses
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+        if self._unread:
+            self.close_connection = True  # the rest of the body would be read as the next request
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, obj: Any, headers: dict | None = None) -> None:
+        self._send(status, encode_json(obj), "application/json", headers)
+
+    def _send_error(self, error: ApiError) -> None:
+        headers = {"Allow": error.allowed} if isinstance(error, _MethodNotAllowed) else None
+        log.info("%s: %d %s", self.requestline, error.status, error.message)
+        try:
+            self._send_json(error.status, error.body(), headers)
+        except CLIENT_GONE:
+            self.close_connection = True
+
+    def _discard_unread_body(self) -> None:
+        """Read and drop what the client still sends of a refused body, so it sees our answer.
+
+        Closing a socket with unread data makes the kernel reset the connection, and a client still
+        sending would get "connection reset" instead of the 413. Bounded in time and bytes.
+        """
+        if not self._unread:
+            return
+        remaining, deadline = self._unread, time.monotonic() + 5.0
+        self._unread = 0
+        self.close_connection = True
+        try:
+            self.connection.settimeout(0.5)
+            while remaining > 0 and time.monotonic() < deadline:
+                data = self.rfile.read1(min(remaining, 1 << 16))
+                if not data:
+                    break
+                remaining -= len(data)
+        except (OSError, socket.timeout):
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+
+class _MethodNotAllowed(ApiError):
+    def __init__(self, allowed: str, method: str, path: str):
+        super().__init__(405, f"{method} is not allowed on {path}; use {allowed}", code="method_not_allowed")
+        self.allowed = allowed
+
+
+def _usage(result: Any) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}

@@ -1,0 +1,96 @@
+"""Image URLs from chat messages → RGB PIL images, with the checks a server exposed to clients needs.
+
+`data:` URLs (base64) are always accepted. Local files (`file://` URLs or plain paths) only when the server
+was started with `--allow-local-files`: otherwise any client could make the server read its files. Network
+URLs are refused: the server never fetches anything.
+
+The pixel count is read from the image header and checked before any pixel is decoded, so a small file
+that claims a huge canvas (a decompression bomb) costs nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import urllib.parse
+from typing import BinaryIO, Union
+
+from PIL import Image
+
+from owl_jax.serve.errors import ApiError
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message, code="invalid_image")
+
+
+def decode_data_url(url: str, name: str = "image") -> bytes:
+    """The bytes of a `data:[<mime>][;...];base64,<payload>` URL (ApiError 400 when malformed)."""
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise _bad(f"{name}: malformed data URL: no ',' between its header and its payload")
+    params = header[len("data:"):].split(";")
+    if "base64" not in (p.strip().lower() for p in params[1:]):
+        raise _bad(f"{name}: data URLs must be base64-encoded (data:image/png;base64,...)")
+    mime = params[0].strip().lower()
+    if mime and not mime.startswith("image/"):
+        raise _bad(f"{name}: data URL has media type {mime!r}; send an image (image/png, image/jpeg, ...)")
+    # Clients wrap long base64 lines or percent-encode the padding; both are harmless to undo.
+    payload = "".join(urllib.parse.unquote(payload).split())
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise _bad(f"{name}: malformed data URL: its payload is not valid base64 ({e})") from None
+
+
+def local_path(url: str, name: str = "image") -> str:
+    """The filesystem path of a `file://` URL or a plain path."""
+    if url.lower().startswith("file:"):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise _bad(f"{name}: file URL {url[:100]!r} names host {parsed.netloc!r}; only local files can be read")
+        return urllib.parse.unquote(parsed.path)
+    return url
+
+
+def open_image(source: Union[bytes, str], max_pixels: int, name: str = "image") -> Image.Image:
+    """Decode `source` (encoded bytes, or a file path) into an RGB image.
+
+    Raises ApiError 413 when the header says the image has more than `max_pixels` pixels (checked before
+    decoding), 400 when it cannot be read or decoded.
+    """
+    stream: Union[BinaryIO, str] = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with Image.open(stream) as im:
+            # Image.open parses only the header: refuse oversized images before their pixels are decoded.
+            if im.width * im.height > max_pixels:
+                raise ApiError(413, f"{name} is {im.width}x{im.height} = {im.width * im.height} pixels, more than "
+                                    f"the server's limit of {max_pixels}", code="image_too_large")
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # PIL's own, looser limit tripped inside Image.open
+        raise ApiError(413, f"{name} is too large: {e}", code="image_too_large") from None
+    except FileNotFoundError:
+        raise _bad(f"{name}: no such file {source!r}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise _bad(f"cannot decode {name}: {e}") from None
+
+
+def load_image_url(url: str, *, allow_local_files: bool, max_pixels: int, name: str = "image") -> Image.Image:
+    """An `image_url` from a chat message → RGB PIL image (ApiError for refused or unreadable images)."""
+    if not isinstance(url, str) or not url:
+        raise _bad(f"{name}: image_url must be a non-empty string")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return open_image(decode_data_url(url, name), max_pixels, name)
+    if scheme in ("http", "https", "ftp"):
+        raise _bad(f"{name}: this server does not fetch {scheme} URLs; send the image inline as a "
+                   "data:image/...;base64 URL")
+    # Windows drive letters ("C:\...") look like a one-letter scheme; anything else unknown is refused.
+    if scheme not in ("", "file") and not (len(scheme) == 1 and os.name == "nt"):
+        raise _bad(f"{name}: unsupported URL scheme {scheme!r}; send a data:image/...;base64 URL")
+    if not allow_local_files:
+        raise _bad(f"{name}: reading local files is disabled; send the image as a data: URL or start the server "
+                   "with --allow-local-files")
+    return open_image(local_path(url, name), max_pixels, name)

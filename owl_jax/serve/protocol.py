@@ -1,0 +1,194 @@
+"""OpenAI chat-completion requests → the released mPLUG-Owl template, images and decoding options.
+
+Messages map onto `build_conversation`: every user message becomes a turn whose images get `Human: <image>`
+lines before its question, the assistant message after it is that turn's answer, and the last message must
+come from the user (its answer is what the model writes). Consecutive messages of one role are merged
+(texts joined by newlines), so a client may send an image and its question as two user messages. System
+messages (before the first user message) replace the template's system sentence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Any, Callable, Optional
+
+from PIL import Image
+
+from owl_jax.data.prompts import IMAGE_MARKER, SYSTEM, build_conversation
+from owl_jax.inference.generate import GenerationConfig
+from owl_jax.serve.errors import ApiError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    """A validated request: the prompt in the released template, its images in prompt order, and options."""
+
+    prompt: str
+    images: list[Image.Image]
+    config: GenerationConfig
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: send a usage chunk before [DONE]
+    max_tokens_given: bool  # whether the client chose max_tokens (else the server's default may be shortened)
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _content_parts(content: Any, where: str) -> list[dict]:
+    """A message's content as a list of parts (a string is one text part)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        return content
+    raise _bad(f"{where}.content must be a string or a list of content parts, got {type(content).__name__}",
+               f"{where}.content")
+
+
+def _image_url(part: dict, where: str) -> str:
+    value = part.get("image_url")
+    if isinstance(value, dict):  # the OpenAI form {"url": ..., "detail": ...}
+        value = value.get("url")
+    if not isinstance(value, str) or not value:
+        raise _bad(f"{where}.image_url must be a URL string or {{\"url\": ...}}", f"{where}.image_url")
+    return value
+
+
+def _split_message(message: Any, where: str) -> tuple[str, str, list[str]]:
+    """`(role, text, image urls)` of one message."""
+    if not isinstance(message, dict):
+        raise _bad(f"{where} must be an object with 'role' and 'content'", where)
+    role = message.get("role")
+    if role not in ROLES:
+        raise _bad(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", f"{where}.role")
+    if "content" not in message:
+        raise _bad(f"{where} has no content", f"{where}.content")
+    texts, urls = [], []
+    for j, part in enumerate(_content_parts(message["content"], where)):
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"{where}.content[{j}].text must be a string", f"{where}.content")
+            texts.append(part["text"])
+        elif kind == "image_url":
+            if role != "user":
+                raise _bad(f"{where}: only user messages may contain images", f"{where}.content")
+            urls.append(_image_url(part, f"{where}.content[{j}]"))
+        else:
+            raise _bad(f"{where}.content[{j}] has unsupported type {kind!r}; use 'text' or 'image_url'",
+                       f"{where}.content")
+    text = "\n".join(t.strip() for t in texts if t.strip())
+    if IMAGE_MARKER in text:
+        raise _bad(f"{where} contains the text {IMAGE_MARKER!r}, which is reserved for images; send images as "
+                   "image_url parts", f"{where}.content")
+    return role, text, urls
+
+
+def parse_messages(messages: Any) -> tuple[str, list[tuple[list[str], str, Optional[str]]]]:
+    """`(system sentence, turns)` where each turn is `(image urls, question, answer or None)`."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list of messages", "messages")
+    system: list[str] = []
+    turns: list[list] = []  # [urls, question, answer]
+    previous = None
+    for i, message in enumerate(messages):
+        role, text, urls = _split_message(message, f"messages[{i}]")
+        if role == "system":
+            if turns:
+                raise _bad(f"messages[{i}]: system messages must come before the conversation", "messages")
+            system.append(text)
+        elif role == "user":
+            if previous == "user":  # e.g. an image message followed by its question
+                turns[-1][0] += urls
+                turns[-1][1] = "\n".join(t for t in (turns[-1][1], text) if t)
+            else:
+                turns.append([list(urls), text, None])
+        else:
+            if not turns:
+                raise _bad(f"messages[{i}]: an assistant message must follow a user message", "messages")
+            turns[-1][2] = text if previous != "assistant" else "\n".join(t for t in (turns[-1][2], text) if t)
+        previous = role
+    if previous != "user":
+        raise _bad("the last message must come from the user (the model answers it)", "messages")
+    for i, (urls, question, _) in enumerate(turns):
+        if not urls and not question:
+            raise _bad(f"user turn {i} has neither text nor images", "messages")
+    text = "\n".join(s for s in system if s)
+    return (text if system else SYSTEM), [(u, q, a) for u, q, a in turns]
+
+
+def _number(body: dict, key: str, default: Any, kind: type, check: Callable[[Any], bool], rule: str) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    # bool is an int in Python, but `"temperature": true` is a client bug worth reporting.
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or (kind is float and not math.isfinite(value)) or not check(value):
+        raise _bad(f"'{key}' must be {rule}; got {value!r}", key)
+    return kind(value)
+
+
+def parse_options(body: dict, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+                  bos_token_id: int) -> tuple[GenerationConfig, bool, bool, bool]:
+    """`(config, stream, include_usage, max_tokens_given)` from a request body.
+
+    `temperature` 0 decodes greedily (top_p/top_k are then ignored); without `seed` sampling draws a random one.
+    """
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    limit = max_new_tokens
+    tokens = _number(body, key, None, int, lambda v: 1 <= v <= limit, f"an integer from 1 to {limit} (the "
+                     "server's --max-new-tokens)")
+    temperature = _number(body, "temperature", 1.0, float, lambda v: v >= 0, "a number >= 0")
+    top_p = _number(body, "top_p", 1.0, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    top_k = _number(body, "top_k", 0, int, lambda v: v >= 0, "an integer >= 0 (0: no top-k)")
+    seed = _number(body, "seed", None, int, lambda v: 0 <= v < 2 ** 63, "a non-negative integer")
+    _number(body, "n", 1, int, lambda v: v == 1, "1 (one choice per request)")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad(f"'stream' must be true or false; got {stream!r}", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    if body.get("stop") not in (None, [], ""):
+        raise _bad("'stop' sequences are not supported by this server", "stop")
+    sample = temperature > 0
+    if seed is None:
+        seed = random.SystemRandom().randrange(2 ** 31) if sample else 0
+    config = GenerationConfig(max_new_tokens=tokens or max_new_tokens, do_sample=sample,
+                              temperature=temperature if sample else 1.0, top_k=top_k if sample else 0,
+                              top_p=top_p if sample else 1.0, seed=seed, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id, bos_token_id=bos_token_id)
+    return config, stream, bool(options.get("include_usage")), tokens is not None
+
+
+def parse_chat_request(body: Any, *, model_name: str, load_image: Callable[[str, str], Image.Image],
+                       max_new_tokens: int, eos_token_id: int, pad_token_id: int, bos_token_id: int) -> ChatRequest:
+    """Validate a `/v1/chat/completions` body; ApiError for anything the server cannot serve.
+
+    Args:
+      load_image: `(url, name) → RGB image`, raising ApiError for refused or unreadable images.
+    """
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
+                       code="model_not_found", param="model")
+    system, turns = parse_messages(body.get("messages"))
+    config, stream, include_usage, given = parse_options(
+        body, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id)
+    images, layout = [], []
+    for urls, question, answer in turns:
+        for url in urls:
+            images.append(load_image(url, f"image {len(images) + 1}"))
+        layout.append((len(urls), question, answer))
+    try:
+        prompt = build_conversation(layout, system)
+    except ValueError as e:  # e.g. an "<image>" marker in the system text
+        raise _bad(str(e), "messages") from None
+    return ChatRequest(prompt, images, config, stream, include_usage, given)

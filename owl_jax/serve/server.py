@@ -1,0 +1,134 @@
+"""An OpenAI-compatible HTTP server for mPLUG-Owl, on the standard library only.
+
+    server = make_server(model, processor, port=8000)
+    server.serve_forever()          # or in a thread; server.shutdown() stops it (from another thread)
+
+Endpoints: `POST /v1/chat/completions` (JSON, or server-sent events with `"stream": true`), `GET /v1/models`,
+`GET /health` and `GET /` (a chat page). Handler threads parse, validate and tokenize; one `ModelWorker`
+thread runs the model, one request at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from http.server import ThreadingHTTPServer
+from typing import Any, Optional
+
+import numpy as np
+
+from owl_jax.inference.generate import Generator
+from owl_jax.serve.errors import ApiError
+from owl_jax.serve.handler import Handler
+from owl_jax.serve.images import load_image_url
+from owl_jax.serve.protocol import parse_chat_request
+from owl_jax.serve.worker import Job, ModelWorker, ServingGenerator
+
+log = logging.getLogger("owl_jax.serve")
+DEFAULT_MODEL_NAME = "mplug-owl"
+
+
+class OwlServer(ThreadingHTTPServer):
+    """The HTTP server plus the model worker thread; build it with `make_server`.
+
+    Attributes:
+      model_name: the id `/v1/models` lists and requests may name.
+      allow_local_files: whether `image_url` may name files on this machine.
+      max_body_bytes, max_image_pixels, max_new_tokens: the limits requests are checked against.
+      context_length: prompt + answer tokens the model takes (`max_position_embeddings`).
+    """
+
+    daemon_threads = True  # a slow client never blocks shutdown
+
+    def __init__(self, address: tuple[str, int], model: Any, processor: Any, *, generator: Optional[Generator] = None,
+                 model_name: str = DEFAULT_MODEL_NAME, allow_local_files: bool = False,
+                 max_body_bytes: int = 20 * 2 ** 20, max_image_pixels: Optional[int] = None,
+                 max_new_tokens: int = 512):
+        if processor is None:
+            raise ValueError("the server needs the model's processor (a checkpoint folder with tokenizer.model)")
+        if max_new_tokens < 1 or max_body_bytes < 1:
+            raise ValueError("max_new_tokens and max_body_bytes must be positive")
+        # The generator first: if building it fails, no socket has been bound yet.
+        self.generator = generator or ServingGenerator(model)
+        super().__init__(address, Handler)
+        self.model, self.processor = model, processor
+        self.model_name, self.allow_local_files = model_name, allow_local_files
+        self.max_body_bytes, self.max_new_tokens = int(max_body_bytes), int(max_new_tokens)
+        self.max_image_pixels = int(max_image_pixels or processor.max_image_pixels)
+        self.context_length = int(model.config.text.max_position_embeddings)
+        self.created = int(time.time())
+        # The processor's tokenizer is shared by handler threads (encoding) and the worker (decoding).
+        self.tokenizer_lock = threading.Lock()
+        self.worker = ModelWorker(self.generator, self._decode)
+        self.worker.start()
+
+    @property
+    def url(self) -> str:
+        """`http://host:port` the server listens on (the real port when it was started on port 0)."""
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` (call it from another thread) and the model worker."""
+        super().shutdown()
+        self.worker.stop()
+
+    def server_close(self) -> None:
+        """Close the listening socket and stop the model worker."""
+        super().server_close()
+        self.worker.stop()
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.processor.decode(ids)
+
+    def load_image(self, url: str, name: str):
+        """An `image_url` → RGB image under this server's rules (ApiError otherwise)."""
+        return load_image_url(url, allow_local_files=self.allow_local_files, max_pixels=self.max_image_pixels,
+                              name=name)
+
+    def prepare(self, body: Any) -> tuple[Any, Job]:
+        """Validate a chat-completion body and build its `Job` (ApiError for requests that cannot be served)."""
+        p = self.processor
+        request = parse_chat_request(body, model_name=self.model_name, load_image=self.load_image,
+                                     max_new_tokens=self.max_new_tokens, eos_token_id=p.eos_token_id,
+                                     pad_token_id=p.pad_token_id, bos_token_id=p.bos_token_id)
+        with self.tokenizer_lock:
+            ids = p.encode_prompt(request.prompt)
+        room = self.context_length - len(ids)
+        config = request.config
+        if room < 1 or (request.max_tokens_given and config.max_new_tokens > room):
+            want = f" + {config.max_new_tokens} max_tokens" if request.max_tokens_given else ""
+            raise ApiError(400, f"the conversation is {len(ids)} tokens ({len(request.images)} images of "
+                                f"{p.image_tokens} tokens each){want}, more than the model's context of "
+                                f"{self.context_length} tokens; shorten it or lower max_tokens",
+                           code="context_length_exceeded", param="messages")
+        if config.max_new_tokens > room:  # the server's default length, shortened to fit the context
+            config = dataclasses.replace(config, max_new_tokens=room)
+        job = Job(np.asarray([ids], np.int32), p.preprocess_images(request.images), config,
+                  label=f"chatcmpl-{uuid.uuid4().hex[:24]}")
+        return request, job
+
+    def models(self) -> dict:
+        """The `/v1/models` listing."""
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "owl_jax"}
+
+
+def make_server(model: Any, processor: Any, *, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> OwlServer:
+    """An `OwlServer` bound to `host:port` (port 0: any free port, see `server.url`), not yet serving.
+
+    Args:
+      model, processor: from `owl_jax.from_pretrained`.
+      options: `OwlServer` keywords: `model_name`, `allow_local_files`, `max_body_bytes`, `max_image_pixels`
+        (default: the processor's), `max_new_tokens` (default and ceiling of `max_tokens`), `generator`.
+
+    Call `serve_forever()` (e.g. in a thread), then `shutdown()` and `server_close()` to stop.
+    """
+    return OwlServer((host, port), model, processor, **options)
+

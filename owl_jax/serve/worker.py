@@ -1,0 +1,192 @@
+"""The thread that owns the model: requests run one at a time, their text streamed back through queues.
+
+HTTP handler threads validate and tokenize a request, then hand a `Job` to the `ModelWorker`; the worker
+runs a fresh `Generator.generate` for it (its own KV cache, never shared between requests) and puts events
+on the job's own queue: `("delta", text)` per decoded piece, then `("done", Result)` or `("error", ApiError)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from owl_jax.inference.generate import GenerationConfig, Generator
+from owl_jax.serve.errors import ApiError
+
+log = logging.getLogger("owl_jax.serve")
+
+
+class TextStream:
+    """Turns generated ids into text pieces whose concatenation is the answer, stripped of outer whitespace.
+
+    Every step re-decodes the whole answer (SentencePiece spacing depends on the neighbouring pieces) and
+    sends what was added. Whitespace at the end is held back until more text follows (so the answer's
+    trailing space or newline is never sent), and so is an unfinished UTF-8 character that byte-fallback
+    pieces have only partly produced (it decodes as U+FFFD until its last byte arrives).
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], eos_token_id: int):
+        self.decode, self.eos_token_id = decode, eos_token_id
+        self.ids: list[int] = []
+        self.text = ""  # everything sent so far
+
+    def push(self, token: int) -> str:
+        """Add one generated id; returns the new text to send (often "")."""
+        if token == self.eos_token_id:
+            return ""
+        self.ids.append(int(token))
+        return self._advance(self.decode(self.ids).strip().rstrip("\ufffd").rstrip())
+
+    def finish(self) -> str:
+        """The text still held back once generation has ended."""
+        return self._advance(self.decode(self.ids).strip())
+
+    def _advance(self, text: str) -> str:
+        # Sent text cannot be taken back; in the (unusual) case that re-decoding changed earlier characters
+        # nothing more is sent until the text continues what was sent, so the pieces always add up.
+        if not text.startswith(self.text):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+
+@dataclasses.dataclass
+class Result:
+    """How a finished generation ended."""
+
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclasses.dataclass
+class Job:
+    """One request for the worker: a single prompt's ids `(1, L)`, its images `(N, 3, S, S)` and options."""
+
+    input_ids: np.ndarray
+    pixel_values: np.ndarray
+    config: GenerationConfig
+    label: str = ""  # names the request in the log
+    events: "queue.Queue[tuple[str, object]]" = dataclasses.field(default_factory=queue.Queue)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class ServingGenerator(Generator):
+    """A `Generator` whose token-selection step compiles once per kind of decoding, not once per request.
+
+    `Generator` jits `select_tokens` with the whole `GenerationConfig` as a static argument, so every new
+    `seed` or `max_new_tokens` would compile it again and keep the executable forever: a server drawing a
+    random seed per request would grow without bound. `select_tokens` reads neither field (the seed only
+    seeds the key that `decode_loop` passes in), so they are fixed before the call.
+    """
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        select = self.select
+
+        def select_normalized(logits, step, history, history_len, key, cfg: GenerationConfig):
+            cfg = dataclasses.replace(cfg, seed=0, max_new_tokens=max(1, cfg.min_new_tokens))
+            return select(logits, step, history, history_len, key, cfg)
+
+        self.select = select_normalized
+
+
+class _Cancelled(Exception):
+    """Raised from the stream callback to abandon a generation whose client went away."""
+
+
+class ModelWorker(threading.Thread):
+    """Runs jobs from a queue, one at a time, on one `Generator`.
+
+    Args:
+      generator: the model's generator (only this thread calls it).
+      decode: ids → text (the processor's `decode`; the caller serializes it with tokenizer use elsewhere).
+    """
+
+    def __init__(self, generator: Generator, decode: Callable[[list[int]], str]):
+        super().__init__(name="owl-model-worker", daemon=True)
+        self.generator, self.decode = generator, decode
+        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.current: Optional[Job] = None
+        self._stopping = threading.Event()
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; its events will arrive on `job.events`."""
+        if self._stopping.is_set() or not self.is_alive():
+            raise ApiError(503, "the server is shutting down", type="server_error")
+        self.jobs.put(job)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the running job early, refuse the queued ones and end the thread."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        current = self.current
+        if current is not None:
+            current.cancelled.set()
+        self.jobs.put(None)
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                break
+            if self._stopping.is_set():
+                job.events.put(("error", ApiError(503, "the server is shutting down", type="server_error")))
+                continue
+            self.current = job
+            try:
+                self._run(job)
+            finally:
+                self.current = None
+        while True:  # anything still queued at shutdown gets an answer instead of waiting forever
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.events.put(("error", ApiError(503, "the server is shutting down", type="server_error")))
+
+    def _run(self, job: Job) -> None:
+        cfg = job.config
+        text = TextStream(self.decode, cfg.eos_token_id)
+
+        def on_token(step: int, tokens: np.ndarray, finished: np.ndarray) -> None:
+            if job.cancelled.is_set():
+                raise _Cancelled
+            piece = text.push(int(tokens[0]))
+            if piece:
+                job.events.put(("delta", piece))
+
+        start = time.perf_counter()
+        try:
+            out = self.generator.generate(job.input_ids, None, job.pixel_values, cfg, stream=on_token)
+        except _Cancelled:
+            log.info("%s cancelled (client gone or server stopping)", job.label)
+            job.events.put(("error", ApiError(503, "the request was cancelled", type="server_error")))
+            return
+        except ValueError as e:  # inputs the model cannot take (validated earlier, so rare)
+            job.events.put(("error", ApiError(400, str(e))))
+            return
+        except Exception as e:  # keep the worker alive for the next request
+            log.exception("%s failed", job.label)
+            job.events.put(("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+            return
+        rest = text.finish()
+        if rest:
+            job.events.put(("delta", rest))
+        seconds = time.perf_counter() - start
+        tokens = out.tokens[0]
+        result = Result("stop" if out.finished[0] else "length", int(out.prompt_lengths[0]), len(tokens))
+        log.info("%s: %d prompt tokens, %d images, %d new tokens in %.2f s (%.1f tokens/s), finish %s", job.label,
+                 result.prompt_tokens, len(job.pixel_values), result.completion_tokens, seconds,
+                 result.completion_tokens / max(seconds, 1e-9), result.finish_reason)
+        job.events.put(("done", result))
