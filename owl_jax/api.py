@@ -15,7 +15,7 @@ from owl_jax.modeling import Owl
 def from_pretrained(path: str | os.PathLike, dtype: str = "float32", lora: str | os.PathLike | None = None, *,
                     param_dtype: str | None = None, merge_lora: bool = False, lora_alpha: float | None = None,
                     mesh: jax.sharding.Mesh | None = None, scan_layers: bool = True, remat_policy: str = "none",
-                    show_progress: bool = True) -> tuple[Owl, Any]:
+                    attention_impl: str = "auto", show_progress: bool = True) -> tuple[Owl, Any]:
     """Load mPLUG-Owl for inference or further training.
 
     Args:
@@ -29,13 +29,15 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32", lora: str |
       lora_alpha: adapter alpha when the source has no `adapter_config.json`.
       mesh: a `(data, fsdp, tensor)` mesh (`owl_jax.sharding.make_mesh`); each tensor goes straight onto
         its shards. Default: the first device.
+      scan_layers, remat_policy, attention_impl: how to run the layers (`OwlConfig`'s fields of those names).
 
     Returns:
       `(model, processor)`; `processor` is None when the folder holds no `tokenizer.model`.
     """
     path = os.fspath(path)
     param_dtype = param_dtype or dtype
-    runtime = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy)
+    runtime = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy,
+                   attention_impl=attention_impl)
     loaded = load_checkpoint(path, weights_dtype=param_dtype, lora=None if lora is None else os.fspath(lora),
                              merge_lora=merge_lora, lora_alpha=lora_alpha, mesh=mesh, show_progress=show_progress,
                              runtime=runtime)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "silu")
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn")  # see owl_jax.modeling._attention
 
 
 class ConfigError(ValueError):
@@ -166,7 +167,7 @@ class OwlConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # "xla" (reference), "jax", "cudnn"; "auto": cuDNN on GPU in bf16/fp16
 
     @property
     def image_tokens(self) -> int:
@@ -194,6 +195,8 @@ class OwlConfig:
             (self.dtype in _DTYPES, f"dtype {self.dtype!r} is not one of {_DTYPES}"),
             (self.param_dtype in _DTYPES, f"param_dtype {self.param_dtype!r} is not one of {_DTYPES}"),
             (self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"),
+            (self.attention_impl in ATTENTION_IMPLS,
+             f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -34,11 +34,12 @@ def loss_mask(reference) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def load_fixture_model(folder: str = "checkpoint", dtype: str = "float32", lora: str | None = None,
-                       merge_lora: bool = False, scan_layers: bool = True):
+                       merge_lora: bool = False, scan_layers: bool = True, attention_impl: str = "auto"):
     import owl_jax
 
     model, _ = owl_jax.from_pretrained(FIXTURE / folder, dtype=dtype, lora=None if lora is None else FIXTURE / lora,
-                                       merge_lora=merge_lora, scan_layers=scan_layers, show_progress=False)
+                                       merge_lora=merge_lora, scan_layers=scan_layers, attention_impl=attention_impl,
+                                       show_progress=False)
     return model
 
 

@@ -89,3 +89,34 @@ class _no_warning:
 
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
+
+
+@pytest.mark.parametrize("impl", ["xla", "jax"])
+def test_attention_implementations_match_the_reference(impl, reference):
+    """Every implementation that can run here reproduces the released model (the fused cuDNN kernel is
+    the same call as "jax" with another backend and runs only on a GPU)."""
+    model = load_fixture_model("checkpoint", attention_impl=impl)
+    logits = model(reference["pixel_values"], reference["input_ids"], reference["attention_mask"])
+    np.testing.assert_allclose(logits, reference["logits"], atol=ATOL, rtol=0)
+
+
+def test_attention_jax_path_with_grouped_heads_and_masks():
+    import jax
+    import jax.numpy as jnp
+
+    from owl_jax.modeling._attention import dot_product_attention
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 5, 6, 8))
+    k = jax.random.normal(keys[1], (2, 7, 2, 8))  # 3 query heads per key/value head
+    v = jax.random.normal(keys[2], (2, 7, 2, 8))
+    mask = jnp.tril(jnp.ones((5, 7), bool), k=2)[None] & (jnp.arange(7) < jnp.array([[7], [4]]))[:, None, :]
+    ref = dot_product_attention(q, k, v, scale=8 ** -0.5, mask=mask, implementation="xla")
+    out = dot_product_attention(q, k, v, scale=8 ** -0.5, mask=mask, implementation="jax")
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    assert dot_product_attention(q, k, v, scale=1.0, implementation="auto").shape == q.shape  # xla off a GPU
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            dot_product_attention(q, k, v, scale=1.0, implementation="cudnn")
+    with pytest.raises(ValueError, match="not one of"):
+        dot_product_attention(q, k, v, scale=1.0, implementation="flash")

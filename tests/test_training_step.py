@@ -151,3 +151,18 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert abs(results[0][0] - results[1][0]) < 1e-6
     for p, v in results[0][1].items():
         np.testing.assert_allclose(results[1][1][p], v, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_chunked_cross_entropy_gives_the_same_steps(stage):
+    """Chunks of 5 positions (the last one padded) give the losses and parameters of the full logits."""
+    cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0) if stage == "stage2" else None)
+    params = adapt_params(tiny_params(cfg), cfg, None, seed=0)
+    results = []
+    for chunk in (0, 5):
+        trainer = Trainer(cfg, stage=stage, mesh=one_device_mesh(), optim=OPTIM, total_steps=10, loss_chunk=chunk)
+        results.append(run_steps(trainer, params))
+    (_, _, full, full_losses), (_, _, chunked, chunked_losses) = results
+    np.testing.assert_allclose(chunked_losses, full_losses, rtol=1e-5)
+    for p in full:
+        np.testing.assert_allclose(chunked[p], full[p], atol=1e-5, rtol=0, err_msg="/".join(p))

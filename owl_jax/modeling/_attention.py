@@ -1,10 +1,18 @@
 """Attention math shared by the ViT, the abstractor and LLaMA, and LLaMA's rotary embedding.
 
-`dot_product_attention` is the XLA reference path: scores and softmax in float32, probabilities cast to
-the value dtype before the second matmul (what the released PyTorch code does in half precision).
+`dot_product_attention` runs one of several implementations (`OwlConfig.attention_impl`):
+
+- "xla": the reference path: scores and softmax in float32, probabilities cast to the value dtype before the
+  second matmul (what the released PyTorch code does in half precision);
+- "jax": `jax.nn.dot_product_attention` with its default (XLA) implementation;
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused attention (GPU, bf16/fp16);
+- "auto": "cudnn" on a GPU for half-precision inputs without attention dropout (falling back to "xla", with
+  a warning, where cuDNN refuses the shapes), "xla" everywhere else.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +22,25 @@ from owl_jax.modeling._layers import dropout
 Array = jax.Array
 
 
+ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn")
+_HALF = (jnp.bfloat16, jnp.float16)
+_warned: set[str] = set()
+
+
+def resolve_implementation(implementation: str, dtype, *, dropout: bool) -> str:
+    """The implementation "auto" stands for with these inputs (others are returned as given)."""
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLS}")
+    if implementation != "auto":
+        return implementation
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF and not dropout:
+        return "cudnn"
+    return "xla"
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None = None,
-                          dropout_rate: float = 0.0, dropout_key: Array | None = None) -> Array:
+                          dropout_rate: float = 0.0, dropout_key: Array | None = None,
+                          implementation: str = "xla") -> Array:
     """Multi-head attention with grouped key/value heads.
 
     Args:
@@ -25,9 +50,35 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: A
       mask: optional `(B, Lq, Lk)` boolean, True where a query may attend to a key.
       dropout_rate, dropout_key: dropout on the attention probabilities (training only).
 
+      implementation: see the module docstring.
+
     Returns:
       `(B, Lq, H, Dh)` in `q.dtype`.
     """
+    dropout_on = dropout_rate > 0 and dropout_key is not None
+    impl = resolve_implementation(implementation, q.dtype, dropout=dropout_on)
+    if impl != "xla":
+        if dropout_on:
+            raise ValueError(f"attention implementation {impl!r} has no attention dropout; use 'xla' or 'auto'")
+        if impl == "cudnn" and jax.default_backend() != "gpu":
+            raise ValueError(f"attention implementation 'cudnn' needs a GPU; this backend is {jax.default_backend()!r}")
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
+                                               implementation=None if impl == "jax" else "cudnn")
+            return out.astype(q.dtype)
+        except (NotImplementedError, ValueError, TypeError) as e:
+            if implementation != "auto":
+                raise
+            key = f"{q.shape}{k.shape}{q.dtype}"
+            if key not in _warned:
+                _warned.add(key)
+                logging.getLogger("owl_jax").warning("cuDNN attention refused q%s k%s (%s); using the XLA path",
+                                                     q.shape, k.shape, e)
+    return _reference_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
+
+
+def _reference_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None,
+                         dropout_rate: float, dropout_key: Array | None) -> Array:
     b, lq, h, dh = q.shape
     hkv = k.shape[2]
     groups = h // hkv

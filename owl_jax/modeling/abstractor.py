@@ -29,10 +29,11 @@ _TORCH_LAYER_NORM_EPS = 1e-5  # norm1, normk and norm2 are built without an eps 
 
 class AbstractorLayer(nnx.Module):
     def __init__(self, cfg: AbstractorConfig, *, stack: int, lora: LoRAConfig | None, dtype: str,
-                 param_dtype: str, rngs: nnx.Rngs):
+                 param_dtype: str, rngs: nnx.Rngs, attention_impl: str = "xla"):
         d, f = cfg.hidden_size, cfg.intermediate_size
         common = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm = dict(stack=stack, param_dtype=param_dtype)
+        self.attention_impl = attention_impl
         self.num_heads = cfg.num_heads
         self.dropout_rate = float(cfg.attention_dropout)
         self.norm1 = LayerNorm(d, eps=_TORCH_LAYER_NORM_EPS, **norm)
@@ -59,7 +60,8 @@ class AbstractorLayer(nnx.Module):
         heads = lambda t: t.reshape(n, t.shape[1], self.num_heads, hd)
         ctx = dot_product_attention(heads(self.query(q, keys[0])), heads(self.key(kv, keys[1])),
                                     heads(self.value(kv, keys[2])), scale=hd ** -0.5,
-                                    dropout_rate=self.dropout_rate, dropout_key=keys[3])
+                                    dropout_rate=self.dropout_rate, dropout_key=keys[3],
+                                    implementation=self.attention_impl)
         h = q + self.out_proj(ctx.reshape(n, nq, d), keys[4])
         m = self.norm2(h)
         gated = jax.nn.silu(self.w1(m, keys[5])) * self.w3(m, keys[6])
@@ -71,7 +73,7 @@ class Abstractor(nnx.Module):
 
     def __init__(self, cfg: AbstractorConfig, num_queries: int, llm_hidden: int, *, lora: LoRAConfig | None = None,
                  dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = True,
-                 remat_policy: str = "none", rngs: nnx.Rngs):
+                 remat_policy: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.scan_layers = scan_layers
@@ -82,7 +84,7 @@ class Abstractor(nnx.Module):
         self.query_tokens = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_queries, cfg.hidden_size), pdt),
                                       axes=(None, "queries", "vision_embed"))
         self.layers = AbstractorLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                      rngs=rngs)
+                                      rngs=rngs, attention_impl=attention_impl)
         self.visual_fc = Linear(cfg.hidden_size, llm_hidden, axes=("vision_embed", "embed"),
                                 hf_name=hf_module("abstractor/visual_fc"), lora=lora, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs)

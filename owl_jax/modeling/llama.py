@@ -36,8 +36,9 @@ class KVCache(NamedTuple):
 
 class LlamaLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, *, stack: int, lora: LoRAConfig | None, dtype: str, param_dtype: str,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention_impl: str = "xla"):
         d, hd = cfg.hidden_size, cfg.head_dim
+        self.attention_impl = attention_impl
         common = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=False)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.rope_theta = float(cfg.rope_theta)
@@ -76,7 +77,8 @@ class LlamaLayer(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
             new_cache = (k, v)
-        ctx = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask)
+        ctx = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask,
+                                    implementation=self.attention_impl)
         x = x + self.o_proj(ctx.reshape(b, length, self.num_heads * self.head_dim), keys[3])
         h = self.post_attention_layernorm(x)
         h = self.down_proj(jax.nn.silu(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
@@ -88,7 +90,7 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, cfg: TextConfig, *, lora: LoRAConfig | None = None, dtype: str = "float32",
                  param_dtype: str = "float32", scan_layers: bool = True, remat_policy: str = "none",
-                 rngs: nnx.Rngs):
+                 attention_impl: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.scan_layers = scan_layers
@@ -98,7 +100,8 @@ class LlamaModel(nnx.Module):
         # init gives image tokens, so text and image positions start on an equal footing in the residual.
         self.embed_tokens = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
                                       axes=("vocab", "embed"))
-        self.layers = LlamaLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = LlamaLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                 attention_impl=attention_impl)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if cfg.tie_word_embeddings:
             self.lm_head = None

@@ -104,7 +104,8 @@ class Owl(nnx.Module):
         config.validate()
         self.config = config
         run = dict(lora=config.lora, dtype=config.dtype, param_dtype=config.param_dtype,
-                   scan_layers=config.scan_layers, remat_policy=config.remat_policy, rngs=rngs)
+                   scan_layers=config.scan_layers, remat_policy=config.remat_policy,
+                   attention_impl=config.attention_impl, rngs=rngs)
         self.vision_model = VisionTower(config.vision, **run)
         self.abstractor = Abstractor(config.abstractor, config.num_query_tokens, config.text.hidden_size, **run)
         self.language_model = LlamaModel(config.text, **run)
@@ -134,8 +135,12 @@ class Owl(nnx.Module):
 
     def forward(self, pixel_values: Array | None, input_ids: Array, attention_mask: Array | None = None, *,
                 positions: Array | None = None, image_embeds: Array | None = None,
-                images_per_row: int | None = None, dropout_key: Array | None = None) -> Array:
+                images_per_row: int | None = None, dropout_key: Array | None = None,
+                return_hidden: bool = False) -> Array:
         """Traceable forward pass → float32 logits `(B, L, V)`; see `__call__`.
+
+        `return_hidden=True` returns the LLM's final hidden states `(B, L, D)` instead (before `lm_head`;
+        `language_model.logits` maps them to logits), for losses that never hold all logits at once.
 
         `image_embeds` (from `encode_images`) may be passed instead of `pixel_values`. With
         `images_per_row = M`, `pixel_values` holds M image slots per row (`(B·M, C, H, W)`, spare slots
@@ -153,7 +158,7 @@ class Owl(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         hidden, _ = self.language_model(embeds, positions, causal_padding_mask(jnp.asarray(attention_mask)),
                                         dropout_key=keys[1])
-        return self.language_model.logits(hidden)
+        return hidden if return_hidden else self.language_model.logits(hidden)
 
     def __call__(self, pixel_values: Array | None, input_ids: Array, attention_mask: Array | None = None) -> Array:
         """Logits `(B, L, vocab)` in float32.

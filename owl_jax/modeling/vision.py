@@ -39,10 +39,11 @@ class VisionLayer(nnx.Module):
     """One pre-LN transformer block; built with `stack=L` it holds all L layers."""
 
     def __init__(self, cfg: VisionConfig, *, stack: int, lora: LoRAConfig | None, dtype: str, param_dtype: str,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, attention_impl: str = "xla"):
         d, f = cfg.hidden_size, cfg.intermediate_size
         common = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads = cfg.num_heads
+        self.attention_impl = attention_impl
         self.act = cfg.hidden_act
         self.input_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, stack=stack, param_dtype=param_dtype)
         self.query_key_value = Linear(d, 3 * d, axes=("vision_embed", "qkv"),
@@ -58,7 +59,7 @@ class VisionLayer(nnx.Module):
         h = self.input_layernorm(x)
         qkv = self.query_key_value(h, keys[0]).reshape(n, t, self.num_heads, 3, d // self.num_heads)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-        ctx = dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5)
+        ctx = dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5, implementation=self.attention_impl)
         x = x + self.dense(ctx.reshape(n, t, d), keys[1])
         h = self.post_attention_layernorm(x)
         h = self.fc2(ACTIVATIONS[self.act](self.fc1(h, keys[2])), keys[3])
@@ -70,7 +71,7 @@ class VisionTower(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, lora: LoRAConfig | None = None, dtype: str = "float32",
                  param_dtype: str = "float32", scan_layers: bool = True, remat_policy: str = "none",
-                 rngs: nnx.Rngs):
+                 attention_impl: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.scan_layers = scan_layers
@@ -87,7 +88,7 @@ class VisionTower(nnx.Module):
                                             axes=(None, "positions", "vision_embed"))
         self.pre_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
         self.layers = VisionLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs)
+                                  rngs=rngs, attention_impl=attention_impl)
         self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, pixel_values: Array, dropout_key: Array | None = None) -> Array:

@@ -27,7 +27,7 @@ def lora_config(rank: int = 0, alpha: float = 32.0, dropout: float = 0.05,
 def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: ConfigDict,
                  grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
                  lora: ConfigDict | None = None, drop_images: bool = False, max_images: int = 0,
-                 eval_every: int = 0) -> ConfigDict:
+                 eval_every: int = 0, loss_chunk: int = 256) -> ConfigDict:
     """One stage.
 
     Args:
@@ -38,9 +38,12 @@ def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: Conf
       frozen_dtype: hold frozen parameters in this dtype (e.g. "bfloat16"); "" keeps them as loaded.
       drop_images: train on the conversations' text only.
       max_images: image slots per row in this stage (0: `data.max_images`); captions need one.
+      loss_chunk: sequence positions per chunk of the cross-entropy (0: the whole batch's logits at once);
+        chunks cut the step's temporaries (4 x 512 tokens, vocab 32000: 939 MiB unchunked, 473 MiB with 256,
+        347 MiB with 128) and were no slower.
     """
     return ConfigDict(dict(kind=kind, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-                           train_abstractor=train_abstractor, frozen_dtype=frozen_dtype,
+                           train_abstractor=train_abstractor, frozen_dtype=frozen_dtype, loss_chunk=loss_chunk,
                            lora=lora if lora is not None else lora_config(), optim=optim, eval_every=eval_every,
                            data=ConfigDict(dict(sources=tuple(tuple(group) for group in sources),
                                                 drop_images=drop_images, max_images=max_images))))
@@ -56,7 +59,7 @@ def base_config() -> ConfigDict:
         init="checkpoint",  # "checkpoint" (HF or converted folder) | "towers" (CLIP + LLaMA) | "random" (arch)
         checkpoint="", clip="", llama="", num_query_tokens=64,
         arch=ConfigDict(),  # MplugOwlConfig-layout dict, for init="random"
-        dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none"))
+        dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none", attention_impl="auto"))
     c.tokenizer = ""  # tokenizer.model; default: the one beside the checkpoint
     c.data = ConfigDict(dict(dir="", seq_len=512, max_images=1, augment=True, max_skip_fraction=0.01,
                              eval=()))

@@ -30,7 +30,8 @@ DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data"
 
 def model_config(config: ConfigDict) -> OwlConfig:
     m = config.model
-    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+                   attention_impl=m.get("attention_impl", "auto"))
     if m.init == "random":
         return OwlConfig.from_hf_config(m.arch.to_dict(), **runtime)
     if m.init == "checkpoint":
@@ -142,7 +143,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         cfg = base_cfg.replace(lora=lora)
         trainer = Trainer(cfg, stage=stage.kind, mesh=mesh, optim=stage.optim, total_steps=stage.steps,
                           grad_accum=stage.grad_accum, train_abstractor=stage.train_abstractor,
-                          frozen_dtype=stage.frozen_dtype)
+                          frozen_dtype=stage.frozen_dtype, loss_chunk=stage.get("loss_chunk", 0))
         carried = params
 
         def init_params(carried=carried, cfg=cfg):

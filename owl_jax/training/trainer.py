@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from owl_jax.checkpoint.hf_import import abstract_model, assemble, flat_shardings
 from owl_jax.checkpoint.native import flatten, nest
 from owl_jax.config import OwlConfig
-from owl_jax.modeling.loss import next_token_loss_sums
+from owl_jax.modeling.loss import chunked_next_token_loss_sums, next_token_loss_sums
 from owl_jax.sharding import use_mesh
 from owl_jax.training.optimizer import FROZEN, TRAIN, decay_mask, labels_for, learning_rate_schedule, make_optimizer
 
@@ -64,11 +64,16 @@ class Trainer:
       total_steps: optimizer steps of the stage (for the schedule).
       grad_accum: micro-batches per step.
       frozen_dtype: dtype to hold frozen parameters in ("" keeps them as loaded).
+      loss_chunk: positions per chunk of the cross-entropy (0: all logits at once); see
+        `chunked_next_token_loss_sums`.
     """
 
     def __init__(self, model_cfg: OwlConfig, *, stage: str, mesh: Mesh, optim: Any, total_steps: int,
                  grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
-                 max_consecutive_nonfinite: int = 5):
+                 max_consecutive_nonfinite: int = 5, loss_chunk: int = 0):
+        if loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0, got {loss_chunk}")
+        self.loss_chunk = int(loss_chunk)
         self.model_cfg, self.stage, self.mesh, self.grad_accum = model_cfg, stage, mesh, grad_accum
         self.graphdef, self.abstract = abstract_model(model_cfg)
         shapes = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(self.abstract)}
@@ -137,14 +142,21 @@ class Trainer:
         # dtype where it uses them, so no full-precision copy of a frozen tower is made.
         return assemble(self.graphdef, self.abstract, flatten(params))
 
-    def logits(self, params: dict, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
+    def logits(self, params: dict, batch: Batch, dropout_key: jax.Array | None, *, model: nnx.Module | None = None,
+               return_hidden: bool = False) -> jax.Array:
         b, m = batch["image_mask"].shape
         pixels = batch["pixel_values"].reshape(b * m, *batch["pixel_values"].shape[2:])
-        return self.model(params).forward(pixels, batch["input_ids"], batch["attention_mask"], images_per_row=m,
-                                          dropout_key=dropout_key)
+        model = model if model is not None else self.model(params)
+        return model.forward(pixels, batch["input_ids"], batch["attention_mask"], images_per_row=m,
+                             dropout_key=dropout_key, return_hidden=return_hidden)
 
     def loss_sums(self, params: dict, batch: Batch, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         mask = batch["loss_mask"] * (batch["skipped"] == 0)[:, None]
+        if self.loss_chunk and self.loss_chunk < batch["input_ids"].shape[1] - 1:
+            model = self.model(params)
+            hidden = self.logits(params, batch, dropout_key, model=model, return_hidden=True)
+            return chunked_next_token_loss_sums(hidden, model.language_model.logits, batch["input_ids"], mask,
+                                                chunk=self.loss_chunk)
         return next_token_loss_sums(self.logits(params, batch, dropout_key), batch["input_ids"], mask)
 
     # -- steps ------------------------------------------------------------------------------------
