@@ -138,3 +138,25 @@ def test_merge_with_fixed_image_slots_per_row():
     out = merge_image_embeddings(text, ids, images, images_per_row=2)[..., 0]
     # row 0 uses its slot 0 (image 0), row 1 none, row 2 its two slots (images 4 and 5)
     np.testing.assert_array_equal(out, [[0, 1, 2, 0, 0], [0, 0, 0, 0, 0], [9, 10, 0, 11, 12]])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_matmul_gradients_in_every_compute_dtype(dtype):
+    """The half-precision CPU matmul (physically transposed operands in the backward pass) has the
+    gradients of the plain matmul, up to rounding the incoming gradient to the compute dtype."""
+    from owl_jax.modeling._layers import matmul_f32
+
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 5, 24))
+    w = jax.random.normal(kw, (24, 40)) * 0.2
+    g = jax.random.normal(kg, (3, 5, 40))
+    dt = jnp.dtype(dtype)
+    ours = jax.grad(lambda x, w: jnp.sum(matmul_f32(x, w, dt) * g), argnums=(0, 1))(x, w)
+    xr, wr = x.astype(dt).astype(jnp.float32), w.astype(dt).astype(jnp.float32)  # the values really multiplied
+    gr = g.astype(dt).astype(jnp.float32)
+    dx, dw = gr @ wr.T, jnp.einsum("bli,blo->io", xr, gr)
+    tol = 3e-2 if dtype == "bfloat16" else 1e-5
+    assert ours[0].dtype == x.dtype and ours[1].dtype == w.dtype
+    np.testing.assert_allclose(ours[0], dx, rtol=tol, atol=tol * np.abs(dx).max())
+    np.testing.assert_allclose(ours[1], dw, rtol=tol, atol=tol * np.abs(dw).max())
+    np.testing.assert_allclose(matmul_f32(x, w, dt), xr @ wr, rtol=1e-5, atol=1e-4)

@@ -32,10 +32,56 @@ def _stacked(stack: int | None, shape: Sequence[int], axes: Sequence[str | None]
     return (stack, *shape), ("layers", *axes)
 
 
+def _row_major_transpose(a: Array) -> Array:
+    """`a.T` of a 2-D array as a real row-major copy. XLA folds a plain transpose into the dot that uses
+    it, and the CPU's fast bf16 GEMM path only takes untransposed operands (a folded transpose runs
+    ~2.5x slower); flattening behind an optimization barrier forces the copy, which costs one pass over
+    the operand."""
+    return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[1], a.shape[0])
+
+
+@jax.custom_vjp
+def _half_matmul_cpu(x: Array, w: Array) -> Array:
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def _half_matmul_cpu_fwd(x: Array, w: Array):
+    return _half_matmul_cpu(x, w), (x, w)
+
+
+def _half_matmul_cpu_bwd(res, g: Array):
+    x, w = res
+    g = g.astype(x.dtype)  # gradients in the compute dtype, as under torch.autocast
+    dx = jnp.matmul(g, _row_major_transpose(w), preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_half_matmul_cpu.defvjp(_half_matmul_cpu_fwd, _half_matmul_cpu_bwd)
+
+
+def _transposed_copies_pay(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu"
+
+
+def matmul_f32(x: Array, w: Array, dtype: jnp.dtype) -> Array:
+    """`x @ w` with inputs in `dtype`, accumulated and returned in float32.
+
+    On the CPU in bf16/fp16 the backward pass multiplies half-precision gradients by physically transposed
+    operands (see `_row_major_transpose`): a bf16 train step's matmuls then run on the fast GEMM path
+    (measured: 1.7x faster for a two-layer MLP step, 166 -> 286 GFLOP/s). Elsewhere this is a plain matmul.
+    """
+    x, w = x.astype(dtype), w.astype(dtype)
+    if _transposed_copies_pay(dtype):
+        lead = x.shape[:-1]
+        y = _half_matmul_cpu(x.reshape(-1, x.shape[-1]), w)
+        return y.reshape(*lead, w.shape[-1])
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
 def matmul(x: Array, w: Array, dtype: jnp.dtype) -> Array:
     """`x @ w` in `dtype` with float32 accumulation (faster and more accurate for bf16 than a bf16 output)."""
-    y = jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    return matmul_f32(x, w, dtype).astype(dtype)
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
@@ -113,13 +159,13 @@ class Linear(nnx.Module):
     def __call__(self, x: Array, dropout_key: Array | None = None, *, float32_output: bool = False) -> Array:
         """`(..., in)` → `(..., out)` in the compute dtype (float32 with `float32_output`)."""
         dt = dtype_of(self.dtype)
-        y = jnp.matmul(x.astype(dt), self.kernel[...].astype(dt), preferred_element_type=jnp.float32)
+        y = matmul_f32(x, self.kernel[...], dt)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         if self.lora_a is not None:
             h = dropout(x, self.lora_dropout, dropout_key)
             h = matmul(h, self.lora_a[...], dt)
-            y = y + self.lora_scale * jnp.matmul(h, self.lora_b[...].astype(dt), preferred_element_type=jnp.float32)
+            y = y + self.lora_scale * matmul_f32(h, self.lora_b[...], dt)
         return y if float32_output else y.astype(dt)
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from owl_jax.config import LoRAConfig, VisionConfig
 from owl_jax.modeling._attention import dot_product_attention
-from owl_jax.modeling._layers import ACTIVATIONS, LayerNorm, Linear, dtype_of
+from owl_jax.modeling._layers import ACTIVATIONS, LayerNorm, Linear, dtype_of, matmul
 from owl_jax.modeling._stack import apply_layers
 from owl_jax.modeling.hf_names import hf_module
 from owl_jax.sharding import constrain
@@ -98,7 +98,7 @@ class VisionTower(nnx.Module):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this model expects (N, "
                              f"{expected[0]}, {expected[1]}, {expected[2]}) (config image_size={cfg.image_size})")
         patches = patchify(pixel_values.astype(dt), cfg.patch_size)
-        x = jnp.matmul(patches, self.patch_embed[...].astype(dt), preferred_element_type=jnp.float32).astype(dt)
+        x = matmul(patches, self.patch_embed[...], dt)
         cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(dt)
         x = constrain(self.pre_layernorm(x), ("batch", "length", "act_embed"))
