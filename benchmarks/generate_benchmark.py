@@ -1,12 +1,17 @@
 #!/usr/bin/env python
 """Generation throughput: prefill tokens/s, decode tokens/s per batch size, time to first token.
 
-    python benchmarks/generate_benchmark.py [--checkpoint DIR] [--batch-sizes 1 8 32] [--prompt-len 128]
-        [--new-tokens 64] [--images-per-row 1] [--dtype float32|bfloat16] [--out results.json]
+    python benchmarks/generate_benchmark.py [--checkpoint DIR | --random-size tiny|1b|7b] [--batch-sizes 1 8 32]
+        [--prompt-len 128] [--new-tokens 64] [--images-per-row 1] [--dtype float32|bfloat16] [--out results.json]
 
-Default model: the tiny reference fixture. Each configuration is compiled first, then timed over
-`--repeats` runs (medians). Decoding runs with EOS disabled (min_new_tokens = new tokens), so every row
-produces every token.
+Default model: the tiny reference fixture; `--random-size` draws a model of that layout (see
+`train_benchmark.py`) with random weights on the device instead, in `--dtype` (parameters too). Each
+configuration is compiled first, then timed over `--repeats` runs (medians). Decoding runs with EOS disabled
+(min_new_tokens = new tokens), so every row produces every token.
+
+On a chip with a known memory bandwidth the table adds the decode roofline: a decode step must read every
+LLaMA weight and the KV cache once, so tokens/s cannot exceed batch × bandwidth / (weight bytes + cache
+bytes); the last column is the measured rate as a percentage of that bound.
 """
 
 from __future__ import annotations
@@ -56,9 +61,52 @@ def measure(generator, ids, mask, pixels, new_tokens: int):
     return {"ttft_s": marks["first"] - start, "decode_s": end - marks["first"], "total_s": end - start}
 
 
+# HBM bandwidth per chip, bytes/s, by `jax.Device.device_kind` substring.
+HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def bandwidth(kind: str):
+    return next((v for k, v in HBM_BANDWIDTH.items() if k.lower() in kind.lower()), None)
+
+
+def random_model(size: str, dtype: str):
+    """An `Owl` of the `size` layout with random weights drawn on the device in `dtype`."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from benchmarks.train_benchmark import model_config
+    from owl_jax.checkpoint.hf_import import abstract_model, assemble
+
+    class _Args:
+        remat, attention, lora_rank = "none", "auto", 8
+
+    _Args.dtype = dtype
+    cfg, _ = model_config(size, _Args)
+    cfg = cfg.replace(param_dtype=dtype)
+    graphdef, abstract = abstract_model(cfg)
+    flat = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(abstract)}
+
+    def draw(key):
+        out = {}
+        for i, (path, var) in enumerate(sorted(flat.items())):
+            value = var.get_value() if hasattr(var, "get_value") else var.value
+            if path[-1] == "scale":
+                out[path] = jnp.ones(value.shape, value.dtype)
+            elif path[-1] == "bias":
+                out[path] = jnp.zeros(value.shape, value.dtype)
+            else:
+                out[path] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), value.shape)).astype(value.dtype)
+        return out
+
+    return assemble(graphdef, abstract, jax.jit(draw)(jax.random.key(0)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=os.path.join(REPO, "tests", "fixtures", "mplug_owl_tiny", "checkpoint"))
+    parser.add_argument("--random-size", choices=["tiny", "1b", "7b"], default=None,
+                        help="random weights of this layout instead of --checkpoint")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -73,8 +121,18 @@ def main() -> None:
     import owl_jax
     from owl_jax.inference.generate import Generator
 
-    model, _ = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
+    if args.random_size:
+        model, name = random_model(args.random_size, args.dtype), f"random {args.random_size}"
+    else:
+        model, _ = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
+        name = os.path.basename(os.path.normpath(args.checkpoint))
     generator = Generator(model)
+    t = model.config.text
+    itemsize = np.dtype(args.dtype if args.dtype != "bfloat16" else np.float16).itemsize
+    llm_weights = t.num_layers * (2 * t.hidden_size ** 2 + 2 * t.hidden_size * t.num_kv_heads * t.head_dim
+                                  + 3 * t.hidden_size * t.intermediate_size) + t.hidden_size * t.vocab_size
+    weight_bytes = llm_weights * itemsize
+    hbm = bandwidth(jax.devices()[0].device_kind)
     rows = []
     for batch in args.batch_sizes:
         ids, mask, pixels = prompts(model.config, batch, args.prompt_len, args.images_per_row)
@@ -86,15 +144,24 @@ def main() -> None:
                      "ttft_ms": ttft * 1e3, "prefill_tok_s": batch * args.prompt_len / ttft,
                      "decode_tok_s": batch * (args.new_tokens - 1) / decode,
                      "decode_ms_per_step": decode / (args.new_tokens - 1) * 1e3})
+        # KV cache read per step at the mean context length of the decode phase.
+        context = args.prompt_len + args.new_tokens / 2
+        cache_bytes = 2 * t.num_layers * batch * context * t.num_kv_heads * t.head_dim * itemsize
+        bound = None if hbm is None else batch * hbm / (weight_bytes + cache_bytes)
+        rows[-1]["roofline_tok_s"] = bound
+        rows[-1]["roofline_pct"] = None if bound is None else 100 * rows[-1]["decode_tok_s"] / bound
     device = jax.devices()[0]
-    print(f"\nmodel {os.path.basename(os.path.normpath(args.checkpoint))} ({args.dtype}), {device.platform} "
+    print(f"\nmodel {name} ({args.dtype}), {device.platform} "
           f"{device.device_kind} x{jax.device_count()}; prompt {args.prompt_len} tokens with "
           f"{args.images_per_row} image(s) per row, {args.new_tokens} new tokens, median of {args.repeats}\n")
-    print("| batch | time to first token (ms) | prefill tokens/s | decode tokens/s | decode ms/step |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| batch | time to first token (ms) | prefill tokens/s | decode tokens/s | decode ms/step | "
+          "HBM roofline tokens/s | % of roofline |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        roof = "n/a" if r["roofline_tok_s"] is None else f"{r['roofline_tok_s']:.0f}"
+        pct = "n/a" if r["roofline_pct"] is None else f"{r['roofline_pct']:.1f}%"
         print(f"| {r['batch']} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
-              f"{r['decode_ms_per_step']:.2f} |")
+              f"{r['decode_ms_per_step']:.2f} | {roof} | {pct} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device.device_kind, "args": vars(args), "rows": rows}, f, indent=2)

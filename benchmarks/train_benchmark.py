@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Train-step throughput: stage 1 and stage 2 (LoRA) at a chosen size, with random weights.
+
+    python benchmarks/train_benchmark.py [--size tiny|1b|7b] [--stages stage1 stage2] [--rows 8]
+        [--seq-len 1024] [--images-per-row 1] [--dtype bfloat16|float32] [--frozen-dtype bfloat16]
+        [--remat none|full|dots|dots_with_no_batch_dims] [--loss-chunk 256] [--attention auto|xla|jax|cudnn]
+        [--steps 5] [--warmup 2] [--json out.json]
+
+Weights are drawn on the device in the dtypes the stage holds them in (`--frozen-dtype` for frozen
+towers), so the 7B layout needs no host copy. Each stage is compiled, run `--warmup` times, then timed
+over `--steps` steps (median). Reported per stage: step time, tokens/s and images/s (whole step, all
+devices), model FLOPs per step by `owl_jax.training.flops.train_step_flops` (causal attention counted
+half), MFU against the chip's dense bf16 peak (`--peak-tflops` overrides; n/a on the CPU), and memory:
+the device's peak bytes in use where it reports them (GPU, TPU), else the compiled step's footprint
+(arguments + temporaries, from XLA's memory analysis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+OPTIM = dict(lr=1e-4, end_lr=0.0, warmup_steps=10, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.1, clip_norm=1.0)
+
+
+def model_config(size: str, args):
+    from owl_jax.config import AbstractorConfig, LoRAConfig, OwlConfig, TextConfig, VisionConfig
+
+    if size == "7b":
+        from configs.mplug_owl_llama_7b import get_config
+
+        cfg = get_config()
+    elif size == "1b":  # ViT-L/14 and the 7B abstractor in front of a 1.1B LLaMA (TinyLlama-like widths)
+        from configs.mplug_owl_llama_7b import get_config
+
+        cfg = get_config().replace(text=TextConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                                   num_layers=22, num_heads=32, num_kv_heads=32))
+    elif size == "tiny":
+        cfg = OwlConfig(
+            vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, image_size=112,
+                                patch_size=14),
+            abstractor=AbstractorConfig(hidden_size=256, intermediate_size=704, num_layers=2, num_heads=4,
+                                        encoder_hidden_size=256),
+            text=TextConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8,
+                            num_kv_heads=8),
+            num_query_tokens=32)
+    else:
+        raise SystemExit(f"unknown --size {size!r}")
+    # Dropout off: the benchmark measures the model's work, not random-mask generation.
+    cfg = cfg.replace(abstractor=cfg.abstractor.__class__(**{**cfg.abstractor.__dict__, "attention_dropout": 0.0}),
+                      dtype=args.dtype, param_dtype="float32", remat_policy=args.remat,
+                      attention_impl=args.attention)
+    return cfg.validate(), LoRAConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.0)
+
+
+def random_params(trainer, seed: int):
+    """Every leaf of the stage's state, drawn on its devices in its dtype and sharding."""
+    import jax
+    import jax.numpy as jnp
+
+    from owl_jax.checkpoint.native import flatten, nest
+
+    abstract = flatten(trainer.abstract_state().params)
+    paths = sorted(abstract)
+
+    def draw(key):
+        out = {}
+        for i, path in enumerate(paths):
+            spec = abstract[path]
+            if path[-1] in ("scale",):
+                out[path] = jnp.ones(spec.shape, spec.dtype)
+            elif path[-1] in ("bias", "lora_b"):
+                out[path] = jnp.zeros(spec.shape, spec.dtype)
+            else:
+                out[path] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), spec.shape, jnp.float32)).astype(spec.dtype)
+        return out
+
+    shardings = {p: abstract[p].sharding for p in paths}
+    return nest(jax.jit(draw, out_shardings=shardings)(jax.random.key(seed)))
+
+
+def batch_for(cfg, rows: int, seq_len: int, images_per_row: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, cfg.text.vocab_size, size=(rows, seq_len)).astype(np.int32)
+    ids[:, 0] = 1
+    t = cfg.image_tokens
+    for k in range(images_per_row):
+        start = 2 + k * (t + 2)
+        if start + t >= seq_len // 2:
+            raise SystemExit(f"--seq-len {seq_len} is too short for {images_per_row} images of {t} tokens")
+        ids[:, start:start + t] = -1
+    loss_mask = np.zeros((rows, seq_len - 1), np.int32)
+    loss_mask[:, seq_len // 2:] = 1
+    v = cfg.vision
+    return {"input_ids": ids, "attention_mask": np.ones((rows, seq_len), np.int32), "loss_mask": loss_mask,
+            "pixel_values": rng.normal(size=(rows, images_per_row, v.num_channels, v.image_size, v.image_size)
+                                       ).astype(np.float32),
+            "image_mask": np.ones((rows, images_per_row), np.int32), "skipped": np.zeros(rows, np.int32)}
+
+
+def device_peak_bytes():
+    import jax
+
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    peaks = [s.get("peak_bytes_in_use") for s in stats]
+    return max(peaks) if peaks and all(p is not None for p in peaks) else None
+
+
+def run_stage(stage: str, cfg, lora, args, mesh) -> dict:
+    import jax
+
+    from owl_jax.training.flops import peak_flops, train_step_flops
+    from owl_jax.training.trainer import Trainer
+
+    stage_cfg = cfg.replace(lora=lora) if stage == "stage2" else cfg
+    trainer = Trainer(stage_cfg, stage=stage, mesh=mesh, optim=OPTIM, total_steps=1000,
+                      frozen_dtype=args.frozen_dtype, loss_chunk=args.loss_chunk)
+    t0 = time.perf_counter()
+    state = trainer.init_state(random_params(trainer, args.seed), seed=args.seed)
+    init_s = time.perf_counter() - t0
+    batch = trainer.global_batch(batch_for(stage_cfg, args.rows, args.seq_len, args.images_per_row))
+    t0 = time.perf_counter()
+    compiled = jax.jit(trainer._step).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    analysis = compiled.memory_analysis()
+    footprint = None if analysis is None else analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+    for _ in range(args.warmup):
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    images = args.rows * args.images_per_row
+    flops = train_step_flops(stage_cfg, stage, rows=args.rows, seq_len=args.seq_len, images=images)
+    kind = jax.devices()[0].device_kind
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(kind)
+    peak_total = None if peak is None else peak * jax.device_count()
+    return {"stage": stage, "step_s": step, "steps": times, "tokens_per_s": args.rows * args.seq_len / step,
+            "images_per_s": images / step, "tflops_per_step": flops / 1e12,
+            "tflops_per_s_per_chip": flops / step / 1e12 / jax.device_count(),
+            "mfu": None if peak_total is None else flops / step / peak_total,
+            "peak_bytes": device_peak_bytes(), "compiled_footprint_bytes": footprint,
+            "loss": float(metrics["loss"]), "trainable": trainer.num_trainable, "frozen": trainer.num_frozen,
+            "init_s": init_s, "compile_s": compile_s}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["tiny", "1b", "7b"], default="tiny")
+    p.add_argument("--stages", nargs="+", choices=["stage1", "stage2"], default=["stage1", "stage2"])
+    p.add_argument("--rows", type=int, default=4, help="sequences per step (global)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--images-per-row", type=int, default=1)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype")
+    p.add_argument("--frozen-dtype", default="bfloat16", help='dtype of frozen weights ("" keeps float32)')
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_with_no_batch_dims"])
+    p.add_argument("--loss-chunk", type=int, default=256)
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "jax", "cudnn"])
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-chip peak for MFU (default: by chip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    import jax
+
+    from owl_jax.sharding import make_mesh
+
+    cfg, lora = model_config(args.size, args)
+    data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+    mesh = make_mesh(data, fsdp, tensor)
+    device = jax.devices()[0]
+    results = []
+    for stage in args.stages:
+        print(f"{stage}: compiling and timing ...", file=sys.stderr, flush=True)
+        results.append(run_stage(stage, cfg, lora, args, mesh))
+    print(f"\n{args.size} layout, {device.platform} {device.device_kind} x{jax.device_count()}, mesh "
+          f"{dict(mesh.shape)}, compute {args.dtype}, frozen {args.frozen_dtype or 'float32'}, remat {args.remat}, "
+          f"attention {args.attention}, {args.rows} rows x {args.seq_len} tokens, {args.images_per_row} image(s)/row, "
+          f"median of {args.steps}\n")
+    print("| stage | step (ms) | tokens/s | images/s | TFLOP/step | TFLOP/s/chip | MFU | peak memory (GiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        mem = r["peak_bytes"] if r["peak_bytes"] is not None else r["compiled_footprint_bytes"]
+        mem_s = "n/a" if mem is None else f"{mem / 2 ** 30:.2f}" + ("" if r["peak_bytes"] is not None else " (compiled)")
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"| {r['stage']} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['images_per_s']:.1f} | "
+              f"{r['tflops_per_step']:.3f} | {r['tflops_per_s_per_chip']:.2f} | {mfu} | {mem_s} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device.device_kind, "platform": device.platform, "devices": jax.device_count(),
+                       "args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
