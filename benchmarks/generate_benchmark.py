@@ -72,10 +72,9 @@ def bandwidth(kind: str):
 def random_model(size: str, dtype: str):
     """An `Owl` of the `size` layout with random weights drawn on the device in `dtype`."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.train_benchmark import model_config
+    from benchmarks.train_benchmark import model_config, random_leaves
     from owl_jax.checkpoint.hf_import import abstract_model, assemble
 
     class _Args:
@@ -85,21 +84,9 @@ def random_model(size: str, dtype: str):
     cfg, _ = model_config(size, _Args)
     cfg = cfg.replace(param_dtype=dtype)
     graphdef, abstract = abstract_model(cfg)
-    flat = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(abstract)}
-
-    def draw(key):
-        out = {}
-        for i, (path, var) in enumerate(sorted(flat.items())):
-            value = var.get_value() if hasattr(var, "get_value") else var.value
-            if path[-1] == "scale":
-                out[path] = jnp.ones(value.shape, value.dtype)
-            elif path[-1] == "bias":
-                out[path] = jnp.zeros(value.shape, value.dtype)
-            else:
-                out[path] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), value.shape)).astype(value.dtype)
-        return out
-
-    return assemble(graphdef, abstract, jax.jit(draw)(jax.random.key(0)))
+    specs = {tuple(str(k) for k in path): (var.get_value() if hasattr(var, "get_value") else var.value)
+             for path, var in nnx.to_flat_state(abstract)}
+    return assemble(graphdef, abstract, random_leaves(specs, seed=0))
 
 
 def main() -> None:

@@ -62,48 +62,48 @@ def model_config(size: str, args):
     return cfg.validate(), LoRAConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.0)
 
 
-def random_params(trainer, seed: int):
-    """Every leaf of the stage's state, drawn on its devices in its dtype and sharding."""
+def random_leaves(specs: dict, seed: int, shardings: dict | None = None) -> dict:
+    """`{path: ShapeDtypeStruct}` → `{path: array}` drawn on the devices (norm scales 1, biases and LoRA B 0,
+    other weights N(0, 0.02²)), in each leaf's dtype and, when given, sharding."""
     import jax
     import jax.numpy as jnp
 
-    from owl_jax.checkpoint.native import flatten, nest
-
-    abstract = flatten(trainer.abstract_state().params)
-    paths = sorted(abstract)
+    paths = sorted(specs)
 
     def draw(key):
         out = {}
         for i, path in enumerate(paths):
-            spec = abstract[path]
-            if path[-1] in ("scale",):
-                out[path] = jnp.ones(spec.shape, spec.dtype)
+            shape, dtype = specs[path].shape, specs[path].dtype
+            if path[-1] == "scale":
+                out[path] = jnp.ones(shape, dtype)
             elif path[-1] in ("bias", "lora_b"):
-                out[path] = jnp.zeros(spec.shape, spec.dtype)
+                out[path] = jnp.zeros(shape, dtype)
             else:
-                out[path] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), spec.shape, jnp.float32)).astype(spec.dtype)
+                out[path] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
         return out
 
-    shardings = {p: abstract[p].sharding for p in paths}
-    return nest(jax.jit(draw, out_shardings=shardings)(jax.random.key(seed)))
+    return jax.jit(draw, out_shardings=shardings)(jax.random.key(seed))
+
+
+def random_params(trainer, seed: int):
+    """Every leaf of the stage's state, drawn on its devices in its dtype and sharding."""
+    from owl_jax.checkpoint.native import flatten, nest
+
+    abstract = flatten(trainer.abstract_state().params)
+    return nest(random_leaves(abstract, seed, {p: s.sharding for p, s in abstract.items()}))
 
 
 def batch_for(cfg, rows: int, seq_len: int, images_per_row: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, cfg.text.vocab_size, size=(rows, seq_len)).astype(np.int32)
-    ids[:, 0] = 1
-    t = cfg.image_tokens
-    for k in range(images_per_row):
-        start = 2 + k * (t + 2)
-        if start + t >= seq_len // 2:
-            raise SystemExit(f"--seq-len {seq_len} is too short for {images_per_row} images of {t} tokens")
-        ids[:, start:start + t] = -1
+    from benchmarks.generate_benchmark import prompts
+
+    if 2 + images_per_row * (cfg.image_tokens + 2) >= seq_len // 2:
+        raise SystemExit(f"--seq-len {seq_len} is too short for {images_per_row} images of {cfg.image_tokens} "
+                         "tokens in its first half (the second half is the answer)")
+    ids, mask, pixels = prompts(cfg, rows, seq_len, images_per_row, seed)
     loss_mask = np.zeros((rows, seq_len - 1), np.int32)
     loss_mask[:, seq_len // 2:] = 1
-    v = cfg.vision
-    return {"input_ids": ids, "attention_mask": np.ones((rows, seq_len), np.int32), "loss_mask": loss_mask,
-            "pixel_values": rng.normal(size=(rows, images_per_row, v.num_channels, v.image_size, v.image_size)
-                                       ).astype(np.float32),
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask,
+            "pixel_values": pixels.reshape(rows, images_per_row, *pixels.shape[1:]),
             "image_mask": np.ones((rows, images_per_row), np.int32), "skipped": np.zeros(rows, np.int32)}
 
 
