@@ -77,12 +77,7 @@ def random_model(size: str, dtype: str):
     from benchmarks.train_benchmark import model_config, random_leaves
     from owl_jax.checkpoint.hf_import import abstract_model, assemble
 
-    class _Args:
-        remat, attention, lora_rank = "none", "auto", 8
-
-    _Args.dtype = dtype
-    cfg, _ = model_config(size, _Args)
-    cfg = cfg.replace(param_dtype=dtype)
+    cfg = model_config(size, dtype=dtype, param_dtype=dtype)
     graphdef, abstract = abstract_model(cfg)
     specs = {tuple(str(k) for k in path): (var.get_value() if hasattr(var, "get_value") else var.value)
              for path, var in nnx.to_flat_state(abstract)}
@@ -107,6 +102,7 @@ def main() -> None:
 
     import owl_jax
     from owl_jax.inference.generate import Generator
+    from owl_jax.training.flops import tower_matmul_params
 
     if args.random_size:
         model, name = random_model(args.random_size, args.dtype), f"random {args.random_size}"
@@ -115,10 +111,8 @@ def main() -> None:
         name = os.path.basename(os.path.normpath(args.checkpoint))
     generator = Generator(model)
     t = model.config.text
-    itemsize = np.dtype(args.dtype if args.dtype != "bfloat16" else np.float16).itemsize
-    llm_weights = t.num_layers * (2 * t.hidden_size ** 2 + 2 * t.hidden_size * t.num_kv_heads * t.head_dim
-                                  + 3 * t.hidden_size * t.intermediate_size) + t.hidden_size * t.vocab_size
-    weight_bytes = llm_weights * itemsize
+    itemsize = jax.numpy.dtype(args.dtype).itemsize
+    weight_bytes = tower_matmul_params(model.config)["llm"] * itemsize  # every LLaMA matmul weight, head included
     hbm = bandwidth(jax.devices()[0].device_kind)
     rows = []
     for batch in args.batch_sizes:

@@ -32,8 +32,12 @@ sys.path.insert(0, REPO)
 OPTIM = dict(lr=1e-4, end_lr=0.0, warmup_steps=10, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.1, clip_norm=1.0)
 
 
-def model_config(size: str, args):
-    from owl_jax.config import AbstractorConfig, LoRAConfig, OwlConfig, TextConfig, VisionConfig
+def model_config(size: str, *, dtype: str, param_dtype: str = "float32", remat: str = "none",
+                 attention: str = "auto"):
+    """The `size` layout (tiny, 1b, 7b) with these run-time settings and dropout off."""
+    import dataclasses
+
+    from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
 
     if size == "7b":
         from configs.mplug_owl_llama_7b import get_config
@@ -56,10 +60,9 @@ def model_config(size: str, args):
     else:
         raise SystemExit(f"unknown --size {size!r}")
     # Dropout off: the benchmark measures the model's work, not random-mask generation.
-    cfg = cfg.replace(abstractor=cfg.abstractor.__class__(**{**cfg.abstractor.__dict__, "attention_dropout": 0.0}),
-                      dtype=args.dtype, param_dtype="float32", remat_policy=args.remat,
-                      attention_impl=args.attention)
-    return cfg.validate(), LoRAConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.0)
+    cfg = cfg.replace(abstractor=dataclasses.replace(cfg.abstractor, attention_dropout=0.0), dtype=dtype,
+                      param_dtype=param_dtype, remat_policy=remat, attention_impl=attention)
+    return cfg.validate()
 
 
 def random_leaves(specs: dict, seed: int, shardings: dict | None = None) -> dict:
@@ -182,7 +185,10 @@ def main() -> None:
 
     from owl_jax.sharding import make_mesh
 
-    cfg, lora = model_config(args.size, args)
+    from owl_jax.config import LoRAConfig
+
+    cfg = model_config(args.size, dtype=args.dtype, remat=args.remat, attention=args.attention)
+    lora = LoRAConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.0)
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
     mesh = make_mesh(data, fsdp, tensor)
     device = jax.devices()[0]

@@ -17,12 +17,12 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from owl_jax.config import ATTENTION_IMPLS
 from owl_jax.modeling._layers import dropout
 
 Array = jax.Array
 
 
-ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn")
 _HALF = (jnp.bfloat16, jnp.float16)
 _warned: set[str] = set()
 

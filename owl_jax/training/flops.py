@@ -118,7 +118,6 @@ def forward_flops(cfg: OwlConfig, *, rows: int, seq_len: int, images: int, causa
 def jaxpr_matmul_flops(jaxpr) -> float:
     """2·M·N·K summed over every `dot_general` of a (closed) jaxpr, sub-jaxprs included: a scan body counts
     `length` times, a `cond` its costliest branch, a `while` body once (its trip count is not static)."""
-    import jax.extend.core as jex  # noqa: F401  (makes sure the core types are importable)
     import numpy as np
 
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
@@ -126,14 +125,11 @@ def jaxpr_matmul_flops(jaxpr) -> float:
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
-            (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
             lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-            contract = np.prod([lhs[d] for d in lc], dtype=np.float64)
-            batch = np.prod([lhs[d] for d in lb], dtype=np.float64)
-            m = np.prod([lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb], dtype=np.float64)
-            nn = np.prod([rhs[d] for d in range(len(rhs)) if d not in rc and d not in eqn.params["dimension_numbers"][1][1]],
-                         dtype=np.float64)
-            total += 2.0 * batch * m * nn * contract
+            # every lhs element meets every free rhs column once: 2 · |lhs| · prod(rhs free dims)
+            free_rhs = [rhs[d] for d in range(len(rhs)) if d not in rc and d not in rb]
+            total += 2.0 * np.prod(lhs, dtype=np.float64) * np.prod(free_rhs, dtype=np.float64)
             continue
         subs = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")]
         subs += [b for v in eqn.params.values() if isinstance(v, (tuple, list)) for b in v
