@@ -167,3 +167,32 @@ def test_chunked_cross_entropy_gives_the_same_steps():
     np.testing.assert_allclose(chunked_losses, full_losses, rtol=1e-5)
     for p in full:
         np.testing.assert_allclose(chunked[p], full[p], atol=1e-5, rtol=0, err_msg="/".join(p))
+
+
+def test_right_padded_batches_take_the_causal_path_with_the_same_steps():
+    """`right_padded=True` (the default) drops the padding mask for plain causal attention: on right-padded
+    rows the losses and parameters equal those of the full mask; other padding is refused with a clear error."""
+    cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0))
+    params = adapt_params(tiny_params(cfg), cfg, None, seed=0)
+    lengths = np.array([16, 11, 9, 14])
+    results = []
+    for right_padded in (False, True):
+        trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10,
+                          right_padded=right_padded)
+        state = trainer.init_state(params, seed=0)
+        losses = []
+        for i in range(3):
+            batch = tiny_batch(seed=i)
+            batch["attention_mask"] = (np.arange(16)[None] < lengths[:, None]).astype(np.int32)
+            batch["loss_mask"] *= batch["attention_mask"][:, 1:]
+            state, metrics = trainer.train_step(state, trainer.global_batch(batch))
+            losses.append(float(metrics["loss"]))
+        results.append((losses, flatten(jax.device_get(state.params))))
+    (full_losses, full), (causal_losses, causal) = results
+    np.testing.assert_allclose(causal_losses, full_losses, rtol=1e-6)
+    for p in full:
+        np.testing.assert_allclose(causal[p], full[p], atol=1e-6, rtol=0, err_msg="/".join(p))
+    left = tiny_batch()
+    left["attention_mask"][1, :3] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] of attention_mask are not right-padded"):
+        trainer.global_batch(left)

@@ -6,12 +6,15 @@
   second matmul (what the released PyTorch code does in half precision);
 - "jax": `jax.nn.dot_product_attention` with its default (XLA) implementation;
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused attention (GPU, bf16/fp16);
-- "auto": "cudnn" on a GPU for half-precision inputs without attention dropout (falling back to "xla", with
-  a warning, where cuDNN refuses the shapes), "xla" everywhere else.
+- "auto": "cudnn" on a GPU for half-precision inputs without attention dropout and without an explicit mask
+  (unmasked or causal attention: the ViT, the abstractor and right-padded training sequences), falling back to
+  "xla", with a warning, where cuDNN refuses the shapes; "xla" everywhere else (an explicit mask would reach
+  cuDNN as a materialised additive bias, which costs more than it saves).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -27,19 +30,19 @@ _HALF = (jnp.bfloat16, jnp.float16)
 _warned: set[str] = set()
 
 
-def resolve_implementation(implementation: str, dtype, *, dropout: bool) -> str:
+def resolve_implementation(implementation: str, dtype, *, dropout: bool, masked: bool = False) -> str:
     """The implementation "auto" stands for with these inputs (others are returned as given)."""
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLS}")
     if implementation != "auto":
         return implementation
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF and not dropout:
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF and not dropout and not masked:
         return "cudnn"
     return "xla"
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None = None,
-                          dropout_rate: float = 0.0, dropout_key: Array | None = None,
+                          is_causal: bool = False, dropout_rate: float = 0.0, dropout_key: Array | None = None,
                           implementation: str = "xla") -> Array:
     """Multi-head attention with grouped key/value heads.
 
@@ -48,6 +51,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: A
       k, v: `(B, Lk, Hkv, Dh)` keys and values; `H` must be a multiple of `Hkv`.
       scale: multiplier of the scores (`Dh ** -0.5`).
       mask: optional `(B, Lq, Lk)` boolean, True where a query may attend to a key.
+      is_causal: query i attends to keys j <= i only (with `mask`, both apply); needs Lq == Lk.
       dropout_rate, dropout_key: dropout on the attention probabilities (training only).
 
       implementation: see the module docstring.
@@ -56,25 +60,63 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: A
       `(B, Lq, H, Dh)` in `q.dtype`.
     """
     dropout_on = dropout_rate > 0 and dropout_key is not None
-    impl = resolve_implementation(implementation, q.dtype, dropout=dropout_on)
+    if is_causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal attention needs as many queries as keys; got {q.shape[1]} and {k.shape[1]}")
+    impl = resolve_implementation(implementation, q.dtype, dropout=dropout_on, masked=mask is not None)
+    if impl == "cudnn" and implementation == "auto" and not _cudnn_accepts(q.shape, k.shape, str(q.dtype), is_causal):
+        key = f"{q.shape}{k.shape}{q.dtype}"
+        if key not in _warned:
+            _warned.add(key)
+            logging.getLogger("owl_jax").warning("cuDNN attention refuses q%s k%s; using the XLA path", q.shape, k.shape)
+        impl = "xla"
     if impl != "xla":
         if dropout_on:
             raise ValueError(f"attention implementation {impl!r} has no attention dropout; use 'xla' or 'auto'")
-        if impl == "cudnn" and jax.default_backend() != "gpu":
-            raise ValueError(f"attention implementation 'cudnn' needs a GPU; this backend is {jax.default_backend()!r}")
-        try:
-            out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
-                                               implementation=None if impl == "jax" else "cudnn")
-            return out.astype(q.dtype)
-        except (NotImplementedError, ValueError, TypeError) as e:
-            if implementation != "auto":
-                raise
-            key = f"{q.shape}{k.shape}{q.dtype}"
-            if key not in _warned:
-                _warned.add(key)
-                logging.getLogger("owl_jax").warning("cuDNN attention refused q%s k%s (%s); using the XLA path",
-                                                     q.shape, k.shape, e)
+        if impl == "cudnn":
+            if jax.default_backend() != "gpu":
+                raise ValueError(f"attention implementation 'cudnn' needs a GPU; this backend is {jax.default_backend()!r}")
+            return _cudnn_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal)
+        out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
+                                           is_causal=is_causal)
+        return out.astype(q.dtype)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None]
+        mask = causal if mask is None else mask & causal
     return _reference_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
+
+
+_CUDNN_MULTIPLE = 8  # cuDNN's training kernels refuse odd lengths (the ViT's 257 tokens): pad to a multiple
+
+
+def _cudnn_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None, is_causal: bool) -> Array:
+    """cuDNN fused attention; lengths that are not a multiple of 8 are zero-padded, the padding masked out
+    with cuDNN's own sequence lengths (no bias), and the padded query rows dropped."""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    tp, sp = -(-t // _CUDNN_MULTIPLE) * _CUDNN_MULTIPLE, -(-s // _CUDNN_MULTIPLE) * _CUDNN_MULTIPLE
+    if mask is not None or (tp == t and sp == s):
+        out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
+                                           is_causal=is_causal, implementation="cudnn")
+        return out.astype(q.dtype)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+    out = jax.nn.dot_product_attention(pad(q, tp), pad(k, sp), pad(v, sp), scale=scale, is_causal=is_causal,
+                                       query_seq_lengths=jnp.full((b,), t, jnp.int32),
+                                       key_value_seq_lengths=jnp.full((b,), s, jnp.int32), implementation="cudnn")
+    return out[:, :t].astype(q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_accepts(q_shape: tuple, k_shape: tuple, dtype: str, is_causal: bool) -> bool:
+    """Whether cuDNN takes these shapes forward and backward (its checks run while tracing, so an abstract
+    trace of the gradient tells, at no run-time cost)."""
+    def loss(q, k, v):
+        return _cudnn_attention(q, k, v, scale=1.0, mask=None, is_causal=is_causal).astype(jnp.float32).sum()
+
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))  # noqa: E731
+    try:
+        jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), spec(q_shape), spec(k_shape), spec(k_shape))
+        return True
+    except (NotImplementedError, ValueError, TypeError, RuntimeError):
+        return False
 
 
 def _reference_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None,

@@ -6,7 +6,7 @@ the same layers serve training (no cache), prefill and one-token decode steps.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +78,7 @@ class LlamaLayer(nnx.Module):
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
             new_cache = (k, v)
         ctx = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask,
-                                    implementation=self.attention_impl)
+                                    is_causal=mask is None, implementation=self.attention_impl)
         x = x + self.o_proj(ctx.reshape(b, length, self.num_heads * self.head_dim), keys[3])
         h = self.post_attention_layernorm(x)
         h = self.down_proj(jax.nn.silu(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
@@ -116,18 +116,25 @@ class LlamaModel(nnx.Module):
         return jnp.take(table, token_ids, axis=0).astype(dtype_of(self.dtype))
 
     def __call__(self, embeds: Array, positions: Array, mask: Array, *, cache: KVCache | None = None,
-                 cache_index: Array | int = 0, dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | int = 0, dropout_key: Array | None = None,
+                 layer_states: Sequence[Any] | None = None) -> tuple[Array, KVCache | None]:
         """Decoder stack.
 
         Args:
           embeds: `(B, L, D)` input embeddings (text with images spliced in).
           positions: `(B, L)` RoPE positions.
-          mask: `(B, L, K)` boolean; K = L without a cache, K = S (the cache length) with one.
+          mask: `(B, L, K)` boolean; K = L without a cache, K = S (the cache length) with one. None (no
+            cache only): causal attention over all L positions, which is exact for every real token of
+            right-padded rows and lets fused kernels skip the mask.
           cache: optional `KVCache`; this call's keys/values are written at `cache_index`.
+          layer_states: optional per-layer parameter states used instead of the stacked ones (see
+            `owl_jax.modeling._stack.apply_layers`; inference only).
 
         Returns:
           Final-normed hidden states `(B, L, D)` and the updated cache (None without one).
         """
+        if mask is None and cache is not None:
+            raise ValueError("a KV cache needs an explicit (B, L, S) mask")
         n = self.cfg.num_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, n)
         x = constrain(embeds.astype(dtype_of(self.dtype)), ("batch", "length", "act_embed"))
@@ -138,7 +145,7 @@ class LlamaModel(nnx.Module):
 
         xs = (None if cache is None else (cache.k, cache.v), keys)
         x, new = apply_layers(self.layers, x, body, num_layers=n, scan=self.scan_layers,
-                              remat_policy=self.remat_policy, xs=xs)
+                              remat_policy=self.remat_policy, xs=xs, layer_states=layer_states)
         return self.norm(x), (None if new is None else KVCache(*new))
 
     def logits(self, hidden: Array) -> Array:

@@ -136,7 +136,7 @@ class Owl(nnx.Module):
     def forward(self, pixel_values: Array | None, input_ids: Array, attention_mask: Array | None = None, *,
                 positions: Array | None = None, image_embeds: Array | None = None,
                 images_per_row: int | None = None, dropout_key: Array | None = None,
-                return_hidden: bool = False) -> Array:
+                return_hidden: bool = False, right_padded: bool = False) -> Array:
         """Traceable forward pass → float32 logits `(B, L, V)`; see `__call__`.
 
         `return_hidden=True` returns the LLM's final hidden states `(B, L, D)` instead (before `lm_head`;
@@ -145,6 +145,10 @@ class Owl(nnx.Module):
         `image_embeds` (from `encode_images`) may be passed instead of `pixel_values`. With
         `images_per_row = M`, `pixel_values` holds M image slots per row (`(B·M, C, H, W)`, spare slots
         unused) instead of the batch's images in order.
+
+        `right_padded=True` promises that every row of `attention_mask` is ones then zeros: the LLM then
+        runs plain causal attention (no padding mask), which gives the same result at every real token and
+        lets fused attention kernels skip the mask; outputs at padding positions are unspecified.
         """
         input_ids = jnp.asarray(input_ids)
         b, length = input_ids.shape
@@ -156,8 +160,8 @@ class Owl(nnx.Module):
             attention_mask = jnp.ones((b, length), dtype=jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        hidden, _ = self.language_model(embeds, positions, causal_padding_mask(jnp.asarray(attention_mask)),
-                                        dropout_key=keys[1])
+        mask = None if right_padded else causal_padding_mask(jnp.asarray(attention_mask))
+        hidden, _ = self.language_model(embeds, positions, mask, dropout_key=keys[1])
         return hidden if return_hidden else self.language_model.logits(hidden)
 
     def __call__(self, pixel_values: Array | None, input_ids: Array, attention_mask: Array | None = None) -> Array:

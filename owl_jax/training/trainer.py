@@ -66,14 +66,18 @@ class Trainer:
       frozen_dtype: dtype to hold frozen parameters in ("" keeps them as loaded).
       loss_chunk: positions per chunk of the cross-entropy (0: all logits at once); see
         `chunked_next_token_loss_sums`.
+      right_padded: batches are right-padded (as the data pipeline makes them; `global_batch` checks it), so
+        the LLM runs plain causal attention without a padding mask (same loss, and fused attention kernels
+        apply). False accepts any padding and builds the full mask.
     """
 
     def __init__(self, model_cfg: OwlConfig, *, stage: str, mesh: Mesh, optim: Any, total_steps: int,
                  grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
-                 max_consecutive_nonfinite: int = 5, loss_chunk: int = 0):
+                 max_consecutive_nonfinite: int = 5, loss_chunk: int = 0, right_padded: bool = True):
         if loss_chunk < 0:
             raise ValueError(f"loss_chunk must be >= 0, got {loss_chunk}")
         self.loss_chunk = int(loss_chunk)
+        self.right_padded = bool(right_padded)
         self.model_cfg, self.stage, self.mesh, self.grad_accum = model_cfg, stage, mesh, grad_accum
         self.graphdef, self.abstract = abstract_model(model_cfg)
         shapes = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(self.abstract)}
@@ -148,7 +152,7 @@ class Trainer:
         pixels = batch["pixel_values"].reshape(b * m, *batch["pixel_values"].shape[2:])
         model = model if model is not None else self.model(params)
         return model.forward(pixels, batch["input_ids"], batch["attention_mask"], images_per_row=m,
-                             dropout_key=dropout_key, return_hidden=return_hidden)
+                             dropout_key=dropout_key, return_hidden=return_hidden, right_padded=self.right_padded)
 
     def loss_sums(self, params: dict, batch: Batch, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         mask = batch["loss_mask"] * (batch["skipped"] == 0)[:, None]
@@ -222,4 +226,10 @@ class Trainer:
     # -- host ↔ device ---------------------------------------------------------------------------
     def global_batch(self, local: dict[str, np.ndarray]) -> Batch:
         """This process's rows → one global array per field, sharded over data × fsdp."""
+        if self.right_padded and "attention_mask" in local:
+            mask = np.asarray(local["attention_mask"])
+            if mask.size and (np.diff(mask.astype(np.int64), axis=1) > 0).any():
+                rows = np.nonzero((np.diff(mask.astype(np.int64), axis=1) > 0).any(axis=1))[0]
+                raise ValueError(f"rows {rows[:8].tolist()} of attention_mask are not right-padded (a 0 before a 1); "
+                                 "build the Trainer with right_padded=False for other padding")
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
