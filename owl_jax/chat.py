@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-length", type=int, default=2048, help="positions for the whole conversation")
+    p.add_argument("--unstack-layers", action="store_true",
+                   help="decode from one weight buffer per LLM layer (faster on a GPU; the LLM layers' memory twice)")
     return p
 
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                               temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    session = ChatSession(Generator(model), processor, max_length=args.max_length, config=config)
+    session = ChatSession(Generator(model, unstack_layers=args.unstack_layers), processor, max_length=args.max_length, config=config)
     images = list(args.image)
 
     def answer(question: str) -> None:

@@ -71,7 +71,8 @@ def test_no_recompilation_across_steps_and_lengths(reference):
     gen = Generator(load_fixture_model("checkpoint"), prompt_bucket=64, cache_bucket=128)
     ids, px = reference["input_ids"], reference["pixel_values"]
     config = GenerationConfig(max_new_tokens=10, min_new_tokens=10)
-    sizes = lambda: np.array([gen.prefill._cache_size(), gen.decode._cache_size(), gen.select._cache_size()])
+    sizes = lambda: np.array([gen.prefill._cache_size(), gen.first_select._cache_size(),
+                              gen.decode_select._cache_size()])
     before = sizes()
     calls = []
     gen.generate(ids[:1, :50], None, px[:1], config, stream=lambda step, tokens, done: calls.append(step))
@@ -113,9 +114,10 @@ def test_banned_ngrams():
     assert np.flatnonzero(np.asarray(banned[0])).tolist() == [6]  # "5 6" was seen and the last token is 5
 
 
-def test_second_chat_turn_equals_reencoding(model_and_processor):
+@pytest.mark.parametrize("unstack_layers", [False, True])
+def test_second_chat_turn_equals_reencoding(model_and_processor, unstack_layers):
     model, processor = model_and_processor
-    gen = Generator(model)
+    gen = Generator(model, unstack_layers=unstack_layers)
     config = GenerationConfig(max_new_tokens=10, min_new_tokens=10)
     session = ChatSession(gen, processor, max_length=512, config=config)
     a, b = Image.open(FIXTURE / "images" / "a.png"), Image.open(FIXTURE / "images" / "b.png")
@@ -132,12 +134,45 @@ def test_second_chat_turn_equals_reencoding(model_and_processor):
     assert session.ask("What is drawn in the upper left corner of this picture?", [a]) == first
 
 
+def test_chat_turn_after_an_eos_stop_equals_reencoding(model_and_processor):
+    """A first answer that stops at EOS well before max_new_tokens (the device has already queued the next
+    step by then), then a second turn: it equals generating from the re-encoded conversation."""
+    model, processor = model_and_processor
+    gen = Generator(model)
+    question, a, b = "What is drawn here?", Image.open(FIXTURE / "images" / "a.png"), Image.open(FIXTURE / "images" / "b.png")
+    probe = ChatSession(gen, processor, max_length=512, config=GenerationConfig(max_new_tokens=10, min_new_tokens=10))
+    probe.ask(question, [a])
+    inputs = processor([probe.prompt[: probe.prompt.rindex("AI: ") + len("AI: ")]], images=[a])
+    plain = gen.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                         GenerationConfig(max_new_tokens=10, min_new_tokens=10)).tokens[0]
+    k = next(i for i in range(2, 9) if plain[i] not in plain[:i])  # a token first produced at step k
+    config = GenerationConfig(max_new_tokens=10, eos_token_id=plain[k])
+    session = ChatSession(gen, processor, max_length=512, config=config)
+    session.ask(question, [a])
+    assert session.cached_ids[-k:] == plain[:k]  # stopped at the chosen EOS; all but it are cached
+    second = session.ask("And what about this one?", [b])
+    inputs = processor([session.prompt[: session.prompt.rindex("AI: ") + len("AI: ")]], images=[a, b])
+    fresh = gen.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], config).tokens[0]
+    assert second == processor.decode([t for t in fresh if t != config.eos_token_id]).strip()
+
+
+def test_unstacked_layers_reproduce_the_released_greedy(reference):
+    gen = Generator(load_fixture_model("checkpoint"), unstack_layers=True)
+    out = gen.generate(reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3],
+                       GREEDY)
+    assert out.tokens == [reference["greedy_0"][1:].tolist(), reference["greedy_1"][1:].tolist()]
+    # The generator holds no stacked LLM layer weights of its own.
+    sizes = [a.size for a in jax.tree.leaves(gen.state[0]["language_model"]["layers"])]
+    assert sizes and all(n == 1 for n in sizes)
+
+
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
-def test_sharded_generation_matches(reference):
+@pytest.mark.parametrize("unstack_layers", [False, True])
+def test_sharded_generation_matches(reference, unstack_layers):
     mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
     model, _ = owl_jax.from_pretrained(FIXTURE / "checkpoint", mesh=mesh, show_progress=False)
-    out = Generator(model, mesh=mesh).generate(reference["input_ids"][:2], reference["attention_mask"][:2],
-                                               reference["pixel_values"][:3], GREEDY)
+    out = Generator(model, mesh=mesh, unstack_layers=unstack_layers).generate(
+        reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3], GREEDY)
     assert out.tokens == [reference["greedy_0"][1:].tolist(), reference["greedy_1"][1:].tolist()]
 
 

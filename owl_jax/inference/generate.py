@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from owl_jax.modeling._stack import unstack_layer_states
 from owl_jax.modeling.llama import KVCache
 from owl_jax.modeling.owl import Owl, check_image_placeholders, merge_image_embeddings
 from owl_jax.sharding import constrain, use_mesh
@@ -120,9 +121,15 @@ def _cache_axes(cache: KVCache) -> KVCache:
     return KVCache(constrain(cache.k, axes), constrain(cache.v, axes))
 
 
-def _prefill(graphdef, state, input_ids, mask, image_embeds, cache_len: int):
+def _merge(graphdef, params) -> tuple[Owl, Any]:
+    """`Generator.state` → the model and its per-layer LLM states (None: the model's stacked layers)."""
+    state, layer_states = params
+    return nnx.merge(graphdef, state), layer_states
+
+
+def _prefill(graphdef, params, input_ids, mask, image_embeds, cache_len: int):
     """Run left-padded prompts `(B, P)` into a fresh cache of `cache_len` slots; logits of the last slot."""
-    model: Owl = nnx.merge(graphdef, state)
+    model, layer_states = _merge(graphdef, params)
     b, p = input_ids.shape
     embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
     if image_embeds is not None:
@@ -132,17 +139,18 @@ def _prefill(graphdef, state, input_ids, mask, image_embeds, cache_len: int):
     key_valid = jnp.pad(mask > 0, ((0, 0), (0, cache_len - p)))
     attend = (slots[None, None, :] <= jnp.arange(p)[None, :, None]) & key_valid[:, None, :]
     cache = _cache_axes(KVCache.zeros(model.config.text, b, cache_len, model.config.dtype))
-    hidden, cache = model.language_model(embeds, positions, attend, cache=cache, cache_index=0)
+    hidden, cache = model.language_model(embeds, positions, attend, cache=cache, cache_index=0,
+                                         layer_states=layer_states)
     logits = model.language_model.logits(hidden[:, -1:])[:, 0]
     return logits, _cache_axes(cache), key_valid
 
 
-def _extend(graphdef, state, cache, key_valid, input_ids, n_real, start, image_embeds):
+def _extend(graphdef, params, cache, key_valid, input_ids, n_real, start, image_embeds):
     """Append one row's tokens `(1, n)` (the first `n_real` real) at cache slot `start`; logits of the last real one.
 
     Slots from `start + n_real` on become invalid, so a conversation can branch from any earlier point.
     """
-    model: Owl = nnx.merge(graphdef, state)
+    model, layer_states = _merge(graphdef, params)
     n = input_ids.shape[1]
     embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
     if image_embeds is not None:
@@ -151,19 +159,46 @@ def _extend(graphdef, state, cache, key_valid, input_ids, n_real, start, image_e
     key_valid = key_valid & (slots < start)[None] | ((slots >= start) & (slots < start + n_real))[None]
     query_slots = start + jnp.arange(n)
     attend = (slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]
-    hidden, cache = model.language_model(embeds, query_slots[None], attend, cache=cache, cache_index=start)
+    hidden, cache = model.language_model(embeds, query_slots[None], attend, cache=cache, cache_index=start,
+                                         layer_states=layer_states)
     last = jax.lax.dynamic_slice_in_dim(hidden, n_real - 1, 1, axis=1)
     return model.language_model.logits(last)[:, 0], _cache_axes(cache), key_valid
 
 
-def _decode(graphdef, state, cache, tokens, positions, slot, key_valid):
+def _decode(graphdef, params, cache, tokens, positions, slot, key_valid):
     """One token per row at cache `slot` → logits `(B, V)` and the updated cache and key mask."""
-    model: Owl = nnx.merge(graphdef, state)
+    model, layer_states = _merge(graphdef, params)
     key_valid = key_valid.at[:, slot].set(True)
     embeds = model.language_model.embed(tokens[:, None])
     hidden, cache = model.language_model(embeds, positions[:, None], key_valid[:, None, :], cache=cache,
-                                         cache_index=slot)
+                                         cache_index=slot, layer_states=layer_states)
     return model.language_model.logits(hidden)[:, 0], _cache_axes(cache), key_valid
+
+
+def _decode_select(graphdef, params, cache, key_valid, tokens, positions, slot, history, step, key, finished,
+                   cfg: GenerationConfig):
+    """Feed `tokens` (step `step - 1`'s picks) and pick step `step`'s, all on the device, so the host can
+    queue the next step before it reads this one's tokens."""
+    logits, cache, key_valid = _decode(graphdef, params, cache, tokens, positions, slot, key_valid)
+    key, sub = jax.random.split(key)
+    picked = select_tokens(logits, step, history, jnp.full(tokens.shape, step + 1, jnp.int32), sub, cfg)
+    picked = jnp.where(finished, cfg.pad_token_id, picked)
+    history = jax.lax.dynamic_update_slice(history, picked[:, None], (0, step + 1))
+    return picked, finished | (picked == cfg.eos_token_id), history, key, cache, key_valid
+
+
+def _first_select(logits, history, key, cfg: GenerationConfig):
+    """Step 0's picks from the prefill logits (same processors and key sequence as `_decode_select`)."""
+    key, sub = jax.random.split(key)
+    b = logits.shape[0]
+    picked = select_tokens(logits, jnp.int32(0), history, jnp.ones((b,), jnp.int32), sub, cfg)
+    history = history.at[:, 1].set(picked)
+    return picked, picked == cfg.eos_token_id, history, key
+
+
+def _under_llm_layers(path) -> bool:
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return any(a == "language_model" and b == "layers" for a, b in zip(keys, keys[1:]))
 
 
 class Generator:
@@ -173,18 +208,31 @@ class Generator:
       model: an `Owl` (sharded or not).
       mesh: the mesh the model lives on; activations and the cache are constrained to it.
       prompt_bucket, cache_bucket: prompt lengths and cache lengths are rounded up to these multiples.
+      unstack_layers: run the LLM from a copy of its layer weights held as one buffer per layer (an
+        unrolled loop) instead of slicing each layer out of the stacked weights: on a GPU the slice is a
+        copy that triples a decode step's weight traffic. The copy costs the LLM layers' memory once more
+        while the model's own stacked weights are alive.
     """
 
     def __init__(self, model: Owl, *, mesh: jax.sharding.Mesh | None = None, prompt_bucket: int = 64,
-                 cache_bucket: int = 128):
+                 cache_bucket: int = 128, unstack_layers: bool = False):
         self.model, self.mesh = model, mesh
         self.prompt_bucket, self.cache_bucket = prompt_bucket, cache_bucket
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        layer_states = None
+        if unstack_layers:
+            with use_mesh(mesh):
+                layer_states = unstack_layer_states(model.language_model.layers, model.config.text.num_layers)
+            # The generator's own state drops its reference to the stacked layer weights (never read now).
+            state = jax.tree_util.tree_map_with_path(
+                lambda path, a: jnp.zeros((), a.dtype) if _under_llm_layers(path) else a, state)
+        self.state = (state, layer_states)
         self.prefill = jax.jit(_prefill, static_argnums=(0, 5))
         self.decode = jax.jit(_decode, static_argnums=(0,), donate_argnums=(2,))
         self.extend = jax.jit(_extend, static_argnums=(0,), donate_argnums=(2,))
-        self.select = jax.jit(select_tokens, static_argnums=(5,))
-        self.encode = jax.jit(lambda state, px: nnx.merge(self.graphdef, state).encode_images(px))
+        self.first_select = jax.jit(_first_select, static_argnums=(3,))
+        self.decode_select = jax.jit(_decode_select, static_argnums=(0, 11), donate_argnums=(2,))
+        self.encode = jax.jit(lambda params, px: _merge(self.graphdef, params)[0].encode_images(px))
 
     def _ctx(self):
         return use_mesh(self.mesh)
@@ -247,30 +295,41 @@ class Generator:
           the last (which was never fed back).
         """
         b = logits.shape[0]
-        history = np.zeros((b, cfg.max_new_tokens + 1), np.int32)
+        # The compiled steps depend on neither the seed (it only seeds `key`) nor max_new_tokens (the token
+        # history is padded to a bucket), so a server with a seed or length per request compiles them once.
+        static_cfg = dataclasses.replace(cfg, seed=0, max_new_tokens=max(1, cfg.min_new_tokens))
+        history = np.zeros((b, round_up(cfg.max_new_tokens + 1, self.cache_bucket)), np.int32)
         history[:, 0] = cfg.bos_token_id
-        key = jax.random.key(cfg.seed)
         generated = np.zeros((b, cfg.max_new_tokens), np.int32)
-        finished = np.zeros(b, bool)
-        steps = 0
-        for step in range(cfg.max_new_tokens):
-            key, sub = jax.random.split(key)
-            with self._ctx():
-                tokens = np.asarray(self.select(logits, jnp.int32(step), jnp.asarray(history),
-                                                jnp.full((b,), step + 1, jnp.int32), sub, cfg))
-            tokens = np.where(finished, cfg.pad_token_id, tokens)
-            generated[:, step] = tokens
-            history[:, step + 1] = tokens
-            finished |= tokens == cfg.eos_token_id
-            steps = step + 1
+        with self._ctx():
+            tokens, done, history, key = self.first_select(logits, jnp.asarray(history), jax.random.key(cfg.seed),
+                                                           static_cfg)
+        # The device runs one step ahead of the host: step s + 1 is queued before step s's tokens are read,
+        # so the host's per-token work (reading tokens, streaming, queueing) overlaps the device's. When every
+        # row has finished at step s, the queued step has fed step s's tokens into the cache: its key-mask
+        # entry is restored, so the cache again holds every generated token but the last.
+        step = 0
+        while True:
+            more = step + 1 < cfg.max_new_tokens
+            if more:
+                previous_key_valid = key_valid
+                with self._ctx():
+                    ahead = self.decode_select(self.graphdef, self.state, cache, key_valid, tokens,
+                                               jnp.asarray(positions + step, jnp.int32), jnp.int32(slot + step),
+                                               history, jnp.int32(step + 1), key, done, static_cfg)
+                cache, key_valid = ahead[4], ahead[5]
+            row_tokens, finished = np.asarray(tokens), np.asarray(done)
+            generated[:, step] = row_tokens
             if stream is not None:
-                stream(step, tokens, finished.copy())
-            if finished.all() or step + 1 == cfg.max_new_tokens:
+                stream(step, row_tokens, finished.copy())
+            if not more:
                 break
-            with self._ctx():
-                logits, cache, key_valid = self.decode(self.graphdef, self.state, cache, jnp.asarray(tokens),
-                                                       jnp.asarray(positions + step, jnp.int32),
-                                                       jnp.int32(slot + step), key_valid)
+            if finished.all():
+                key_valid = previous_key_valid
+                break
+            tokens, done, history, key = ahead[:4]
+            step += 1
+        steps = step + 1
         out = []
         for row in range(b):
             row_tokens = generated[row, :steps].tolist()

@@ -7,7 +7,7 @@ rematerialisation policy.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 from flax import nnx
@@ -20,7 +20,8 @@ REMAT_POLICIES: dict[str, Any] = {
 
 
 def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], *,
-                 num_layers: int, scan: bool = True, remat_policy: str = "none", xs: Any = None) -> tuple[Any, Any]:
+                 num_layers: int, scan: bool = True, remat_policy: str = "none", xs: Any = None,
+                 layer_states: Sequence[Any] | None = None) -> tuple[Any, Any]:
     """Fold `body(layer, carry, x_i) -> (carry, y_i)` over the stacked `layers`.
 
     Args:
@@ -29,11 +30,18 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
       xs: optional per-layer inputs with a leading `num_layers` axis (e.g. dropout keys, cache slices).
       scan: `lax.scan` (compile one layer) when True, a Python loop otherwise.
       remat_policy: "none" or a key of `REMAT_POLICIES`.
+      layer_states: optional per-layer states (one `nnx.State` per layer, e.g. from `unstack_layer_states`):
+        an unrolled loop over them replaces the stacked parameters, so no layer's weights are sliced out of
+        the stack (on a GPU that slice is a copy, which triples a decode step's weight traffic).
 
     Returns:
       The final carry and the per-layer outputs stacked on a leading axis (None if `body` returns None).
     """
     graphdef, state = nnx.split(layers)
+    if layer_states is not None:
+        if len(layer_states) != num_layers:
+            raise ValueError(f"{len(layer_states)} layer states for {num_layers} layers")
+        return _unrolled(lambda c, i, x: body(nnx.merge(graphdef, layer_states[i]), c, x), carry, xs, num_layers)
 
     def step(c: Any, inputs: Any) -> tuple[Any, Any]:
         layer_state, x = inputs
@@ -46,15 +54,26 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
 
     if scan:
         return jax.lax.scan(step, carry, (state, xs), length=num_layers)
+    return _unrolled(lambda c, i, x: step(c, (jax.tree.map(lambda a: a[i], state), x)), carry, xs, num_layers)
+
+
+def _unrolled(step: Callable[[Any, int, Any], tuple[Any, Any]], carry: Any, xs: Any, num_layers: int):
     outputs = []
     for i in range(num_layers):
-        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        carry, y = step(carry, i, jax.tree.map(lambda a: a[i], xs))
         outputs.append(y)
     if outputs and outputs[0] is not None:
         stacked = jax.tree.map(lambda *ys: jax.numpy.stack(ys), *outputs)
     else:
         stacked = None
     return carry, stacked
+
+
+def unstack_layer_states(layers: nnx.Module, num_layers: int) -> list[Any]:
+    """The stacked module's parameters as `num_layers` separate per-layer states (new device buffers, with
+    the stack's shardings minus the layer axis)."""
+    _, state = nnx.split(layers)
+    return jax.jit(lambda st: [jax.tree.map(lambda a: a[i], st) for i in range(num_layers)])(state)
 
 
 def layer_keys(key: jax.Array | None, num_layers: int) -> jax.Array | None:

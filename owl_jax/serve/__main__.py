@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512,
                    help="default and largest max_tokens of a request (default 512)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--unstack-layers", action="store_true",
+                   help="decode from one weight buffer per LLM layer (faster on a GPU; the LLM layers' memory twice)")
     return p
 
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     import owl_jax
+    from owl_jax.inference.generate import Generator
     from owl_jax.serve.server import make_server
 
     model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint)) or "mplug-owl"
     try:
         server = make_server(model, processor, host=args.host, port=args.port, model_name=name,
+                             generator=Generator(model, unstack_layers=args.unstack_layers),
                              allow_local_files=args.allow_local_files,
                              max_body_bytes=int(args.max_body_mb * 2 ** 20), max_image_pixels=args.max_image_pixels,
                              max_new_tokens=args.max_new_tokens)

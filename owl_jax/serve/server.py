@@ -25,7 +25,7 @@ from owl_jax.serve.errors import ApiError
 from owl_jax.serve.handler import Handler
 from owl_jax.serve.images import load_image_url
 from owl_jax.serve.protocol import parse_chat_request
-from owl_jax.serve.worker import Job, ModelWorker, ServingGenerator
+from owl_jax.serve.worker import Job, ModelWorker
 
 log = logging.getLogger("owl_jax.serve")
 DEFAULT_MODEL_NAME = "mplug-owl"
@@ -52,7 +52,7 @@ class OwlServer(ThreadingHTTPServer):
         if max_new_tokens < 1 or max_body_bytes < 1:
             raise ValueError("max_new_tokens and max_body_bytes must be positive")
         # The generator first: if building it fails, no socket has been bound yet.
-        self.generator = generator or ServingGenerator(model)
+        self.generator = generator or Generator(model)
         super().__init__(address, Handler)
         self.model, self.processor = model, processor
         self.model_name, self.allow_local_files = model_name, allow_local_files

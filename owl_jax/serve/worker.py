@@ -77,26 +77,6 @@ class Job:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-class ServingGenerator(Generator):
-    """A `Generator` whose token-selection step compiles once per kind of decoding, not once per request.
-
-    `Generator` jits `select_tokens` with the whole `GenerationConfig` as a static argument, so every new
-    `seed` or `max_new_tokens` would compile it again and keep the executable forever: a server drawing a
-    random seed per request would grow without bound. `select_tokens` reads neither field (the seed only
-    seeds the key that `decode_loop` passes in), so they are fixed before the call.
-    """
-
-    def __init__(self, model, **kwargs):
-        super().__init__(model, **kwargs)
-        select = self.select
-
-        def select_normalized(logits, step, history, history_len, key, cfg: GenerationConfig):
-            cfg = dataclasses.replace(cfg, seed=0, max_new_tokens=max(1, cfg.min_new_tokens))
-            return select(logits, step, history, history_len, key, cfg)
-
-        self.select = select_normalized
-
-
 class _Cancelled(Exception):
     """Raised from the stream callback to abandon a generation whose client went away."""
 
