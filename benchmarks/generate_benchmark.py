@@ -9,6 +9,9 @@ Default model: the tiny reference fixture; `--random-size` draws a model of that
 configuration is compiled first, then timed over `--repeats` runs (medians). Decoding runs with EOS disabled
 (min_new_tokens = new tokens), so every row produces every token.
 
+"device ms/step" is one decode step run back to back without the loop's token selection and host round
+trip, so the gap to "decode ms/step" is the loop's per-token overhead.
+
 On a chip with a known memory bandwidth the table adds the decode roofline: a decode step must read every
 LLaMA weight and the KV cache once, so tokens/s cannot exceed batch × bandwidth / (weight bytes + cache
 bytes); the last column is the measured rate as a percentage of that bound.
@@ -61,6 +64,33 @@ def measure(generator, ids, mask, pixels, new_tokens: int):
     return {"ttft_s": marks["first"] - start, "decode_s": end - marks["first"], "total_s": end - start}
 
 
+def device_step_ms(generator, ids, steps: int = 32) -> float:
+    """Mean time of one decode step run back to back on the device (no token selection, no
+    host round trip): the kernel time the generation loop's per-token overhead adds to."""
+    import jax
+    import jax.numpy as jnp
+
+    b, p = ids.shape
+    cache_len = p + steps + 1
+    with generator._ctx():
+        _, cache, key_valid = generator.prefill(generator.graphdef, generator.state, jnp.asarray(np.maximum(ids, 0)),
+                                                jnp.ones((b, p), jnp.int32), None, cache_len)
+        tokens = jnp.full((b,), 5, jnp.int32)
+
+        def run(cache, key_valid, n):
+            for i in range(n):
+                logits, cache, key_valid = generator.decode(generator.graphdef, generator.state, cache, tokens,
+                                                            jnp.full((b,), p + i, jnp.int32), jnp.int32(p + i),
+                                                            key_valid)
+            jax.block_until_ready(logits)
+            return cache, key_valid
+
+        cache, key_valid = run(cache, key_valid, 2)
+        start = time.perf_counter()
+        run(cache, key_valid, steps - 2)
+    return (time.perf_counter() - start) / (steps - 2) * 1e3
+
+
 # HBM bandwidth per chip, bytes/s, by `jax.Device.device_kind` substring.
 HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
@@ -69,7 +99,7 @@ def bandwidth(kind: str):
     return next((v for k, v in HBM_BANDWIDTH.items() if k.lower() in kind.lower()), None)
 
 
-def random_model(size: str, dtype: str):
+def random_model(size: str, dtype: str, scan_layers: bool = True):
     """An `Owl` of the `size` layout with random weights drawn on the device in `dtype`."""
     import jax
     from flax import nnx
@@ -77,7 +107,7 @@ def random_model(size: str, dtype: str):
     from benchmarks.train_benchmark import model_config, random_leaves
     from owl_jax.checkpoint.hf_import import abstract_model, assemble
 
-    cfg = model_config(size, dtype=dtype, param_dtype=dtype)
+    cfg = model_config(size, dtype=dtype, param_dtype=dtype).replace(scan_layers=scan_layers)
     graphdef, abstract = abstract_model(cfg)
     specs = {tuple(str(k) for k in path): (var.get_value() if hasattr(var, "get_value") else var.value)
              for path, var in nnx.to_flat_state(abstract)}
@@ -95,6 +125,10 @@ def main() -> None:
     parser.add_argument("--images-per-row", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--unrolled", action="store_true",
+                        help="run the layers as an unrolled loop instead of one scanned layer")
+    parser.add_argument("--unstack-layers", action="store_true",
+                        help="Generator(unstack_layers=True): the LLM's layers from one weight buffer each")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -105,11 +139,12 @@ def main() -> None:
     from owl_jax.training.flops import tower_matmul_params
 
     if args.random_size:
-        model, name = random_model(args.random_size, args.dtype), f"random {args.random_size}"
+        model, name = random_model(args.random_size, args.dtype, not args.unrolled), f"random {args.random_size}"
     else:
-        model, _ = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
+        model, _ = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, scan_layers=not args.unrolled,
+                                           show_progress=False)
         name = os.path.basename(os.path.normpath(args.checkpoint))
-    generator = Generator(model)
+    generator = Generator(model, unstack_layers=args.unstack_layers)
     t = model.config.text
     itemsize = jax.numpy.dtype(args.dtype).itemsize
     weight_bytes = tower_matmul_params(model.config)["llm"] * itemsize  # every LLaMA matmul weight, head included
@@ -121,7 +156,9 @@ def main() -> None:
         runs = [measure(generator, ids, mask, pixels, args.new_tokens) for _ in range(args.repeats)]
         ttft = statistics.median(r["ttft_s"] for r in runs)
         decode = statistics.median(r["decode_s"] for r in runs)
+        device_ms = device_step_ms(generator, ids)
         rows.append({"batch": batch, "prompt_len": args.prompt_len, "images": batch * args.images_per_row,
+                     "device_decode_ms_per_step": device_ms,
                      "ttft_ms": ttft * 1e3, "prefill_tok_s": batch * args.prompt_len / ttft,
                      "decode_tok_s": batch * (args.new_tokens - 1) / decode,
                      "decode_ms_per_step": decode / (args.new_tokens - 1) * 1e3})
@@ -131,18 +168,19 @@ def main() -> None:
         bound = None if hbm is None else batch * hbm / (weight_bytes + cache_bytes)
         rows[-1]["roofline_tok_s"] = bound
         rows[-1]["roofline_pct"] = None if bound is None else 100 * rows[-1]["decode_tok_s"] / bound
+        print(f"batch {batch}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     device = jax.devices()[0]
-    print(f"\nmodel {name} ({args.dtype}), {device.platform} "
+    print(f"\nmodel {name} ({args.dtype}, {'unstacked' if args.unstack_layers else 'unrolled' if args.unrolled else 'scanned'} layers), {device.platform} "
           f"{device.device_kind} x{jax.device_count()}; prompt {args.prompt_len} tokens with "
           f"{args.images_per_row} image(s) per row, {args.new_tokens} new tokens, median of {args.repeats}\n")
     print("| batch | time to first token (ms) | prefill tokens/s | decode tokens/s | decode ms/step | "
-          "HBM roofline tokens/s | % of roofline |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "device ms/step | HBM roofline tokens/s | % of roofline |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         roof = "n/a" if r["roofline_tok_s"] is None else f"{r['roofline_tok_s']:.0f}"
         pct = "n/a" if r["roofline_pct"] is None else f"{r['roofline_pct']:.1f}%"
         print(f"| {r['batch']} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
-              f"{r['decode_ms_per_step']:.2f} | {roof} | {pct} |")
+              f"{r['decode_ms_per_step']:.2f} | {r['device_decode_ms_per_step']:.2f} | {roof} | {pct} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device.device_kind, "args": vars(args), "rows": rows}, f, indent=2)

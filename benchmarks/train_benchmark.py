@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train-step throughput: stage 1 and stage 2 (LoRA) at a chosen size, with random weights.
 
-    python benchmarks/train_benchmark.py [--size tiny|1b|7b] [--stages stage1 stage2] [--rows 8]
+    python benchmarks/train_benchmark.py [--size tiny|1b|7b] [--stages stage1 stage2] [--rows 16 8 4]
         [--seq-len 1024] [--images-per-row 1] [--dtype bfloat16|float32] [--frozen-dtype bfloat16]
         [--remat none|full|dots|dots_with_no_batch_dims] [--loss-chunk 256] [--attention auto|xla|jax|cudnn]
         [--steps 5] [--warmup 2] [--json out.json]
@@ -13,6 +13,10 @@ devices), model FLOPs per step by `owl_jax.training.flops.train_step_flops` (cau
 half), MFU against the chip's dense bf16 peak (`--peak-tflops` overrides; n/a on the CPU), and memory:
 the device's peak bytes in use where it reports them (GPU, TPU), else the compiled step's footprint
 (arguments + temporaries, from XLA's memory analysis).
+
+With several `--rows`, each stage takes the first (largest) that fits: a compiled step whose footprint
+exceeds the device's memory limit is skipped before it runs, and one that fails with out-of-memory at run
+time makes way for the next.
 """
 
 from __future__ import annotations
@@ -118,40 +122,87 @@ def device_peak_bytes():
     return max(peaks) if peaks and all(p is not None for p in peaks) else None
 
 
-def run_stage(stage: str, cfg, lora, args, mesh) -> dict:
+class DoesNotFit(Exception):
+    pass
+
+
+def device_memory_limit():
     import jax
 
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
+    return min(limits) if limits and all(x is not None for x in limits) else None
+
+
+def is_out_of_memory(e: Exception) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def run_stage(stage: str, cfg, lora, args, mesh) -> dict:
+    """The stage at the first of `args.rows` that fits in memory."""
+    import gc
+
+    import jax
+
+    stage_cfg = cfg.replace(lora=lora) if stage == "stage2" else cfg
+    for rows in args.rows:
+        try:
+            return run_stage_rows(stage, stage_cfg, rows, args, mesh)
+        except DoesNotFit as e:
+            print(f"{stage}: {rows} rows do not fit ({e}); trying fewer", file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory errors move on
+            if not is_out_of_memory(e):
+                raise
+            print(f"{stage}: {rows} rows ran out of memory; trying fewer", file=sys.stderr, flush=True)
+        gc.collect()
+        jax.clear_caches()
+    raise SystemExit(f"{stage}: none of rows {args.rows} fits in memory")
+
+
+def run_stage_rows(stage: str, stage_cfg, rows: int, args, mesh) -> dict:
+    import jax
+
+    from owl_jax.sharding import use_mesh
     from owl_jax.training.flops import peak_flops, train_step_flops
     from owl_jax.training.trainer import Trainer
 
-    stage_cfg = cfg.replace(lora=lora) if stage == "stage2" else cfg
     trainer = Trainer(stage_cfg, stage=stage, mesh=mesh, optim=OPTIM, total_steps=1000,
                       frozen_dtype=args.frozen_dtype, loss_chunk=args.loss_chunk)
     t0 = time.perf_counter()
     state = trainer.init_state(random_params(trainer, args.seed), seed=args.seed)
     init_s = time.perf_counter() - t0
-    batch = trainer.global_batch(batch_for(stage_cfg, args.rows, args.seq_len, args.images_per_row))
+    batch = trainer.global_batch(batch_for(stage_cfg, rows, args.seq_len, args.images_per_row))
     t0 = time.perf_counter()
-    compiled = jax.jit(trainer._step).lower(state, batch).compile()
+    # The executable timed below (the trainer's own step: explicit shardings, donated state).
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(trainer._step, in_shardings=(shardings, {k: trainer.batch_sharding for k in batch}),
+                      out_shardings=(shardings, trainer.replicated), donate_argnums=0)
+    with use_mesh(trainer.mesh):
+        compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     analysis = compiled.memory_analysis()
     footprint = None if analysis is None else analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+    limit = device_memory_limit()
+    if footprint is not None and limit is not None and footprint > limit:
+        raise DoesNotFit(f"compiled footprint {footprint / 2 ** 30:.1f} GiB > limit {limit / 2 ** 30:.1f} GiB")
+    print(f"{stage}: {rows} rows, compiled in {compile_s:.0f} s, footprint "
+          f"{'n/a' if footprint is None else f'{footprint / 2 ** 30:.1f} GiB'}", file=sys.stderr, flush=True)
     for _ in range(args.warmup):
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    images = args.rows * args.images_per_row
-    flops = train_step_flops(stage_cfg, stage, rows=args.rows, seq_len=args.seq_len, images=images)
+    images = rows * args.images_per_row
+    flops = train_step_flops(stage_cfg, stage, rows=rows, seq_len=args.seq_len, images=images)
     kind = jax.devices()[0].device_kind
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(kind)
     peak_total = None if peak is None else peak * jax.device_count()
-    return {"stage": stage, "step_s": step, "steps": times, "tokens_per_s": args.rows * args.seq_len / step,
+    return {"stage": stage, "rows": rows, "step_s": step, "steps": times, "tokens_per_s": rows * args.seq_len / step,
             "images_per_s": images / step, "tflops_per_step": flops / 1e12,
             "tflops_per_s_per_chip": flops / step / 1e12 / jax.device_count(),
             "mfu": None if peak_total is None else flops / step / peak_total,
@@ -164,7 +215,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["tiny", "1b", "7b"], default="tiny")
     p.add_argument("--stages", nargs="+", choices=["stage1", "stage2"], default=["stage1", "stage2"])
-    p.add_argument("--rows", type=int, default=4, help="sequences per step (global)")
+    p.add_argument("--rows", type=int, nargs="+", default=[4],
+                   help="sequences per step (global); several: the first that fits in memory")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--images-per-row", type=int, default=1)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype")
@@ -198,15 +250,15 @@ def main() -> None:
         results.append(run_stage(stage, cfg, lora, args, mesh))
     print(f"\n{args.size} layout, {device.platform} {device.device_kind} x{jax.device_count()}, mesh "
           f"{dict(mesh.shape)}, compute {args.dtype}, frozen {args.frozen_dtype or 'float32'}, remat {args.remat}, "
-          f"attention {args.attention}, {args.rows} rows x {args.seq_len} tokens, {args.images_per_row} image(s)/row, "
+          f"attention {args.attention}, {args.seq_len} tokens per row, {args.images_per_row} image(s)/row, "
           f"median of {args.steps}\n")
-    print("| stage | step (ms) | tokens/s | images/s | TFLOP/step | TFLOP/s/chip | MFU | peak memory (GiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| stage | rows | step (ms) | tokens/s | images/s | TFLOP/step | TFLOP/s/chip | MFU | peak memory (GiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         mem = r["peak_bytes"] if r["peak_bytes"] is not None else r["compiled_footprint_bytes"]
         mem_s = "n/a" if mem is None else f"{mem / 2 ** 30:.2f}" + ("" if r["peak_bytes"] is not None else " (compiled)")
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"| {r['stage']} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['images_per_s']:.1f} | "
+        print(f"| {r['stage']} | {r['rows']} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['images_per_s']:.1f} | "
               f"{r['tflops_per_step']:.3f} | {r['tflops_per_s_per_chip']:.2f} | {mfu} | {mem_s} |")
     if args.json:
         with open(args.json, "w") as f:
