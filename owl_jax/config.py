@@ -20,7 +20,7 @@ from typing import Any, Sequence
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "silu")
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn")  # see owl_jax.modeling._attention
+ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn", "splash")  # see owl_jax.modeling._attention
 
 
 class ConfigError(ValueError):
@@ -167,7 +167,7 @@ class OwlConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # "xla" (reference), "jax", "cudnn"; "auto": cuDNN on GPU in bf16/fp16
+    attention_impl: str = "auto"  # "xla" (reference), "jax", "cudnn", "splash"; "auto": see modeling/_attention.py
 
     @property
     def image_tokens(self) -> int:

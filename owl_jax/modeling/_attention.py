@@ -6,7 +6,13 @@
   second matmul (what the released PyTorch code does in half precision);
 - "jax": `jax.nn.dot_product_attention` with its default (XLA) implementation;
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused attention (GPU, bf16/fp16);
-- "auto": "cudnn" on a GPU for half-precision inputs without attention dropout and without an explicit mask
+- "splash": Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`), the TPU's fused
+  kernel, wherever it applies (unmasked or causal attention without dropout, lengths multiples of 128:
+  LLaMA's causal training pass), the "xla" path elsewhere (the ViT's 257 tokens, masks); under a mesh it
+  runs per shard (batch over data × fsdp, heads over tensor) through `shard_map`. Off a TPU it runs in
+  Pallas' interpret mode (slow; for tests);
+- "auto": splash on a TPU where it applies (unmasked or causal, no dropout, lengths multiples of 128);
+  "cudnn" on a GPU for half-precision inputs without attention dropout and without an explicit mask
   (unmasked or causal attention: the ViT, the abstractor and right-padded training sequences), falling back to
   "xla", with a warning, where cuDNN refuses the shapes; "xla" everywhere else (an explicit mask would reach
   cuDNN as a materialised additive bias, which costs more than it saves).
@@ -30,14 +36,19 @@ _HALF = (jnp.bfloat16, jnp.float16)
 _warned: set[str] = set()
 
 
-def resolve_implementation(implementation: str, dtype, *, dropout: bool, masked: bool = False) -> str:
+def resolve_implementation(implementation: str, dtype, *, dropout: bool, masked: bool = False,
+                           lengths: tuple[int, int] | None = None) -> str:
     """The implementation "auto" stands for with these inputs (others are returned as given)."""
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLS}")
     if implementation != "auto":
         return implementation
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF and not dropout and not masked:
+    backend = jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in _HALF and not dropout and not masked:
         return "cudnn"
+    if (backend == "tpu" and not dropout and not masked and lengths is not None
+            and all(n % SPLASH_BLOCK == 0 for n in lengths)):
+        return "splash"
     return "xla"
 
 
@@ -62,14 +73,17 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: A
     dropout_on = dropout_rate > 0 and dropout_key is not None
     if is_causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many queries as keys; got {q.shape[1]} and {k.shape[1]}")
-    impl = resolve_implementation(implementation, q.dtype, dropout=dropout_on, masked=mask is not None)
+    impl = resolve_implementation(implementation, q.dtype, dropout=dropout_on, masked=mask is not None,
+                                  lengths=(q.shape[1], k.shape[1]))
     if impl == "cudnn" and implementation == "auto" and not _cudnn_accepts(q.shape, k.shape, str(q.dtype), is_causal):
         key = f"{q.shape}{k.shape}{q.dtype}"
         if key not in _warned:
             _warned.add(key)
             logging.getLogger("owl_jax").warning("cuDNN attention refuses q%s k%s; using the XLA path", q.shape, k.shape)
         impl = "xla"
-    if impl != "xla":
+    if impl == "splash" and _splash_applies(q, k, mask, dropout_on):
+        return _splash_attention(q, k, v, scale=scale, is_causal=is_causal)
+    if impl not in ("xla", "splash"):
         if dropout_on:
             raise ValueError(f"attention implementation {impl!r} has no attention dropout; use 'xla' or 'auto'")
         if impl == "cudnn":
@@ -117,6 +131,49 @@ def _cudnn_accepts(q_shape: tuple, k_shape: tuple, dtype: str, is_causal: bool) 
         return True
     except (NotImplementedError, ValueError, TypeError, RuntimeError):
         return False
+
+
+SPLASH_BLOCK = 128
+
+
+def _splash_applies(q: Array, k: Array, mask: Array | None, dropout: bool) -> bool:
+    return mask is None and not dropout and q.shape[1] % SPLASH_BLOCK == 0 and k.shape[1] % SPLASH_BLOCK == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, lq: int, lk: int, causal: bool, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    one = sm.CausalMask((lq, lk)) if causal else sm.FullMask((lq, lk))
+    b = SPLASH_BLOCK
+    blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    with jax.ensure_compile_time_eval():  # the kernel's block tables: concrete arrays, reusable across traces
+        return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
+
+
+def _splash_attention(q: Array, k: Array, v: Array, *, scale: float, is_causal: bool) -> Array:
+    """Splash attention over `(B, L, H, Dh)` inputs (grouped key/value heads are repeated)."""
+    from owl_jax.sharding import active_mesh, logical_to_spec
+
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    interpret = jax.default_backend() != "tpu"
+
+    def local(q, k, v):
+        kernel = _splash_kernel(q.shape[2], q.shape[1], k.shape[1], is_causal, interpret)
+        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+        out = jax.vmap(kernel)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v))
+        return heads_first(out).astype(q.dtype)
+
+    mesh = active_mesh()
+    if mesh is None or mesh.size == 1:
+        return local(q, k, v)
+    spec = logical_to_spec(("batch", None, "act_heads", None), q.shape, mesh)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 def _reference_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None,
