@@ -68,25 +68,17 @@ def test_splash_leaves_what_it_cannot_take_to_the_reference():
 def test_stage2_steps_with_splash_equal_the_reference():
     """LoRA train steps on 128-token rows: LLaMA's causal attention through splash (the ViT and abstractor
     stay on the reference) gives the reference's losses and parameters."""
-    from test_training_step import OPTIM, one_device_mesh, tiny_batch, tiny_config, tiny_params
+    from test_training_step import (OPTIM, assert_same_steps, one_device_mesh, run_steps, tiny_batch, tiny_config,
+                                    tiny_params)
 
-    from owl_jax.checkpoint.native import flatten
     from owl_jax.config import LoRAConfig
     from owl_jax.training.run import adapt_params
     from owl_jax.training.trainer import Trainer
 
-    results = []
+    runs = []
     for impl in ("xla", "splash"):
         cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0), attention_impl=impl)
         params = adapt_params(tiny_params(cfg), cfg, None, seed=0)
         trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
-        state = trainer.init_state(params, seed=0)
-        losses = []
-        for i in range(2):
-            state, metrics = trainer.train_step(state, trainer.global_batch(tiny_batch(length=128, seed=i)))
-            losses.append(float(metrics["loss"]))
-        results.append((losses, flatten(jax.device_get(state.params))))
-    (ref_losses, ref), (losses, params) = results
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    for p in ref:
-        np.testing.assert_allclose(params[p], ref[p], atol=1e-5, rtol=0, err_msg="/".join(p))
+        runs.append(run_steps(trainer, params, steps=2, batch=lambda i: tiny_batch(length=128, seed=i)))
+    assert_same_steps(runs[1], runs[0], atol=1e-5)

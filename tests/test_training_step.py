@@ -49,15 +49,23 @@ def one_device_mesh():
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def run_steps(trainer: Trainer, params: dict, steps: int = 3):
+def run_steps(trainer: Trainer, params: dict, steps: int = 3, batch=lambda i: tiny_batch(seed=i)):
     state = trainer.init_state(params, seed=0)
     before = {p: np.array(v) for p, v in flatten(jax.device_get(state.params)).items()}
     losses = []
     for i in range(steps):
-        state, metrics = trainer.train_step(state, trainer.global_batch(tiny_batch(seed=i)))
+        state, metrics = trainer.train_step(state, trainer.global_batch(batch(i)))
         losses.append(float(metrics["loss"]))
     after = {p: np.asarray(v) for p, v in flatten(jax.device_get(state.params)).items()}
     return state, before, after, losses
+
+
+def assert_same_steps(run, reference, atol: float) -> None:
+    """Two `run_steps` results: the same losses and final parameters."""
+    (_, _, params, losses), (_, _, ref_params, ref_losses) = run, reference
+    np.testing.assert_allclose(losses, ref_losses, rtol=atol)
+    for p in ref_params:
+        np.testing.assert_allclose(params[p], ref_params[p], atol=atol, rtol=0, err_msg="/".join(p))
 
 
 def moment_paths(opt_state) -> set:
@@ -175,23 +183,18 @@ def test_right_padded_batches_take_the_causal_path_with_the_same_steps():
     cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0))
     params = adapt_params(tiny_params(cfg), cfg, None, seed=0)
     lengths = np.array([16, 11, 9, 14])
-    results = []
-    for right_padded in (False, True):
-        trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10,
-                          right_padded=right_padded)
-        state = trainer.init_state(params, seed=0)
-        losses = []
-        for i in range(3):
-            batch = tiny_batch(seed=i)
-            batch["attention_mask"] = (np.arange(16)[None] < lengths[:, None]).astype(np.int32)
-            batch["loss_mask"] *= batch["attention_mask"][:, 1:]
-            state, metrics = trainer.train_step(state, trainer.global_batch(batch))
-            losses.append(float(metrics["loss"]))
-        results.append((losses, flatten(jax.device_get(state.params))))
-    (full_losses, full), (causal_losses, causal) = results
-    np.testing.assert_allclose(causal_losses, full_losses, rtol=1e-6)
-    for p in full:
-        np.testing.assert_allclose(causal[p], full[p], atol=1e-6, rtol=0, err_msg="/".join(p))
+
+    def right_padded_batch(i):
+        batch = tiny_batch(seed=i)
+        batch["attention_mask"] = (np.arange(16)[None] < lengths[:, None]).astype(np.int32)
+        batch["loss_mask"] *= batch["attention_mask"][:, 1:]
+        return batch
+
+    runs = [run_steps(Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10,
+                              right_padded=right_padded), params, batch=right_padded_batch)
+            for right_padded in (False, True)]
+    assert_same_steps(runs[1], runs[0], atol=1e-6)
+    trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
     left = tiny_batch()
     left["attention_mask"][1, :3] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] of attention_mask are not right-padded"):
