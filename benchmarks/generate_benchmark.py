@@ -170,7 +170,8 @@ def main() -> None:
         rows[-1]["roofline_pct"] = None if bound is None else 100 * rows[-1]["decode_tok_s"] / bound
         print(f"batch {batch}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     device = jax.devices()[0]
-    print(f"\nmodel {name} ({args.dtype}, {'unstacked' if args.unstack_layers else 'unrolled' if args.unrolled else 'scanned'} layers), {device.platform} "
+    layout = "unstacked" if args.unstack_layers else "unrolled" if args.unrolled else "scanned"
+    print(f"\nmodel {name} ({args.dtype}, {layout} layers), {device.platform} "
           f"{device.device_kind} x{jax.device_count()}; prompt {args.prompt_len} tokens with "
           f"{args.images_per_row} image(s) per row, {args.new_tokens} new tokens, median of {args.repeats}\n")
     print("| batch | time to first token (ms) | prefill tokens/s | decode tokens/s | decode ms/step | "

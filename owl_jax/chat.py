@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                               temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    session = ChatSession(Generator(model, unstack_layers=args.unstack_layers), processor, max_length=args.max_length, config=config)
+    generator = Generator(model, unstack_layers=args.unstack_layers)
+    session = ChatSession(generator, processor, max_length=args.max_length, config=config)
     images = list(args.image)
 
     def answer(question: str) -> None:
