@@ -92,7 +92,7 @@ def adapt_params(flat: dict[tuple, Any], cfg: OwlConfig, previous_lora: LoRAConf
 def prepare_synthetic(data_dir: str, syn: ConfigDict) -> None:
     """Generate the synthetic data and prepare it like any other source (once; process 0 writes)."""
     marker = os.path.join(data_dir, "synthetic.done.json")
-    wanted = syn.to_dict()
+    wanted = json.loads(json.dumps(syn.to_dict()))  # as read back from the marker: tuples become lists
     if jax.process_index() == 0 and not (os.path.exists(marker) and json.load(open(marker)) == wanted):
         from owl_jax.data.prepare import prepare
         from owl_jax.data.synthetic import generate
