@@ -35,6 +35,23 @@ def patchify(pixel_values: Array, patch_size: int) -> Array:
     return x.reshape(n, (h // p) * (w // p), c * p * p)
 
 
+def sincos_position_embedding(grid: int, dim: int) -> Array:
+    """MAE's fixed 2-D sin-cos embedding for a `grid`x`grid` patch grid plus a zero row for the class token:
+    `(1 + grid², dim)`, the first half of each row encoding the patch's row, the second half its column."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, not {dim}")
+    omega = 1.0 / 10000 ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim // 4))
+    coords = jnp.arange(grid, dtype=jnp.float32)
+    rows, cols = jnp.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: Array) -> Array:
+        angles = pos.reshape(-1)[:, None] * omega[None, :]
+        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
+
+    patches = jnp.concatenate([encode(rows), encode(cols)], axis=1)
+    return jnp.concatenate([jnp.zeros((1, dim), jnp.float32), patches], axis=0)
+
+
 class VisionLayer(nnx.Module):
     """One pre-LN transformer block; built with `stack=L` it holds all L layers."""
 
@@ -84,7 +101,10 @@ class VisionTower(nnx.Module):
         self.patch_embed = nnx.Param(patch_dim ** -0.5 * jax.random.normal(rngs.params(), (patch_dim, d), pdt),
                                      axes=("patch", "vision_embed"))
         self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d), pdt), axes=(None, None, "vision_embed"))
-        self.position_embedding = nnx.Param(jax.random.normal(rngs.params(), (1, cfg.num_positions, d), pdt),
+        # Positions start as fixed 2-D sin-cos values (MAE), so where a patch sits is readable, and smooth
+        # across the grid, from the first step rather than only after training has shaped random codes.
+        grid = cfg.image_size // cfg.patch_size
+        self.position_embedding = nnx.Param(sincos_position_embedding(grid, d)[None].astype(pdt),
                                             axes=(None, "positions", "vision_embed"))
         self.pre_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
         self.layers = VisionLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
