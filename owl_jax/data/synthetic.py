@@ -126,17 +126,19 @@ def _sizes(rng: random.Random, image_size: int, count: int, largest: int) -> lis
 
 
 def _scene(rng: random.Random, image_size: int, specs: Sequence[tuple[str, str]], *, largest: int = 28,
-           side: str | None = None) -> Scene:
-    """Place `specs` ((kind, colour) pairs) without overlap; `side` keeps one shape clear of the middle line."""
+           side: str | Sequence[str | None] | None = None) -> Scene:
+    """Place `specs` ((kind, colour) pairs) without overlap; `side` ("left"/"right", or one such entry or None
+    per shape) keeps a shape clear of the middle line on that side."""
     margin, gap = _scale(image_size, 2), _scale(image_size, 3)
+    sides = [side] * len(specs) if side is None or isinstance(side, str) else list(side)
     while True:  # rejection sampling; shrink the shapes if a crowded draw keeps failing
         sizes = _sizes(rng, image_size, len(specs), largest)
         placed: list[tuple[int, int, int]] = []
-        for size in sizes:
+        for size, where in zip(sizes, sides):
             lo_x, hi_x = margin, image_size - margin - size
-            if side == "left":
+            if where == "left":
                 hi_x = image_size // 2 - gap - size
-            elif side == "right":
+            elif where == "right":
                 lo_x = image_size - image_size // 2 + gap
             for _ in range(50):
                 x, y = rng.randint(lo_x, hi_x), rng.randint(margin, image_size - margin - size)
@@ -202,22 +204,24 @@ def sample_item(rng: random.Random, question_type: str, image_size: int = 64) ->
 
 
 def sample_caption(rng: random.Random, image_size: int = 64) -> tuple[Scene, str]:
-    """An image and a caption composed from what it shows (colour, kind, count, side, left-to-right order)."""
+    """An image and a caption composed from what it shows: colour, kind and side of each shape, or the count.
+
+    Every caption with one or two kinds of shape names the side of each, so stage 1 has to read where a shape
+    is as well as what it is (the questions ask about both)."""
     color, kind = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
     style = rng.random()
-    if style < 0.4:  # one shape clearly on one side
+    if style < 0.55:  # one shape clearly on one side
         side = rng.choice(("left", "right"))
         return _scene(rng, image_size, [(kind, color)], largest=24, side=side), f"a {color} {kind} on the {side}"
-    if style < 0.55:
-        return _scene(rng, image_size, [(kind, color)]), f"a {color} {kind}"
-    if style < 0.85:
+    if style < 0.8:
         n = rng.randint(2, 3)
         return (_scene(rng, image_size, [(kind, color)] * n, largest=24),
                 f"{NUMBER_WORDS[n - 1]} {color} {kind}s")
     color2 = rng.choice([c for c in sorted(COLORS) if c != color])
-    scene = _scene(rng, image_size, [(kind, color), (rng.choice(SHAPES), color2)], largest=24)
+    sides = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+    scene = _scene(rng, image_size, [(kind, color), (rng.choice(SHAPES), color2)], largest=24, side=sides)
     left, right = sorted(scene.shapes, key=lambda s: s.center[0])
-    return scene, f"a {left.color} {left.kind} and a {right.color} {right.kind}"
+    return scene, f"a {left.color} {left.kind} on the left and a {right.color} {right.kind} on the right"
 
 
 # -------------------------------------------------------------------------------------------- templates
