@@ -38,9 +38,9 @@ def get_config():
         optim=optim_config(lr=3e-3, warmup_steps=30, b2=0.98, weight_decay=0.01))
     c.stages.stage1 = stage_config(
         "stage1", steps=1200, batch_size=16, sources=[["captions"]], max_images=1,
-        optim=optim_config(lr=3e-3, warmup_steps=30, b2=0.98, weight_decay=0.01))
+        optim=optim_config(lr=1e-3, warmup_steps=30, b2=0.98, weight_decay=0.01))
     c.stages.stage2 = stage_config(
-        "stage2", steps=1000, batch_size=16, sources=[["instruct_text"], ["instruct_multimodal"]],
+        "stage2", steps=1000, batch_size=16, sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
         lora=lora_config(rank=8, alpha=32, dropout=0.0), train_abstractor=True,
         optim=optim_config(lr=2e-3, warmup_steps=30, weight_decay=1e-4))
     c.run = "llm_warmup,stage1,stage2"
