@@ -143,8 +143,10 @@ def test_eval_is_held_out_and_covers_every_type(dataset):
             assert rel not in train_paths and pixels(rel) not in train_pixels
     # The multimodal mixture spreads over every visual type.
     asked = [S.parse_templated_text(r["text"])[0][0][0] for r in train]
-    assert sum("first or" in q for q in asked) == 24 // len(S.VISUAL_TYPES)
-    assert sum(len(S.parse_templated_text(r["text"])[0]) == 2 for r in train) == 24 // len(S.VISUAL_TYPES)
+    assert set(S.MULTIMODAL_MIX) == set(S.VISUAL_TYPES)
+    slots = [S.MULTIMODAL_MIX[i % len(S.MULTIMODAL_MIX)] for i in range(len(train))]
+    assert sum("first or" in q for q in asked) == slots.count("two_image")
+    assert sum(len(S.parse_templated_text(r["text"])[0]) == 2 for r in train) == slots.count("multi_turn")
 
 
 def test_majority_baseline():

@@ -42,6 +42,9 @@ OPPOSITES = (("up", "down"), ("big", "small"), ("hot", "cold"), ("open", "closed
 
 VISUAL_TYPES = ("color", "shape", "count", "position", "two_image", "multi_turn")
 QUESTION_TYPES = VISUAL_TYPES + ("text",)
+# The training mixture of multimodal items, in slots: two-image questions get two, as they are the only ones
+# that need the LLM to tell its images apart, which the adapters learn slowest (eval keeps equal counts).
+MULTIMODAL_MIX = VISUAL_TYPES + ("two_image",)
 
 # A few phrasings per type so the model has to read the question rather than key on its exact tokens.
 QUESTIONS = {
@@ -335,9 +338,10 @@ def generate(out_dir: Union[str, os.PathLike], *, seed: int = 0, image_size: int
     """Write the synthetic dataset under `out_dir` (see the module docstring); the same seed gives
     byte-identical files.
 
-    Multimodal items are spread evenly (then shuffled) over `VISUAL_TYPES`; eval has `n_eval_per_type` items
-    of every type in `QUESTION_TYPES`, drawn from separate seed streams, and no eval image is pixel-identical
-    to a training image (text items may repeat training facts: they test instruction following from memory).
+    Multimodal items are spread evenly (then shuffled) over the slots of `MULTIMODAL_MIX`; eval has
+    `n_eval_per_type` items of every type in `QUESTION_TYPES`, drawn from separate seed streams, and no eval
+    image is pixel-identical to a training image (text items may repeat training facts: they test instruction
+    following from memory).
     """
     root = os.fspath(out_dir)
     images_dir = os.path.join(root, "images")
@@ -354,7 +358,7 @@ def generate(out_dir: Union[str, os.PathLike], *, seed: int = 0, image_size: int
         captions.append({"image": writer.write(image, f"cap_{i:06d}"), "caption": caption})
 
     rng = _stream(seed, "multimodal")
-    types = [VISUAL_TYPES[i % len(VISUAL_TYPES)] for i in range(n_multimodal)]
+    types = [MULTIMODAL_MIX[i % len(MULTIMODAL_MIX)] for i in range(n_multimodal)]
     rng.shuffle(types)
     multimodal = []
     for i, question_type in enumerate(types):
