@@ -4,8 +4,9 @@ The data (rendered shapes with captions, single-, two-image and multi-turn quest
 instructions) is generated into `<workdir>/data` and prepared into ArrayRecord shards like any real
 source. There is no pretrained LLaMA small enough here, so the run first trains its small LLM on the
 conversations' text (`text_pretrain`, standing in for LLaMA pretraining), then stage 1 (ViT + abstractor
-on captions, LLM frozen) and stage 2 (LoRA on q/v + abstractor, ViT frozen, half text-only half multimodal
-per step). Augmentation is off: the questions ask about left/right and counts, which flips and crops change.
+on captions, LLM frozen) and stage 2 (LoRA on the LLM's attention + abstractor, ViT frozen, a quarter
+text-only and three quarters multimodal rows per step). Augmentation is off: the questions ask about
+left/right and counts, which flips and crops change.
 """
 
 from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
@@ -37,11 +38,12 @@ def get_config():
         "text_pretrain", steps=300, batch_size=16, sources=[["instruct_text"], ["captions", "instruct_multimodal"]],
         optim=optim_config(lr=3e-3, warmup_steps=30, b2=0.98, weight_decay=0.01))
     c.stages.stage1 = stage_config(
-        "stage1", steps=1200, batch_size=16, sources=[["captions"]], max_images=1,
+        "stage1", steps=1000, batch_size=16, sources=[["captions"]], max_images=1, seq_len=48,
         optim=optim_config(lr=1e-3, warmup_steps=30, b2=0.98, weight_decay=0.01))
     c.stages.stage2 = stage_config(
-        "stage2", steps=1000, batch_size=16, sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
-        lora=lora_config(rank=8, alpha=32, dropout=0.0), train_abstractor=True,
+        "stage2", steps=1400, batch_size=16, sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
+        lora=lora_config(rank=8, alpha=32, dropout=0.0, targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
+        train_abstractor=True,
         optim=optim_config(lr=2e-3, warmup_steps=30, weight_decay=1e-4))
     c.run = "llm_warmup,stage1,stage2"
     return c
