@@ -27,7 +27,7 @@ def lora_config(rank: int = 0, alpha: float = 32.0, dropout: float = 0.05,
 def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: ConfigDict,
                  grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
                  lora: ConfigDict | None = None, drop_images: bool = False, max_images: int = 0,
-                 seq_len: int = 0, eval_every: int = 0, loss_chunk: int = 256) -> ConfigDict:
+                 eval_every: int = 0, loss_chunk: int = 256) -> ConfigDict:
     """One stage.
 
     Args:
@@ -38,8 +38,6 @@ def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: Conf
       frozen_dtype: hold frozen parameters in this dtype (e.g. "bfloat16"); "" keeps them as loaded.
       drop_images: train on the conversations' text only.
       max_images: image slots per row in this stage (0: `data.max_images`); captions need one.
-      seq_len: tokens per row in this stage (0: `data.seq_len`); short caption rows need fewer. Evaluation
-        always uses `data.seq_len` and `data.max_images`.
       loss_chunk: sequence positions per chunk of the cross-entropy (0: the whole batch's logits at once);
         chunks cut the step's temporaries (4 x 512 tokens, vocab 32000: 939 MiB unchunked, 473 MiB with 256,
         347 MiB with 128) and were no slower.
@@ -48,8 +46,7 @@ def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: Conf
                            train_abstractor=train_abstractor, frozen_dtype=frozen_dtype, loss_chunk=loss_chunk,
                            lora=lora if lora is not None else lora_config(), optim=optim, eval_every=eval_every,
                            data=ConfigDict(dict(sources=tuple(tuple(group) for group in sources),
-                                                drop_images=drop_images, max_images=max_images,
-                                                seq_len=seq_len))))
+                                                drop_images=drop_images, max_images=max_images))))
 
 
 def base_config() -> ConfigDict:

@@ -91,8 +91,7 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
     start = int(state.step)
 
     max_images = stage.data.max_images or data_cfg.max_images
-    seq_len = stage.data.get("seq_len", 0) or data_cfg.seq_len
-    spec = PipelineSpec(seq_len=seq_len, max_images=max_images, image_size=cfg.vision.image_size,
+    spec = PipelineSpec(seq_len=data_cfg.seq_len, max_images=max_images, image_size=cfg.vision.image_size,
                         image_tokens=cfg.image_tokens, augment=data_cfg.augment, drop_images=stage.data.drop_images)
     transform = ExampleTransform(spec, tokenizer)
     procs = jax.process_count()
@@ -108,7 +107,7 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
 
     writer = MetricsWriter(os.path.join(stage_dir, "logs"), tensorboard=log_cfg.tensorboard)
     images_per_step = stage.batch_size * max_images
-    flops = train_step_flops(cfg, stage.kind, rows=stage.batch_size, seq_len=seq_len,
+    flops = train_step_flops(cfg, stage.kind, rows=stage.batch_size, seq_len=data_cfg.seq_len,
                              images=0 if stage.data.drop_images else images_per_step,
                              train_abstractor=stage.train_abstractor)
     peak = peak_flops_per_device or peak_flops(jax.devices()[0].device_kind)
@@ -130,7 +129,7 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
                 elapsed = time.perf_counter() - window_start
                 window_tokens += values["tokens"]
                 values["answer_tokens_per_s"] = window_tokens / elapsed
-                values["tokens_per_s"] = window_steps * stage.batch_size * seq_len / elapsed
+                values["tokens_per_s"] = window_steps * stage.batch_size * data_cfg.seq_len / elapsed
                 values["step_s"] = elapsed / window_steps
                 if peak:
                     values["mfu"] = flops * window_steps / elapsed / (peak * jax.device_count())
@@ -144,7 +143,7 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
             if bar is not None:
                 bar.update(1)
             if stage.eval_every and done % stage.eval_every == 0 and done != stage.steps and eval_paths:
-                result = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg)
+                result = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg.max_images)
                 writer.write(done, {"loss": result["loss"], "overall": result["overall"],
                                     **{f"accuracy/{g}": a for g, a in result["accuracy"].items()}}, prefix="eval")
             ckpt.save(done, state, iterator.get_state(), config_dict)
@@ -171,7 +170,7 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
         writer.close()
     evaluation = None
     if eval_paths:
-        evaluation = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg)
+        evaluation = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg.max_images)
         writer = MetricsWriter(os.path.join(stage_dir, "logs"), tensorboard=log_cfg.tensorboard)
         writer.write(stage.steps, {"loss": evaluation["loss"], "overall": evaluation["overall"],
                                    **{f"accuracy/{g}": a for g, a in evaluation["accuracy"].items()}}, prefix="eval")
@@ -181,11 +180,9 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
 
 
 def _evaluate(trainer: Trainer, params: Any, paths: list[str], transform: ExampleTransform, batch_size: int,
-              data_cfg: Any):
-    # Eval rows take the run's own row shape, not the stage's (stage 1 may train on shorter caption rows).
+              max_images: int):
     eval_transform = ExampleTransform(dataclasses.replace(transform.spec, augment=False, drop_images=False,
-                                                          max_images=data_cfg.max_images,
-                                                          seq_len=data_cfg.seq_len),
+                                                          max_images=max_images),
                                       transform.tokenizer_path)
     batches, examples = evaluation_rows(paths, eval_transform, batch_size=batch_size)
     return evaluate(trainer, params, batches, examples)
