@@ -38,10 +38,10 @@ def get_config():
         "text_pretrain", steps=300, batch_size=16, sources=[["instruct_text"], ["captions", "instruct_multimodal"]],
         optim=optim_config(lr=3e-3, warmup_steps=30, b2=0.98, weight_decay=0.01))
     c.stages.stage1 = stage_config(
-        "stage1", steps=1000, batch_size=16, sources=[["captions"]], max_images=1,
+        "stage1", steps=1200, batch_size=16, sources=[["captions"]], max_images=1,
         optim=optim_config(lr=1e-3, warmup_steps=30, b2=0.98, weight_decay=0.01))
     c.stages.stage2 = stage_config(
-        "stage2", steps=1300, batch_size=16, sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
+        "stage2", steps=1200, batch_size=16, sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
         lora=lora_config(rank=8, alpha=32, dropout=0.0, targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
         train_abstractor=True,
         optim=optim_config(lr=2e-3, warmup_steps=30, weight_decay=1e-4))
