@@ -44,6 +44,6 @@ def get_config():
         "stage2", steps=1200, batch_size=16, sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
         lora=lora_config(rank=8, alpha=32, dropout=0.0, targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
         train_abstractor=True,
-        optim=optim_config(lr=2e-3, warmup_steps=30, weight_decay=1e-4))
+        optim=optim_config(lr=4e-3, warmup_steps=30, weight_decay=1e-4))
     c.run = "llm_warmup,stage1,stage2"
     return c
