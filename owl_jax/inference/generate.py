@@ -196,11 +196,6 @@ def _first_select(logits, history, key, cfg: GenerationConfig):
     return picked, picked == cfg.eos_token_id, history, key
 
 
-def _under_llm_layers(path) -> bool:
-    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    return any(a == "language_model" and b == "layers" for a, b in zip(keys, keys[1:]))
-
-
 class Generator:
     """Generation for one model; compiled functions are cached per bucket and reused across calls.
 
@@ -224,8 +219,8 @@ class Generator:
             with use_mesh(mesh):
                 layer_states = unstack_layer_states(model.language_model.layers, model.config.text.num_layers)
             # The generator's own state drops its reference to the stacked layer weights (never read now).
-            state = jax.tree_util.tree_map_with_path(
-                lambda path, a: jnp.zeros((), a.dtype) if _under_llm_layers(path) else a, state)
+            llm = state["language_model"]
+            llm["layers"] = jax.tree.map(lambda a: jnp.zeros((), a.dtype), llm["layers"])
         self.state = (state, layer_states)
         self.prefill = jax.jit(_prefill, static_argnums=(0, 5))
         self.decode = jax.jit(_decode, static_argnums=(0,), donate_argnums=(2,))

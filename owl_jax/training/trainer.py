@@ -196,15 +196,21 @@ class Trainer:
                    "lr": self.schedule(state.step), "nonfinite_steps": opt_state.total_notfinite}
         return new_state, metrics
 
-    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimizer step on a global batch (rows sharded over data × fsdp); the state is donated."""
+    def jitted_step(self, state: TrainState, batch: Batch) -> Callable:
+        """The jitted step `train_step` runs (explicit shardings from this state and batch, donated state);
+        lower it inside `use_mesh(self.mesh)`."""
         if self._train_step is None:
             state_shardings = jax.tree.map(lambda x: x.sharding, state)
             batch_shardings = {k: self.batch_sharding for k in batch}
             self._train_step = jax.jit(self._step, in_shardings=(state_shardings, batch_shardings),
                                        out_shardings=(state_shardings, self.replicated), donate_argnums=0)
+        return self._train_step
+
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step on a global batch (rows sharded over data × fsdp); the state is donated."""
+        step = self.jitted_step(state, batch)
         with use_mesh(self.mesh):
-            return self._train_step(state, batch)
+            return step(state, batch)
 
     def _eval(self, params: dict, batch: Batch) -> dict[str, jax.Array]:
         logits = self.logits(params, batch, None)
@@ -227,9 +233,9 @@ class Trainer:
     def global_batch(self, local: dict[str, np.ndarray]) -> Batch:
         """This process's rows → one global array per field, sharded over data × fsdp."""
         if self.right_padded and "attention_mask" in local:
-            mask = np.asarray(local["attention_mask"])
-            if mask.size and (np.diff(mask.astype(np.int64), axis=1) > 0).any():
-                rows = np.nonzero((np.diff(mask.astype(np.int64), axis=1) > 0).any(axis=1))[0]
+            rises = (np.diff(np.asarray(local["attention_mask"], np.int64), axis=1) > 0).any(axis=1)
+            if rises.any():
+                rows = np.nonzero(rises)[0]
                 raise ValueError(f"rows {rows[:8].tolist()} of attention_mask are not right-padded (a 0 before a 1); "
                                  "build the Trainer with right_padded=False for other padding")
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
