@@ -14,7 +14,7 @@ from flax import nnx
 
 from owl_jax.config import LoRAConfig, TextConfig
 from owl_jax.modeling._attention import apply_rope, dot_product_attention
-from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of
+from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of, matmul_f32
 from owl_jax.modeling._stack import apply_layers
 from owl_jax.modeling.hf_names import hf_module
 from owl_jax.sharding import constrain
@@ -23,15 +23,27 @@ Array = jax.Array
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: `(layers, B, S, Hkv, Dh)` each, S the preallocated length."""
+    """Keys and values of every layer, S the preallocated length: either stacked, `(layers, B, Hkv, S, Dh)`
+    each, or one `(B, Hkv, S, Dh)` buffer per layer (tuples; `per_layer`), which an unrolled decode step
+    updates in place instead of slicing and restacking the whole cache. Heads come before positions so
+    that attention's batched matmuls read the cache without transposing it."""
 
-    k: Array
-    v: Array
+    k: Array | tuple[Array, ...]
+    v: Array | tuple[Array, ...]
 
     @classmethod
-    def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: str = "float32") -> "KVCache":
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: str = "float32", *,
+              per_layer: bool = False) -> "KVCache":
+        if per_layer:
+            shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+            return cls(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                       tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
 
 
 class LlamaLayer(nnx.Module):
@@ -72,13 +84,14 @@ class LlamaLayer(nnx.Module):
         k = apply_rope(k, positions, self.rope_theta)
         new_cache = None
         if cache is not None:
-            ck, cv = cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            ck, cv = cache  # (B, Hkv, S, Dh)
+            start = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
+            v = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
             new_cache = (k, v)
         ctx = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask,
-                                    is_causal=mask is None, implementation=self.attention_impl)
+                                    is_causal=mask is None, implementation=self.attention_impl,
+                                    heads_major_kv=cache is not None)
         x = x + self.o_proj(ctx.reshape(b, length, self.num_heads * self.head_dim), keys[3])
         h = self.post_attention_layernorm(x)
         h = self.down_proj(jax.nn.silu(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
@@ -126,7 +139,8 @@ class LlamaModel(nnx.Module):
           mask: `(B, L, K)` boolean; K = L without a cache, K = S (the cache length) with one. None (no
             cache only): causal attention over all L positions, which is exact for every real token of
             right-padded rows and lets fused kernels skip the mask.
-          cache: optional `KVCache`; this call's keys/values are written at `cache_index`.
+          cache: optional `KVCache` (stacked or per layer); this call's keys/values are written at
+            `cache_index`, and the cache comes back in the same layout.
           layer_states: optional per-layer parameter states used instead of the stacked ones (see
             `owl_jax.modeling._stack.apply_layers`; inference only).
 
@@ -143,6 +157,13 @@ class LlamaModel(nnx.Module):
             layer_cache, k = xs
             return layer(h, positions, mask, layer_cache, cache_index, k)
 
+        if cache is not None and cache.per_layer:
+            if layer_states is None and self.scan_layers:
+                raise ValueError("a per-layer KV cache needs per-layer weights (layer_states) or unscanned layers")
+            xs = [((cache.k[i], cache.v[i]), None if keys is None else keys[i]) for i in range(n)]
+            x, new = apply_layers(self.layers, x, body, num_layers=n, scan=False, xs=xs, xs_per_layer=True,
+                                  layer_states=layer_states)
+            return self.norm(x), KVCache(tuple(c[0] for c in new), tuple(c[1] for c in new))
         xs = (None if cache is None else (cache.k, cache.v), keys)
         x, new = apply_layers(self.layers, x, body, num_layers=n, scan=self.scan_layers,
                               remat_policy=self.remat_policy, xs=xs, layer_states=layer_states)
@@ -154,5 +175,5 @@ class LlamaModel(nnx.Module):
             out = self.lm_head(hidden, float32_output=True)
         else:
             dt = dtype_of(self.dtype)
-            out = jnp.matmul(hidden.astype(dt), self.embed_tokens[...].T.astype(dt), preferred_element_type=jnp.float32)
+            out = matmul_f32(hidden, self.embed_tokens[...].T, dt)
         return constrain(out, ("batch", "length", "act_vocab"))
