@@ -161,9 +161,13 @@ def test_unstacked_layers_reproduce_the_released_greedy(reference):
     out = gen.generate(reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3],
                        GREEDY)
     assert out.tokens == [reference["greedy_0"][1:].tolist(), reference["greedy_1"][1:].tolist()]
-    # The generator holds no stacked LLM layer weights of its own.
+    # The generator holds no stacked LLM layer weights of its own, and its KV cache is one buffer per layer.
     sizes = [a.size for a in jax.tree.leaves(gen.state[0]["language_model"]["layers"])]
     assert sizes and all(n == 1 for n in sizes)
+    text = gen.model.config.text
+    cache = gen.new_cache(2, 16)
+    assert cache.per_layer and len(cache.k) == len(cache.v) == text.num_layers
+    assert cache.k[0].shape == (2, text.num_kv_heads, 16, text.head_dim)
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")

@@ -90,8 +90,7 @@ class ChatSession:
                              f"{self.max_length}; reset() it or start one with a larger max_length")
         start = self._reusable_prefix(ids)
         if self.cache is None:
-            self.cache = KVCache.zeros(self.generator.model.config.text, 1, self.max_length,
-                                       self.generator.model.config.dtype)
+            self.cache = self.generator.new_cache(1, self.max_length)
             self.key_valid = jnp.zeros((1, self.max_length), bool)
         suffix = ids[start:]
         first_image = sum(1 for i, t in enumerate(ids[:start]) if t < 0 and (i == 0 or ids[i - 1] >= 0))

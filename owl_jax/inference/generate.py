@@ -117,7 +117,10 @@ def select_tokens(logits: Array, step: Array, history: Array, history_len: Array
 # Compiled pieces (pure functions of the split model state).
 
 def _cache_axes(cache: KVCache) -> KVCache:
-    axes = (None, "batch", None, "act_heads", None)
+    if cache.per_layer:
+        axes = ("batch", "act_heads", None, None)
+        return KVCache(tuple(constrain(a, axes) for a in cache.k), tuple(constrain(a, axes) for a in cache.v))
+    axes = (None, "batch", "act_heads", None, None)
     return KVCache(constrain(cache.k, axes), constrain(cache.v, axes))
 
 
@@ -138,7 +141,8 @@ def _prefill(graphdef, params, input_ids, mask, image_embeds, cache_len: int):
     slots = jnp.arange(cache_len)
     key_valid = jnp.pad(mask > 0, ((0, 0), (0, cache_len - p)))
     attend = (slots[None, None, :] <= jnp.arange(p)[None, :, None]) & key_valid[:, None, :]
-    cache = _cache_axes(KVCache.zeros(model.config.text, b, cache_len, model.config.dtype))
+    cache = _cache_axes(KVCache.zeros(model.config.text, b, cache_len, model.config.dtype,
+                                      per_layer=layer_states is not None))
     hidden, cache = model.language_model(embeds, positions, attend, cache=cache, cache_index=0,
                                          layer_states=layer_states)
     logits = model.language_model.logits(hidden[:, -1:])[:, 0]
@@ -206,7 +210,8 @@ class Generator:
       unstack_layers: run the LLM from a copy of its layer weights held as one buffer per layer (an
         unrolled loop) instead of slicing each layer out of the stacked weights: on a GPU the slice is a
         copy that triples a decode step's weight traffic. The copy costs the LLM layers' memory once more
-        while the model's own stacked weights are alive.
+        while the model's own stacked weights are alive. The KV cache is then one buffer per layer too
+        (`KVCache.per_layer`), so a step updates it in place rather than restacking it.
     """
 
     def __init__(self, model: Owl, *, mesh: jax.sharding.Mesh | None = None, prompt_bucket: int = 64,
@@ -228,6 +233,12 @@ class Generator:
         self.first_select = jax.jit(_first_select, static_argnums=(3,))
         self.decode_select = jax.jit(_decode_select, static_argnums=(0, 11), donate_argnums=(2,))
         self.encode = jax.jit(lambda params, px: _merge(self.graphdef, params)[0].encode_images(px))
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache in the layout this generator's steps take."""
+        cfg = self.model.config
+        with self._ctx():
+            return KVCache.zeros(cfg.text, batch, length, cfg.dtype, per_layer=self.state[1] is not None)
 
     def _ctx(self):
         return use_mesh(self.mesh)

@@ -54,12 +54,14 @@ def resolve_implementation(implementation: str, dtype, *, dropout: bool, masked:
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None = None,
                           is_causal: bool = False, dropout_rate: float = 0.0, dropout_key: Array | None = None,
-                          implementation: str = "xla") -> Array:
+                          implementation: str = "xla", heads_major_kv: bool = False) -> Array:
     """Multi-head attention with grouped key/value heads.
 
     Args:
       q: `(B, Lq, H, Dh)` queries.
-      k, v: `(B, Lk, Hkv, Dh)` keys and values; `H` must be a multiple of `Hkv`.
+      k, v: `(B, Lk, Hkv, Dh)` keys and values, or `(B, Hkv, Lk, Dh)` with `heads_major_kv` (the KV
+        cache's layout: the reference path's batched matmuls read it as it is, where the other layout
+        makes XLA transpose every key and value first); `H` must be a multiple of `Hkv`.
       scale: multiplier of the scores (`Dh ** -0.5`).
       mask: optional `(B, Lq, Lk)` boolean, True where a query may attend to a key.
       is_causal: query i attends to keys j <= i only (with `mask`, both apply); needs Lq == Lk.
@@ -71,6 +73,15 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: A
       `(B, Lq, H, Dh)` in `q.dtype`.
     """
     dropout_on = dropout_rate > 0 and dropout_key is not None
+    if heads_major_kv:
+        if implementation == "xla" or resolve_implementation(implementation, q.dtype, dropout=dropout_on,
+                                                             masked=mask is not None) == "xla":
+            if is_causal:
+                causal = jnp.tril(jnp.ones((q.shape[1], k.shape[2]), bool))[None]
+                mask = causal if mask is None else mask & causal
+            return _reference_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate,
+                                        dropout_key=dropout_key, heads_major_kv=True)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if is_causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many queries as keys; got {q.shape[1]} and {k.shape[1]}")
     impl = resolve_implementation(implementation, q.dtype, dropout=dropout_on, masked=mask is not None,
@@ -177,17 +188,18 @@ def _splash_attention(q: Array, k: Array, v: Array, *, scale: float, is_causal: 
 
 
 def _reference_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None,
-                         dropout_rate: float, dropout_key: Array | None) -> Array:
+                         dropout_rate: float, dropout_key: Array | None, heads_major_kv: bool = False) -> Array:
     b, lq, h, dh = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1 if heads_major_kv else 2]
     groups = h // hkv
+    kv = "bhkd" if heads_major_kv else "bkhd"
     qg = q.reshape(b, lq, hkv, groups, dh)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"bqhgd,{kv}->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, dropout_rate, dropout_key)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bhgqk,{kv}->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, lq, h, dh).astype(q.dtype)
 
 

@@ -21,7 +21,7 @@ REMAT_POLICIES: dict[str, Any] = {
 
 def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], *,
                  num_layers: int, scan: bool = True, remat_policy: str = "none", xs: Any = None,
-                 layer_states: Sequence[Any] | None = None) -> tuple[Any, Any]:
+                 layer_states: Sequence[Any] | None = None, xs_per_layer: bool = False) -> tuple[Any, Any]:
     """Fold `body(layer, carry, x_i) -> (carry, y_i)` over the stacked `layers`.
 
     Args:
@@ -30,6 +30,9 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
       xs: optional per-layer inputs with a leading `num_layers` axis (e.g. dropout keys, cache slices).
       scan: `lax.scan` (compile one layer) when True, a Python loop otherwise.
       remat_policy: "none" or a key of `REMAT_POLICIES`.
+      xs_per_layer: `xs` is a sequence of `num_layers` per-layer inputs instead of arrays with a leading
+        layer axis, and the per-layer outputs come back as a list (unrolled loops only: `scan=False` or
+        `layer_states`); per-layer buffers (a KV cache) then pass through without being restacked.
       layer_states: optional per-layer states (one `nnx.State` per layer, e.g. from `unstack_layer_states`):
         an unrolled loop over them replaces the stacked parameters, so no layer's weights are sliced out of
         the stack (on a GPU that slice is a copy, which triples a decode step's weight traffic).
@@ -38,10 +41,16 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
       The final carry and the per-layer outputs stacked on a leading axis (None if `body` returns None).
     """
     graphdef, state = nnx.split(layers)
+    if xs_per_layer:
+        if scan and layer_states is None:
+            raise ValueError("per-layer inputs need an unrolled loop (scan=False or layer_states)")
+        if len(xs) != num_layers:
+            raise ValueError(f"{len(xs)} per-layer inputs for {num_layers} layers")
     if layer_states is not None:
         if len(layer_states) != num_layers:
             raise ValueError(f"{len(layer_states)} layer states for {num_layers} layers")
-        return _unrolled(lambda c, i, x: body(nnx.merge(graphdef, layer_states[i]), c, x), carry, xs, num_layers)
+        return _unrolled(lambda c, i, x: body(nnx.merge(graphdef, layer_states[i]), c, x), carry, xs, num_layers,
+                         xs_per_layer)
 
     def step(c: Any, inputs: Any) -> tuple[Any, Any]:
         layer_state, x = inputs
@@ -54,14 +63,18 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
 
     if scan:
         return jax.lax.scan(step, carry, (state, xs), length=num_layers)
-    return _unrolled(lambda c, i, x: step(c, (jax.tree.map(lambda a: a[i], state), x)), carry, xs, num_layers)
+    return _unrolled(lambda c, i, x: step(c, (jax.tree.map(lambda a: a[i], state), x)), carry, xs, num_layers,
+                     xs_per_layer)
 
 
-def _unrolled(step: Callable[[Any, int, Any], tuple[Any, Any]], carry: Any, xs: Any, num_layers: int):
+def _unrolled(step: Callable[[Any, int, Any], tuple[Any, Any]], carry: Any, xs: Any, num_layers: int,
+              xs_per_layer: bool = False):
     outputs = []
     for i in range(num_layers):
-        carry, y = step(carry, i, jax.tree.map(lambda a: a[i], xs))
+        carry, y = step(carry, i, xs[i] if xs_per_layer else jax.tree.map(lambda a: a[i], xs))
         outputs.append(y)
+    if xs_per_layer:
+        return carry, outputs
     if outputs and outputs[0] is not None:
         stacked = jax.tree.map(lambda *ys: jax.numpy.stack(ys), *outputs)
     else:
