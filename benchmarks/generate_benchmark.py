@@ -64,9 +64,10 @@ def measure(generator, ids, mask, pixels, new_tokens: int):
     return {"ttft_s": marks["first"] - start, "decode_s": end - marks["first"], "total_s": end - start}
 
 
-def device_step_ms(generator, ids, steps: int = 32) -> float:
+def device_step_ms(generator, ids, steps: int = 32, trace_dir: str | None = None) -> float:
     """Mean time of one decode step run back to back on the device (no token selection, no
-    host round trip): the kernel time the generation loop's per-token overhead adds to."""
+    host round trip): the kernel time the generation loop's per-token overhead adds to. With
+    `trace_dir`, 5 more steps are traced there and the profile's summary printed."""
     import jax
     import jax.numpy as jnp
 
@@ -87,8 +88,18 @@ def device_step_ms(generator, ids, steps: int = 32) -> float:
 
         cache, key_valid = run(cache, key_valid, 2)
         start = time.perf_counter()
-        run(cache, key_valid, steps - 2)
-    return (time.perf_counter() - start) / (steps - 2) * 1e3
+        cache, key_valid = run(cache, key_valid, steps - 2)
+        elapsed = time.perf_counter() - start
+        if trace_dir:
+            from benchmarks._profile import profile
+
+            carry = [cache, key_valid]
+
+            def one() -> None:
+                carry[:] = run(*carry, 1)
+
+            print(profile(one, trace_dir, steps=5), file=sys.stderr, flush=True)
+    return elapsed / (steps - 2) * 1e3
 
 
 # HBM bandwidth per chip, bytes/s, by `jax.Device.device_kind` substring.
@@ -130,6 +141,8 @@ def main() -> None:
     parser.add_argument("--unstack-layers", action="store_true",
                         help="Generator(unstack_layers=True): the LLM's layers from one weight buffer each")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="trace 5 back-to-back decode steps per batch size into DIR and print where the time goes")
     args = parser.parse_args()
 
     import jax
@@ -156,7 +169,8 @@ def main() -> None:
         runs = [measure(generator, ids, mask, pixels, args.new_tokens) for _ in range(args.repeats)]
         ttft = statistics.median(r["ttft_s"] for r in runs)
         decode = statistics.median(r["decode_s"] for r in runs)
-        device_ms = device_step_ms(generator, ids)
+        device_ms = device_step_ms(generator, ids,
+                                   trace_dir=args.profile and os.path.join(args.profile, f"decode_batch{batch}"))
         rows.append({"batch": batch, "prompt_len": args.prompt_len, "images": batch * args.images_per_row,
                      "device_decode_ms_per_step": device_ms,
                      "ttft_ms": ttft * 1e3, "prefill_tok_s": batch * args.prompt_len / ttft,

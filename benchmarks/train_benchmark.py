@@ -193,6 +193,15 @@ def run_stage_rows(stage: str, stage_cfg, rows: int, args, mesh) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step = statistics.median(times)
+    if args.profile:
+        from benchmarks._profile import profile
+
+        def one() -> None:
+            nonlocal state, metrics
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+
+        print(profile(one, os.path.join(args.profile, stage)), file=sys.stderr, flush=True)
     images = rows * args.images_per_row
     flops = train_step_flops(stage_cfg, stage, rows=rows, seq_len=args.seq_len, images=images)
     kind = jax.devices()[0].device_kind
@@ -227,6 +236,8 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="per-chip peak for MFU (default: by chip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace 3 more steps into DIR/<stage> and print where the device time goes")
     args = p.parse_args()
 
     import jax
