@@ -149,7 +149,7 @@ def test_matmul_gradients_in_every_compute_dtype(dtype, transposed_copies, monke
     from owl_jax.modeling import _layers
     from owl_jax.modeling._layers import matmul_f32
 
-    monkeypatch.setattr(_layers, "_transposed_copies_pay", lambda: transposed_copies)  # the CPU's path or others'
+    monkeypatch.setattr(_layers, "_cpu_matmul_path", lambda: transposed_copies)  # the CPU's path or others'
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (3, 5, 24))
     w = jax.random.normal(kw, (24, 40)) * 0.2

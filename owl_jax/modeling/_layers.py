@@ -41,52 +41,63 @@ def _row_major_transpose(a: Array) -> Array:
     return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[1], a.shape[0])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _half_matmul(x: Array, w: Array, transposed_copies: bool) -> Array:
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _half_matmul(x: Array, w: Array, cpu: bool, out_dtype: str) -> Array:
+    return jnp.matmul(x, w, preferred_element_type=jnp.dtype(out_dtype))
 
 
-def _half_matmul_fwd(x: Array, w: Array, transposed_copies: bool):
-    return _half_matmul(x, w, transposed_copies), (x, w)
+def _half_matmul_fwd(x: Array, w: Array, cpu: bool, out_dtype: str):
+    return _half_matmul(x, w, cpu, out_dtype), (x, w)
 
 
-def _half_matmul_bwd(transposed_copies: bool, res, g: Array):
+def _half_matmul_bwd(cpu: bool, out_dtype: str, res, g: Array):
     x, w = res
-    g = g.astype(x.dtype)  # the float32 output's cotangent, back in the compute dtype (as under torch.autocast)
-    t = _row_major_transpose if transposed_copies else (lambda a: a.T)
-    dx = jnp.matmul(g, t(w), preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.matmul(t(x), g, preferred_element_type=jnp.float32).astype(w.dtype)
+    g = g.astype(x.dtype)  # the cotangent back in the compute dtype (as under torch.autocast)
+    if cpu:  # float32 results from physically transposed operands, then cast
+        dx = jnp.matmul(g, _row_major_transpose(w), preferred_element_type=jnp.float32).astype(x.dtype)
+        dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(w.dtype)
+    else:  # accumulated in float32 by the matrix unit, written in the compute dtype
+        dx = jnp.matmul(g, w.T, preferred_element_type=x.dtype)
+        dw = jnp.matmul(x.T, g, preferred_element_type=w.dtype)
     return dx, dw
 
 
 _half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
 
 
-def _transposed_copies_pay() -> bool:
+def _cpu_matmul_path() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def matmul_f32(x: Array, w: Array, dtype: jnp.dtype) -> Array:
-    """`x @ w` with inputs in `dtype`, accumulated and returned in float32.
+def _is_half(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
-    In bf16/fp16 the backward pass multiplies in the compute dtype too: the float32 output's cotangent is
-    cast back first, as under `torch.autocast`. (Left to JAX's own rule, a half-precision dot with a
-    float32 output has float32 × float32 backward dots, with every weight upcast, at a fraction of the
-    tensor cores' bf16 rate.) On the CPU the backward operands are also physically transposed copies (see
-    `_row_major_transpose`): a bf16 train step's matmuls then run on the fast GEMM path (measured: 1.7x
-    faster for a two-layer MLP step, 166 -> 286 GFLOP/s). In float32 this is a plain matmul.
+
+def matmul_f32(x: Array, w: Array, dtype: jnp.dtype, *, out_dtype=jnp.float32) -> Array:
+    """`x @ w` with inputs in `dtype`, accumulated in float32 and returned in float32 (or `out_dtype`).
+
+    In bf16/fp16 the backward pass multiplies in the compute dtype too: the output's cotangent is cast
+    back first, as under `torch.autocast`. (Left to JAX's own rule, a half-precision dot with a float32
+    output has float32 × float32 backward dots, with every weight upcast, at a fraction of the tensor
+    cores' bf16 rate.) Accelerators write half-precision results straight from their float32
+    accumulators. On the CPU results are float32 and cast, and the backward operands are physically
+    transposed copies (see `_row_major_transpose`): a bf16 train step's matmuls then run on the fast GEMM
+    path (measured: 1.7x faster for a two-layer MLP step, 166 -> 286 GFLOP/s). In float32 this is a plain
+    matmul.
     """
     x, w = x.astype(dtype), w.astype(dtype)
-    if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if _is_half(dtype):
+        cpu = _cpu_matmul_path()
+        out = jnp.dtype(jnp.float32 if cpu else out_dtype)
         lead = x.shape[:-1]
-        y = _half_matmul(x.reshape(-1, x.shape[-1]), w, _transposed_copies_pay())
-        return y.reshape(*lead, w.shape[-1])
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+        y = _half_matmul(x.reshape(-1, x.shape[-1]), w, cpu, out.name)
+        return y.reshape(*lead, w.shape[-1]).astype(out_dtype)
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def matmul(x: Array, w: Array, dtype: jnp.dtype) -> Array:
-    """`x @ w` in `dtype` with float32 accumulation (faster and more accurate for bf16 than a bf16 output)."""
-    return matmul_f32(x, w, dtype).astype(dtype)
+    """`x @ w` in `dtype`, accumulated in float32 (see `matmul_f32`)."""
+    return matmul_f32(x, w, dtype, out_dtype=dtype)
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
@@ -164,6 +175,8 @@ class Linear(nnx.Module):
     def __call__(self, x: Array, dropout_key: Array | None = None, *, float32_output: bool = False) -> Array:
         """`(..., in)` → `(..., out)` in the compute dtype (float32 with `float32_output`)."""
         dt = dtype_of(self.dtype)
+        if self.bias is None and self.lora_a is None and not float32_output:
+            return matmul(x, self.kernel[...], dt)
         y = matmul_f32(x, self.kernel[...], dt)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
