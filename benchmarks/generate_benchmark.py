@@ -125,6 +125,27 @@ def random_model(size: str, dtype: str, scan_layers: bool = True):
     return assemble(graphdef, abstract, random_leaves(specs, seed=0))
 
 
+def parse_options(items: list[str]) -> dict:
+    """["key=value", ...] → {key: bool | int | float | str}."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--compiler-option wants KEY=VALUE, got {item!r}")
+        low = value.lower()
+        if low in ("true", "false"):
+            options[key] = low == "true"
+        else:
+            try:
+                options[key] = int(value)
+            except ValueError:
+                try:
+                    options[key] = float(value)
+                except ValueError:
+                    options[key] = value
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=os.path.join(REPO, "tests", "fixtures", "mplug_owl_tiny", "checkpoint"))
@@ -140,6 +161,9 @@ def main() -> None:
                         help="run the layers as an unrolled loop instead of one scanned layer")
     parser.add_argument("--unstack-layers", action="store_true",
                         help="Generator(unstack_layers=True): the LLM's layers from one weight buffer each")
+    parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an XLA option for the generator's compiled steps (repeatable), e.g. "
+                             "xla_gpu_enable_triton_gemm=false")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="trace 5 back-to-back decode steps per batch size into DIR and print where the time goes")
@@ -157,7 +181,8 @@ def main() -> None:
         model, _ = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, scan_layers=not args.unrolled,
                                            show_progress=False)
         name = os.path.basename(os.path.normpath(args.checkpoint))
-    generator = Generator(model, unstack_layers=args.unstack_layers)
+    generator = Generator(model, unstack_layers=args.unstack_layers,
+                          compiler_options=parse_options(args.compiler_option))
     t = model.config.text
     itemsize = jax.numpy.dtype(args.dtype).itemsize
     weight_bytes = tower_matmul_params(model.config)["llm"] * itemsize  # every LLaMA matmul weight, head included
@@ -185,6 +210,8 @@ def main() -> None:
         print(f"batch {batch}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     device = jax.devices()[0]
     layout = "unstacked" if args.unstack_layers else "unrolled" if args.unrolled else "scanned"
+    if args.compiler_option:
+        layout += ", " + " ".join(args.compiler_option)
     print(f"\nmodel {name} ({args.dtype}, {layout} layers), {device.platform} "
           f"{device.device_kind} x{jax.device_count()}; prompt {args.prompt_len} tokens with "
           f"{args.images_per_row} image(s) per row, {args.new_tokens} new tokens, median of {args.repeats}\n")

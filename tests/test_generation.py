@@ -1,5 +1,6 @@
 """Generation: exact greedy decoding, the KV cache against full recomputation, chat turns, compilation count."""
 
+import dataclasses
 import shutil
 
 import jax
@@ -156,8 +157,10 @@ def test_chat_turn_after_an_eos_stop_equals_reencoding(model_and_processor):
     assert second == processor.decode([t for t in fresh if t != config.eos_token_id]).strip()
 
 
-def test_unstacked_layers_reproduce_the_released_greedy(reference):
-    gen = Generator(load_fixture_model("checkpoint"), unstack_layers=True)
+@pytest.mark.parametrize("fuse", [True, False])
+def test_unstacked_layers_reproduce_the_released_greedy(reference, fuse):
+    gen = Generator(load_fixture_model("checkpoint"), unstack_layers=True, fuse_projections=fuse)
+    assert (gen.state[2] is not None) == fuse  # the q/k/v and gate/up kernels concatenated per layer
     out = gen.generate(reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3],
                        GREEDY)
     assert out.tokens == [reference["greedy_0"][1:].tolist(), reference["greedy_1"][1:].tolist()]
@@ -204,3 +207,14 @@ def test_chat_cli_one_shot_and_repl(model_and_processor, tmp_path):
     assert repl.returncode == 0, repl.stderr
     assert repl.stdout.strip() == expected
     assert "missing.png" in repl.stderr and "unknown command /bogus" in repl.stderr
+
+
+def test_compiler_options_reach_the_compiled_steps(reference):
+    gen = Generator(load_fixture_model("checkpoint"), compiler_options={"xla_cpu_enable_fast_math": False})
+    out = gen.generate(reference["input_ids"][:1], reference["attention_mask"][:1], reference["pixel_values"][:1],
+                       dataclasses.replace(GREEDY, max_new_tokens=4, min_new_tokens=4))
+    assert out.tokens == [reference["greedy_0"][1:5].tolist()]
+    with pytest.raises(Exception, match="no_such_option"):
+        Generator(load_fixture_model("checkpoint"), compiler_options={"no_such_option": True}).generate(
+            reference["input_ids"][:1], reference["attention_mask"][:1], reference["pixel_values"][:1],
+            dataclasses.replace(GREEDY, max_new_tokens=2, min_new_tokens=2))

@@ -14,6 +14,7 @@ released generate starts its token history from BOS, not from the prompt), then 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -23,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from owl_jax.modeling._stack import unstack_layer_states
-from owl_jax.modeling.llama import KVCache
+from owl_jax.modeling.llama import KVCache, can_fuse_projections
+from owl_jax.modeling.llama import fuse_projections as fuse_layer
 from owl_jax.modeling.owl import Owl, check_image_placeholders, merge_image_embeddings
 from owl_jax.sharding import constrain, use_mesh
 
@@ -124,15 +126,16 @@ def _cache_axes(cache: KVCache) -> KVCache:
     return KVCache(constrain(cache.k, axes), constrain(cache.v, axes))
 
 
-def _merge(graphdef, params) -> tuple[Owl, Any]:
-    """`Generator.state` → the model and its per-layer LLM states (None: the model's stacked layers)."""
-    state, layer_states = params
-    return nnx.merge(graphdef, state), layer_states
+def _merge(graphdef, params) -> tuple[Owl, dict[str, Any]]:
+    """`Generator.state` → the model and the LLM's per-layer keyword arguments (`layer_states` None: the
+    model's stacked layers; `fused`: concatenated projection kernels or None)."""
+    state, layer_states, fused = params
+    return nnx.merge(graphdef, state), {"layer_states": layer_states, "fused": fused}
 
 
 def _prefill(graphdef, params, input_ids, mask, image_embeds, cache_len: int):
     """Run left-padded prompts `(B, P)` into a fresh cache of `cache_len` slots; logits of the last slot."""
-    model, layer_states = _merge(graphdef, params)
+    model, llm_args = _merge(graphdef, params)
     b, p = input_ids.shape
     embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
     if image_embeds is not None:
@@ -142,9 +145,9 @@ def _prefill(graphdef, params, input_ids, mask, image_embeds, cache_len: int):
     key_valid = jnp.pad(mask > 0, ((0, 0), (0, cache_len - p)))
     attend = (slots[None, None, :] <= jnp.arange(p)[None, :, None]) & key_valid[:, None, :]
     cache = _cache_axes(KVCache.zeros(model.config.text, b, cache_len, model.config.dtype,
-                                      per_layer=layer_states is not None))
+                                      per_layer=llm_args["layer_states"] is not None))
     hidden, cache = model.language_model(embeds, positions, attend, cache=cache, cache_index=0,
-                                         layer_states=layer_states)
+                                         **llm_args)
     logits = model.language_model.logits(hidden[:, -1:])[:, 0]
     return logits, _cache_axes(cache), key_valid
 
@@ -154,7 +157,7 @@ def _extend(graphdef, params, cache, key_valid, input_ids, n_real, start, image_
 
     Slots from `start + n_real` on become invalid, so a conversation can branch from any earlier point.
     """
-    model, layer_states = _merge(graphdef, params)
+    model, llm_args = _merge(graphdef, params)
     n = input_ids.shape[1]
     embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
     if image_embeds is not None:
@@ -164,18 +167,18 @@ def _extend(graphdef, params, cache, key_valid, input_ids, n_real, start, image_
     query_slots = start + jnp.arange(n)
     attend = (slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]
     hidden, cache = model.language_model(embeds, query_slots[None], attend, cache=cache, cache_index=start,
-                                         layer_states=layer_states)
+                                         **llm_args)
     last = jax.lax.dynamic_slice_in_dim(hidden, n_real - 1, 1, axis=1)
     return model.language_model.logits(last)[:, 0], _cache_axes(cache), key_valid
 
 
 def _decode(graphdef, params, cache, tokens, positions, slot, key_valid):
     """One token per row at cache `slot` → logits `(B, V)` and the updated cache and key mask."""
-    model, layer_states = _merge(graphdef, params)
+    model, llm_args = _merge(graphdef, params)
     key_valid = key_valid.at[:, slot].set(True)
     embeds = model.language_model.embed(tokens[:, None])
     hidden, cache = model.language_model(embeds, positions[:, None], key_valid[:, None, :], cache=cache,
-                                         cache_index=slot, layer_states=layer_states)
+                                         cache_index=slot, **llm_args)
     return model.language_model.logits(hidden)[:, 0], _cache_axes(cache), key_valid
 
 
@@ -212,26 +215,39 @@ class Generator:
         copy that triples a decode step's weight traffic. The copy costs the LLM layers' memory once more
         while the model's own stacked weights are alive. The KV cache is then one buffer per layer too
         (`KVCache.per_layer`), so a step updates it in place rather than restacking it.
+      fuse_projections: with `unstack_layers`, also concatenate each layer's q/k/v and gate/up kernels
+        (into the copy, whose separate kernels are dropped), so a decode step runs two matmuls where it
+        ran five; skipped for layers with adapters and for tensor-parallel meshes.
+      compiler_options: XLA options for the generator's compiled steps (`jax.jit(compiler_options=...)`),
+        e.g. `{"xla_gpu_enable_triton_gemm": False}`.
     """
 
     def __init__(self, model: Owl, *, mesh: jax.sharding.Mesh | None = None, prompt_bucket: int = 64,
-                 cache_bucket: int = 128, unstack_layers: bool = False):
+                 cache_bucket: int = 128, unstack_layers: bool = False, fuse_projections: bool = True,
+                 compiler_options: dict[str, Any] | None = None):
         self.model, self.mesh = model, mesh
         self.prompt_bucket, self.cache_bucket = prompt_bucket, cache_bucket
         self.graphdef, state = nnx.split(model)
-        layer_states = None
+        layer_states = fused = None
         if unstack_layers:
             with use_mesh(mesh):
-                layer_states = unstack_layer_states(model.language_model.layers, model.config.text.num_layers)
+                layers, n = model.language_model.layers, model.config.text.num_layers
+                tensor_parallel = mesh is not None and dict(mesh.shape).get("tensor", 1) > 1
+                if fuse_projections and can_fuse_projections(layers) and not tensor_parallel:
+                    pairs = unstack_layer_states(layers, n, transform=fuse_layer)
+                    layer_states, fused = [p[0] for p in pairs], [p[1] for p in pairs]
+                else:
+                    layer_states = unstack_layer_states(layers, n)
             # The generator's own state drops its reference to the stacked layer weights (never read now).
             llm = state["language_model"]
             llm["layers"] = jax.tree.map(lambda a: jnp.zeros((), a.dtype), llm["layers"])
-        self.state = (state, layer_states)
-        self.prefill = jax.jit(_prefill, static_argnums=(0, 5))
-        self.decode = jax.jit(_decode, static_argnums=(0,), donate_argnums=(2,))
-        self.extend = jax.jit(_extend, static_argnums=(0,), donate_argnums=(2,))
-        self.first_select = jax.jit(_first_select, static_argnums=(3,))
-        self.decode_select = jax.jit(_decode_select, static_argnums=(0, 11), donate_argnums=(2,))
+        self.state = (state, layer_states, fused)
+        jit = functools.partial(jax.jit, compiler_options=compiler_options or None)
+        self.prefill = jit(_prefill, static_argnums=(0, 5))
+        self.decode = jit(_decode, static_argnums=(0,), donate_argnums=(2,))
+        self.extend = jit(_extend, static_argnums=(0,), donate_argnums=(2,))
+        self.first_select = jit(_first_select, static_argnums=(3,))
+        self.decode_select = jit(_decode_select, static_argnums=(0, 11), donate_argnums=(2,))
         self.encode = jax.jit(lambda params, px: _merge(self.graphdef, params)[0].encode_images(px))
 
     def new_cache(self, batch: int, length: int) -> KVCache:

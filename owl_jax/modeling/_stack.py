@@ -82,11 +82,14 @@ def _unrolled(step: Callable[[Any, int, Any], tuple[Any, Any]], carry: Any, xs: 
     return carry, stacked
 
 
-def unstack_layer_states(layers: nnx.Module, num_layers: int) -> list[Any]:
+def unstack_layer_states(layers: nnx.Module, num_layers: int,
+                         transform: Callable[[Any], Any] | None = None) -> list[Any]:
     """The stacked module's parameters as `num_layers` separate per-layer states (new device buffers, with
-    the stack's shardings minus the layer axis)."""
+    the stack's shardings minus the layer axis), each passed through `transform` when given (in the same
+    compiled call, so no untransformed copy is made)."""
     _, state = nnx.split(layers)
-    return jax.jit(lambda st: [jax.tree.map(lambda a: a[i], st) for i in range(num_layers)])(state)
+    fn = transform or (lambda st: st)
+    return jax.jit(lambda st: [fn(jax.tree.map(lambda a: a[i], st)) for i in range(num_layers)])(state)
 
 
 def layer_keys(key: jax.Array | None, num_layers: int) -> jax.Array | None:

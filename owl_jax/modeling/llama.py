@@ -14,7 +14,7 @@ from flax import nnx
 
 from owl_jax.config import LoRAConfig, TextConfig
 from owl_jax.modeling._attention import apply_rope, dot_product_attention
-from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of, matmul_f32
+from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of, matmul, matmul_f32
 from owl_jax.modeling._stack import apply_layers
 from owl_jax.modeling.hf_names import hf_module
 from owl_jax.sharding import constrain
@@ -73,13 +73,22 @@ class LlamaLayer(nnx.Module):
                                 **common)
 
     def __call__(self, x: Array, positions: Array, mask: Array, cache: tuple[Array, Array] | None,
-                 cache_index: Array | int, key: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+                 cache_index: Array | int, key: Array | None,
+                 fused: dict[str, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+        """One decoder layer; `fused` (inference, from `fuse_projections`) holds the q/k/v and gate/up
+        kernels concatenated, so each group is one matmul."""
         keys = [None] * 7 if key is None else list(jax.random.split(key, 7))
         b, length, _ = x.shape
         h = self.input_layernorm(x)
-        q = self.q_proj(h, keys[0]).reshape(b, length, self.num_heads, self.head_dim)
-        k = self.k_proj(h, keys[1]).reshape(b, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h, keys[2]).reshape(b, length, self.num_kv_heads, self.head_dim)
+        if fused is not None:
+            qkv = matmul(h, fused["qkv"], dtype_of(self.q_proj.dtype))
+            nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+        else:
+            q, k, v = self.q_proj(h, keys[0]), self.k_proj(h, keys[1]), self.v_proj(h, keys[2])
+        q = q.reshape(b, length, self.num_heads, self.head_dim)
+        k = k.reshape(b, length, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, length, self.num_kv_heads, self.head_dim)
         q = constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "act_heads", None))
         k = apply_rope(k, positions, self.rope_theta)
         new_cache = None
@@ -94,8 +103,36 @@ class LlamaLayer(nnx.Module):
                                     heads_major_kv=cache is not None)
         x = x + self.o_proj(ctx.reshape(b, length, self.num_heads * self.head_dim), keys[3])
         h = self.post_attention_layernorm(x)
-        h = self.down_proj(jax.nn.silu(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
+        if fused is not None:
+            gate, up = jnp.split(matmul(h, fused["gate_up"], dtype_of(self.gate_proj.dtype)), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(h, keys[4]), self.up_proj(h, keys[5])
+        h = self.down_proj(jax.nn.silu(gate) * up, keys[6])
         return constrain(x + h, ("batch", "length", "act_embed")), new_cache
+
+
+FUSED_PROJECTIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def can_fuse_projections(layers: "LlamaLayer") -> bool:
+    """Whether the layer's q/k/v and gate/up projections are plain (no adapters, no biases) and so can be
+    concatenated."""
+    return all(getattr(layers, name).lora_a is None and getattr(layers, name).bias is None
+               for group in FUSED_PROJECTIONS.values() for name in group)
+
+
+def fuse_projections(layer_state: Any) -> tuple[Any, dict[str, Array]]:
+    """One layer's state (`nnx.State` of a `LlamaLayer` slice) → the state without its q/k/v and gate/up
+    kernels (left as 0-size arrays) and those kernels concatenated along their outputs, for
+    `LlamaLayer(..., fused=...)`: a decode step then runs two matmuls where it ran five."""
+    fused = {name: jnp.concatenate([layer_state[p]["kernel"][...] for p in parts], axis=-1)
+             for name, parts in FUSED_PROJECTIONS.items()}
+    state = jax.tree.map(lambda a: a, layer_state)  # a new State; the original is left as it was
+    for parts in FUSED_PROJECTIONS.values():
+        for p in parts:
+            kernel = state[p]["kernel"]
+            state[p]["kernel"] = kernel.replace(jnp.zeros((0,), kernel[...].dtype))
+    return state, fused
 
 
 class LlamaModel(nnx.Module):
@@ -130,7 +167,8 @@ class LlamaModel(nnx.Module):
 
     def __call__(self, embeds: Array, positions: Array, mask: Array, *, cache: KVCache | None = None,
                  cache_index: Array | int = 0, dropout_key: Array | None = None,
-                 layer_states: Sequence[Any] | None = None) -> tuple[Array, KVCache | None]:
+                 layer_states: Sequence[Any] | None = None,
+                 fused: Sequence[dict[str, Array]] | None = None) -> tuple[Array, KVCache | None]:
         """Decoder stack.
 
         Args:
@@ -143,6 +181,8 @@ class LlamaModel(nnx.Module):
             `cache_index`, and the cache comes back in the same layout.
           layer_states: optional per-layer parameter states used instead of the stacked ones (see
             `owl_jax.modeling._stack.apply_layers`; inference only).
+          fused: optional per-layer concatenated projection kernels (`fuse_projections`), with
+            `layer_states` and a per-layer cache only.
 
         Returns:
           Final-normed hidden states `(B, L, D)` and the updated cache (None without one).
@@ -154,13 +194,16 @@ class LlamaModel(nnx.Module):
         x = constrain(embeds.astype(dtype_of(self.dtype)), ("batch", "length", "act_embed"))
 
         def body(layer, h, xs):
-            layer_cache, k = xs
-            return layer(h, positions, mask, layer_cache, cache_index, k)
+            layer_cache, k, *f = xs
+            return layer(h, positions, mask, layer_cache, cache_index, k, fused=f[0] if f else None)
 
+        if fused is not None and (layer_states is None or cache is None or not cache.per_layer):
+            raise ValueError("fused projections need per-layer weights (layer_states) and a per-layer KV cache")
         if cache is not None and cache.per_layer:
             if layer_states is None and self.scan_layers:
                 raise ValueError("a per-layer KV cache needs per-layer weights (layer_states) or unscanned layers")
-            xs = [((cache.k[i], cache.v[i]), None if keys is None else keys[i]) for i in range(n)]
+            xs = [((cache.k[i], cache.v[i]), None if keys is None else keys[i], *([] if fused is None else [fused[i]]))
+                  for i in range(n)]
             x, new = apply_layers(self.layers, x, body, num_layers=n, scan=False, xs=xs, xs_per_layer=True,
                                   layer_states=layer_states)
             return self.norm(x), KVCache(tuple(c[0] for c in new), tuple(c[1] for c in new))
