@@ -228,6 +228,8 @@ def main() -> None:
     p.add_argument("--frozen-dtype", default="bfloat16", help='dtype of frozen weights ("" keeps float32)')
     p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_with_no_batch_dims"])
     p.add_argument("--loss-chunk", type=int, default=256)
+    p.add_argument("--unrolled", action="store_true",
+                   help="scan_layers=False: each tower's layers as an unrolled loop instead of one scanned layer")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "jax", "cudnn"])
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
@@ -247,6 +249,7 @@ def main() -> None:
     from owl_jax.config import LoRAConfig
 
     cfg = model_config(args.size, dtype=args.dtype, remat=args.remat, attention=args.attention)
+    cfg = cfg.replace(scan_layers=not args.unrolled)
     lora = LoRAConfig(rank=args.lora_rank, alpha=2 * args.lora_rank, dropout=0.0)
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
     mesh = make_mesh(data, fsdp, tensor)
@@ -257,6 +260,7 @@ def main() -> None:
         results.append(run_stage(stage, cfg, lora, args, mesh))
     print(f"\n{args.size} layout, {device.platform} {device.device_kind} x{jax.device_count()}, mesh "
           f"{dict(mesh.shape)}, compute {args.dtype}, frozen {args.frozen_dtype or 'float32'}, remat {args.remat}, "
+          f"{'unrolled' if args.unrolled else 'scanned'} layers, "
           f"attention {args.attention}, {args.seq_len} tokens per row, {args.images_per_row} image(s)/row, "
           f"median of {args.steps}\n")
     print("| stage | rows | step (ms) | tokens/s | images/s | TFLOP/step | TFLOP/s/chip | MFU | peak memory (GiB) |")
