@@ -4,7 +4,7 @@
     python benchmarks/cpu_compare.py [--config tiny|small|medium] [--repeats 5] [--json out.json]
         [--rows N] [--seq-len L] [--images-per-row M] [--lora-rank R] [--set text.num_layers=8 ...]
         [--steps forward stage1 stage2] [--precisions float32 bfloat16] [--torch-attn sdpa eager]
-        [--dropout] [--warmup 2] [--torch-threads N]
+        [--dropout] [--warmup 2] [--torch-threads N] [--unrolled]
 
 Both frameworks run in this one process on the same model config and the same batch (random weights,
 random pixels, `rows` sequences of `seq_len` tokens with `images-per-row` images each, loss over the
@@ -417,6 +417,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first JAX run compiles)")
     parser.add_argument("--gemm-tries", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=None, help="default: the cores this process may use")
+    parser.add_argument("--unrolled", action="store_true",
+                        help="owl_jax runs its layers unrolled (scan_layers=False) instead of scanned")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -431,7 +433,7 @@ def main() -> None:
     env = environment()
     other_load = OtherLoad()
     cfg, lora, shape = build_config(args)
-    desc = describe(cfg, lora, shape)
+    desc = describe(cfg, lora, shape) + ("; owl_jax layers unrolled" if args.unrolled else "; owl_jax layers scanned")
     print(desc, flush=True)
     batch = make_batch(cfg, shape["rows"], shape["seq_len"], shape["images_per_row"])
     tbatch = ref.torch_batch(batch)
@@ -444,7 +446,8 @@ def main() -> None:
     results = []
     for step in args.steps:
         for precision in args.precisions:
-            run_cfg = cfg.replace(dtype=precision, lora=lora if step == "stage2" else None)
+            run_cfg = cfg.replace(dtype=precision, lora=lora if step == "stage2" else None,
+                                  scan_layers=not args.unrolled)
             label = f"{step} {PRECISIONS[precision]}"
             run, block, check, jax_counts = jax_runner(run_cfg, step, params, batch, mesh)
             first, times, out = timed(run, block, warmup=args.warmup, repeats=args.repeats)
