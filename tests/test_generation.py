@@ -218,3 +218,13 @@ def test_compiler_options_reach_the_compiled_steps(reference):
         Generator(load_fixture_model("checkpoint"), compiler_options={"no_such_option": True}).generate(
             reference["input_ids"][:1], reference["attention_mask"][:1], reference["pixel_values"][:1],
             dataclasses.replace(GREEDY, max_new_tokens=2, min_new_tokens=2))
+
+
+def test_unstacked_generation_with_unmerged_adapters_matches_stacked(reference):
+    """Layers with LoRA adapters keep separate projections (no fusion) and decode as the stacked model does."""
+    model = load_fixture_model("checkpoint", lora="lora-adapter", merge_lora=False)
+    assert model.language_model.layers.q_proj.lora_a is not None
+    args = (reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3], GREEDY)
+    unstacked = Generator(model, unstack_layers=True)
+    assert unstacked.state[2] is None and unstacked.new_cache(1, 8).per_layer
+    assert unstacked.generate(*args).tokens == Generator(model).generate(*args).tokens
