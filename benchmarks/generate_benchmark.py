@@ -9,8 +9,8 @@ Default model: the tiny reference fixture; `--random-size` draws a model of that
 configuration is compiled first, then timed over `--repeats` runs (medians). Decoding runs with EOS disabled
 (min_new_tokens = new tokens), so every row produces every token.
 
-"device ms/step" is one decode step run back to back without the loop's token selection and host round
-trip, so the gap to "decode ms/step" is the loop's per-token overhead.
+"device ms/step" is `Generator.decode` (one step that returns float32 logits and picks no tokens) run back
+to back, outside the generation loop and its host round trips.
 
 On a chip with a known memory bandwidth the table adds the decode roofline: a decode step must read every
 LLaMA weight and the KV cache once, so tokens/s cannot exceed batch × bandwidth / (weight bytes + cache
@@ -65,9 +65,8 @@ def measure(generator, ids, mask, pixels, new_tokens: int):
 
 
 def device_step_ms(generator, ids, steps: int = 32, trace_dir: str | None = None) -> float:
-    """Mean time of one decode step run back to back on the device (no token selection, no
-    host round trip): the kernel time the generation loop's per-token overhead adds to. With
-    `trace_dir`, 5 more steps are traced there and the profile's summary printed."""
+    """Mean time of one `Generator.decode` step run back to back on the device (no token selection, no
+    host round trip). With `trace_dir`, 5 more steps are traced there and the profile's summary printed."""
     import jax
     import jax.numpy as jnp
 

@@ -76,9 +76,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: A
     if heads_major_kv:
         if implementation == "xla" or resolve_implementation(implementation, q.dtype, dropout=dropout_on,
                                                              masked=mask is not None) == "xla":
-            if is_causal:
-                causal = jnp.tril(jnp.ones((q.shape[1], k.shape[2]), bool))[None]
-                mask = causal if mask is None else mask & causal
+            mask = _with_causal(mask, q.shape[1], k.shape[2]) if is_causal else mask
             return _reference_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate,
                                         dropout_key=dropout_key, heads_major_kv=True)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -104,10 +102,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: A
         out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
                                            is_causal=is_causal)
         return out.astype(q.dtype)
-    if is_causal:
-        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None]
-        mask = causal if mask is None else mask & causal
+    mask = _with_causal(mask, q.shape[1], k.shape[1]) if is_causal else mask
     return _reference_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
+
+
+def _with_causal(mask: Array | None, lq: int, lk: int) -> Array:
+    """`mask` (or no mask) narrowed to keys j <= query i."""
+    causal = jnp.tril(jnp.ones((lq, lk), bool))[None]
+    return causal if mask is None else mask & causal
 
 
 _CUDNN_MULTIPLE = 8  # cuDNN's training kernels refuse odd lengths (the ViT's 257 tokens): pad to a multiple

@@ -194,20 +194,20 @@ class LlamaModel(nnx.Module):
         x = constrain(embeds.astype(dtype_of(self.dtype)), ("batch", "length", "act_embed"))
 
         def body(layer, h, xs):
-            layer_cache, k, *f = xs
-            return layer(h, positions, mask, layer_cache, cache_index, k, fused=f[0] if f else None)
+            layer_cache, k, layer_fused = xs
+            return layer(h, positions, mask, layer_cache, cache_index, k, fused=layer_fused)
 
         if fused is not None and (layer_states is None or cache is None or not cache.per_layer):
             raise ValueError("fused projections need per-layer weights (layer_states) and a per-layer KV cache")
         if cache is not None and cache.per_layer:
             if layer_states is None and self.scan_layers:
                 raise ValueError("a per-layer KV cache needs per-layer weights (layer_states) or unscanned layers")
-            xs = [((cache.k[i], cache.v[i]), None if keys is None else keys[i], *([] if fused is None else [fused[i]]))
+            xs = [((cache.k[i], cache.v[i]), None if keys is None else keys[i], None if fused is None else fused[i])
                   for i in range(n)]
             x, new = apply_layers(self.layers, x, body, num_layers=n, scan=False, xs=xs, xs_per_layer=True,
                                   layer_states=layer_states)
             return self.norm(x), KVCache(tuple(c[0] for c in new), tuple(c[1] for c in new))
-        xs = (None if cache is None else (cache.k, cache.v), keys)
+        xs = (None if cache is None else (cache.k, cache.v), keys, None)
         x, new = apply_layers(self.layers, x, body, num_layers=n, scan=self.scan_layers,
                               remat_policy=self.remat_policy, xs=xs, layer_states=layer_states)
         return self.norm(x), (None if new is None else KVCache(*new))
