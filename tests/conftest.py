@@ -55,3 +55,13 @@ def fixture_copy(tmp_path):
         return dst
 
     return copy
+
+
+def subjaxprs(eqn):
+    """The jaxprs an equation calls (scan/cond/custom-VJP bodies and the like)."""
+    for value in eqn.params.values():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+                yield v.jaxpr
+            elif hasattr(v, "eqns"):
+                yield v

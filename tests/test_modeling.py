@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_fixture_model
+from conftest import load_fixture_model, subjaxprs
 from owl_jax.config import LoRAConfig, OwlConfig
 from owl_jax.modeling import Owl, causal_padding_mask, check_image_placeholders, merge_image_embeddings
 
@@ -75,20 +75,11 @@ def _count_dots(cfg: OwlConfig) -> int:
         n = 0
         for eqn in j.eqns:
             n += eqn.primitive.name == "dot_general"
-            for sub in _subjaxprs(eqn):
+            for sub in subjaxprs(eqn):
                 n += count(sub)
         return n
 
     return count(jaxpr.jaxpr)
-
-
-def _subjaxprs(eqn):
-    for value in eqn.params.values():
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
-                yield v.jaxpr
-            elif hasattr(v, "eqns"):
-                yield v
 
 
 def _tiny(layers: int, scan: bool) -> OwlConfig:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from owl_jax.config import ATTENTION_IMPLS
+from owl_jax.modeling import _layers
 from owl_jax.modeling._layers import dropout
 
 Array = jax.Array
@@ -76,9 +77,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: A
     if heads_major_kv:
         if implementation == "xla" or resolve_implementation(implementation, q.dtype, dropout=dropout_on,
                                                              masked=mask is not None) == "xla":
-            mask = _with_causal(mask, q.shape[1], k.shape[2]) if is_causal else mask
             return _reference_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate,
-                                        dropout_key=dropout_key, heads_major_kv=True)
+                                        dropout_key=dropout_key, heads_major_kv=True, is_causal=is_causal)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if is_causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many queries as keys; got {q.shape[1]} and {k.shape[1]}")
@@ -102,8 +102,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: A
         out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
                                            is_causal=is_causal)
         return out.astype(q.dtype)
-    mask = _with_causal(mask, q.shape[1], k.shape[1]) if is_causal else mask
-    return _reference_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
+    return _reference_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate, dropout_key=dropout_key,
+                                is_causal=is_causal)
 
 
 def _with_causal(mask: Array | None, lq: int, lk: int) -> Array:
@@ -190,7 +190,113 @@ def _splash_attention(q: Array, k: Array, v: Array, *, scale: float, is_causal: 
 
 
 def _reference_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None,
-                         dropout_rate: float, dropout_key: Array | None, heads_major_kv: bool = False) -> Array:
+                         dropout_rate: float, dropout_key: Array | None, heads_major_kv: bool = False,
+                         is_causal: bool = False, causal_block: int | None = None) -> Array:
+    if heads_major_kv or (dropout_rate > 0 and dropout_key is not None):
+        lk = k.shape[2 if heads_major_kv else 1]
+        mask = _with_causal(mask, q.shape[1], lk) if is_causal else mask
+        return _autodiff_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate,
+                                   dropout_key=dropout_key, heads_major_kv=heads_major_kv)
+    b, lq, h, dh = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    groups = h // hkv
+    # heads-major operands: (B * Hkv, G, Lq, Dh) queries, (B * Hkv, Lk, Dh) keys and values
+    qh = q.reshape(b, lq, hkv, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b * hkv, groups, lq, dh)
+    kh = k.transpose(0, 2, 1, 3).reshape(b * hkv, lk, dh)
+    vh = v.transpose(0, 2, 1, 3).reshape(b * hkv, lk, dh)
+    blocks = _causal_blocks(lq, causal_block) if is_causal else ((0, lq, lk, False),)
+    out = _attention_core(qh, kh, vh, jnp.ones((), bool) if mask is None else mask, scale, blocks,
+                          _layers._cpu_matmul_path())
+    return out.reshape(b, hkv, groups, lq, dh).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, dh).astype(q.dtype)
+
+
+CAUSAL_BLOCK = 128  # query rows per block of the reference path's causal attention
+
+
+def _causal_blocks(length: int, block: int | None = None) -> tuple:
+    """Query blocks `(start, end, keys, causal)` of causal attention: block i attends to the keys before its
+    end only, so the products skip the masked upper triangle block by block (about half their FLOPs for
+    many blocks), in blocks of `block` (default 128) queries."""
+    block = block or CAUSAL_BLOCK
+    if length <= block:
+        return ((0, length, length, True),)
+    return tuple((s, min(s + block, length), min(s + block, length), True) for s in range(0, length, block))
+
+
+def _block_probs(qb: Array, kh: Array, mask: Array, scale: float, block: tuple) -> Array:
+    """Float32 probabilities `(N, G * bq, K)` of one query block against the first K keys."""
+    q0, q1, ke, causal = block
+    n, groups = qb.shape[0], qb.shape[1]
+    scores = jnp.einsum("ngqd,nkd->ngqk", qb, kh[:, :ke], preferred_element_type=jnp.float32) * scale
+    if causal:
+        rows = jax.lax.broadcasted_iota(jnp.int32, (q1 - q0, ke), 0) + q0
+        scores = jnp.where(rows >= jax.lax.broadcasted_iota(jnp.int32, (q1 - q0, ke), 1), scores,
+                           jnp.finfo(jnp.float32).min)
+    if mask.ndim:
+        bsz = mask.shape[0]
+        scores = scores.reshape(bsz, n // bsz, groups, q1 - q0, ke)
+        scores = jnp.where(mask[:, None, None, q0:q1, :ke], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).reshape(n, groups * (q1 - q0), ke)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention_core(qh: Array, kh: Array, vh: Array, mask: Array, scale: float, blocks: tuple, cpu: bool) -> Array:
+    """softmax(q k^T * scale, masked) v over heads-major operands, per query block (`_causal_blocks`),
+    accumulated and returned in float32 `(N, G, Lq, Dh)`. Its backward is written out: the products of the
+    backward pass take operands in the compute dtype (autodiff of a half-precision product with a float32
+    result would multiply in float32), and on the CPU the two that contract over the query axis read
+    physically transposed copies (XLA's CPU GEMMs run a folded transpose several times slower)."""
+    return _attention_fwd(qh, kh, vh, mask, scale, blocks, cpu)[0]
+
+
+def _query_block(x: Array, block: tuple) -> Array:
+    """Rows `block` of `(N, G, Lq, D)` as `(N, G * bq, D)`."""
+    return x[:, :, block[0]:block[1]].reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _attention_fwd(qh, kh, vh, mask, scale, blocks, cpu):
+    n, groups, _, dh = qh.shape
+    probs, outs = [], []
+    for block in blocks:
+        p = _block_probs(qh[:, :, block[0]:block[1]], kh, mask, scale, block)
+        o = jnp.einsum("nqk,nkd->nqd", p.astype(vh.dtype), vh[:, :block[2]], preferred_element_type=jnp.float32)
+        probs.append(p)
+        outs.append(o.reshape(n, groups, -1, dh))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out, (qh, kh, vh, mask, tuple(probs), out)
+
+
+def _swap_last(x: Array, physical: bool) -> Array:
+    """`x` with its last two axes swapped; with `physical`, as a real copy (see `_row_major_transpose`)."""
+    t = jnp.swapaxes(x, -1, -2)
+    return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape) if physical else t
+
+
+def _attention_bwd(scale, blocks, cpu, res, g):
+    qh, kh, vh, mask, probs, out = res
+    dt, lk = qh.dtype, kh.shape[1]
+    mm = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)  # noqa: E731
+    pad = lambda x: x if x.shape[1] == lk else jnp.pad(x, ((0, 0), (0, lk - x.shape[1]), (0, 0)))  # noqa: E731
+    dq, dk, dv = [], 0.0, 0.0
+    for block, p in zip(blocks, probs):
+        ke = block[2]
+        gb, ob, qb = _query_block(g, block), _query_block(out, block), _query_block(qh, block)
+        gc = gb.astype(dt)
+        dv = dv + pad(mm("nkq,nqd->nkd", _swap_last(p.astype(dt), cpu), gc))
+        dp = mm("nqd,nkd->nqk", gc, vh[:, :ke])
+        # softmax's backward: dS = P * (dP - rowsum(dO * O)) (rowsum(dP * P) = rowsum(dO * O))
+        ds = (p * (dp - jnp.sum(gb.astype(jnp.float32) * ob, axis=-1, keepdims=True)) * scale).astype(dt)
+        dq.append(mm("nqk,nkd->nqd", ds, kh[:, :ke]).astype(dt).reshape(qh.shape[0], qh.shape[1], -1, qh.shape[3]))
+        dk = dk + pad(mm("nkq,nqd->nkd", _swap_last(ds, cpu), qb))
+    dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=2)
+    return dq, dk.astype(kh.dtype), dv.astype(vh.dtype), None
+
+
+_attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _autodiff_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None,
+                        dropout_rate: float, dropout_key: Array | None, heads_major_kv: bool = False) -> Array:
     b, lq, h, dh = q.shape
     hkv = k.shape[1 if heads_major_kv else 2]
     groups = h // hkv
