@@ -198,16 +198,16 @@ def _reference_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Ar
         return _autodiff_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate,
                                    dropout_key=dropout_key, heads_major_kv=heads_major_kv)
     b, lq, h, dh = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     groups = h // hkv
-    # heads-major operands: (B * Hkv, G, Lq, Dh) queries, (B * Hkv, Lk, Dh) keys and values
-    qh = q.reshape(b, lq, hkv, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b * hkv, groups, lq, dh)
-    kh = k.transpose(0, 2, 1, 3).reshape(b * hkv, lk, dh)
-    vh = v.transpose(0, 2, 1, 3).reshape(b * hkv, lk, dh)
-    blocks = _causal_blocks(lq, causal_block) if is_causal else ((0, lq, lk, False),)
+    # heads-major operands, batch and heads kept apart (each may be sharded on its own mesh axis):
+    # (B, Hkv, G, Lq, Dh) queries, (B, Hkv, Lk, Dh) keys and values
+    qh = q.reshape(b, lq, hkv, groups, dh).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    blocks = _causal_blocks(lq, causal_block) if is_causal else ((0, lq, k.shape[1], False),)
     out = _attention_core(qh, kh, vh, jnp.ones((), bool) if mask is None else mask, scale, blocks,
                           _layers._cpu_matmul_path())
-    return out.reshape(b, hkv, groups, lq, dh).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, dh).astype(q.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, dh).astype(q.dtype)
 
 
 CAUSAL_BLOCK = 128  # query rows per block of the reference path's causal attention
@@ -223,72 +223,73 @@ def _causal_blocks(length: int, block: int | None = None) -> tuple:
     return tuple((s, min(s + block, length), min(s + block, length), True) for s in range(0, length, block))
 
 
-def _block_probs(qb: Array, kh: Array, mask: Array, scale: float, block: tuple) -> Array:
-    """Float32 probabilities `(N, G * bq, K)` of one query block against the first K keys."""
+def _block_probs(qh: Array, kh: Array, mask: Array, scale: float, block: tuple) -> Array:
+    """Float32 probabilities `(B, Hkv, G * bq, K)` of one query block against the first K keys."""
     q0, q1, ke, causal = block
-    n, groups = qb.shape[0], qb.shape[1]
-    scores = jnp.einsum("ngqd,nkd->ngqk", qb, kh[:, :ke], preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qh[:, :, :, q0:q1], kh[:, :, :ke],
+                        preferred_element_type=jnp.float32) * scale
     if causal:
         rows = jax.lax.broadcasted_iota(jnp.int32, (q1 - q0, ke), 0) + q0
         scores = jnp.where(rows >= jax.lax.broadcasted_iota(jnp.int32, (q1 - q0, ke), 1), scores,
                            jnp.finfo(jnp.float32).min)
     if mask.ndim:
-        bsz = mask.shape[0]
-        scores = scores.reshape(bsz, n // bsz, groups, q1 - q0, ke)
         scores = jnp.where(mask[:, None, None, q0:q1, :ke], scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1).reshape(n, groups * (q1 - q0), ke)
+    b, h, g, bq, _ = scores.shape
+    return jax.nn.softmax(scores, axis=-1).reshape(b, h, g * bq, ke)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _attention_core(qh: Array, kh: Array, vh: Array, mask: Array, scale: float, blocks: tuple, cpu: bool) -> Array:
     """softmax(q k^T * scale, masked) v over heads-major operands, per query block (`_causal_blocks`),
-    accumulated and returned in float32 `(N, G, Lq, Dh)`. Its backward is written out: the products of the
-    backward pass take operands in the compute dtype (autodiff of a half-precision product with a float32
+    accumulated and returned in float32 `(B, Hkv, G, Lq, Dh)`. Its backward is written out: the products of
+    the backward pass take operands in the compute dtype (autodiff of a half-precision product with a float32
     result would multiply in float32), and on the CPU the two that contract over the query axis read
     physically transposed copies (XLA's CPU GEMMs run a folded transpose several times slower)."""
     return _attention_fwd(qh, kh, vh, mask, scale, blocks, cpu)[0]
 
 
 def _query_block(x: Array, block: tuple) -> Array:
-    """Rows `block` of `(N, G, Lq, D)` as `(N, G * bq, D)`."""
-    return x[:, :, block[0]:block[1]].reshape(x.shape[0], -1, x.shape[-1])
+    """Rows `block` of `(B, Hkv, G, Lq, D)` as `(B, Hkv, G * bq, D)`."""
+    b, h, g, _, d = x.shape
+    return x[:, :, :, block[0]:block[1]].reshape(b, h, g * (block[1] - block[0]), d)
 
 
 def _attention_fwd(qh, kh, vh, mask, scale, blocks, cpu):
-    n, groups, _, dh = qh.shape
+    b, h, g, _, dh = qh.shape
     probs, outs = [], []
     for block in blocks:
-        p = _block_probs(qh[:, :, block[0]:block[1]], kh, mask, scale, block)
-        o = jnp.einsum("nqk,nkd->nqd", p.astype(vh.dtype), vh[:, :block[2]], preferred_element_type=jnp.float32)
+        p = _block_probs(qh, kh, mask, scale, block)
+        o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vh.dtype), vh[:, :, :block[2]], preferred_element_type=jnp.float32)
         probs.append(p)
-        outs.append(o.reshape(n, groups, -1, dh))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+        outs.append(o.reshape(b, h, g, -1, dh))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out, (qh, kh, vh, mask, tuple(probs), out)
 
 
 def _swap_last(x: Array, physical: bool) -> Array:
-    """`x` with its last two axes swapped; with `physical`, as a real copy (see `_row_major_transpose`)."""
+    """`x` with its last two axes swapped; with `physical`, as a real copy (see `_row_major_transpose`; only
+    the swapped axes are flattened, so the leading ones keep their sharding)."""
     t = jnp.swapaxes(x, -1, -2)
-    return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape) if physical else t
+    return jax.lax.optimization_barrier(t.reshape(*t.shape[:-2], -1)).reshape(t.shape) if physical else t
 
 
 def _attention_bwd(scale, blocks, cpu, res, g):
     qh, kh, vh, mask, probs, out = res
-    dt, lk = qh.dtype, kh.shape[1]
+    dt, lk = qh.dtype, kh.shape[2]
     mm = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)  # noqa: E731
-    pad = lambda x: x if x.shape[1] == lk else jnp.pad(x, ((0, 0), (0, lk - x.shape[1]), (0, 0)))  # noqa: E731
+    pad = lambda x: x if x.shape[2] == lk else jnp.pad(x, ((0, 0), (0, 0), (0, lk - x.shape[2]), (0, 0)))  # noqa: E731
     dq, dk, dv = [], 0.0, 0.0
     for block, p in zip(blocks, probs):
         ke = block[2]
         gb, ob, qb = _query_block(g, block), _query_block(out, block), _query_block(qh, block)
         gc = gb.astype(dt)
-        dv = dv + pad(mm("nkq,nqd->nkd", _swap_last(p.astype(dt), cpu), gc))
-        dp = mm("nqd,nkd->nqk", gc, vh[:, :ke])
+        dv = dv + pad(mm("bhkq,bhqd->bhkd", _swap_last(p.astype(dt), cpu), gc))
+        dp = mm("bhqd,bhkd->bhqk", gc, vh[:, :, :ke])
         # softmax's backward: dS = P * (dP - rowsum(dO * O)) (rowsum(dP * P) = rowsum(dO * O))
         ds = (p * (dp - jnp.sum(gb.astype(jnp.float32) * ob, axis=-1, keepdims=True)) * scale).astype(dt)
-        dq.append(mm("nqk,nkd->nqd", ds, kh[:, :ke]).astype(dt).reshape(qh.shape[0], qh.shape[1], -1, qh.shape[3]))
-        dk = dk + pad(mm("nkq,nqd->nkd", _swap_last(ds, cpu), qb))
-    dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=2)
+        dq.append(mm("bhqk,bhkd->bhqd", ds, kh[:, :, :ke]).astype(dt).reshape(*qh.shape[:3], -1, qh.shape[4]))
+        dk = dk + pad(mm("bhkq,bhqd->bhkd", _swap_last(ds, cpu), qb))
+    dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=3)
     return dq, dk.astype(kh.dtype), dv.astype(vh.dtype), None
 
 
