@@ -3,7 +3,9 @@
 `dot_product_attention` runs one of several implementations (`OwlConfig.attention_impl`):
 
 - "xla": the reference path: scores and softmax in float32, probabilities cast to the value dtype before the
-  second matmul (what the released PyTorch code does in half precision);
+  second matmul (what the released PyTorch code does in half precision); heads-major batched products with
+  a written-out backward in the compute dtype, causal attention in blocks of `CAUSAL_BLOCK` queries that
+  skip the masked products (attention dropout and reads of the KV cache keep the plain formulation);
 - "jax": `jax.nn.dot_product_attention` with its default (XLA) implementation;
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused attention (GPU, bf16/fp16);
 - "splash": Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`), the TPU's fused
