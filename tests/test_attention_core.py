@@ -46,9 +46,10 @@ def test_values_and_gradients_match_autodiff(case, transposed_copies, monkeypatc
     def plain(q, k, v):
         return _attention._autodiff_attention(q, k, v, scale=0.3, mask=full_mask, dropout_rate=0.0, dropout_key=None)
 
-    np.testing.assert_allclose(jax.jit(written)(q, k, v), plain(q, k, v), atol=2e-6, rtol=0)
-    grads = jax.jit(jax.grad(lambda *a: (written(*a) * weights).sum(), argnums=(0, 1, 2)))(q, k, v)
-    expected = jax.grad(lambda *a: (plain(*a) * weights).sum(), argnums=(0, 1, 2))(q, k, v)
+    with jax.default_matmul_precision("highest"):  # float32 products everywhere (GPUs default to TF32)
+        np.testing.assert_allclose(jax.jit(written)(q, k, v), plain(q, k, v), atol=2e-6, rtol=0)
+        grads = jax.jit(jax.grad(lambda *a: (written(*a) * weights).sum(), argnums=(0, 1, 2)))(q, k, v)
+        expected = jax.grad(lambda *a: (plain(*a) * weights).sum(), argnums=(0, 1, 2))(q, k, v)
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got, want, atol=5e-6, rtol=0)
 
