@@ -269,10 +269,8 @@ def _attention_fwd(qh, kh, vh, mask, scale, blocks, cpu):
 
 
 def _swap_last(x: Array, physical: bool) -> Array:
-    """`x` with its last two axes swapped; with `physical`, as a real copy (see `_row_major_transpose`; only
-    the swapped axes are flattened, so the leading ones keep their sharding)."""
-    t = jnp.swapaxes(x, -1, -2)
-    return jax.lax.optimization_barrier(t.reshape(*t.shape[:-2], -1)).reshape(t.shape) if physical else t
+    """`x` with its last two axes swapped; with `physical`, as a real copy (`_layers._row_major_transpose`)."""
+    return _layers._row_major_transpose(x) if physical else jnp.swapaxes(x, -1, -2)
 
 
 def _attention_bwd(scale, blocks, cpu, res, g):

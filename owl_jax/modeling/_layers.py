@@ -34,11 +34,13 @@ def _stacked(stack: int | None, shape: Sequence[int], axes: Sequence[str | None]
 
 
 def _row_major_transpose(a: Array) -> Array:
-    """`a.T` of a 2-D array as a real row-major copy. XLA folds a plain transpose into the dot that uses
-    it, and the CPU's fast bf16 GEMM path only takes untransposed operands (a folded transpose runs
-    ~2.5x slower); flattening behind an optimization barrier forces the copy, which costs one pass over
-    the operand."""
-    return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[1], a.shape[0])
+    """`a` with its last two axes swapped (`a.T` of a matrix) as a real row-major copy. XLA folds a plain
+    transpose into the dot that uses it, and the CPU's fast bf16 GEMM path only takes untransposed operands
+    (a folded transpose runs ~2.5x slower); flattening the swapped axes behind an optimization barrier
+    forces the copy, which costs one pass over the operand. Leading axes stay as they are (and keep their
+    sharding)."""
+    t = jnp.swapaxes(a, -1, -2)
+    return jax.lax.optimization_barrier(t.reshape(*t.shape[:-2], -1)).reshape(t.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
