@@ -60,3 +60,11 @@ def test_lora_target_matching():
     assert names.matches("vision_model.encoder.layers.1.self_attn.dense")
     assert not names.matches("abstractor.visual_fc")
     assert LoRAConfig(rank=8, alpha=32).scale == 4.0
+
+
+def test_stage_prepare_frozen_choices():
+    from owl_jax.training.run import _prepare_frozen
+
+    assert [_prepare_frozen("stage1", v) for v in ("auto", "on", "off")] == [None, True, False]
+    with pytest.raises(ValueError, match="stages.stage2.prepare_frozen must be one of"):
+        _prepare_frozen("stage2", "yes")

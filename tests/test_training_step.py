@@ -199,3 +199,49 @@ def test_right_padded_batches_take_the_causal_path_with_the_same_steps():
     left["attention_mask"][1, :3] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] of attention_mask are not right-padded"):
         trainer.global_batch(left)
+
+
+@pytest.mark.parametrize("stage,scan", [("stage1", True), ("stage2", False)])
+def test_prepared_frozen_kernels_give_the_same_half_precision_steps(stage, scan):
+    lora = LoRAConfig(rank=2, alpha=8, dropout=0.0) if stage == "stage2" else None
+    cfg = tiny_config(lora=lora).replace(dtype="bfloat16", scan_layers=scan)
+    params = adapt_params(tiny_params(cfg), cfg, None, seed=0) if lora else nest(tiny_params(cfg))
+    plain = Trainer(cfg, stage=stage, mesh=one_device_mesh(), optim=OPTIM, total_steps=10, prepare_frozen=False)
+    prepared = Trainer(cfg, stage=stage, mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
+    # On by default for bf16 on the CPU; LLaMA's kernels only: gradients pass through the frozen LLM in
+    # both stages, never through stage 2's frozen ViT (nothing before it trains).
+    assert not plain.prepared_paths
+    assert set(prepared.prepared_paths) == {p for p in flatten(params) if p[0] == "language_model" and p[-1] == "kernel"}
+    run = run_steps(prepared, params)
+    ref = run_steps(plain, params)
+    assert ref[0].prepared is None
+    assert_same_steps(run, ref, atol=1e-6)
+    state, before = run[0], run[1]
+    for p in prepared.prepared_paths:  # made once from the frozen kernel, and still equal to it
+        kernel = flatten(state.prepared)[p]
+        w = before[p].astype(jax.numpy.bfloat16)
+        np.testing.assert_array_equal(np.asarray(kernel.w), w)
+        np.testing.assert_array_equal(np.asarray(kernel.w_t), np.swapaxes(w, -1, -2))
+
+
+def test_prepared_kernels_stay_out_of_checkpoints_and_come_back_on_resume(tmp_path):
+    from owl_jax.training.checkpoints import StageCheckpoints
+
+    cfg = tiny_config().replace(dtype="bfloat16")
+    trainer = Trainer(cfg, stage="stage1", mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
+    assert Trainer(cfg.replace(dtype="float32"), stage="stage1", mesh=one_device_mesh(), optim=OPTIM,
+                   total_steps=10).prepared_paths == ()  # float32 needs no transposed copies
+    state = trainer.init_state(nest(tiny_params(cfg)), seed=0)
+    state, _ = trainer.train_step(state, trainer.global_batch(tiny_batch(seed=0)))
+    ckpt = StageCheckpoints(str(tmp_path / "ckpt"), every=1, keep=1, async_save=False)
+    ckpt.save(1, state.replace(prepared=None), {}, {}, force=True)
+    ckpt.wait()
+    restored, _, _ = ckpt.restore(1, trainer.abstract_state())
+    assert restored.prepared is None
+    batch = trainer.global_batch(tiny_batch(seed=1))
+    resumed, metrics = trainer.train_step(restored, batch)  # prepares the restored state first
+    assert resumed.prepared is not None
+    continued, ref_metrics = trainer.train_step(state, batch)
+    assert float(metrics["loss"]) == float(ref_metrics["loss"])
+    for p, v in flatten(jax.device_get(continued.params)).items():
+        np.testing.assert_array_equal(np.asarray(flatten(jax.device_get(resumed.params))[p]), np.asarray(v))

@@ -27,7 +27,7 @@ def lora_config(rank: int = 0, alpha: float = 32.0, dropout: float = 0.05,
 def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: ConfigDict,
                  grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
                  lora: ConfigDict | None = None, drop_images: bool = False, max_images: int = 0,
-                 eval_every: int = 0, loss_chunk: int = 256) -> ConfigDict:
+                 eval_every: int = 0, loss_chunk: int = 256, prepare_frozen: str = "auto") -> ConfigDict:
     """One stage.
 
     Args:
@@ -41,9 +41,13 @@ def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: Conf
       loss_chunk: sequence positions per chunk of the cross-entropy (0: the whole batch's logits at once);
         chunks cut the step's temporaries (4 x 512 tokens, vocab 32000: 939 MiB unchunked, 473 MiB with 256,
         347 MiB with 128) and were no slower.
+      prepare_frozen: "auto", "on" or "off": hold the frozen kernels that gradients pass through also in
+        the compute dtype with transposed copies, made once per run (see `Trainer`); "auto" does it for
+        bf16/fp16 compute on CPUs.
     """
     return ConfigDict(dict(kind=kind, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                            train_abstractor=train_abstractor, frozen_dtype=frozen_dtype, loss_chunk=loss_chunk,
+                           prepare_frozen=prepare_frozen,
                            lora=lora if lora is not None else lora_config(), optim=optim, eval_every=eval_every,
                            data=ConfigDict(dict(sources=tuple(tuple(group) for group in sources),
                                                 drop_images=drop_images, max_images=max_images))))

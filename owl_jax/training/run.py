@@ -28,6 +28,13 @@ from owl_jax.training.trainer import Trainer
 DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "assets", "demo_tokenizer.model")
 
 
+def _prepare_frozen(stage: str, value: str) -> bool | None:
+    choices = {"auto": None, "on": True, "off": False}
+    if value not in choices:
+        raise ValueError(f"stages.{stage}.prepare_frozen must be one of {sorted(choices)}, got {value!r}")
+    return choices[value]
+
+
 def model_config(config: ConfigDict) -> OwlConfig:
     m = config.model
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
@@ -143,7 +150,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
         cfg = base_cfg.replace(lora=lora)
         trainer = Trainer(cfg, stage=stage.kind, mesh=mesh, optim=stage.optim, total_steps=stage.steps,
                           grad_accum=stage.grad_accum, train_abstractor=stage.train_abstractor,
-                          frozen_dtype=stage.frozen_dtype, loss_chunk=stage.get("loss_chunk", 0))
+                          frozen_dtype=stage.frozen_dtype, loss_chunk=stage.get("loss_chunk", 0),
+                          prepare_frozen=_prepare_frozen(name, stage.get("prepare_frozen", "auto")))
         carried = params
 
         def init_params(carried=carried, cfg=cfg):

@@ -26,12 +26,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from owl_jax.checkpoint.hf_import import abstract_model, assemble, flat_shardings
 from owl_jax.checkpoint.native import flatten, nest
 from owl_jax.config import OwlConfig
+from owl_jax.modeling._layers import PreparedKernel, prepare_kernel
 from owl_jax.modeling.loss import chunked_next_token_loss_sums, next_token_loss_sums
 from owl_jax.sharding import use_mesh
 from owl_jax.training.optimizer import FROZEN, TRAIN, decay_mask, labels_for, learning_rate_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
 BATCH_AXES = ("data", "fsdp")
+TOWERS = ("vision_model", "abstractor", "language_model")  # input to output
 
 
 @struct.dataclass
@@ -40,6 +42,9 @@ class TrainState:
     params: dict[str, Any]  # nested {tower: {module: {param: array}}}, trainable and frozen
     opt_state: Any
     rng: jax.Array  # uint32 key data of the base PRNG key
+    # Frozen kernels made ready for the step once (`Trainer(prepare_frozen=...)`): {path: PreparedKernel}
+    # nested like `params`, or None. Derived from `params`; checkpoints leave it out.
+    prepared: Any = None
 
 
 def split_params(params: dict, labels: dict) -> tuple[dict, dict]:
@@ -69,11 +74,17 @@ class Trainer:
       right_padded: batches are right-padded (as the data pipeline makes them; `global_batch` checks it), so
         the LLM runs plain causal attention without a padding mask (same loss, and fused attention kernels
         apply). False accepts any padding and builds the full mask.
+      prepare_frozen: hold each frozen linear kernel that gradients pass through also in the compute
+        dtype with a transposed copy (`PreparedKernel`, in `TrainState.prepared`), made once per state
+        instead of in every step. None (the default) turns it on where it pays: bf16/fp16 compute on
+        CPUs, whose fast GEMMs need physically transposed operands. It costs one compute-dtype copy of
+        those kernels and their transposes in memory.
     """
 
     def __init__(self, model_cfg: OwlConfig, *, stage: str, mesh: Mesh, optim: Any, total_steps: int,
                  grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
-                 max_consecutive_nonfinite: int = 5, loss_chunk: int = 0, right_padded: bool = True):
+                 max_consecutive_nonfinite: int = 5, loss_chunk: int = 0, right_padded: bool = True,
+                 prepare_frozen: bool | None = None):
         if loss_chunk < 0:
             raise ValueError(f"loss_chunk must be >= 0, got {loss_chunk}")
         self.loss_chunk = int(loss_chunk)
@@ -93,6 +104,14 @@ class Trainer:
         self.param_shardings = nest(flat_shardings(self.abstract, mesh))
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
         self.replicated = NamedSharding(mesh, PartitionSpec())
+        half = jnp.dtype(model_cfg.dtype) in (jnp.bfloat16, jnp.float16)
+        if prepare_frozen is None:
+            prepare_frozen = half and mesh.devices.flat[0].platform == "cpu"
+        # Gradients pass through a frozen tower when anything closer to the input trains.
+        first = min((TOWERS.index(p[0]) for p, l in flat_labels.items() if l == TRAIN and p[0] in TOWERS),
+                    default=len(TOWERS))
+        self.prepared_paths = tuple(p for p, l in flat_labels.items() if prepare_frozen and l == FROZEN
+                                    and p[-1] == "kernel" and p[0] in TOWERS and TOWERS.index(p[0]) >= first)
         self.num_trainable = sum(int(np.prod(shapes[p].shape)) for p, l in flat_labels.items() if l == TRAIN)
         self.num_frozen = sum(int(np.prod(shapes[p].shape)) for p, l in flat_labels.items() if l == FROZEN)
         self._train_step: Callable | None = None
@@ -115,7 +134,25 @@ class Trainer:
         opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(params))(params)
         rng = jax.random.key_data(jax.random.key(seed))
         step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
-        return TrainState(step, params, opt_state, jax.device_put(rng, self.replicated))
+        return self.prepare(TrainState(step, params, opt_state, jax.device_put(rng, self.replicated)))
+
+    def prepare(self, state: TrainState) -> TrainState:
+        """`state` with `prepared` filled in (see `prepare_frozen`); a no-op when there is nothing to
+        prepare. Call it on a state restored from a checkpoint (`train_step` does, if needed)."""
+        if not self.prepared_paths or state.prepared is not None:
+            return state
+        flat, flat_sh = flatten(state.params), flatten(self.param_shardings)
+        dtype = jnp.dtype(self.model_cfg.dtype)
+
+        def transposed(sh: NamedSharding, ndim: int) -> NamedSharding:
+            spec = tuple(sh.spec) + (None,) * (ndim - len(sh.spec))
+            return NamedSharding(sh.mesh, PartitionSpec(*spec[:-2], spec[-1], spec[-2]))
+
+        shardings = {p: PreparedKernel(flat_sh[p], transposed(flat_sh[p], flat[p].ndim)) for p in self.prepared_paths}
+        fn = jax.jit(lambda ws: {p: prepare_kernel(w, dtype) for p, w in ws.items()}, out_shardings=shardings)
+        with use_mesh(self.mesh):
+            prepared = fn({p: flat[p] for p in self.prepared_paths})
+        return state.replace(prepared=nest(prepared))
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""
@@ -172,12 +209,14 @@ class Trainer:
 
     def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         trainable, frozen = split_params(state.params, self.labels)
+        # The model reads prepared kernels in place of those frozen leaves (the plain ones then go unused).
+        frozen_in = frozen if state.prepared is None else merge_params(frozen, state.prepared)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
         def micro(carry, inputs):
             grads_sum, total_sum, count_sum = carry
             index, mb = inputs
-            loss_of = lambda tr: self.loss_sums(merge_params(tr, frozen), mb, jax.random.fold_in(key, index))
+            loss_of = lambda tr: self.loss_sums(merge_params(tr, frozen_in), mb, jax.random.fold_in(key, index))
             (total, count), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
             grads_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grads_sum, grads)
             return (grads_sum, total_sum + total, count_sum + count), None
@@ -208,6 +247,7 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step on a global batch (rows sharded over data × fsdp); the state is donated."""
+        state = self.prepare(state)
         step = self.jitted_step(state, batch)
         with use_mesh(self.mesh):
             return step(state, batch)
