@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) d
 STAGES = {"stage1": tiny_config(), "stage2": tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0))}
 
 
-def train(stage: str, mesh, dtype: str = "float32", prepare_frozen: bool | None = None) -> tuple[list[float], dict]:
-    cfg = STAGES[stage].replace(dtype=dtype)
+def train(stage: str, mesh, dtype: str = "float32", prepare_frozen: bool | None = None,
+          scan: bool = True) -> tuple[list[float], dict]:
+    cfg = STAGES[stage].replace(dtype=dtype, scan_layers=scan)
     params = adapt_params(tiny_params(cfg), cfg, None, seed=0)
     trainer = Trainer(cfg, stage=stage, mesh=mesh, optim=OPTIM, total_steps=10, prepare_frozen=prepare_frozen)
     state = trainer.init_state(params, seed=0)
@@ -52,12 +53,12 @@ def test_meshes_match_one_device(stage, shape):
     assert ref_losses[2] < ref_losses[0]  # it is really training
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_prepared_frozen_kernels_keep_their_sharding(stage):
+@pytest.mark.parametrize("stage,scan", [("stage1", True), ("stage2", False)])
+def test_prepared_frozen_kernels_keep_their_sharding(stage, scan):
     # The transposed copies are sharded like their kernels with the last two axes swapped; bf16 steps on an
     # fsdp x tensor mesh are the same with and without them.
     mesh = make_mesh(1, 4, 2)
-    cfg = STAGES[stage].replace(dtype="bfloat16")
+    cfg = STAGES[stage].replace(dtype="bfloat16", scan_layers=scan)
     trainer = Trainer(cfg, stage=stage, mesh=mesh, optim=OPTIM, total_steps=10)
     state = trainer.init_state(adapt_params(tiny_params(cfg), cfg, None, seed=0), seed=0)
     kernels, prepared = flatten(state.params), flatten(state.prepared)
@@ -65,11 +66,14 @@ def test_prepared_frozen_kernels_keep_their_sharding(stage):
     sharded = 0
     for p, kernel in prepared.items():
         spec = tuple(kernels[p].sharding.spec) + (None,) * (kernels[p].ndim - len(kernels[p].sharding.spec))
+        if kernel.per_layer:  # unrolled: one array per layer, without the layer axis
+            assert spec[0] is None and all(tuple(x.sharding.spec) == (spec[-1], spec[-2]) for x in kernel.w_t), p
+            continue
         assert tuple(kernel.w_t.sharding.spec) == (*spec[:-2], spec[-1], spec[-2]), p
         sharded += any(s is not None for s in spec[-2:])
     assert sharded  # some of them really are split over the mesh
-    losses, params = train(stage, mesh, "bfloat16", prepare_frozen=True)
-    ref_losses, ref_params = train(stage, mesh, "bfloat16", prepare_frozen=False)
+    losses, params = train(stage, mesh, "bfloat16", prepare_frozen=True, scan=scan)
+    ref_losses, ref_params = train(stage, mesh, "bfloat16", prepare_frozen=False, scan=scan)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=0)
     for path, value in ref_params.items():
         np.testing.assert_allclose(params[path], value, atol=1e-6, rtol=0, err_msg="/".join(path))

@@ -201,7 +201,7 @@ def test_right_padded_batches_take_the_causal_path_with_the_same_steps():
         trainer.global_batch(left)
 
 
-@pytest.mark.parametrize("stage,scan", [("stage1", True), ("stage2", False)])
+@pytest.mark.parametrize("stage,scan", [("stage1", True), ("stage1", False), ("stage2", True), ("stage2", False)])
 def test_prepared_frozen_kernels_give_the_same_half_precision_steps(stage, scan):
     lora = LoRAConfig(rank=2, alpha=8, dropout=0.0) if stage == "stage2" else None
     cfg = tiny_config(lora=lora).replace(dtype="bfloat16", scan_layers=scan)
@@ -219,9 +219,12 @@ def test_prepared_frozen_kernels_give_the_same_half_precision_steps(stage, scan)
     state, before = run[0], run[1]
     for p in prepared.prepared_paths:  # made once from the frozen kernel, and still equal to it
         kernel = flatten(state.prepared)[p]
+        # Unrolled layers hold stacked kernels as per-layer arrays.
+        assert kernel.per_layer == (not scan and "layers" in p)
         w = before[p].astype(jax.numpy.bfloat16)
-        np.testing.assert_array_equal(np.asarray(kernel.w), w)
-        np.testing.assert_array_equal(np.asarray(kernel.w_t), np.swapaxes(w, -1, -2))
+        stack = (lambda a: np.stack([np.asarray(x) for x in a])) if kernel.per_layer else np.asarray
+        np.testing.assert_array_equal(stack(kernel.w), w)
+        np.testing.assert_array_equal(stack(kernel.w_t), np.swapaxes(w, -1, -2))
 
 
 def test_prepared_kernels_stay_out_of_checkpoints_and_come_back_on_resume(tmp_path):

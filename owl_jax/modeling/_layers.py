@@ -72,15 +72,16 @@ _half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
 @dataclasses.dataclass(frozen=True)
 class PreparedKernel:
     """A frozen linear kernel made ready once per train state rather than once per step: `w` is the
-    kernel in the compute dtype and `w_t` its transpose as a row-major copy (both with the kernel's leading
-    layer axis, if stacked). A half-precision CPU step multiplies its input gradients by `w_t` directly,
-    where a plain kernel is cast and transposed again in every step (see `_row_major_transpose`). Built by
-    the trainer (`Trainer(prepare_frozen=...)`) for weights that never change during training; `Linear`
-    accepts it in place of its kernel.
+    kernel in the compute dtype and `w_t` its transpose as a row-major copy. A half-precision CPU step
+    multiplies its input gradients by `w_t` directly, where a plain kernel is cast and transposed again in
+    every step (see `_row_major_transpose`). A stacked kernel keeps its leading layer axis for scanned
+    layers; for an unrolled loop `w` and `w_t` are tuples of per-layer arrays, which `layer(i)` picks
+    without the copy that slicing a stack makes. Built by the trainer (`Trainer(prepare_frozen=...)`) for
+    weights that never change during training; `Linear` accepts it in place of its kernel.
     """
 
-    w: Array
-    w_t: Array
+    w: Array | tuple[Array, ...]
+    w_t: Array | tuple[Array, ...]
 
     def tree_flatten(self):
         return (self.w, self.w_t), None
@@ -89,24 +90,40 @@ class PreparedKernel:
     def tree_unflatten(cls, aux, children):
         return cls(*children)
 
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.w, tuple)
+
+    def layer(self, i: int) -> "PreparedKernel":
+        """Layer `i` of a stacked kernel (a pick from per-layer tuples, a slice of arrays)."""
+        return PreparedKernel(self.w[i], self.w_t[i])
+
     def __getitem__(self, index):  # `variable[...]` reads the whole value
         if index is not Ellipsis:
-            raise TypeError("a PreparedKernel is read whole (`[...]`); slice its arrays instead")
+            raise TypeError("a PreparedKernel is read whole (`[...]`); use `layer(i)` for one layer")
         return self
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.w.shape
+        return (len(self.w), *self.w[0].shape) if self.per_layer else self.w.shape
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.w.dtype
+        return (self.w[0] if self.per_layer else self.w).dtype
 
 
-def prepare_kernel(w: Array, dtype) -> PreparedKernel:
-    """`PreparedKernel` of `w` (stacked or not) in `dtype`."""
+def prepare_kernel(w: Array, dtype, *, per_layer: bool = False) -> PreparedKernel:
+    """`PreparedKernel` of `w` in `dtype`; with `per_layer`, `w`'s leading axis split into layers."""
     w = w.astype(dtype)
+    if per_layer:
+        layers = tuple(w[i] for i in range(w.shape[0]))
+        return PreparedKernel(layers, tuple(_row_major_transpose(x) for x in layers))
     return PreparedKernel(w, _row_major_transpose(w))
+
+
+def layer_slice(value, i: int):
+    """Layer `i` of a stacked parameter value (a `PreparedKernel` or an array)."""
+    return value.layer(i) if isinstance(value, PreparedKernel) else value[i]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

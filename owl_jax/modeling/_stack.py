@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import jax
 from flax import nnx
 
+from owl_jax.modeling._layers import PreparedKernel, layer_slice
+
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -63,8 +65,10 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
 
     if scan:
         return jax.lax.scan(step, carry, (state, xs), length=num_layers)
-    return _unrolled(lambda c, i, x: step(c, (jax.tree.map(lambda a: a[i], state), x)), carry, xs, num_layers,
-                     xs_per_layer)
+    def layer(i: int) -> Any:
+        return jax.tree.map(lambda a: layer_slice(a, i), state, is_leaf=lambda a: isinstance(a, PreparedKernel))
+
+    return _unrolled(lambda c, i, x: step(c, (layer(i), x)), carry, xs, num_layers, xs_per_layer)
 
 
 def _unrolled(step: Callable[[Any, int, Any], tuple[Any, Any]], carry: Any, xs: Any, num_layers: int,

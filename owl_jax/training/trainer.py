@@ -148,8 +148,20 @@ class Trainer:
             spec = tuple(sh.spec) + (None,) * (ndim - len(sh.spec))
             return NamedSharding(sh.mesh, PartitionSpec(*spec[:-2], spec[-1], spec[-2]))
 
-        shardings = {p: PreparedKernel(flat_sh[p], transposed(flat_sh[p], flat[p].ndim)) for p in self.prepared_paths}
-        fn = jax.jit(lambda ws: {p: prepare_kernel(w, dtype) for p, w in ws.items()}, out_shardings=shardings)
+        # Unrolled layers read each layer's prepared kernel as its own array (slicing a stack is a copy).
+        per_layer = {p: not self.model_cfg.scan_layers and "layers" in p for p in self.prepared_paths}
+
+        def sharding(p: tuple) -> PreparedKernel:
+            sh, ndim = flat_sh[p], flat[p].ndim
+            w, w_t = sh, transposed(sh, ndim)
+            if not per_layer[p]:
+                return PreparedKernel(w, w_t)
+            drop = lambda s: NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
+            return PreparedKernel((drop(w),) * flat[p].shape[0], (drop(w_t),) * flat[p].shape[0])
+
+        shardings = {p: sharding(p) for p in self.prepared_paths}
+        fn = jax.jit(lambda ws: {p: prepare_kernel(w, dtype, per_layer=per_layer[p]) for p, w in ws.items()},
+                     out_shardings=shardings)
         with use_mesh(self.mesh):
             prepared = fn({p: flat[p] for p in self.prepared_paths})
         return state.replace(prepared=nest(prepared))
