@@ -70,6 +70,7 @@ def test_prepared_frozen_kernels_keep_their_sharding(stage, scan):
             assert spec[0] is None and all(tuple(x.sharding.spec) == (spec[-1], spec[-2]) for x in kernel.w_t), p
             continue
         assert tuple(kernel.w_t.sharding.spec) == (*spec[:-2], spec[-1], spec[-2]), p
+        assert kernel.w_t.dtype == (np.uint16 if kernel.bits_of else jax.numpy.bfloat16)
         sharded += any(s is not None for s in spec[-2:])
     assert sharded  # some of them really are split over the mesh
     losses, params = train(stage, mesh, "bfloat16", prepare_frozen=True, scan=scan)

@@ -44,17 +44,39 @@ def _row_major_transpose(a: Array) -> Array:
     return jax.lax.optimization_barrier(t.reshape(*t.shape[:-2], -1)).reshape(t.shape)
 
 
+# XLA's CPU backend computes a dynamic slice or update of a bf16/fp16 array in float32, converting the
+# whole array both ways: for a scan over layers that is every stacked weight and every stacked
+# activation saved for the backward pass, in every step. The same 16 bits as uint16 are sliced as they
+# are. `_CPU_SCAN_BITS` turns the workaround on (it exists to be measured against its absence).
+_CPU_SCAN_BITS = True
+
+
+def as_bits(a: Array) -> Array:
+    """A half-precision CPU array as its uint16 bit pattern (see `_CPU_SCAN_BITS`); others unchanged."""
+    if _CPU_SCAN_BITS and _is_half(a.dtype) and _cpu_matmul_path():
+        return jax.lax.bitcast_convert_type(a, jnp.uint16)
+    return a
+
+
+def from_bits(a: Array, dtype) -> Array:
+    """Undo `as_bits` (`dtype`: the array's dtype before)."""
+    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 and _is_half(dtype) else a
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _half_matmul(x: Array, w: Array, cpu: bool, out_dtype: str) -> Array:
     return jnp.matmul(x, w, preferred_element_type=jnp.dtype(out_dtype))
 
 
 def _half_matmul_fwd(x: Array, w: Array, cpu: bool, out_dtype: str):
-    return _half_matmul(x, w, cpu, out_dtype), (x, w)
+    # Residuals as bits: a scan over layers stacks them (see `_CPU_SCAN_BITS`). `x` and `w` share a dtype,
+    # which the empty array `like` carries to the backward pass.
+    return _half_matmul(x, w, cpu, out_dtype), (as_bits(x), as_bits(w), jnp.zeros((0,), x.dtype))
 
 
 def _half_matmul_bwd(cpu: bool, out_dtype: str, res, g: Array):
-    x, w = res
+    bx, bw, like = res
+    x, w = from_bits(bx, like.dtype), from_bits(bw, like.dtype)
     g = g.astype(x.dtype)  # the cotangent back in the compute dtype (as under torch.autocast)
     if cpu:  # float32 results from physically transposed operands, then cast
         dx = jnp.matmul(g, _row_major_transpose(w), preferred_element_type=jnp.float32).astype(x.dtype)
@@ -82,13 +104,25 @@ class PreparedKernel:
 
     w: Array | tuple[Array, ...]
     w_t: Array | tuple[Array, ...]
+    bits_of: str | None = None  # set while `w` and `w_t` hold the uint16 bits of this dtype (in a scan)
 
     def tree_flatten(self):
-        return (self.w, self.w_t), None
+        return (self.w, self.w_t), self.bits_of
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children)
+        return cls(*children, aux)
+
+    def to_bits(self) -> "PreparedKernel":
+        """Stacked arrays as their bit patterns for a scan over layers (see `_CPU_SCAN_BITS`)."""
+        if self.per_layer or self.bits_of or as_bits(self.w) is self.w:
+            return self
+        return PreparedKernel(as_bits(self.w), as_bits(self.w_t), jnp.dtype(self.w.dtype).name)
+
+    def from_bits(self) -> "PreparedKernel":
+        if not self.bits_of:
+            return self
+        return PreparedKernel(from_bits(self.w, self.bits_of), from_bits(self.w_t, self.bits_of))
 
     @property
     def per_layer(self) -> bool:
@@ -109,16 +143,18 @@ class PreparedKernel:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return (self.w[0] if self.per_layer else self.w).dtype
+        return jnp.dtype(self.bits_of) if self.bits_of else (self.w[0] if self.per_layer else self.w).dtype
 
 
-def prepare_kernel(w: Array, dtype, *, per_layer: bool = False) -> PreparedKernel:
-    """`PreparedKernel` of `w` in `dtype`; with `per_layer`, `w`'s leading axis split into layers."""
+def prepare_kernel(w: Array, dtype, *, per_layer: bool = False, scanned: bool = False) -> PreparedKernel:
+    """`PreparedKernel` of `w` in `dtype`; with `per_layer`, `w`'s leading axis split into layers. A stack
+    for a scan is held as its bit patterns where `to_bits` would make them (once here, not per step)."""
     w = w.astype(dtype)
     if per_layer:
         layers = tuple(w[i] for i in range(w.shape[0]))
         return PreparedKernel(layers, tuple(_row_major_transpose(x) for x in layers))
-    return PreparedKernel(w, _row_major_transpose(w))
+    prepared = PreparedKernel(w, _row_major_transpose(w))
+    return prepared.to_bits() if scanned else prepared
 
 
 def layer_slice(value, i: int):
@@ -132,11 +168,12 @@ def _prepared_matmul(x: Array, w: Array, w_t: Array, out_dtype: str) -> Array:
 
 
 def _prepared_matmul_fwd(x: Array, w: Array, w_t: Array, out_dtype: str):
-    return _prepared_matmul(x, w, w_t, out_dtype), (x, w_t)
+    return _prepared_matmul(x, w, w_t, out_dtype), (as_bits(x), as_bits(w_t), jnp.zeros((0,), x.dtype))
 
 
 def _prepared_matmul_bwd(out_dtype: str, res, g: Array):
-    x, w_t = res
+    bx, bw, like = res
+    x, w_t = from_bits(bx, like.dtype), from_bits(bw, like.dtype)
     g = g.astype(x.dtype)
     dx = jnp.matmul(g, w_t, preferred_element_type=jnp.float32).astype(x.dtype)
     # The kernel's own gradient, for completeness (a frozen kernel's is never used, and XLA drops it).
@@ -168,6 +205,7 @@ def matmul_f32(x: Array, w: Array, dtype: jnp.dtype, *, out_dtype=jnp.float32) -
     its transposed copy along. In float32 this is a plain matmul.
     """
     if isinstance(w, PreparedKernel):
+        w = w.from_bits()
         if w.dtype == jnp.dtype(dtype) and _is_half(dtype) and _cpu_matmul_path():
             lead = x.shape[:-1]
             y = _prepared_matmul(x.astype(dtype).reshape(-1, x.shape[-1]), w.w, w.w_t, "float32")

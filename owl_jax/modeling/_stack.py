@@ -54,8 +54,12 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
         return _unrolled(lambda c, i, x: body(nnx.merge(graphdef, layer_states[i]), c, x), carry, xs, num_layers,
                          xs_per_layer)
 
+    is_prepared = lambda a: isinstance(a, PreparedKernel)
+
     def step(c: Any, inputs: Any) -> tuple[Any, Any]:
         layer_state, x = inputs
+        layer_state = jax.tree.map(lambda a: a.from_bits() if is_prepared(a) else a, layer_state,
+                                   is_leaf=is_prepared)
         return body(nnx.merge(graphdef, layer_state), c, x)
 
     if remat_policy != "none":
@@ -63,10 +67,12 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
             raise ValueError(f"unknown remat policy {remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}")
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
 
-    if scan:
+    if scan:  # frozen prepared kernels go through the scan as bit patterns (`_layers._CPU_SCAN_BITS`)
+        state = jax.tree.map(lambda a: a.to_bits() if is_prepared(a) else a, state, is_leaf=is_prepared)
         return jax.lax.scan(step, carry, (state, xs), length=num_layers)
+
     def layer(i: int) -> Any:
-        return jax.tree.map(lambda a: layer_slice(a, i), state, is_leaf=lambda a: isinstance(a, PreparedKernel))
+        return jax.tree.map(lambda a: layer_slice(a, i), state, is_leaf=is_prepared)
 
     return _unrolled(lambda c, i, x: step(c, (layer(i), x)), carry, xs, num_layers, xs_per_layer)
 

@@ -151,19 +151,25 @@ class Trainer:
         # Unrolled layers read each layer's prepared kernel as its own array (slicing a stack is a copy).
         per_layer = {p: not self.model_cfg.scan_layers and "layers" in p for p in self.prepared_paths}
 
-        def sharding(p: tuple) -> PreparedKernel:
+        scanned = {p: self.model_cfg.scan_layers and "layers" in p for p in self.prepared_paths}
+
+        def sharding(p: tuple, bits_of: str | None) -> PreparedKernel:
             sh, ndim = flat_sh[p], flat[p].ndim
             w, w_t = sh, transposed(sh, ndim)
             if not per_layer[p]:
-                return PreparedKernel(w, w_t)
+                return PreparedKernel(w, w_t, bits_of)
             drop = lambda s: NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
-            return PreparedKernel((drop(w),) * flat[p].shape[0], (drop(w_t),) * flat[p].shape[0])
+            return PreparedKernel((drop(w),) * flat[p].shape[0], (drop(w_t),) * flat[p].shape[0], bits_of)
 
-        shardings = {p: sharding(p) for p in self.prepared_paths}
-        fn = jax.jit(lambda ws: {p: prepare_kernel(w, dtype, per_layer=per_layer[p]) for p, w in ws.items()},
-                     out_shardings=shardings)
+        def make(ws: dict) -> dict:
+            return {p: prepare_kernel(w, dtype, per_layer=per_layer[p], scanned=scanned[p]) for p, w in ws.items()}
+
+        inputs = {p: flat[p] for p in self.prepared_paths}
+        kinds = jax.eval_shape(make, inputs)  # which are held as bits
+        shardings = {p: sharding(p, kinds[p].bits_of) for p in self.prepared_paths}
+        fn = jax.jit(make, out_shardings=shardings)
         with use_mesh(self.mesh):
-            prepared = fn({p: flat[p] for p in self.prepared_paths})
+            prepared = fn(inputs)
         return state.replace(prepared=nest(prepared))
 
     def abstract_state(self) -> TrainState:
