@@ -234,6 +234,35 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+@jax.custom_vjp
+def _swiglu_bits(gate: Array, up: Array) -> Array:
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate: Array, up: Array):
+    return _swiglu_bits(gate, up), (as_bits(gate), as_bits(up), jnp.zeros((0,), gate.dtype))
+
+
+def _swiglu_bwd(res, g: Array):
+    bg, bu, like = res
+    gate, up = (from_bits(a, like.dtype).astype(jnp.float32) for a in (bg, bu))
+    g = g.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate)
+    d_gate = g * up * sig * (1.0 + gate * (1.0 - sig))
+    return d_gate.astype(like.dtype), (g * gate * sig).astype(like.dtype)
+
+
+_swiglu_bits.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def swiglu(gate: Array, up: Array) -> Array:
+    """`silu(gate) * up`. In half precision on the CPU the backward pass keeps only `gate` and `up`, as bit
+    patterns (a scan over layers stacks them; see `_CPU_SCAN_BITS`), and differentiates in float32."""
+    if _CPU_SCAN_BITS and _is_half(gate.dtype) and _cpu_matmul_path():
+        return _swiglu_bits(gate, up)
+    return jax.nn.silu(gate) * up
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),

@@ -14,7 +14,7 @@ from flax import nnx
 
 from owl_jax.config import LoRAConfig, TextConfig
 from owl_jax.modeling._attention import apply_rope, dot_product_attention
-from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of, matmul, matmul_f32
+from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of, matmul, matmul_f32, swiglu
 from owl_jax.modeling._stack import apply_layers
 from owl_jax.modeling.hf_names import hf_module
 from owl_jax.sharding import constrain
@@ -107,7 +107,7 @@ class LlamaLayer(nnx.Module):
             gate, up = jnp.split(matmul(h, fused["gate_up"], dtype_of(self.gate_proj.dtype)), 2, axis=-1)
         else:
             gate, up = self.gate_proj(h, keys[4]), self.up_proj(h, keys[5])
-        h = self.down_proj(jax.nn.silu(gate) * up, keys[6])
+        h = self.down_proj(swiglu(gate, up), keys[6])
         return constrain(x + h, ("batch", "length", "act_embed")), new_cache
 
 
