@@ -1,0 +1,57 @@
+"""The CPU's half-precision fast paths: SwiGLU's written-out backward, bit patterns through scans."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from owl_jax.checkpoint.native import flatten
+from owl_jax.config import LoRAConfig
+from owl_jax.modeling import _layers
+from owl_jax.modeling._layers import swiglu
+from owl_jax.sharding import use_mesh
+from owl_jax.training.run import adapt_params
+from owl_jax.training.trainer import Trainer
+from test_training_step import OPTIM, one_device_mesh, tiny_batch, tiny_config, tiny_params
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU code paths")
+
+
+def test_swiglu_matches_float32_autodiff():
+    rng = np.random.default_rng(0)
+    gate, up = (jnp.asarray(rng.normal(size=(4, 16, 32)) * 3, jnp.bfloat16) for _ in range(2))
+    weights = jnp.asarray(rng.integers(-4, 5, size=32), jnp.float32)  # exact in bf16, as is the cotangent
+    np.testing.assert_array_equal(np.asarray(swiglu(gate, up)), np.asarray(jax.nn.silu(gate) * up))
+
+    def loss(g, u, f):
+        return (f(g, u).astype(jnp.float32) * weights).sum()
+
+    grads = jax.grad(loss, (0, 1))(gate, up, swiglu)
+    ref = jax.grad(loss, (0, 1))(gate.astype(jnp.float32), up.astype(jnp.float32), lambda g, u: jax.nn.silu(g) * u)
+    for got, want in zip(grads, ref):
+        assert got.dtype == jnp.bfloat16
+        # float32 math rounded once to bf16: within one bf16 step of the float32 gradient
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2 ** -8, atol=1e-6)
+
+
+def _compiled_step(trainer, params) -> tuple[str, dict]:
+    state = trainer.init_state(params, seed=0)
+    batch = trainer.global_batch(tiny_batch())
+    with use_mesh(trainer.mesh):
+        return trainer.jitted_step(state, batch).lower(state, batch).compile().as_text(), flatten(state.prepared)
+
+
+@pytest.mark.parametrize("bits", [True, False])
+def test_scanned_bf16_stacks_are_not_converted_to_float32(bits, monkeypatch):
+    # XLA's CPU backend slices a bf16 stack through a float32 copy of all of it; as uint16 bits it does not.
+    monkeypatch.setattr(_layers, "_CPU_SCAN_BITS", bits)
+    cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0)).replace(dtype="bfloat16")
+    trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
+    hlo, prepared = _compiled_step(trainer, adapt_params(tiny_params(cfg), cfg, None, seed=0))
+    stacks = {tuple(k.w.shape) for p, k in prepared.items() if "layers" in p}
+    assert stacks
+    assert all((k.bits_of == "bfloat16") == bits for p, k in prepared.items() if "layers" in p)
+    converted = {s for s in stacks if re.search(r"= f32\[%s\]\S* (?:convert|fusion)\(" % ",".join(map(str, s)), hlo)}
+    assert (converted == set()) == bits, converted
