@@ -240,7 +240,7 @@ def test_prepared_kernels_stay_out_of_checkpoints_and_come_back_on_resume(tmp_pa
     state = trainer.init_state(nest(tiny_params(cfg)), seed=0)
     state, _ = trainer.train_step(state, trainer.global_batch(tiny_batch(seed=0)))
     ckpt = StageCheckpoints(str(tmp_path / "ckpt"), every=1, keep=1, async_save=False)
-    ckpt.save(1, state.replace(prepared=None), {}, {}, force=True)
+    ckpt.save(1, state.checkpointed(), {}, {}, force=True)
     ckpt.wait()
     restored, _, _ = ckpt.restore(1, trainer.abstract_state())
     assert restored.prepared is None

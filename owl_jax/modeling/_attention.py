@@ -265,9 +265,8 @@ def _attention_fwd(qh, kh, vh, mask, scale, blocks, cpu):
         probs.append(p)
         outs.append(o.reshape(b, h, g, -1, dh))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    # Half-precision operands kept as bit patterns: a scan over layers stacks residuals (`_layers.as_bits`).
-    bits = tuple(_layers.as_bits(x) for x in (qh, kh, vh))
-    return out, (bits, jnp.zeros((0,), qh.dtype), mask, tuple(probs), out)
+    # Half-precision operands kept as bit patterns: a scan over layers stacks residuals.
+    return out, (_layers.bits_residuals(qh, kh, vh), mask, tuple(probs), out)
 
 
 def _swap_last(x: Array, physical: bool) -> Array:
@@ -276,8 +275,8 @@ def _swap_last(x: Array, physical: bool) -> Array:
 
 
 def _attention_bwd(scale, blocks, cpu, res, g):
-    bits, like, mask, probs, out = res
-    qh, kh, vh = (_layers.from_bits(x, like.dtype) for x in bits)
+    bits, mask, probs, out = res
+    qh, kh, vh = _layers.from_bits_residuals(bits)
     dt, lk = qh.dtype, kh.shape[2]
     mm = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)  # noqa: E731
     pad = lambda x: x if x.shape[2] == lk else jnp.pad(x, ((0, 0), (0, 0), (0, lk - x.shape[2]), (0, 0)))  # noqa: E731

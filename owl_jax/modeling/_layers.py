@@ -51,16 +51,31 @@ def _row_major_transpose(a: Array) -> Array:
 _CPU_SCAN_BITS = True
 
 
+def scan_bits(dtype) -> bool:
+    """Whether arrays of `dtype` go through scans as bit patterns here (see `_CPU_SCAN_BITS`)."""
+    return _CPU_SCAN_BITS and _is_half(dtype) and _cpu_matmul_path()
+
+
 def as_bits(a: Array) -> Array:
     """A half-precision CPU array as its uint16 bit pattern (see `_CPU_SCAN_BITS`); others unchanged."""
-    if _CPU_SCAN_BITS and _is_half(a.dtype) and _cpu_matmul_path():
-        return jax.lax.bitcast_convert_type(a, jnp.uint16)
-    return a
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if scan_bits(a.dtype) else a
 
 
 def from_bits(a: Array, dtype) -> Array:
     """Undo `as_bits` (`dtype`: the array's dtype before)."""
     return jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 and _is_half(dtype) else a
+
+
+def bits_residuals(*arrays: Array) -> tuple:
+    """Residuals of a custom VJP, all of one dtype, as bit patterns (a scan over layers stacks residuals),
+    with an empty array that carries the dtype to `from_bits_residuals`."""
+    return (*(as_bits(a) for a in arrays), jnp.zeros((0,), arrays[0].dtype))
+
+
+def from_bits_residuals(res: tuple) -> tuple:
+    """The arrays `bits_residuals` saved."""
+    *arrays, like = res
+    return tuple(from_bits(a, like.dtype) for a in arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -69,18 +84,22 @@ def _half_matmul(x: Array, w: Array, cpu: bool, out_dtype: str) -> Array:
 
 
 def _half_matmul_fwd(x: Array, w: Array, cpu: bool, out_dtype: str):
-    # Residuals as bits: a scan over layers stacks them (see `_CPU_SCAN_BITS`). `x` and `w` share a dtype,
-    # which the empty array `like` carries to the backward pass.
-    return _half_matmul(x, w, cpu, out_dtype), (as_bits(x), as_bits(w), jnp.zeros((0,), x.dtype))
+    return _half_matmul(x, w, cpu, out_dtype), bits_residuals(x, w)
+
+
+def _cpu_half_grads(x: Array, w_t: Array, g: Array) -> tuple[Array, Array]:
+    """`(dx, dw)` of `x @ w` on the CPU, given `w`'s transpose as a row-major copy: float32 results from
+    physically transposed operands, then cast."""
+    dx = jnp.matmul(g, w_t, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(w_t.dtype)
+    return dx, dw
 
 
 def _half_matmul_bwd(cpu: bool, out_dtype: str, res, g: Array):
-    bx, bw, like = res
-    x, w = from_bits(bx, like.dtype), from_bits(bw, like.dtype)
+    x, w = from_bits_residuals(res)
     g = g.astype(x.dtype)  # the cotangent back in the compute dtype (as under torch.autocast)
-    if cpu:  # float32 results from physically transposed operands, then cast
-        dx = jnp.matmul(g, _row_major_transpose(w), preferred_element_type=jnp.float32).astype(x.dtype)
-        dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(w.dtype)
+    if cpu:
+        dx, dw = _cpu_half_grads(x, _row_major_transpose(w), g)
     else:  # accumulated in float32 by the matrix unit, written in the compute dtype
         dx = jnp.matmul(g, w.T, preferred_element_type=x.dtype)
         dw = jnp.matmul(x.T, g, preferred_element_type=w.dtype)
@@ -115,7 +134,7 @@ class PreparedKernel:
 
     def to_bits(self) -> "PreparedKernel":
         """Stacked arrays as their bit patterns for a scan over layers (see `_CPU_SCAN_BITS`)."""
-        if self.per_layer or self.bits_of or as_bits(self.w) is self.w:
+        if self.per_layer or self.bits_of or not scan_bits(self.w.dtype):
             return self
         return PreparedKernel(as_bits(self.w), as_bits(self.w_t), jnp.dtype(self.w.dtype).name)
 
@@ -168,16 +187,13 @@ def _prepared_matmul(x: Array, w: Array, w_t: Array, out_dtype: str) -> Array:
 
 
 def _prepared_matmul_fwd(x: Array, w: Array, w_t: Array, out_dtype: str):
-    return _prepared_matmul(x, w, w_t, out_dtype), (as_bits(x), as_bits(w_t), jnp.zeros((0,), x.dtype))
+    return _prepared_matmul(x, w, w_t, out_dtype), bits_residuals(x, w_t)
 
 
 def _prepared_matmul_bwd(out_dtype: str, res, g: Array):
-    bx, bw, like = res
-    x, w_t = from_bits(bx, like.dtype), from_bits(bw, like.dtype)
-    g = g.astype(x.dtype)
-    dx = jnp.matmul(g, w_t, preferred_element_type=jnp.float32).astype(x.dtype)
-    # The kernel's own gradient, for completeness (a frozen kernel's is never used, and XLA drops it).
-    dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(w_t.dtype)
+    x, w_t = from_bits_residuals(res)
+    # The kernel's own gradient comes along for completeness (a frozen kernel's is never used; XLA drops it).
+    dx, dw = _cpu_half_grads(x, w_t, g.astype(x.dtype))
     return dx, dw, jnp.zeros_like(w_t)
 
 
@@ -240,16 +256,16 @@ def _swiglu_bits(gate: Array, up: Array) -> Array:
 
 
 def _swiglu_fwd(gate: Array, up: Array):
-    return _swiglu_bits(gate, up), (as_bits(gate), as_bits(up), jnp.zeros((0,), gate.dtype))
+    return _swiglu_bits(gate, up), bits_residuals(gate, up)
 
 
 def _swiglu_bwd(res, g: Array):
-    bg, bu, like = res
-    gate, up = (from_bits(a, like.dtype).astype(jnp.float32) for a in (bg, bu))
-    g = g.astype(jnp.float32)
+    gate, up = from_bits_residuals(res)
+    dtype = gate.dtype
+    gate, up, g = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
     sig = jax.nn.sigmoid(gate)
     d_gate = g * up * sig * (1.0 + gate * (1.0 - sig))
-    return d_gate.astype(like.dtype), (g * gate * sig).astype(like.dtype)
+    return d_gate.astype(dtype), (g * gate * sig).astype(dtype)
 
 
 _swiglu_bits.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -258,7 +274,7 @@ _swiglu_bits.defvjp(_swiglu_fwd, _swiglu_bwd)
 def swiglu(gate: Array, up: Array) -> Array:
     """`silu(gate) * up`. In half precision on the CPU the backward pass keeps only `gate` and `up`, as bit
     patterns (a scan over layers stacks them; see `_CPU_SCAN_BITS`), and differentiates in float32."""
-    if _CPU_SCAN_BITS and _is_half(gate.dtype) and _cpu_matmul_path():
+    if scan_bits(gate.dtype):
         return _swiglu_bits(gate, up)
     return jax.nn.silu(gate) * up
 

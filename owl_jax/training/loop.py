@@ -146,10 +146,10 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
                 result = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg.max_images)
                 writer.write(done, {"loss": result["loss"], "overall": result["overall"],
                                     **{f"accuracy/{g}": a for g, a in result["accuracy"].items()}}, prefix="eval")
-            ckpt.save(done, state.replace(prepared=None), iterator.get_state(), config_dict)
+            ckpt.save(done, state.checkpointed(), iterator.get_state(), config_dict)
             _fault_injection(done)
             if STOP.requested():
-                ckpt.save(done, state.replace(prepared=None), iterator.get_state(), config_dict, force=True)
+                ckpt.save(done, state.checkpointed(), iterator.get_state(), config_dict, force=True)
                 ckpt.wait()
                 if bar is not None:
                     bar.close()
@@ -157,7 +157,7 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
                       file=sys.stderr)
                 raise SystemExit(128 + (STOP.signal or 15))
         if ckpt.latest_step() != stage.steps:
-            ckpt.save(stage.steps, state.replace(prepared=None), iterator.get_state(), config_dict, force=True)
+            ckpt.save(stage.steps, state.checkpointed(), iterator.get_state(), config_dict, force=True)
         ckpt.wait()
     except BaseException:
         try:  # let a save in flight finish (it is complete or discarded, never half-visible)

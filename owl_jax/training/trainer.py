@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from owl_jax.checkpoint.hf_import import abstract_model, assemble, flat_shardings
 from owl_jax.checkpoint.native import flatten, nest
 from owl_jax.config import OwlConfig
-from owl_jax.modeling._layers import PreparedKernel, prepare_kernel
+from owl_jax.modeling._layers import PreparedKernel, prepare_kernel, scan_bits
 from owl_jax.modeling.loss import chunked_next_token_loss_sums, next_token_loss_sums
 from owl_jax.sharding import use_mesh
 from owl_jax.training.optimizer import FROZEN, TRAIN, decay_mask, labels_for, learning_rate_schedule, make_optimizer
@@ -45,6 +45,10 @@ class TrainState:
     # Frozen kernels made ready for the step once (`Trainer(prepare_frozen=...)`): {path: PreparedKernel}
     # nested like `params`, or None. Derived from `params`; checkpoints leave it out.
     prepared: Any = None
+
+    def checkpointed(self) -> "TrainState":
+        """What a checkpoint keeps: everything but the derived `prepared`."""
+        return self.replace(prepared=None)
 
 
 def split_params(params: dict, labels: dict) -> tuple[dict, dict]:
@@ -148,28 +152,26 @@ class Trainer:
             spec = tuple(sh.spec) + (None,) * (ndim - len(sh.spec))
             return NamedSharding(sh.mesh, PartitionSpec(*spec[:-2], spec[-1], spec[-2]))
 
-        # Unrolled layers read each layer's prepared kernel as its own array (slicing a stack is a copy).
-        per_layer = {p: not self.model_cfg.scan_layers and "layers" in p for p in self.prepared_paths}
+        # Unrolled layers read each layer's prepared kernel as its own array (slicing a stack is a copy);
+        # a scan reads stacks, held as bit patterns where that applies.
+        stacked = {p: "layers" in p for p in self.prepared_paths}
+        per_layer = {p: stacked[p] and not self.model_cfg.scan_layers for p in self.prepared_paths}
+        scanned = {p: stacked[p] and self.model_cfg.scan_layers for p in self.prepared_paths}
+        bits_of = dtype.name if scan_bits(dtype) else None
 
-        scanned = {p: self.model_cfg.scan_layers and "layers" in p for p in self.prepared_paths}
-
-        def sharding(p: tuple, bits_of: str | None) -> PreparedKernel:
+        def sharding(p: tuple) -> PreparedKernel:
             sh, ndim = flat_sh[p], flat[p].ndim
             w, w_t = sh, transposed(sh, ndim)
             if not per_layer[p]:
-                return PreparedKernel(w, w_t, bits_of)
+                return PreparedKernel(w, w_t, bits_of if scanned[p] else None)
             drop = lambda s: NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
-            return PreparedKernel((drop(w),) * flat[p].shape[0], (drop(w_t),) * flat[p].shape[0], bits_of)
+            return PreparedKernel((drop(w),) * flat[p].shape[0], (drop(w_t),) * flat[p].shape[0])
 
-        def make(ws: dict) -> dict:
-            return {p: prepare_kernel(w, dtype, per_layer=per_layer[p], scanned=scanned[p]) for p, w in ws.items()}
-
-        inputs = {p: flat[p] for p in self.prepared_paths}
-        kinds = jax.eval_shape(make, inputs)  # which are held as bits
-        shardings = {p: sharding(p, kinds[p].bits_of) for p in self.prepared_paths}
-        fn = jax.jit(make, out_shardings=shardings)
+        fn = jax.jit(lambda ws: {p: prepare_kernel(w, dtype, per_layer=per_layer[p], scanned=scanned[p])
+                                 for p, w in ws.items()},
+                     out_shardings={p: sharding(p) for p in self.prepared_paths})
         with use_mesh(self.mesh):
-            prepared = fn(inputs)
+            prepared = fn({p: flat[p] for p in self.prepared_paths})
         return state.replace(prepared=nest(prepared))
 
     def abstract_state(self) -> TrainState:
