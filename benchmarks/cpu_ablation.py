@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One CPU fast path measured against its absence, in one process.
 
-    python benchmarks/cpu_ablation.py --feature prepare_frozen|scan_bits [--steps stage1 stage2]
+    python benchmarks/cpu_ablation.py --feature prepare_frozen|scan_bits|float32_elementwise [--steps stage1 stage2]
         [--precision bfloat16] [--unrolled] [--rounds 7] [--config small] [--json out.json]
 
 For each train step it builds two `Trainer`s on the `cpu_compare.py` config and batch, one with the
@@ -15,6 +15,9 @@ Features:
 - `scan_bits`: half-precision arrays that a scan over layers slices or stacks (frozen prepared kernels,
   the residuals of matmuls, SwiGLU and attention) passed as uint16 bit patterns
   (`owl_jax.modeling._layers._CPU_SCAN_BITS`); only scanned layers are affected.
+- `float32_elementwise`: the elementwise chains of rotary embeddings, SwiGLU and the ViT's activation
+  computed on float32 copies and rounded once (`owl_jax.modeling._layers.in_float32`), instead of op by
+  op in the compute dtype (`_FLOAT32_ELEMENTWISE`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ sys.path.insert(0, REPO)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--feature", required=True, choices=["prepare_frozen", "scan_bits"])
+    p.add_argument("--feature", required=True, choices=["prepare_frozen", "scan_bits", "float32_elementwise"])
     p.add_argument("--steps", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
     p.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--unrolled", action="store_true", help="layers in a Python loop instead of a scan")
@@ -62,8 +65,9 @@ def main() -> None:
         cfg = base.replace(lora=lora) if step == "stage2" else base
         runs = {}
         for enabled in (False, True):
-            # The scan-bits switch is read while tracing, so each trainer compiles under its own setting.
+            # The module switches are read while tracing, so each trainer compiles under its own setting.
             _layers._CPU_SCAN_BITS = enabled if args.feature == "scan_bits" else True
+            _layers._FLOAT32_ELEMENTWISE = enabled if args.feature == "float32_elementwise" else True
             prepare = enabled if args.feature == "prepare_frozen" else None
             trainer = Trainer(cfg, stage=step, mesh=make_mesh(1, -1, 1), optim=OPTIM, total_steps=TOTAL_STEPS,
                               prepare_frozen=prepare)
@@ -77,7 +81,7 @@ def main() -> None:
             for _ in range(2):  # compile, then one warm step
                 run()
             runs[enabled] = run
-        _layers._CPU_SCAN_BITS = True
+        _layers._CPU_SCAN_BITS = _layers._FLOAT32_ELEMENTWISE = True
         times = {False: [], True: []}
         for i in range(args.rounds):
             for enabled, run in runs.items():

@@ -321,7 +321,8 @@ def rope_inverse_frequencies(head_dim: int, theta: float) -> Array:
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding in HF's rotate_half layout (first half of each head pairs with the second).
+    """Rotary embedding in HF's rotate_half layout (first half of each head pairs with the second), computed
+    in float32 and rounded once to `x`'s dtype (HF rounds the half-precision cos/sin and each product).
 
     Args:
       x: `(B, L, H, Dh)`.
@@ -330,7 +331,10 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
     inv_freq = rope_inverse_frequencies(x.shape[-1], theta)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, Dh/2)
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+
+    def rotate(x: Array) -> Array:
+        return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+    return _layers.in_float32(rotate, x)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from owl_jax.config import AbstractorConfig, LoRAConfig
 from owl_jax.modeling._attention import dot_product_attention
-from owl_jax.modeling._layers import LayerNorm, Linear, dtype_of
+from owl_jax.modeling._layers import LayerNorm, Linear, dtype_of, swiglu
 from owl_jax.modeling._stack import apply_layers
 from owl_jax.modeling.hf_names import hf_module
 from owl_jax.sharding import constrain
@@ -64,7 +64,7 @@ class AbstractorLayer(nnx.Module):
                                     implementation=self.attention_impl)
         h = q + self.out_proj(ctx.reshape(n, nq, d), keys[4])
         m = self.norm2(h)
-        gated = jax.nn.silu(self.w1(m, keys[5])) * self.w3(m, keys[6])
+        gated = swiglu(self.w1(m, keys[5]), self.w3(m, keys[6]))
         return h + self.w2(self.ffn_ln(gated), keys[7])
 
 
