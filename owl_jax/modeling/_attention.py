@@ -260,13 +260,15 @@ def _attention_fwd(qh, kh, vh, mask, scale, blocks, cpu):
     b, h, g, _, dh = qh.shape
     probs, outs = [], []
     for block in blocks:
-        p = _block_probs(qh, kh, mask, scale, block)
-        o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vh.dtype), vh[:, :, :block[2]], preferred_element_type=jnp.float32)
+        # The probabilities in the compute dtype: the product below reads them so, and the backward pass
+        # keeps them so (half the bytes of float32 for a scan over layers to stack).
+        p = _block_probs(qh, kh, mask, scale, block).astype(vh.dtype)
+        o = jnp.einsum("bhqk,bhkd->bhqd", p, vh[:, :, :block[2]], preferred_element_type=jnp.float32)
         probs.append(p)
         outs.append(o.reshape(b, h, g, -1, dh))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    # Half-precision operands kept as bit patterns: a scan over layers stacks residuals.
-    return out, (_layers.bits_residuals(qh, kh, vh), mask, tuple(probs), out)
+    # Half-precision residuals kept as bit patterns: a scan over layers stacks them.
+    return out, (_layers.bits_residuals(qh, kh, vh, *probs), mask)
 
 
 def _swap_last(x: Array, physical: bool) -> Array:
@@ -275,20 +277,21 @@ def _swap_last(x: Array, physical: bool) -> Array:
 
 
 def _attention_bwd(scale, blocks, cpu, res, g):
-    bits, mask, probs, out = res
-    qh, kh, vh = _layers.from_bits_residuals(bits)
+    bits, mask = res
+    qh, kh, vh, *probs = _layers.from_bits_residuals(bits)
     dt, lk = qh.dtype, kh.shape[2]
     mm = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)  # noqa: E731
     pad = lambda x: x if x.shape[2] == lk else jnp.pad(x, ((0, 0), (0, 0), (0, lk - x.shape[2]), (0, 0)))  # noqa: E731
     dq, dk, dv = [], 0.0, 0.0
     for block, p in zip(blocks, probs):
         ke = block[2]
-        gb, ob, qb = _query_block(g, block), _query_block(out, block), _query_block(qh, block)
-        gc = gb.astype(dt)
-        dv = dv + pad(mm("bhkq,bhqd->bhkd", _swap_last(p.astype(dt), cpu), gc))
+        gc, qb = _query_block(g, block).astype(dt), _query_block(qh, block)
+        dv = dv + pad(mm("bhkq,bhqd->bhkd", _swap_last(p, cpu), gc))
         dp = mm("bhqd,bhkd->bhqk", gc, vh[:, :, :ke])
-        # softmax's backward: dS = P * (dP - rowsum(dO * O)) (rowsum(dP * P) = rowsum(dO * O))
-        ds = (p * (dp - jnp.sum(gb.astype(jnp.float32) * ob, axis=-1, keepdims=True)) * scale).astype(dt)
+        # softmax's backward: dS = P * (dP - rowsum(dP * P)); rowsum(dP * P) = rowsum(dO * O), with O the
+        # forward's product of these P and V, so the output need not be kept
+        p32 = p.astype(jnp.float32)
+        ds = (p32 * (dp - jnp.sum(p32 * dp, axis=-1, keepdims=True)) * scale).astype(dt)
         dq.append(mm("bhqk,bhkd->bhqd", ds, kh[:, :, :ke]).astype(dt).reshape(*qh.shape[:3], -1, qh.shape[4]))
         dk = dk + pad(mm("bhkq,bhqd->bhkd", _swap_last(ds, cpu), qb))
     dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=3)
