@@ -58,3 +58,7 @@ def test_scanned_bf16_stacks_are_not_converted_to_float32(bits, monkeypatch):
     assert all((k.bits_of == "bfloat16") == bits for p, k in prepared.items() if "layers" in p)
     converted = {s for s in stacks if re.search(r"= f32\[%s\]\S* (?:convert|fusion)\(" % ",".join(map(str, s)), hlo)}
     assert (converted == set()) == bits, converted
+    if bits:  # the backward pass reads the transposed stacks the scan was given: no stacked copies of them
+        shapes = stacks | {tuple(k.w_t.shape) for p, k in prepared.items() if "layers" in p}
+        copied = {s for s in shapes if re.search(r"= u16\[%s\]\S* (?:fusion|dynamic-update-slice)\(" % ",".join(map(str, s)), hlo)}
+        assert not copied, copied

@@ -183,17 +183,22 @@ def layer_slice(value, i: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _prepared_matmul(x: Array, w: Array, w_t: Array, out_dtype: str) -> Array:
-    return jnp.matmul(x, w, preferred_element_type=jnp.dtype(out_dtype))
+    return jnp.matmul(x, from_bits(w, x.dtype), preferred_element_type=jnp.dtype(out_dtype))
 
 
 def _prepared_matmul_fwd(x: Array, w: Array, w_t: Array, out_dtype: str):
-    return _prepared_matmul(x, w, w_t, out_dtype), bits_residuals(x, w_t)
+    # `w_t` is kept as it came in: when it is a bit pattern sliced from a scan's stack, the scan forwards
+    # the stack to the backward pass instead of stacking a copy of it.
+    return _prepared_matmul(x, w, w_t, out_dtype), (bits_residuals(x), w_t)
 
 
 def _prepared_matmul_bwd(out_dtype: str, res, g: Array):
-    x, w_t = from_bits_residuals(res)
+    res_x, w_t = res
+    (x,) = from_bits_residuals(res_x)
+    dx, dw = _cpu_half_grads(x, from_bits(w_t, x.dtype), g.astype(x.dtype))
+    if w_t.dtype == jnp.uint16:  # bit patterns have no gradient
+        return dx, None, None
     # The kernel's own gradient comes along for completeness (a frozen kernel's is never used; XLA drops it).
-    dx, dw = _cpu_half_grads(x, w_t, g.astype(x.dtype))
     return dx, dw, jnp.zeros_like(w_t)
 
 
@@ -221,12 +226,11 @@ def matmul_f32(x: Array, w: Array, dtype: jnp.dtype, *, out_dtype=jnp.float32) -
     its transposed copy along. In float32 this is a plain matmul.
     """
     if isinstance(w, PreparedKernel):
-        w = w.from_bits()
         if w.dtype == jnp.dtype(dtype) and _is_half(dtype) and _cpu_matmul_path():
             lead = x.shape[:-1]
             y = _prepared_matmul(x.astype(dtype).reshape(-1, x.shape[-1]), w.w, w.w_t, "float32")
             return y.reshape(*lead, w.shape[-1]).astype(out_dtype)
-        w = w.w  # prepared for another dtype or device: the plain path
+        w = w.from_bits().w  # prepared for another dtype or device: the plain path
     x, w = x.astype(dtype), w.astype(dtype)
     if _is_half(dtype):
         cpu = _cpu_matmul_path()

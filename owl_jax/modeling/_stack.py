@@ -57,9 +57,8 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
     is_prepared = lambda a: isinstance(a, PreparedKernel)
 
     def step(c: Any, inputs: Any) -> tuple[Any, Any]:
+        # Prepared kernels reach `matmul_f32` as the scan sliced them (bit patterns included).
         layer_state, x = inputs
-        layer_state = jax.tree.map(lambda a: a.from_bits() if is_prepared(a) else a, layer_state,
-                                   is_leaf=is_prepared)
         return body(nnx.merge(graphdef, layer_state), c, x)
 
     if remat_policy != "none":
