@@ -62,3 +62,24 @@ def test_scanned_bf16_stacks_are_not_converted_to_float32(bits, monkeypatch):
         shapes = stacks | {tuple(k.w_t.shape) for p, k in prepared.items() if "layers" in p}
         copied = {s for s in shapes if re.search(r"= u16\[%s\]\S* (?:fusion|dynamic-update-slice)\(" % ",".join(map(str, s)), hlo)}
         assert not copied, copied
+
+
+@pytest.mark.parametrize("shape", [(64, 48, 4), (64, 4, 48), (16, 32, 32)])  # narrow output, narrow input, square
+def test_float32_matmul_gradients_match_autodiff(shape):
+    rows, n_in, n_out = shape
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, rows // 2, n_in)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(n_in, n_out)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, rows // 2, n_out)), jnp.float32)
+
+    def loss(x, w, f):
+        return (f(x, w) * weights).sum()
+
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x, w, lambda x, w: _layers.matmul_f32(x, w, jnp.float32))
+        want = jax.grad(loss, (0, 1))(x, w, lambda x, w: jnp.matmul(x, w))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # a kernel nobody differentiates gets no gradient product: the forward one and the input's only
+    jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=2)(x, w, lambda x, w: _layers.matmul_f32(x, w, jnp.float32))
+    assert str(jaxpr).count("dot_general") == 2

@@ -109,6 +109,43 @@ def _half_matmul_bwd(cpu: bool, out_dtype: str, res, g: Array):
 _half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
 
 
+@jax.custom_vjp
+def _cpu_f32_matmul(x: Array, w: Array) -> Array:
+    """`x @ w` for float32 matrices on the CPU, with the weight gradient's transposed copy chosen by size:
+    of `x` (`x^T g`), or of `g` and the result (`(g^T x)^T`), whichever copies fewer elements. Left to
+    itself XLA copies the wide operand for a LoRA factor's gradient (`g`, 1024 x 768, for `B`'s 8 x 768)
+    and multiplies on its slow generic path."""
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def _cpu_f32_matmul_fwd(x, w):
+    # (symbolic zeros: `x` and `w` say whether they are differentiated; the residuals' structure carries
+    # that to the backward pass, which then leaves out the products nobody needs, e.g. a frozen kernel's)
+    needs = tuple(None if a.perturbed else () for a in (x, w))
+    return _cpu_f32_matmul(x.value, w.value), (x.value, w.value, needs)
+
+
+def _cpu_f32_matmul_bwd(res, g: Array):
+    x, w, (need_x, need_w) = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    dx = dw = None
+    if need_x is None:
+        dx = jnp.matmul(g, w.T, preferred_element_type=jnp.float32)
+    if need_w is None:
+        (rows, n_in), n_out = x.shape, g.shape[-1]
+        if (rows + n_in) * n_out < rows * n_in:
+            # (the barrier keeps XLA from folding the transpose back into the product's operands)
+            dw = jax.lax.optimization_barrier(
+                jnp.matmul(_row_major_transpose(g), x, preferred_element_type=jnp.float32)).T
+        else:
+            dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32)
+    return dx, dw
+
+
+_cpu_f32_matmul.defvjp(_cpu_f32_matmul_fwd, _cpu_f32_matmul_bwd, symbolic_zeros=True)
+
+
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class PreparedKernel:
@@ -238,6 +275,9 @@ def matmul_f32(x: Array, w: Array, dtype: jnp.dtype, *, out_dtype=jnp.float32) -
         lead = x.shape[:-1]
         y = _half_matmul(x.reshape(-1, x.shape[-1]), w, cpu, out.name)
         return y.reshape(*lead, w.shape[-1]).astype(out_dtype)
+    if x.dtype == jnp.float32 and w.ndim == 2 and _cpu_matmul_path():
+        y = _cpu_f32_matmul(x.reshape(-1, x.shape[-1]), w)
+        return y.reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype)
     return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
