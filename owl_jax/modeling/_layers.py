@@ -87,19 +87,12 @@ def _half_matmul_fwd(x: Array, w: Array, cpu: bool, out_dtype: str):
     return _half_matmul(x, w, cpu, out_dtype), bits_residuals(x, w)
 
 
-def _cpu_half_grads(x: Array, w_t: Array, g: Array) -> tuple[Array, Array]:
-    """`(dx, dw)` of `x @ w` on the CPU, given `w`'s transpose as a row-major copy: float32 results from
-    physically transposed operands, then cast."""
-    dx = jnp.matmul(g, w_t, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(w_t.dtype)
-    return dx, dw
-
-
 def _half_matmul_bwd(cpu: bool, out_dtype: str, res, g: Array):
     x, w = from_bits_residuals(res)
     g = g.astype(x.dtype)  # the cotangent back in the compute dtype (as under torch.autocast)
-    if cpu:
-        dx, dw = _cpu_half_grads(x, _row_major_transpose(w), g)
+    if cpu:  # float32 results from physically transposed operands, then cast
+        dx = jnp.matmul(g, _row_major_transpose(w), preferred_element_type=jnp.float32).astype(x.dtype)
+        dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(w.dtype)
     else:  # accumulated in float32 by the matrix unit, written in the compute dtype
         dx = jnp.matmul(g, w.T, preferred_element_type=x.dtype)
         dw = jnp.matmul(x.T, g, preferred_element_type=w.dtype)
@@ -119,20 +112,18 @@ def _cpu_f32_matmul(x: Array, w: Array) -> Array:
 
 
 def _cpu_f32_matmul_fwd(x, w):
-    # (symbolic zeros: `x` and `w` say whether they are differentiated; the residuals' structure carries
-    # that to the backward pass, which then leaves out the products nobody needs, e.g. a frozen kernel's)
-    needs = tuple(None if a.perturbed else () for a in (x, w))
-    return _cpu_f32_matmul(x.value, w.value), (x.value, w.value, needs)
+    # (symbolic zeros: `x` and `w` say whether they are differentiated. Each gradient needs only the other
+    # operand, so only what a needed gradient reads is kept: a frozen kernel's product keeps no `x`.)
+    return _cpu_f32_matmul(x.value, w.value), (x.value if w.perturbed else None, w.value if x.perturbed else None)
 
 
 def _cpu_f32_matmul_bwd(res, g: Array):
-    x, w, (need_x, need_w) = res
+    x, w = res
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
-    dx = dw = None
-    if need_x is None:
-        dx = jnp.matmul(g, w.T, preferred_element_type=jnp.float32)
-    if need_w is None:
+    dx = None if w is None else jnp.matmul(g, w.T, preferred_element_type=jnp.float32)
+    dw = None
+    if x is not None:
         (rows, n_in), n_out = x.shape, g.shape[-1]
         if (rows + n_in) * n_out < rows * n_in:
             # (the barrier keeps XLA from folding the transpose back into the product's operands)
@@ -224,19 +215,16 @@ def _prepared_matmul(x: Array, w: Array, w_t: Array, out_dtype: str) -> Array:
 
 
 def _prepared_matmul_fwd(x: Array, w: Array, w_t: Array, out_dtype: str):
-    # `w_t` is kept as it came in: when it is a bit pattern sliced from a scan's stack, the scan forwards
-    # the stack to the backward pass instead of stacking a copy of it.
-    return _prepared_matmul(x, w, w_t, out_dtype), (bits_residuals(x), w_t)
+    # Only the input gradient is needed (prepared kernels are frozen), so only `w_t` is kept, as it came
+    # in: when it is a bit pattern sliced from a scan's stack, the scan forwards the stack to the backward
+    # pass instead of stacking a copy of it.
+    return _prepared_matmul(x, w, w_t, out_dtype), (w_t, jnp.zeros((0,), x.dtype))
 
 
 def _prepared_matmul_bwd(out_dtype: str, res, g: Array):
-    res_x, w_t = res
-    (x,) = from_bits_residuals(res_x)
-    dx, dw = _cpu_half_grads(x, from_bits(w_t, x.dtype), g.astype(x.dtype))
-    if w_t.dtype == jnp.uint16:  # bit patterns have no gradient
-        return dx, None, None
-    # The kernel's own gradient comes along for completeness (a frozen kernel's is never used; XLA drops it).
-    return dx, dw, jnp.zeros_like(w_t)
+    w_t, like = res
+    dx = jnp.matmul(g.astype(like.dtype), from_bits(w_t, like.dtype), preferred_element_type=jnp.float32)
+    return dx.astype(like.dtype), None, None
 
 
 _prepared_matmul.defvjp(_prepared_matmul_fwd, _prepared_matmul_bwd)
