@@ -42,6 +42,19 @@ def test_greedy_matches_released_generate_alone_and_batched(generator, reference
     assert both == [alone0, alone1]
 
 
+@pytest.mark.parametrize("unstack_layers", [False, True])
+def test_bf16_batched_generation_runs_and_matches_rows_alone(reference, unstack_layers):
+    # A batch of several prompts in bf16 (XLA's CPU backend once refused the prefill's attention product)
+    gen = Generator(load_fixture_model("checkpoint", dtype="bfloat16"), unstack_layers=unstack_layers)
+    ids, mask, px = reference["input_ids"], reference["attention_mask"], reference["pixel_values"]
+    n0, n1 = int(mask[0].sum()), int(mask[1].sum())
+    both = gen.generate(ids[:2], mask[:2], px[:3], GREEDY).tokens
+    alone = [gen.generate(ids[:1, :n0], None, px[:1], GREEDY).tokens[0],
+             gen.generate(ids[1:2, :n1], None, px[1:3], GREEDY).tokens[0]]
+    assert [len(t) for t in both] == [GREEDY.max_new_tokens] * 2
+    assert both == alone
+
+
 def greedy_by_recomputation(model, ids, mask, px, steps):
     """Greedy tokens from the full forward pass over the whole sequence at every step (no cache)."""
     rows, images = [], {0: px[0:1], 1: px[1:3], 2: px[3:3]}

@@ -313,8 +313,10 @@ def _autodiff_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Arr
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, dropout_rate, dropout_key)
-    out = jnp.einsum(f"bhgqk,{kv}->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, lq, h, dh).astype(q.dtype)
+    # (in the dot's own output order, then transposed: XLA's CPU backend cannot run a half-precision batched
+    # product with a float32 result that it lays out transposed, which it did for a `bqhgd` output)
+    out = jnp.einsum(f"bhgqk,{kv}->bhgqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, dh).astype(q.dtype)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> Array:
