@@ -1,4 +1,4 @@
-"""The CPU's half-precision fast paths: SwiGLU's written-out backward, bit patterns through scans."""
+"""The CPU's half-precision fast paths: SwiGLU in float32 and its gradients, bit patterns through scans."""
 
 import re
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from owl_jax.config import LoRAConfig, VisionConfig
 from owl_jax.modeling._attention import dot_product_attention
-from owl_jax.modeling._layers import ACTIVATIONS, LayerNorm, Linear, dtype_of, in_float32, matmul
+from owl_jax.modeling._layers import ACTIVATIONS, LayerNorm, Linear, dtype_of, elementwise, matmul
 from owl_jax.modeling._stack import apply_layers
 from owl_jax.modeling.hf_names import hf_module
 from owl_jax.sharding import constrain
@@ -79,7 +79,7 @@ class VisionLayer(nnx.Module):
         ctx = dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5, implementation=self.attention_impl)
         x = x + self.dense(ctx.reshape(n, t, d), keys[1])
         h = self.post_attention_layernorm(x)
-        h = self.fc2(in_float32(ACTIVATIONS[self.act], self.fc1(h, keys[2])), keys[3])
+        h = self.fc2(elementwise(ACTIVATIONS[self.act], self.fc1(h, keys[2])), keys[3])
         return constrain(x + h, ("batch", "length", "act_embed"))
 
 
