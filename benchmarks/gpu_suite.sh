@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU, about 6 minutes on an H100: the 7B-layout stage-2 (LoRA; scanned and unrolled layers) and
+# One GPU, about 7 minutes on an H100: the 7B-layout stage-2 (LoRA; scanned and unrolled layers) and
 # stage-1 train steps, decoding at batch 1 and 32 (per-layer weight and KV-cache buffers), all with random
 # weights, each in its own process, then the cuDNN-attention checks; tables and JSON go to
 # ${OUT:-benchmarks/results}.
@@ -39,10 +39,10 @@ train=("$PY" benchmarks/train_benchmark.py --size "$SIZE" --seq-len 1024 --dtype
        --attention auto --remat none --steps 3 --warmup 1)
 decode=("$PY" benchmarks/generate_benchmark.py --random-size "$SIZE" --dtype bfloat16 --prompt-len 128 --new-tokens 128
         --repeats 3)
-step stage2 90 "${train[@]}" --stages stage2 --rows 8 4 --json "$OUT/stage2.json"
+step stage2 100 "${train[@]}" --stages stage2 --rows 16 12 8 --json "$OUT/stage2.json"
 # Unrolled layers: no per-layer weight slices or stacked activations, half the memory (measured faster).
 step stage2_unrolled 200 "${train[@]}" --stages stage2 --unrolled --rows 8 4 --json "$OUT/stage2_unrolled.json"
-step stage1 90 "${train[@]}" --stages stage1 --rows 8 4 --json "$OUT/stage1.json"
+step stage1 120 "${train[@]}" --stages stage1 --rows 16 12 8 --json "$OUT/stage1.json"
 step decode 120 "${decode[@]}" --batch-sizes 1 32 --unstack-layers --out "$OUT/decode.json"
 echo "== cuDNN attention against the XLA reference" | tee -a "$OUT/suite.log"
 JAX_PLATFORMS=cuda timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py > "$OUT/gpu_tests.txt" 2>&1
