@@ -66,16 +66,15 @@ def from_bits(a: Array, dtype) -> Array:
     return jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 and _is_half(dtype) else a
 
 
-def bits_residuals(*arrays: Array) -> tuple:
-    """Residuals of a custom VJP, all of one dtype, as bit patterns (a scan over layers stacks residuals),
-    with an empty array that carries the dtype to `from_bits_residuals`."""
-    return (*(as_bits(a) for a in arrays), jnp.zeros((0,), arrays[0].dtype))
+def bits_residuals(*arrays: Array | None) -> tuple:
+    """Residuals of a custom VJP as bit patterns (a scan over layers stacks residuals), each beside an empty
+    array that carries its dtype to `from_bits_residuals`; None (nothing kept) stays None."""
+    return tuple(None if a is None else (as_bits(a), jnp.zeros((0,), a.dtype)) for a in arrays)
 
 
 def from_bits_residuals(res: tuple) -> tuple:
     """The arrays `bits_residuals` saved."""
-    *arrays, like = res
-    return tuple(from_bits(a, like.dtype) for a in arrays)
+    return tuple(None if r is None else from_bits(r[0], r[1].dtype) for r in res)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -85,30 +84,27 @@ def _half_matmul(x: Array, w: Array, cpu: bool, out_dtype: str) -> Array:
 
 def _half_matmul_fwd(x, w, cpu: bool, out_dtype: str):
     # (symbolic zeros: each gradient needs only the other operand, so a frozen kernel's product keeps no `x`)
-    keep = lambda a, needed: as_bits(a.value) if needed else None  # noqa: E731
     return (_half_matmul(x.value, w.value, cpu, out_dtype),
-            (keep(x, w.perturbed), keep(w, x.perturbed), jnp.zeros((0,), x.value.dtype)))
+            bits_residuals(x.value if w.perturbed else None, w.value if x.perturbed else None))
 
 
 def _half_matmul_bwd(cpu: bool, out_dtype: str, res, g: Array):
-    x, w, like = res
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
-    dtype = like.dtype
+    x, w = from_bits_residuals(res)
+    dtype = (w if x is None else x).dtype
     g = g.astype(dtype)  # the cotangent back in the compute dtype (as under torch.autocast)
     dx = dw = None
     if cpu:  # float32 results from physically transposed operands, then cast
         if w is not None:
-            dx = jnp.matmul(g, _row_major_transpose(from_bits(w, dtype)), preferred_element_type=jnp.float32)
-            dx = dx.astype(dtype)
+            dx = jnp.matmul(g, _row_major_transpose(w), preferred_element_type=jnp.float32).astype(dtype)
         if x is not None:
-            dw = jnp.matmul(_row_major_transpose(from_bits(x, dtype)), g, preferred_element_type=jnp.float32)
-            dw = dw.astype(dtype)
+            dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32).astype(dtype)
     else:  # accumulated in float32 by the matrix unit, written in the compute dtype
         if w is not None:
-            dx = jnp.matmul(g, from_bits(w, dtype).T, preferred_element_type=dtype)
+            dx = jnp.matmul(g, w.T, preferred_element_type=dtype)
         if x is not None:
-            dw = jnp.matmul(from_bits(x, dtype).T, g, preferred_element_type=dtype)
+            dw = jnp.matmul(x.T, g, preferred_element_type=dtype)
     return dx, dw
 
 
@@ -317,12 +313,11 @@ def _recomputed(fn: Callable[..., Array], *xs: Array) -> Array:
 
 
 def _recomputed_fwd(fn: Callable[..., Array], *xs: Array):
-    return fn(*xs), tuple((as_bits(x), jnp.zeros((0,), x.dtype)) for x in xs)
+    return fn(*xs), bits_residuals(*xs)
 
 
 def _recomputed_bwd(fn: Callable[..., Array], res, g: Array):
-    xs = [from_bits(bits, like.dtype) for bits, like in res]
-    return jax.vjp(fn, *xs)[1](g)
+    return jax.vjp(fn, *from_bits_residuals(res))[1](g)
 
 
 _recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
