@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an XLA option for the generator's compiled steps (repeatable), e.g. "
                              "xla_gpu_enable_triton_gemm=false")
+    parser.add_argument("--decode-chunk", type=int, default=16,
+                        help="Generator(decode_chunk=N): the most decode steps per on-device loop (1: one "
+                             "dispatch per token)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="trace 5 back-to-back decode steps per batch size into DIR and print where the time goes")
@@ -180,7 +183,7 @@ def main() -> None:
         model, _ = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, scan_layers=not args.unrolled,
                                            show_progress=False)
         name = os.path.basename(os.path.normpath(args.checkpoint))
-    generator = Generator(model, unstack_layers=args.unstack_layers,
+    generator = Generator(model, unstack_layers=args.unstack_layers, decode_chunk=args.decode_chunk,
                           compiler_options=parse_options(args.compiler_option))
     t = model.config.text
     itemsize = jax.numpy.dtype(args.dtype).itemsize
@@ -209,6 +212,7 @@ def main() -> None:
         print(f"batch {batch}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     device = jax.devices()[0]
     layout = "unstacked" if args.unstack_layers else "unrolled" if args.unrolled else "scanned"
+    layout += f", decode chunks of up to {args.decode_chunk}"
     if args.compiler_option:
         layout += ", " + " ".join(args.compiler_option)
     print(f"\nmodel {name} ({args.dtype}, {layout} layers), {device.platform} "

@@ -12,7 +12,7 @@ from PIL import Image
 import owl_jax
 from conftest import FIXTURE, load_fixture_model
 from owl_jax.inference.chat import ChatSession
-from owl_jax.inference.generate import GenerationConfig, Generator, banned_ngram_tokens
+from owl_jax.inference.generate import GenerationConfig, Generator, banned_ngram_tokens, round_up
 from owl_jax.sharding import make_mesh
 
 GREEDY = GenerationConfig(max_new_tokens=12, min_new_tokens=12)  # the fixture's generate() call
@@ -86,7 +86,7 @@ def test_no_recompilation_across_steps_and_lengths(reference):
     ids, px = reference["input_ids"], reference["pixel_values"]
     config = GenerationConfig(max_new_tokens=10, min_new_tokens=10)
     sizes = lambda: np.array([gen.prefill._cache_size(), gen.first_select._cache_size(),
-                              gen.decode_select._cache_size()])
+                              gen.decode_chunk_fn._cache_size()])
     before = sizes()
     calls = []
     gen.generate(ids[:1, :50], None, px[:1], config, stream=lambda step, tokens, done: calls.append(step))
@@ -95,6 +95,69 @@ def test_no_recompilation_across_steps_and_lengths(reference):
     assert (after_first - before <= 1).all()  # ten decode steps: at most one compilation of each piece
     gen.generate(ids[:1, :61], None, px[:1], config)  # another prompt length in the same bucket
     assert (sizes() == after_first).all()
+
+
+@pytest.mark.parametrize("unstack_layers", [False, True])
+def test_decode_chunks_change_no_token_and_no_cache_slot(reference, unstack_layers):
+    """Decoding in on-device chunks of 1, 3 or 16 steps: the same sampled tokens and EOS stops (inside a
+    chunk), and a cache that holds exactly the fed tokens: every generated one but the last."""
+    model = load_fixture_model("checkpoint")
+    config = GenerationConfig(max_new_tokens=9, eos_token_id=-7, do_sample=True, top_k=5, temperature=0.7, seed=5)
+    batch = reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3]
+    n0 = int(reference["attention_mask"][0].sum())
+    alone = reference["input_ids"][:1, :n0], reference["attention_mask"][:1, :n0], reference["pixel_values"][:1]
+    probe = Generator(model, decode_chunk=1).generate(*alone, config).tokens[0]  # no EOS: all 9 tokens
+    k = next(i for i in range(4, 8) if probe[i] not in probe[:i])  # a token first sampled at step k
+    stop = dataclasses.replace(config, eos_token_id=probe[k])  # mid-chunk for chunks of 3 and 16
+    results = []
+    for chunk in (1, 3, 16):
+        gen = Generator(model, unstack_layers=unstack_layers, decode_chunk=chunk)
+        both = gen.generate(*batch, stop)
+        ids, mask, px = alone
+        p = round_up(n0, gen.prompt_bucket)  # generate()'s steps, by hand, to see the cache they leave
+        logits, cache, key_valid = gen.prefill(gen.graphdef, gen.state, *_left_padded(ids, mask, p),
+                                               gen.encode_images(px), round_up(p + 9, gen.cache_bucket))
+        tokens, finished, cache, key_valid = gen.decode_loop(logits, cache, key_valid, np.array([n0]), p, stop)
+        assert tokens == [probe[:k + 1]] and finished.tolist() == [True]
+        assert int(np.asarray(key_valid).sum()) == n0 + k  # the prompt and steps 0..k-1 fed, not the EOS
+        results.append((both.tokens, both.finished, [np.asarray(a) for a in jax.tree.leaves(cache)]))
+    for other in results[1:]:
+        assert other[:2] == results[0][:2]
+        for a, b in zip(other[2], results[0][2]):
+            np.testing.assert_array_equal(a, b)
+
+
+def _left_padded(ids, mask, width):
+    lengths = mask.sum(axis=1)
+    left_ids, left_mask = np.zeros((len(ids), width), np.int32), np.zeros((len(ids), width), np.int32)
+    for row, n in enumerate(lengths):
+        left_ids[row, width - n:], left_mask[row, width - n:] = ids[row, :n], 1
+    return jnp.asarray(left_ids), jnp.asarray(left_mask)
+
+
+def test_decode_dispatches_once_per_chunk_and_streams_every_token(reference):
+    ids, px = reference["input_ids"][:1, :61], reference["pixel_values"][:1]
+    config = GenerationConfig(max_new_tokens=10, min_new_tokens=10)
+    with pytest.raises(ValueError, match="decode_chunk"):
+        Generator(load_fixture_model("checkpoint"), decode_chunk=0)
+
+    def counted(**options):
+        gen = Generator(load_fixture_model("checkpoint"), **options)
+        calls, inner = [], gen.decode_chunk_fn
+        gen.decode_chunk_fn = lambda *a: calls.append(int(a[6])) or inner(*a)
+        return gen, calls
+
+    gen, calls = counted(decode_chunk=16)
+    expected = gen.generate(ids, None, px, config).tokens
+    assert calls == [16, 16]  # steps 1-9 in one chunk, then a queued chunk that runs none
+    gen, calls = counted(decode_chunk=16, stream_interval=0)  # a stream that wants every token at once
+    streamed = []
+    assert gen.generate(ids, None, px, config, stream=lambda s, t, f: streamed.append((s, int(t[0])))).tokens == expected
+    assert calls == [1] * 10 and streamed == list(enumerate(expected[0]))
+    gen, calls = counted(decode_chunk=4, stream_interval=60)  # a patient stream: chunks grow to the cap
+    streamed = []
+    assert gen.generate(ids, None, px, config, stream=lambda s, t, f: streamed.append(s)).tokens == expected
+    assert calls[0] == 1 and set(calls[1:]) == {4} and streamed == list(range(10))
 
 
 def test_stops_at_eos_and_pads_finished_rows(generator, reference):

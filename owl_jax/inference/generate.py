@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -184,14 +185,41 @@ def _decode(graphdef, params, cache, tokens, positions, slot, key_valid):
 
 def _decode_select(graphdef, params, cache, key_valid, tokens, positions, slot, history, step, key, finished,
                    cfg: GenerationConfig):
-    """Feed `tokens` (step `step - 1`'s picks) and pick step `step`'s, all on the device, so the host can
-    queue the next step before it reads this one's tokens."""
+    """Feed `tokens` (step `step - 1`'s picks) and pick step `step`'s, all on the device."""
     logits, cache, key_valid = _decode(graphdef, params, cache, tokens, positions, slot, key_valid)
     key, sub = jax.random.split(key)
     picked = select_tokens(logits, step, history, jnp.full(tokens.shape, step + 1, jnp.int32), sub, cfg)
     picked = jnp.where(finished, cfg.pad_token_id, picked)
     history = jax.lax.dynamic_update_slice(history, picked[:, None], (0, step + 1))
     return picked, finished | (picked == cfg.eos_token_id), history, key, cache, key_valid
+
+
+def _decode_chunk(graphdef, params, carry, positions, slot, limit, count, cfg: GenerationConfig, chunk: int):
+    """Up to `count` (at most `chunk`) decode steps in one on-device loop, so the host dispatches and reads
+    once per chunk rather than once per token.
+
+    `carry` is `(step, tokens, finished, history, key, cache, key_valid)`: `tokens` are step `step`'s picks,
+    not yet fed. Each iteration feeds them at cache slot `slot + step` and picks step `step + 1`'s; the loop
+    stops early once every row has finished or step `limit - 1` has been picked, so a chunk queued after the
+    end runs no step and the cache never holds the last pick. Returns the new carry, the picks `(B, chunk)`
+    and how many steps ran (the picks' real columns).
+    """
+    def cond(state):
+        i, (step, _, finished, *_rest), _ = state
+        return (i < count) & (step + 1 < limit) & ~jnp.all(finished)
+
+    def body(state):
+        i, (step, tokens, finished, history, key, cache, key_valid), picks = state
+        picked, finished, history, key, cache, key_valid = _decode_select(
+            graphdef, params, cache, key_valid, tokens, positions + step, slot + step, history, step + 1, key,
+            finished, cfg)
+        picks = jax.lax.dynamic_update_slice(picks, picked[:, None], (0, i))
+        return i + 1, (step + 1, picked, finished, history, key, cache, key_valid), picks
+
+    picks = jnp.full((carry[1].shape[0], chunk), cfg.pad_token_id, jnp.int32)
+    ran, carry, picks = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, picks))
+    step, tokens, finished, history, key, cache, key_valid = carry
+    return (step, tokens, finished, history, key, _cache_axes(cache), key_valid), picks, ran
 
 
 def _first_select(logits, history, key, cfg: GenerationConfig):
@@ -224,8 +252,13 @@ class Generator:
 
     def __init__(self, model: Owl, *, mesh: jax.sharding.Mesh | None = None, prompt_bucket: int = 64,
                  cache_bucket: int = 128, unstack_layers: bool = False, fuse_projections: bool = True,
-                 compiler_options: dict[str, Any] | None = None):
+                 compiler_options: dict[str, Any] | None = None, decode_chunk: int = 16,
+                 stream_interval: float = 0.05):
+        if decode_chunk < 1 or stream_interval < 0:
+            raise ValueError(f"decode_chunk must be >= 1 and stream_interval >= 0, got {decode_chunk} and "
+                             f"{stream_interval}")
         self.model, self.mesh = model, mesh
+        self.decode_chunk, self.stream_interval = int(decode_chunk), float(stream_interval)
         self.prompt_bucket, self.cache_bucket = prompt_bucket, cache_bucket
         self.graphdef, state = nnx.split(model)
         layer_states = fused = None
@@ -247,7 +280,7 @@ class Generator:
         self.decode = jit(_decode, static_argnums=(0,), donate_argnums=(2,))
         self.extend = jit(_extend, static_argnums=(0,), donate_argnums=(2,))
         self.first_select = jit(_first_select, static_argnums=(3,))
-        self.decode_select = jit(_decode_select, static_argnums=(0, 11), donate_argnums=(2,))
+        self.decode_chunk_fn = jit(_decode_chunk, static_argnums=(0, 7, 8), donate_argnums=(2,))
         self.encode = jax.jit(lambda params, px: _merge(self.graphdef, params)[0].encode_images(px))
 
     def new_cache(self, batch: int, length: int) -> KVCache:
@@ -326,39 +359,42 @@ class Generator:
         with self._ctx():
             tokens, done, history, key = self.first_select(logits, jnp.asarray(history), jax.random.key(cfg.seed),
                                                            static_cfg)
-        # The device runs one step ahead of the host: step s + 1 is queued before step s's tokens are read,
-        # so the host's per-token work (reading tokens, streaming, queueing) overlaps the device's. When every
-        # row has finished at step s, the queued step has fed step s's tokens into the cache: its key-mask
-        # entry is restored, so the cache again holds every generated token but the last.
-        step = 0
+            carry = (jnp.int32(0), tokens, done, history, key, cache, key_valid)
+            fixed = (jnp.asarray(positions, jnp.int32), jnp.int32(slot), jnp.int32(cfg.max_new_tokens))
+        # Decoding runs in chunks of up to `decode_chunk` steps, each one on-device loop, and the device runs
+        # one chunk ahead of the host: chunk k + 1 is queued before chunk k's tokens are read, so the host's
+        # work (reading tokens, streaming, queueing) overlaps the device's. A chunk queued after the last
+        # token runs no step. With a `stream`, chunks start at one step and grow while a chunk takes less
+        # than `stream_interval` seconds, so tokens still reach the stream that often.
+        count = 1 if stream is not None else self.decode_chunk
+        pending = (tokens[:, None], 1)
+        finished = np.zeros((b,), bool)
+        steps, last = 0, time.perf_counter()
         while True:
-            more = step + 1 < cfg.max_new_tokens
-            if more:
-                previous_key_valid = key_valid
-                with self._ctx():
-                    ahead = self.decode_select(self.graphdef, self.state, cache, key_valid, tokens,
-                                               jnp.asarray(positions + step, jnp.int32), jnp.int32(slot + step),
-                                               history, jnp.int32(step + 1), key, done, static_cfg)
-                cache, key_valid = ahead[4], ahead[5]
-            row_tokens, finished = np.asarray(tokens), np.asarray(done)
-            generated[:, step] = row_tokens
-            if stream is not None:
-                stream(step, row_tokens, finished.copy())
-            if not more:
+            with self._ctx():
+                carry, picks, ran = self.decode_chunk_fn(self.graphdef, self.state, carry, *fixed, jnp.int32(count),
+                                                         static_cfg, self.decode_chunk)
+            block, n = jax.device_get(pending)
+            for column in np.asarray(block)[:, :int(n)].T:
+                finished = finished | (column == cfg.eos_token_id)
+                generated[:, steps] = column
+                if stream is not None:
+                    stream(steps, column.copy(), finished.copy())
+                steps += 1
+            if steps == cfg.max_new_tokens or finished.all():
                 break
-            if finished.all():
-                key_valid = previous_key_valid
-                break
-            tokens, done, history, key = ahead[:4]
-            step += 1
-        steps = step + 1
+            pending = (picks, ran)
+            if stream is not None and n:
+                now = time.perf_counter()
+                per_step, last = (now - last) / int(n), now
+                count = int(min(self.decode_chunk, max(1, self.stream_interval // max(per_step, 1e-6))))
         out = []
         for row in range(b):
             row_tokens = generated[row, :steps].tolist()
             if cfg.eos_token_id in row_tokens:
                 row_tokens = row_tokens[: row_tokens.index(cfg.eos_token_id) + 1]
             out.append(row_tokens)
-        return out, finished, cache, key_valid
+        return out, finished, carry[5], carry[6]
 
 
 def generate(model: Owl, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
