@@ -3,14 +3,16 @@
 
     python benchmarks/generate_benchmark.py [--checkpoint DIR | --random-size tiny|1b|7b] [--batch-sizes 1 8 32]
         [--prompt-len 128] [--new-tokens 64] [--images-per-row 1] [--dtype float32|bfloat16] [--out results.json]
+        [--unstack-layers] [--decode-chunk 16]
 
 Default model: the tiny reference fixture; `--random-size` draws a model of that layout (see
 `train_benchmark.py`) with random weights on the device instead, in `--dtype` (parameters too). Each
 configuration is compiled first, then timed over `--repeats` runs (medians). Decoding runs with EOS disabled
 (min_new_tokens = new tokens), so every row produces every token.
 
-"device ms/step" is `Generator.decode` (one step that returns float32 logits and picks no tokens) run back
-to back, outside the generation loop and its host round trips.
+The generation loop decodes in on-device chunks of up to `--decode-chunk` steps (1: one dispatch per
+token). "device ms/step" is `Generator.decode` (one step that returns float32 logits and picks no tokens)
+dispatched from the host back to back, outside the generation loop.
 
 On a chip with a known memory bandwidth the table adds the decode roofline: a decode step must read every
 LLaMA weight and the KV cache once, so tokens/s cannot exceed batch × bandwidth / (weight bytes + cache
