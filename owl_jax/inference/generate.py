@@ -4,7 +4,8 @@ Prompts arrive right-padded (the processor's layout) and are re-laid out left-pa
 prompt token sits in the same cache slot and all rows advance one shared slot per step; each row keeps its
 own RoPE positions (contiguous from 0 over its real tokens) and key mask. The prompt length is rounded up to
 a bucket and the cache to a second one, so a new prompt length inside a bucket reuses the compiled prefill,
-and every decode step reuses one compiled step (the slot index is a traced value).
+and decoding reuses one compiled loop of up to `decode_chunk` steps (the slot, the step and the number of
+steps are traced values).
 
 Greedy decoding reproduces the released model's `generate` (HF transformers 4.28); the logits processors
 follow it too: `min_new_tokens` masks EOS, `no_repeat_ngram_size` looks at the generated tokens (the
