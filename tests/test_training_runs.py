@@ -102,11 +102,14 @@ def test_two_processes_match_one(data_dir, reference, tmp_path):
     """2 processes × 4 fake devices through jax.distributed: train, be preempted and save at step 3, restore,
     continue; the losses equal the single-process run's."""
     multi = tmp_path / "multi"
+    # The resumed pair compiles what the first pair compiled: JAX's persistent cache saves that time.
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     for extra in ({"OWL_JAX_STOP_AT_STEP": "3"}, {}):
         port = _free_port()
         procs = [subprocess.Popen(train_cmd(multi, f"--config.data.dir={data_dir}"),
                                   env=env(devices=4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                          JAX_PROCESS_ID=str(i), **extra),
+                                          JAX_PROCESS_ID=str(i), **cache, **extra),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
         for p in procs:
             _, err = p.communicate(timeout=300)
