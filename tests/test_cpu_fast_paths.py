@@ -1,4 +1,5 @@
-"""The CPU's half-precision fast paths: SwiGLU in float32 and its gradients, bit patterns through scans."""
+"""The CPU's half-precision fast paths: SwiGLU in float32 and its gradients, bit patterns through scans, one-row
+products and embedding lookups."""
 
 import re
 
@@ -83,3 +84,34 @@ def test_float32_matmul_gradients_match_autodiff(shape):
     # a kernel nobody differentiates gets no gradient product: the forward one and the input's only
     jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=2)(x, w, lambda x, w: _layers.matmul_f32(x, w, jnp.float32))
     assert str(jaxpr).count("dot_general") == 2
+
+
+def _float32_copies(fn, *args, shape) -> int:
+    """How many instructions of the compiled `fn` make a float32 array of `shape` (a whole-operand conversion)."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return len(re.findall(r"= f32\[%s\]\S* (?:convert|fusion)\(" % ",".join(map(str, shape)), text))
+
+
+def test_one_row_bf16_products_and_embedding_lookups_convert_no_weight():
+    """Batch-1 decoding: a one-row bf16 product and a bf16 embedding lookup, without a float32 copy of the
+    weight or the table (XLA's CPU backend makes one on every call otherwise); same values as before."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(64, 96)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(1, 1, 64)), jnp.bfloat16)
+    mm = lambda x, w: _layers.matmul_f32(x, w, jnp.bfloat16)
+    assert _float32_copies(mm, x, w, shape=(64, 96)) == 0
+    assert _float32_copies(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32), x, w,
+                           shape=(64, 96)) >= 1  # what the one-row path avoids
+    want = np.asarray(x, np.float32)[0] @ np.asarray(w, np.float32)  # bf16 products are exact in float32
+    np.testing.assert_allclose(np.asarray(mm(x, w))[0], want, rtol=1e-5, atol=1e-5)
+    two = jnp.concatenate([x, x + 1], axis=1)
+    np.testing.assert_array_equal(np.asarray(mm(two, w))[:, :1], np.asarray(mm(x, w)))  # as in a batch
+
+    table = jnp.asarray(rng.normal(size=(50, 64)), jnp.bfloat16)
+    ids = jnp.array([[3, 7, 3]])
+    assert _float32_copies(_layers.take_rows, table, ids, shape=(50, 64)) == 0
+    assert _float32_copies(lambda t, i: jnp.take(t, i, axis=0), table, ids, shape=(50, 64)) >= 1
+    np.testing.assert_array_equal(np.asarray(_layers.take_rows(table, ids)), np.asarray(table[ids]))
+    loss = lambda take: (lambda t: (take(t, ids).astype(jnp.float32) ** 2).sum())
+    np.testing.assert_array_equal(np.asarray(jax.grad(loss(_layers.take_rows))(table)),
+                                  np.asarray(jax.grad(loss(lambda t, i: jnp.take(t, i, axis=0)))(table)))

@@ -14,7 +14,7 @@ from flax import nnx
 
 from owl_jax.config import LoRAConfig, TextConfig
 from owl_jax.modeling._attention import apply_rope, dot_product_attention
-from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of, matmul, matmul_f32, swiglu
+from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of, matmul, matmul_f32, swiglu, take_rows
 from owl_jax.modeling._stack import apply_layers
 from owl_jax.modeling.hf_names import hf_module
 from owl_jax.sharding import constrain
@@ -163,7 +163,7 @@ class LlamaModel(nnx.Module):
     def embed(self, token_ids: Array) -> Array:
         """`(B, L)` valid token ids → `(B, L, D)` embeddings in the compute dtype."""
         table = self.embed_tokens[...]
-        return jnp.take(table, token_ids, axis=0).astype(dtype_of(self.dtype))
+        return take_rows(table, token_ids).astype(dtype_of(self.dtype))
 
     def __call__(self, embeds: Array, positions: Array, mask: Array, *, cache: KVCache | None = None,
                  cache_index: Array | int = 0, dropout_key: Array | None = None,
