@@ -8,7 +8,8 @@
 #
 # Each train step takes the largest of its row counts (x 1024 tokens) whose compiled step fits in memory.
 # PROFILE=1 also traces each benchmark's step after timing it and writes where the device time goes
-# (per kernel class and per kernel) to OUT/profile_<name>.txt.
+# (per kernel class and per kernel) to OUT/profile_<name>.txt. DECODE_COMPARE=1 adds decoding at batch 1
+# and 32 with one dispatch per token (--decode-chunk 1), against the default on-device chunks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -44,6 +45,10 @@ step stage2 100 "${train[@]}" --stages stage2 --rows 16 12 8 --json "$OUT/stage2
 step stage2_unrolled 200 "${train[@]}" --stages stage2 --unrolled --rows 8 4 --json "$OUT/stage2_unrolled.json"
 step stage1 120 "${train[@]}" --stages stage1 --rows 16 12 8 --json "$OUT/stage1.json"
 step decode 120 "${decode[@]}" --batch-sizes 1 32 --unstack-layers --out "$OUT/decode.json"
+if [ -n "${DECODE_COMPARE:-}" ]; then
+  step decode_per_token 120 "${decode[@]}" --batch-sizes 1 32 --unstack-layers --decode-chunk 1 \
+    --out "$OUT/decode_per_token.json"
+fi
 echo "== cuDNN attention against the XLA reference" | tee -a "$OUT/suite.log"
 JAX_PLATFORMS=cuda timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py > "$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
