@@ -98,20 +98,14 @@ def from_bits_residuals(res: tuple) -> tuple:
     return tuple(None if r is None else from_bits(r[0], r[1].dtype) for r in res)
 
 
-def _cpu_half_rows(product: Callable[[Array], Array], x: Array) -> Array:
-    """`product(x)` for a half-precision `x` of shape `(M, K)` on the CPU. XLA's CPU backend multiplies a
-    single half-precision row through a float32 copy of the whole other operand, made on every call; from
-    two rows on it takes its bf16 GEMM (measured: 1 x 1024 by 1024 x 4096 in bf16, 1.34 ms for one row,
-    0.46 ms for two). So a single row (batch-1 decoding) is multiplied as two."""
-    if x.shape[0] != 1:
-        return product(x)
-    return product(jnp.concatenate([x, jnp.zeros_like(x)]))[:1]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _half_matmul(x: Array, w: Array, cpu: bool, out_dtype: str) -> Array:
-    product = lambda x: jnp.matmul(x, w, preferred_element_type=jnp.dtype(out_dtype))
-    return _cpu_half_rows(product, x) if cpu else product(x)
+    if cpu and x.shape[0] == 1:
+        # XLA's CPU backend multiplies a single half-precision row through a float32 copy of the whole
+        # weight, made on every call; from two rows on it takes its bf16 GEMM (1 x 1024 by 1024 x 4096 in
+        # bf16: 1.34 ms for one row, 0.46 ms for two). So one row (batch-1 decoding) is multiplied as two.
+        return jnp.matmul(jnp.concatenate([x, jnp.zeros_like(x)]), w, preferred_element_type=jnp.dtype(out_dtype))[:1]
+    return jnp.matmul(x, w, preferred_element_type=jnp.dtype(out_dtype))
 
 
 def _half_matmul_fwd(x, w, cpu: bool, out_dtype: str):
