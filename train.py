@@ -29,4 +29,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from owl_jax.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # reruns this command once with malloc on huge pages; OWL_JAX_HUGE_PAGES=0 skips it
     app.run(main)

@@ -3,11 +3,35 @@
     model, processor = owl_jax.from_pretrained("path/to/mplug-owl-llama-7b", dtype="bfloat16")
     inputs = processor([prompt], images=[image])
     logits = model(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+
+The names below load on first use, so importing a light submodule (`owl_jax.host_memory`, which
+`train.py` runs before anything else) does not import JAX.
 """
 
-from owl_jax.api import from_pretrained
-from owl_jax.config import AbstractorConfig, LoRAConfig, OwlConfig, TextConfig, VisionConfig
-from owl_jax.modeling import Owl
+from __future__ import annotations
 
-__all__ = ["AbstractorConfig", "LoRAConfig", "Owl", "OwlConfig", "TextConfig", "VisionConfig", "from_pretrained"]
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from owl_jax.api import from_pretrained
+    from owl_jax.config import AbstractorConfig, LoRAConfig, OwlConfig, TextConfig, VisionConfig
+    from owl_jax.modeling import Owl
+
+_HOME = {"from_pretrained": "owl_jax.api", "Owl": "owl_jax.modeling",
+         **{name: "owl_jax.config" for name in ("AbstractorConfig", "LoRAConfig", "OwlConfig", "TextConfig",
+                                                "VisionConfig")}}
+__all__ = sorted(_HOME)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'owl_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
