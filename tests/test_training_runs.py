@@ -107,7 +107,9 @@ def test_two_processes_match_one(data_dir, reference, tmp_path):
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     for extra in ({"OWL_JAX_STOP_AT_STEP": "3"}, {}):
         port = _free_port()
-        procs = [subprocess.Popen(train_cmd(multi, f"--config.data.dir={data_dir}"),
+        # No periodic saves (every 2 steps in the tiny config): each costs both processes a synchronised
+        # checkpoint, a third of this test's time; the preemption save at step 3 still happens.
+        procs = [subprocess.Popen(train_cmd(multi, f"--config.data.dir={data_dir}", "--config.checkpoint.every=1000"),
                                   env=env(devices=4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                                           JAX_PROCESS_ID=str(i), **cache, **extra),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
