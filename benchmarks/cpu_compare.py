@@ -4,7 +4,7 @@
     python benchmarks/cpu_compare.py [--config tiny|small|medium] [--repeats 5] [--json out.json]
         [--rows N] [--seq-len L] [--images-per-row M] [--lora-rank R] [--set text.num_layers=8 ...]
         [--steps forward stage1 stage2] [--precisions float32 bfloat16] [--torch-attn sdpa eager]
-        [--dropout] [--warmup 2] [--torch-threads N] [--unrolled]
+        [--dropout] [--warmup 2] [--torch-threads N] [--unrolled] [--huge-pages]
 
 Both frameworks run in this one process on the same model config and the same batch (random weights,
 random pixels, `rows` sequences of `seq_len` tokens with `images-per-row` images each, loss over the
@@ -25,6 +25,8 @@ Times are medians of `--repeats` after `--warmup` untimed runs (the first JAX ru
 floor is FLOPs divided by the best GEMM rate this script measures with jitted JAX at that precision on
 config-shaped matmuls (bf16 inputs with float32 accumulation); PyTorch's GEMM rates are reported beside
 it. Dropout is off on both sides unless `--dropout` (abstractor attention 0.1, LoRA 0.05).
+`--huge-pages` runs the whole comparison (both frameworks) with glibc's malloc on transparent huge pages,
+as `train.py` runs by default (`owl_jax.host_memory`).
 """
 
 from __future__ import annotations
@@ -353,7 +355,8 @@ def environment() -> dict[str, Any]:
             "python": platform.python_version(), "jax": jax.__version__, "jax_devices": len(jax.devices()),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "transformers": transformers.__version__, "peft": peft_version,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "loadavg_start": list(os.getloadavg())}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "loadavg_start": list(os.getloadavg())}
 
 
 def describe(cfg, lora, shape) -> str:
@@ -370,7 +373,8 @@ def markdown(results: list[dict], env: dict, gemm: dict, desc: str, repeats: int
     out = [f"CPU: {env['cpu']} ({', '.join(env['isa']) or 'no AVX-512 flags'}), {env['cores']} cores "
            f"(torch threads {env['torch_threads']}); jax {env['jax']}, torch {env['torch']}, transformers "
            f"{env['transformers']}, peft {env['peft']}, python {env['python']}; load average "
-           f"{env['loadavg_start'][0]:.2f} at start; other processes' share of these cores during the run: {share}",
+           f"{env['loadavg_start'][0]:.2f} at start; other processes' share of these cores during the run: {share}"
+           + (f"; GLIBC_TUNABLES={env['glibc_tunables']}" if env.get("glibc_tunables") else ""),
            *([f"WARNING: other processes kept {share} of these {env['cores']} cores busy during the run: the "
               "timings are unreliable"] if (env.get("other_cpu_share") or 0.0) > 0.1 else []),
            f"Model: {desc}",
@@ -419,8 +423,17 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="default: the cores this process may use")
     parser.add_argument("--unrolled", action="store_true",
                         help="owl_jax runs its layers unrolled (scan_layers=False) instead of scanned")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="run again with glibc's malloc on transparent huge pages, as train.py does")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    if args.huge_pages:
+        from owl_jax.host_memory import TUNABLE, reexec_with_huge_pages
+
+        reexec_with_huge_pages()  # returns in the re-run process, or where huge pages do not apply
+        if TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
+            print("--huge-pages: not available here (needs Linux, glibc 2.35+, transparent huge pages on); "
+                  "running without", flush=True)
 
     import jax
     import torch
