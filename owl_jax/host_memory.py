@@ -1,8 +1,8 @@
 """Huge pages for the host's malloc, for training on a CPU.
 
-XLA's CPU runtime allocates a compiled step's temporaries in one block (about 730 MB for the float32
-stage-1 step of `benchmarks/cpu_compare.py --config small`), which glibc maps fresh on every call and
-unmaps afterwards, so each step faults every page of it in again: about 186 thousand page faults and
+XLA's CPU runtime allocates a compiled step's temporaries in one block (763 MB for the float32 stage-1
+step of `benchmarks/cpu_compare.py --config small`), which glibc maps fresh on every call and unmaps
+afterwards, so each step faults every page of it in again: about 186 thousand page faults and
 0.3 s of system time per step there. glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask the kernel
 for transparent huge pages on such mappings (2 MiB pages, a few hundred faults per step). glibc reads
 tunables only when a process starts, so a running process turns it on by executing its own command line
