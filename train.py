@@ -22,6 +22,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value.model.scan_layers:  # measured faster with scanned layers only (docs/performance.md)
+        from owl_jax.host_memory import reexec_with_huge_pages
+
+        reexec_with_huge_pages()  # reruns this command once, before JAX loads; OWL_JAX_HUGE_PAGES=0 skips it
     logging.set_verbosity(logging.WARNING)  # Orbax reports every save step at INFO
     from owl_jax.training.run import run
 
@@ -29,7 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from owl_jax.host_memory import reexec_with_huge_pages
-
-    reexec_with_huge_pages()  # reruns this command once with malloc on huge pages; OWL_JAX_HUGE_PAGES=0 skips it
     app.run(main)

@@ -6,7 +6,9 @@ afterwards, so each step faults every page of it in again: about 186 thousand pa
 0.3 s of system time per step there. glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask the kernel
 for transparent huge pages on such mappings (2 MiB pages, a few hundred faults per step). glibc reads
 tunables only when a process starts, so a running process turns it on by executing its own command line
-again with the tunable in its environment: `reexec_with_huge_pages`, which `train.py` calls first.
+again with the tunable in its environment: `reexec_with_huge_pages`, which `train.py` calls before it
+loads JAX when the model's layers are scanned (the default). With unrolled layers the float32 steps measured
+slower and erratic with huge pages, so those runs keep plain malloc (docs/performance.md).
 
 It is skipped where it cannot apply (not Linux, not glibc 2.35 or later, transparent huge pages set to
 `never`), where `GLIBC_TUNABLES` already names the tunable, and when `OWL_JAX_HUGE_PAGES=0`.
