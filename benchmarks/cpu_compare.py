@@ -26,7 +26,7 @@ floor is FLOPs divided by the best GEMM rate this script measures with jitted JA
 config-shaped matmuls (bf16 inputs with float32 accumulation); PyTorch's GEMM rates are reported beside
 it. Dropout is off on both sides unless `--dropout` (abstractor attention 0.1, LoRA 0.05).
 `--huge-pages` runs the whole comparison (both frameworks) with glibc's malloc on transparent huge pages,
-as `train.py` runs by default (`owl_jax.host_memory`).
+as `train.py` runs models with scanned layers (`owl_jax.host_memory`).
 """
 
 from __future__ import annotations
@@ -424,7 +424,7 @@ def main() -> None:
     parser.add_argument("--unrolled", action="store_true",
                         help="owl_jax runs its layers unrolled (scan_layers=False) instead of scanned")
     parser.add_argument("--huge-pages", action="store_true",
-                        help="run again with glibc's malloc on transparent huge pages, as train.py does")
+                        help="run again with glibc's malloc on transparent huge pages, as train.py runs scanned models")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.huge_pages:
