@@ -5,7 +5,7 @@
     logits = model(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
 
 The names below load on first use, so importing a light submodule (`owl_jax.host_memory`, which
-`train.py` runs before anything else) does not import JAX.
+`train.py` calls before JAX loads) does not import JAX.
 """
 
 from __future__ import annotations
