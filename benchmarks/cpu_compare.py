@@ -4,7 +4,8 @@
     python benchmarks/cpu_compare.py [--config tiny|small|medium] [--repeats 5] [--json out.json]
         [--rows N] [--seq-len L] [--images-per-row M] [--lora-rank R] [--set text.num_layers=8 ...]
         [--steps forward stage1 stage2] [--precisions float32 bfloat16] [--torch-attn sdpa eager]
-        [--dropout] [--warmup 2] [--torch-threads N] [--unrolled] [--huge-pages]
+        [--dropout] [--warmup 2] [--torch-repeats N] [--torch-warmup N] [--torch-threads N] [--unrolled]
+        [--huge-pages]
 
 Both frameworks run in this one process on the same model config and the same batch (random weights,
 random pixels, `rows` sequences of `seq_len` tokens with `images-per-row` images each, loss over the
@@ -20,7 +21,9 @@ second half of every row):
   bfloat16)` over float32 parameters. Each step is timed with every `--torch-attn` implementation and
   the fastest is reported.
 
-Times are medians of `--repeats` after `--warmup` untimed runs (the first JAX run compiles). FLOPs are
+Times are medians of `--repeats` after `--warmup` untimed runs (the first JAX run compiles);
+`--torch-repeats` / `--torch-warmup` set PyTorch's separately (on a CPU without AVX-512 bf16, PyTorch's
+autocast steps run on slow bf16 fallbacks and take minutes each). FLOPs are
 `owl_jax.training.flops.train_step_flops` (forward: the same count with every multiplier 1). The matmul
 floor is FLOPs divided by the best GEMM rate this script measures with jitted JAX at that precision on
 config-shaped matmuls (bf16 inputs with float32 accumulation); PyTorch's GEMM rates are reported beside
@@ -155,14 +158,15 @@ def step_flops(cfg, step: str, shape: dict) -> float:
 # ------------------------------------------------------------------------------------------------
 # timing
 def timed(run: Callable[[], Any], block: Callable[[Any], Any], *, warmup: int, repeats: int):
-    """(first-call seconds, list of timed seconds, last output)."""
+    """(first-call seconds, list of timed seconds, last output). With `warmup` 0 the first call is
+    one of the `repeats` timed ones."""
     t0 = time.perf_counter()
     out = block(run())
     first = time.perf_counter() - t0
     for _ in range(max(warmup - 1, 0)):
         out = block(run())
-    times = []
-    for _ in range(repeats):
+    times = [] if warmup else [first]
+    for _ in range(repeats - (0 if warmup else 1)):
         t0 = time.perf_counter()
         out = block(run())
         times.append(time.perf_counter() - t0)
@@ -368,7 +372,7 @@ def describe(cfg, lora, shape) -> str:
             f"batch {shape['rows']} rows x {shape['seq_len']} tokens, {shape['images_per_row']} image(s)/row")
 
 
-def markdown(results: list[dict], env: dict, gemm: dict, desc: str, repeats: int) -> str:
+def markdown(results: list[dict], env: dict, gemm: dict, desc: str, repeats: int, torch_repeats: int) -> str:
     share = "n/a" if env.get("other_cpu_share") is None else f"{100 * env['other_cpu_share']:.0f}%"
     out = [f"CPU: {env['cpu']} ({', '.join(env['isa']) or 'no AVX-512 flags'}), {env['cores']} cores "
            f"(torch threads {env['torch_threads']}); jax {env['jax']}, torch {env['torch']}, transformers "
@@ -393,7 +397,9 @@ def markdown(results: list[dict], env: dict, gemm: dict, desc: str, repeats: int
         out.append(f"| {STEP_NAMES[r['step']]} | {PRECISIONS[r['precision']]} | {r['jax_ms']:.1f} | {torch_ms} | "
                    f"{ratio} | {r['flops'] / 1e9:.2f} | {r['floor_ms']:.1f} | {r['jax_ms'] / r['floor_ms']:.2f} | {tf} |")
     out += ["",
-            f"Times: median of {repeats} after warmup, both frameworks in one process; PyTorch column: the faster "
+            f"Times: median of {repeats} after warmup"
+            + (f" (PyTorch: of {torch_repeats})" if torch_repeats != repeats else "")
+            + ", both frameworks in one process; PyTorch column: the faster "
             "attention implementation (in parentheses). bf16 = bfloat16 compute over float32 parameters "
             "(owl_jax dtype='bfloat16'; PyTorch autocast).",
             "FLOPs: owl_jax.training.flops.train_step_flops (forward: 2·N per token plus attention, once). "
@@ -419,6 +425,8 @@ def main() -> None:
                         help="abstractor attention dropout 0.1 and LoRA dropout 0.05 on both sides (default: none)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first JAX run compiles)")
+    parser.add_argument("--torch-repeats", type=int, default=None, help="PyTorch's timed runs (default: --repeats)")
+    parser.add_argument("--torch-warmup", type=int, default=None, help="PyTorch's untimed runs (default: --warmup)")
     parser.add_argument("--gemm-tries", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=None, help="default: the cores this process may use")
     parser.add_argument("--unrolled", action="store_true",
@@ -427,6 +435,10 @@ def main() -> None:
                         help="run again with glibc's malloc on transparent huge pages, as train.py runs scanned models")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    torch_repeats = args.repeats if args.torch_repeats is None else args.torch_repeats
+    torch_warmup = args.warmup if args.torch_warmup is None else args.torch_warmup
+    if min(args.repeats, torch_repeats) < 1 or min(args.warmup, torch_warmup) < 0:
+        parser.error("--repeats and --torch-repeats must be at least 1, --warmup and --torch-warmup at least 0")
     if args.huge_pages:
         from owl_jax.host_memory import TUNABLE, reexec_with_huge_pages
 
@@ -477,7 +489,7 @@ def main() -> None:
                 counts = ref.param_counts(model)
                 if counts != jax_counts:
                     raise SystemExit(f"{label}: parameter counts differ: owl_jax {jax_counts}, PyTorch {counts}")
-                tfirst, ttimes, tout = timed(trun, lambda x: x, warmup=args.warmup, repeats=args.repeats)
+                tfirst, ttimes, tout = timed(trun, lambda x: x, warmup=torch_warmup, repeats=torch_repeats)
                 row["torch"][impl] = {"ms": statistics.median(ttimes) * 1e3, "times_ms": [t * 1e3 for t in ttimes],
                                       "first_call_s": tfirst, "loss": tcheck(tout)}
                 print(f"{label}: PyTorch {impl} {row['torch'][impl]['ms']:.1f} ms", flush=True)
@@ -491,7 +503,7 @@ def main() -> None:
             results.append(row)
 
     env["other_cpu_share"] = other_load.stop()
-    table = markdown(results, env, gemm, desc, args.repeats)
+    table = markdown(results, env, gemm, desc, args.repeats, torch_repeats)
     print("\n" + table)
     if args.json:
         with open(args.json, "w") as f:
