@@ -166,7 +166,7 @@ def timed(run: Callable[[], Any], block: Callable[[Any], Any], *, warmup: int, r
     for _ in range(max(warmup - 1, 0)):
         out = block(run())
     times = [] if warmup else [first]
-    for _ in range(repeats - (0 if warmup else 1)):
+    while len(times) < repeats:
         t0 = time.perf_counter()
         out = block(run())
         times.append(time.perf_counter() - t0)

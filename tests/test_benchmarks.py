@@ -1,5 +1,6 @@
 """The CPU comparison's bookkeeping: how many runs it makes and times, and the batch it builds."""
 
+import argparse
 import itertools
 
 import numpy as np
@@ -25,9 +26,8 @@ def test_timed_runs_warmup_then_repeats(warmup, repeats, total):
 
 
 def test_batch_marks_images_and_second_half_answers():
-    cfg, _, shape = cpu_compare.build_config(
-        type("Args", (), dict(config="tiny", set=None, rows=None, seq_len=None, images_per_row=None,
-                              lora_rank=None, dropout=False))())
+    cfg, _, shape = cpu_compare.build_config(argparse.Namespace(
+        config="tiny", set=None, rows=None, seq_len=None, images_per_row=None, lora_rank=None, dropout=False))
     batch = cpu_compare.make_batch(cfg, shape["rows"], shape["seq_len"], images_per_row=1)
     ids = batch["input_ids"]
     assert ids.shape == (shape["rows"], shape["seq_len"])
