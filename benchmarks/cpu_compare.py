@@ -5,7 +5,7 @@
         [--rows N] [--seq-len L] [--images-per-row M] [--lora-rank R] [--set text.num_layers=8 ...]
         [--steps forward stage1 stage2] [--precisions float32 bfloat16] [--torch-attn sdpa eager]
         [--dropout] [--warmup 2] [--torch-repeats N] [--torch-warmup N] [--torch-threads N] [--unrolled]
-        [--huge-pages]
+        [--huge-pages] [--interleave]
 
 Both frameworks run in this one process on the same model config and the same batch (random weights,
 random pixels, `rows` sequences of `seq_len` tokens with `images-per-row` images each, loss over the
@@ -23,7 +23,9 @@ second half of every row):
 
 Times are medians of `--repeats` after `--warmup` untimed runs (the first JAX run compiles);
 `--torch-repeats` / `--torch-warmup` set PyTorch's separately (on a CPU without AVX-512 bf16, PyTorch's
-autocast steps run on slow bf16 fallbacks and take minutes each). FLOPs are
+autocast steps run on slow bf16 fallbacks and take minutes each). By default each framework's runs are
+timed in one stretch; `--interleave` alternates them (one owl_jax run, one per PyTorch variant, and
+again), so that a slow spell of a shared machine slows both instead of one. FLOPs are
 `owl_jax.training.flops.train_step_flops` (forward: the same count with every multiplier 1). The matmul
 floor is FLOPs divided by the best GEMM rate this script measures with jitted JAX at that precision on
 config-shaped matmuls (bf16 inputs with float32 accumulation); PyTorch's GEMM rates are reported beside
@@ -160,17 +162,32 @@ def step_flops(cfg, step: str, shape: dict) -> float:
 def timed(run: Callable[[], Any], block: Callable[[Any], Any], *, warmup: int, repeats: int):
     """(first-call seconds, list of timed seconds, last output). With `warmup` 0 the first call is
     one of the `repeats` timed ones."""
-    t0 = time.perf_counter()
-    out = block(run())
-    first = time.perf_counter() - t0
-    for _ in range(max(warmup - 1, 0)):
-        out = block(run())
-    times = [] if warmup else [first]
-    while len(times) < repeats:
+    return timed_together([(run, block, warmup, repeats)])[0]
+
+
+def timed_together(entries, between: Callable[[], Any] = lambda: None) -> list:
+    """`timed` for several `(run, block, warmup, repeats)` at once: each one's first call and warmup
+    runs in turn, then their timed runs alternate one at a time (those with fewer repeats drop out
+    first), so that a slow spell of the machine falls on all of them alike. `between` runs (untimed)
+    before each call after the first."""
+    state = []
+    for i, (run, block, warmup, _) in enumerate(entries):
+        if i:
+            between()
         t0 = time.perf_counter()
         out = block(run())
-        times.append(time.perf_counter() - t0)
-    return first, times, out
+        first = time.perf_counter() - t0
+        for _ in range(max(warmup - 1, 0)):
+            out = block(run())
+        state.append([first, [] if warmup else [first], out])
+    while any(len(st[1]) < entry[3] for st, entry in zip(state, entries)):
+        for st, (run, block, _, repeats) in zip(state, entries):
+            if len(st[1]) < repeats:
+                between()
+                t0 = time.perf_counter()
+                st[2] = block(run())
+                st[1].append(time.perf_counter() - t0)
+    return [tuple(st) for st in state]
 
 
 def settle() -> None:
@@ -431,6 +448,8 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="default: the cores this process may use")
     parser.add_argument("--unrolled", action="store_true",
                         help="owl_jax runs its layers unrolled (scan_layers=False) instead of scanned")
+    parser.add_argument("--interleave", action="store_true",
+                        help="alternate owl_jax's and PyTorch's timed runs one at a time (default: all of one, then the other)")
     parser.add_argument("--huge-pages", action="store_true",
                         help="run again with glibc's malloc on transparent huge pages, as train.py runs scanned models")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -459,6 +478,7 @@ def main() -> None:
     other_load = OtherLoad()
     cfg, lora, shape = build_config(args)
     desc = describe(cfg, lora, shape) + ("; owl_jax layers unrolled" if args.unrolled else "; owl_jax layers scanned")
+    desc += "; owl_jax and PyTorch runs interleaved" if args.interleave else ""
     print(desc, flush=True)
     batch = make_batch(cfg, shape["rows"], shape["seq_len"], shape["images_per_row"])
     tbatch = ref.torch_batch(batch)
@@ -475,26 +495,45 @@ def main() -> None:
                                   scan_layers=not args.unrolled)
             label = f"{step} {PRECISIONS[precision]}"
             run, block, check, jax_counts = jax_runner(run_cfg, step, params, batch, mesh)
-            first, times, out = timed(run, block, warmup=args.warmup, repeats=args.repeats)
-            jax_loss = check(out)
-            del run, out
-            row = {"step": step, "precision": precision, "jax_ms": statistics.median(times) * 1e3,
-                   "jax_times_ms": [t * 1e3 for t in times], "jax_first_call_s": first, "jax_loss": jax_loss,
-                   "params": jax_counts, "torch": {}}
-            print(f"{label}: owl_jax {row['jax_ms']:.1f} ms (first call {first:.1f} s)", flush=True)
-            settle()
+            row = {"step": step, "precision": precision, "params": jax_counts, "torch": {}}
+
+            def record_jax(first, times, out):
+                row.update({"jax_ms": statistics.median(times) * 1e3, "jax_times_ms": [t * 1e3 for t in times],
+                            "jax_first_call_s": first, "jax_loss": check(out)})
+                print(f"{label}: owl_jax {row['jax_ms']:.1f} ms (first call {first:.1f} s)", flush=True)
+
+            def record_torch(impl, tcheck, first, times, out):
+                row["torch"][impl] = {"ms": statistics.median(times) * 1e3, "times_ms": [t * 1e3 for t in times],
+                                      "first_call_s": first, "loss": tcheck(out)}
+                print(f"{label}: PyTorch {impl} {row['torch'][impl]['ms']:.1f} ms", flush=True)
+
+            if not args.interleave:
+                record_jax(*timed(run, block, warmup=args.warmup, repeats=args.repeats))
+                del run
+                settle()
+            torch_runs = {}
             for impl in args.torch_attn:
                 model = ref.TorchOwl(run_cfg, attn_implementation=impl, lora=step == "stage2", dropout=args.dropout)
                 trun, tcheck = ref.make_step(model, step, tbatch, bf16=precision == "bfloat16", optim=OPTIM)
                 counts = ref.param_counts(model)
                 if counts != jax_counts:
                     raise SystemExit(f"{label}: parameter counts differ: owl_jax {jax_counts}, PyTorch {counts}")
-                tfirst, ttimes, tout = timed(trun, lambda x: x, warmup=torch_warmup, repeats=torch_repeats)
-                row["torch"][impl] = {"ms": statistics.median(ttimes) * 1e3, "times_ms": [t * 1e3 for t in ttimes],
-                                      "first_call_s": tfirst, "loss": tcheck(tout)}
-                print(f"{label}: PyTorch {impl} {row['torch'][impl]['ms']:.1f} ms", flush=True)
-                del model, trun, tout
-                settle()
+                if args.interleave:
+                    torch_runs[impl] = (trun, tcheck)
+                else:
+                    record_torch(impl, tcheck, *timed(trun, lambda x: x, warmup=torch_warmup, repeats=torch_repeats))
+                    settle()
+                del model, trun
+            if args.interleave:  # owl_jax and every PyTorch variant in turn, one timed run each
+                got = timed_together([(run, block, args.warmup, args.repeats)]
+                                     + [(trun, lambda x: x, torch_warmup, torch_repeats) for trun, _ in torch_runs.values()],
+                                     between=settle)
+                checks = {impl: tcheck for impl, (_, tcheck) in torch_runs.items()}
+                del run, torch_runs
+                record_jax(*got[0])
+                for (impl, tcheck), result in zip(checks.items(), got[1:]):
+                    record_torch(impl, tcheck, *result)
+                del got
             if row["torch"]:
                 best = min(row["torch"], key=lambda k: row["torch"][k]["ms"])
                 row["torch_attn"], row["torch_ms"] = best, row["torch"][best]["ms"]

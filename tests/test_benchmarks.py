@@ -25,6 +25,23 @@ def test_timed_runs_warmup_then_repeats(warmup, repeats, total):
     assert all(t >= 0 for t in times)
 
 
+def test_timed_together_alternates_the_timed_runs():
+    calls = []
+
+    def runner(name):
+        return lambda: calls.append(name) or len(calls)
+
+    between = []
+    results = cpu_compare.timed_together([(runner("a"), lambda x: x, 2, 3), (runner("b"), lambda x: x, 0, 1),
+                                          (runner("c"), lambda x: x, 1, 2)], between=lambda: between.append(len(calls)))
+    # first calls and warmups in turn (b's first call is its only timed run), then one timed run each in turn
+    assert calls == ["a", "a", "b", "c", "a", "c", "a", "c", "a"]
+    assert [len(times) for _, times, _ in results] == [3, 1, 2]
+    assert results[1][1] == [results[1][0]]  # warmup 0: the first call is the timed one
+    assert [out for _, _, out in results] == [9, 3, 8]  # each keeps its own last output
+    assert between == [2, 3, 4, 5, 6, 7, 8]  # before every call but the very first, and not within a warmup
+
+
 def test_batch_marks_images_and_second_half_answers():
     cfg, _, shape = cpu_compare.build_config(argparse.Namespace(
         config="tiny", set=None, rows=None, seq_len=None, images_per_row=None, lora_rank=None, dropout=False))
