@@ -25,7 +25,9 @@ Times are medians of `--repeats` after `--warmup` untimed runs (the first JAX ru
 `--torch-repeats` / `--torch-warmup` set PyTorch's separately (on a CPU without AVX-512 bf16, PyTorch's
 autocast steps run on slow bf16 fallbacks and take minutes each). By default each framework's runs are
 timed in one stretch; `--interleave` alternates them (one owl_jax run, one per PyTorch variant, and
-again), so that a slow spell of a shared machine slows both instead of one. FLOPs are
+again), so that a slow spell of a shared machine slows both instead of one; each framework's memory
+churn then also falls on the other's runs, which costs where page faults are dear (docs/performance.md).
+FLOPs are
 `owl_jax.training.flops.train_step_flops` (forward: the same count with every multiplier 1). The matmul
 floor is FLOPs divided by the best GEMM rate this script measures with jitted JAX at that precision on
 config-shaped matmuls (bf16 inputs with float32 accumulation); PyTorch's GEMM rates are reported beside
