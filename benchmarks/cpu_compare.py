@@ -27,8 +27,7 @@ autocast steps run on slow bf16 fallbacks and take minutes each). By default eac
 timed in one stretch; `--interleave` alternates them (one owl_jax run, one per PyTorch variant, and
 again), so that a slow spell of a shared machine slows both instead of one; each framework's memory
 churn then also falls on the other's runs, which costs where page faults are dear (docs/performance.md).
-FLOPs are
-`owl_jax.training.flops.train_step_flops` (forward: the same count with every multiplier 1). The matmul
+FLOPs are `owl_jax.training.flops.train_step_flops` (forward: the same count with every multiplier 1). The matmul
 floor is FLOPs divided by the best GEMM rate this script measures with jitted JAX at that precision on
 config-shaped matmuls (bf16 inputs with float32 accumulation); PyTorch's GEMM rates are reported beside
 it. Dropout is off on both sides unless `--dropout` (abstractor attention 0.1, LoRA 0.05).
@@ -530,12 +529,10 @@ def main() -> None:
                 got = timed_together([(run, block, args.warmup, args.repeats)]
                                      + [(trun, lambda x: x, torch_warmup, torch_repeats) for trun, _ in torch_runs.values()],
                                      between=settle)
-                checks = {impl: tcheck for impl, (_, tcheck) in torch_runs.items()}
-                del run, torch_runs
                 record_jax(*got[0])
-                for (impl, tcheck), result in zip(checks.items(), got[1:]):
+                for (impl, (_, tcheck)), result in zip(torch_runs.items(), got[1:]):
                     record_torch(impl, tcheck, *result)
-                del got
+                del run, got, torch_runs
             if row["torch"]:
                 best = min(row["torch"], key=lambda k: row["torch"][k]["ms"])
                 row["torch_attn"], row["torch_ms"] = best, row["torch"][best]["ms"]
