@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """One CPU fast path measured against its absence, in one process.
 
-    python benchmarks/cpu_ablation.py --feature prepare_frozen|scan_bits|float32_elementwise [--steps stage1 stage2]
+    python benchmarks/cpu_ablation.py --feature prepare_frozen|half_as_bits|hoist_invariants|float32_elementwise
+        [--steps stage1 stage2]
         [--precision bfloat16] [--unrolled] [--rounds 7] [--config small] [--json out.json]
 
 For each train step it builds two `Trainer`s on the `cpu_compare.py` config and batch, one with the
@@ -9,15 +10,16 @@ feature off and one with it on, compiles both, then alternates their steps `--ro
 the median of each. Alternating in one process is what makes the comparison fair on a machine whose
 speed drifts by tens of percent within an hour; timings from separate processes are not.
 
-Features:
+Features (each a route of `owl_jax.config.Numerics` or a `Trainer` option; "off" is the other choice):
 - `prepare_frozen`: frozen kernels held in the compute dtype with transposed copies, made once per
   state (`Trainer(prepare_frozen=...)`) instead of in every step.
-- `scan_bits`: half-precision arrays that a scan over layers slices or stacks (frozen prepared kernels,
-  the residuals of matmuls, SwiGLU and attention) passed as uint16 bit patterns
-  (`owl_jax.modeling._layers._CPU_SCAN_BITS`); only scanned layers are affected.
+- `half_as_bits`: half-precision arrays that a scan over layers stacks or slices (frozen prepared kernels,
+  the residuals of matmuls, SwiGLU and attention) kept as uint16 bit patterns (`Numerics.half_as_bits`).
+- `hoist_invariants`: "on" compiles with XLA's while-loop invariant code motion (`Numerics.hoist_invariants`,
+  off by default on a CPU): the "on" column is the feature's absence here.
 - `float32_elementwise`: the elementwise chains of rotary embeddings, SwiGLU and the ViT's activation
-  computed on float32 copies and rounded once (`owl_jax.modeling._layers.in_float32`), instead of op by
-  op in the compute dtype (`_FLOAT32_ELEMENTWISE`).
+  computed on float32 copies and rounded once, instead of op by op in the compute dtype
+  (`Numerics.float32_elementwise`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ sys.path.insert(0, REPO)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--feature", required=True, choices=["prepare_frozen", "scan_bits", "float32_elementwise"])
+    p.add_argument("--feature", required=True,
+                   choices=["prepare_frozen", "half_as_bits", "hoist_invariants", "float32_elementwise"])
     p.add_argument("--steps", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
     p.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--unrolled", action="store_true", help="layers in a Python loop instead of a scan")
@@ -50,7 +53,6 @@ def main() -> None:
 
     from benchmarks.cpu_compare import OPTIM, TOTAL_STEPS, build_config, make_batch
     from benchmarks.train_benchmark import random_params
-    from owl_jax.modeling import _layers
     from owl_jax.sharding import make_mesh
     from owl_jax.training.trainer import Trainer
 
@@ -65,12 +67,14 @@ def main() -> None:
         cfg = base.replace(lora=lora) if step == "stage2" else base
         runs = {}
         for enabled in (False, True):
-            # The module switches are read while tracing, so each trainer compiles under its own setting.
-            _layers._CPU_SCAN_BITS = enabled if args.feature == "scan_bits" else True
-            _layers._FLOAT32_ELEMENTWISE = enabled if args.feature == "float32_elementwise" else True
+            numerics = cfg.numerics
+            if args.feature in ("half_as_bits", "hoist_invariants"):
+                numerics = numerics.replace(**{args.feature: "on" if enabled else "off"})
+            if args.feature == "float32_elementwise":
+                numerics = numerics.replace(float32_elementwise=enabled)
             prepare = enabled if args.feature == "prepare_frozen" else None
-            trainer = Trainer(cfg, stage=step, mesh=make_mesh(1, -1, 1), optim=OPTIM, total_steps=TOTAL_STEPS,
-                              prepare_frozen=prepare)
+            trainer = Trainer(cfg.replace(numerics=numerics), stage=step, mesh=make_mesh(1, -1, 1), optim=OPTIM,
+                              total_steps=TOTAL_STEPS, prepare_frozen=prepare)
             holder = [trainer.init_state(random_params(trainer, 0), seed=0)]
             batch = trainer.global_batch(make_batch(cfg, **shape))
 
@@ -81,7 +85,6 @@ def main() -> None:
             for _ in range(2):  # compile, then one warm step
                 run()
             runs[enabled] = run
-        _layers._CPU_SCAN_BITS = _layers._FLOAT32_ELEMENTWISE = True
         times = {False: [], True: []}
         for i in range(args.rounds):
             for enabled, run in runs.items():

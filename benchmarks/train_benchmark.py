@@ -41,7 +41,7 @@ def model_config(size: str, *, dtype: str, param_dtype: str = "float32", remat: 
     """The `size` layout (tiny, 1b, 7b) with these run-time settings and dropout off."""
     import dataclasses
 
-    from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
+    from owl_jax.config import AbstractorConfig, Numerics, OwlConfig, TextConfig, VisionConfig
 
     if size == "7b":
         from configs.mplug_owl_llama_7b import get_config
@@ -65,7 +65,7 @@ def model_config(size: str, *, dtype: str, param_dtype: str = "float32", remat: 
         raise SystemExit(f"unknown --size {size!r}")
     # Dropout off: the benchmark measures the model's work, not random-mask generation.
     cfg = cfg.replace(abstractor=dataclasses.replace(cfg.abstractor, attention_dropout=0.0), dtype=dtype,
-                      param_dtype=param_dtype, remat_policy=remat, attention_impl=attention)
+                      param_dtype=param_dtype, remat_policy=remat, numerics=Numerics(attention=attention))
     return cfg.validate()
 
 

@@ -9,13 +9,15 @@ import jax
 
 from owl_jax.checkpoint.convert import load_checkpoint
 from owl_jax.checkpoint.hf_import import abstract_model, assemble
+from owl_jax.config import Numerics
 from owl_jax.modeling import Owl
 
 
 def from_pretrained(path: str | os.PathLike, dtype: str = "float32", lora: str | os.PathLike | None = None, *,
                     param_dtype: str | None = None, merge_lora: bool = False, lora_alpha: float | None = None,
                     mesh: jax.sharding.Mesh | None = None, scan_layers: bool = True, remat_policy: str = "none",
-                    attention_impl: str = "auto", show_progress: bool = True) -> tuple[Owl, Any]:
+                    attention_impl: str | None = None, numerics: Numerics | None = None,
+                    show_progress: bool = True) -> tuple[Owl, Any]:
     """Load mPLUG-Owl for inference or further training.
 
     Args:
@@ -29,15 +31,20 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32", lora: str |
       lora_alpha: adapter alpha when the source has no `adapter_config.json`.
       mesh: a `(data, fsdp, tensor)` mesh (`owl_jax.sharding.make_mesh`); each tensor goes straight onto
         its shards. Default: the first device.
-      scan_layers, remat_policy, attention_impl: how to run the layers (`OwlConfig`'s fields of those names).
+      scan_layers, remat_policy: how to run the layers (`OwlConfig`'s fields of those names).
+      numerics: the routes of the model's arithmetic (`owl_jax.config.Numerics`; default: all "auto").
+      attention_impl: shorthand for `numerics.attention`.
 
     Returns:
       `(model, processor)`; `processor` is None when the folder holds no `tokenizer.model`.
     """
     path = os.fspath(path)
     param_dtype = param_dtype or dtype
+    numerics = numerics or Numerics()
+    if attention_impl is not None:
+        numerics = numerics.replace(attention=attention_impl)
     runtime = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy,
-                   attention_impl=attention_impl)
+                   numerics=numerics)
     loaded = load_checkpoint(path, weights_dtype=param_dtype, lora=None if lora is None else os.fspath(lora),
                              merge_lora=merge_lora, lora_alpha=lora_alpha, mesh=mesh, show_progress=show_progress,
                              runtime=runtime)

@@ -6,7 +6,7 @@ reads exactly that layout; `OwlConfig.to_hf_config` writes it back so that the r
 load what we export.
 
 Architecture fields describe the weights; `dtype`, `param_dtype`, `scan_layers`, `remat_policy` and
-`attention_impl` describe how we run them and never change the checkpoint.
+`numerics` describe how we run them and never change the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import Any, Sequence
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "silu")
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn", "splash")  # see owl_jax.modeling._attention
+ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn", "splash")  # see owl_jax.ops.attention
+MATMUL_ROUTES = ("auto", "xla", "cpu")  # see owl_jax.ops.matmul
+SWITCHES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -154,6 +156,48 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How the arithmetic runs: the routes `owl_jax.ops` takes. Never part of the checkpoint, and every
+    route computes the same function (float32 routes to rounding, half-precision ones within bf16 noise).
+
+    "auto" picks by the platform the program is compiled for. The CPU routes exist because XLA's CPU
+    compiler handles half precision unlike accelerators do (docs/design.md, "Numerics").
+
+    attention: "xla" (the reference: float32 scores and softmax), "jax" (`jax.nn.dot_product_attention`),
+      "cudnn" (GPU), "splash" (TPU; Pallas interpret mode elsewhere), "auto" (cuDNN or splash where they
+      apply, else the reference).
+    matmul: "xla" (half-precision products accumulate in float32 and are written in the compute dtype;
+      their backward pass multiplies in the compute dtype) or "cpu" (float32 results cast afterwards,
+      backward operands physically transposed, one-row products run as two rows). "auto": "cpu" on a CPU.
+    half_as_bits: "on" moves bf16/fp16 arrays through gathers, and through scans as residuals and
+      prepared kernels, as their uint16 bit patterns (XLA's CPU compiler moves them through float32
+      copies of the whole array). "auto": on for a CPU.
+    hoist_invariants: "off" compiles the model's programs without XLA's while-loop invariant code motion
+      (`ops.compiler_options`). XLA's CPU compiler slices a bf16/fp16 stack of layer weights in float32,
+      and that pass then hoists the float32 conversion of the whole stack out of the layer loop: a
+      second copy of the weights at twice their size. "auto": off for a CPU.
+    float32_elementwise: elementwise chains on half-precision inputs (SwiGLU, activations, rotary
+      embeddings) compute in float32 and round once, recomputed in the backward pass.
+    """
+
+    attention: str = "auto"
+    matmul: str = "auto"
+    half_as_bits: str = "auto"
+    hoist_invariants: str = "auto"
+    float32_elementwise: bool = True
+
+    def replace(self, **changes: Any) -> "Numerics":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "Numerics":
+        for name, choices in (("attention", ATTENTION_IMPLS), ("matmul", MATMUL_ROUTES),
+                              ("half_as_bits", SWITCHES), ("hoist_invariants", SWITCHES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"numerics.{name} {getattr(self, name)!r} is not one of {choices}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class OwlConfig:
     """The whole model: f_V → f_K → f_L, plus how to run it."""
 
@@ -167,7 +211,7 @@ class OwlConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # "xla" (reference), "jax", "cudnn", "splash"; "auto": see modeling/_attention.py
+    numerics: Numerics = Numerics()
 
     @property
     def image_tokens(self) -> int:
@@ -195,12 +239,11 @@ class OwlConfig:
             (self.dtype in _DTYPES, f"dtype {self.dtype!r} is not one of {_DTYPES}"),
             (self.param_dtype in _DTYPES, f"param_dtype {self.param_dtype!r} is not one of {_DTYPES}"),
             (self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"),
-            (self.attention_impl in ATTENTION_IMPLS,
-             f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.numerics.validate()
         return self
 
     # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import owl_jax
-from conftest import load_fixture_model
+from helpers import load_fixture_model
 from owl_jax.sharding import ShardingError, logical_to_spec, make_mesh, use_mesh
 from owl_jax.modeling.owl import _jit_forward
 

@@ -109,7 +109,7 @@ def _exact_pattern(modules: list[str]) -> str:
 
 def lora_module_names(config: LoRAConfig, num_layers: dict[str, int]) -> list[str]:
     """The Flax module paths of linear layers the config targets (validates stacked consistency)."""
-    from owl_jax.modeling._layers import lora_targeted
+    from owl_jax.modeling.linear import lora_targeted
 
     chosen = []
     for path in linear_paths():

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from owl_jax import ops
 from owl_jax.modeling._stack import unstack_layer_states
 from owl_jax.modeling.llama import KVCache, can_fuse_projections
 from owl_jax.modeling.llama import fuse_projections as fuse_layer
@@ -248,7 +249,8 @@ class Generator:
         (into the copy, whose separate kernels are dropped), so a decode step runs two matmuls where it
         ran five; skipped for layers with adapters and for tensor-parallel meshes.
       compiler_options: XLA options for the generator's compiled steps (`jax.jit(compiler_options=...)`),
-        e.g. `{"xla_gpu_enable_triton_gemm": False}`.
+        e.g. `{"xla_gpu_enable_triton_gemm": False}`, on top of those the model's numerics ask for
+        (`ops.compiler_options`).
     """
 
     def __init__(self, model: Owl, *, mesh: jax.sharding.Mesh | None = None, prompt_bucket: int = 64,
@@ -276,13 +278,14 @@ class Generator:
             llm = state["language_model"]
             llm["layers"] = jax.tree.map(lambda a: jnp.zeros((), a.dtype), llm["layers"])
         self.state = (state, layer_states, fused)
-        jit = functools.partial(jax.jit, compiler_options=compiler_options or None)
+        options = {**(ops.compiler_options(model.config.numerics) or {}), **(compiler_options or {})}
+        jit = functools.partial(jax.jit, compiler_options=options or None)
         self.prefill = jit(_prefill, static_argnums=(0, 5))
         self.decode = jit(_decode, static_argnums=(0,), donate_argnums=(2,))
         self.extend = jit(_extend, static_argnums=(0,), donate_argnums=(2,))
         self.first_select = jit(_first_select, static_argnums=(3,))
         self.decode_chunk_fn = jit(_decode_chunk, static_argnums=(0, 7, 8), donate_argnums=(2,))
-        self.encode = jax.jit(lambda params, px: _merge(self.graphdef, params)[0].encode_images(px))
+        self.encode = jit(lambda params, px: _merge(self.graphdef, params)[0].encode_images(px))
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         """An empty KV cache in the layout this generator's steps take."""

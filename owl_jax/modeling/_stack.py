@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import jax
 from flax import nnx
 
-from owl_jax.modeling._layers import PreparedKernel, layer_slice
+from owl_jax import ops
 
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -54,10 +54,7 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
         return _unrolled(lambda c, i, x: body(nnx.merge(graphdef, layer_states[i]), c, x), carry, xs, num_layers,
                          xs_per_layer)
 
-    is_prepared = lambda a: isinstance(a, PreparedKernel)
-
     def step(c: Any, inputs: Any) -> tuple[Any, Any]:
-        # Prepared kernels reach `matmul_f32` as the scan sliced them (bit patterns included).
         layer_state, x = inputs
         return body(nnx.merge(graphdef, layer_state), c, x)
 
@@ -66,14 +63,9 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
             raise ValueError(f"unknown remat policy {remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}")
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
 
-    if scan:  # frozen prepared kernels go through the scan as bit patterns (`_layers._CPU_SCAN_BITS`)
-        state = jax.tree.map(lambda a: a.to_bits() if is_prepared(a) else a, state, is_leaf=is_prepared)
+    if scan:
         return jax.lax.scan(step, carry, (state, xs), length=num_layers)
-
-    def layer(i: int) -> Any:
-        return jax.tree.map(lambda a: layer_slice(a, i), state, is_leaf=is_prepared)
-
-    return _unrolled(lambda c, i, x: step(c, (layer(i), x)), carry, xs, num_layers, xs_per_layer)
+    return _unrolled(lambda c, i, x: step(c, (ops.layer(state, i), x)), carry, xs, num_layers, xs_per_layer)
 
 
 def _unrolled(step: Callable[[Any, int, Any], tuple[Any, Any]], carry: Any, xs: Any, num_layers: int,

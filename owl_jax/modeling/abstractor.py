@@ -16,55 +16,74 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from owl_jax.config import AbstractorConfig, LoRAConfig
-from owl_jax.modeling._attention import dot_product_attention
-from owl_jax.modeling._layers import LayerNorm, Linear, dtype_of, swiglu
+from owl_jax import ops
+from owl_jax.config import AbstractorConfig, LoRAConfig, Numerics
 from owl_jax.modeling._stack import apply_layers
-from owl_jax.modeling.hf_names import hf_module
+from owl_jax.modeling.activations import swiglu
+from owl_jax.modeling.linear import Linear
+from owl_jax.modeling.norms import LayerNorm
 from owl_jax.sharding import constrain
 
 Array = jax.Array
 _TORCH_LAYER_NORM_EPS = 1e-5  # norm1, normk and norm2 are built without an eps in the released code
 
+HF_LAYER = "abstractor.encoder.layers.{i}.crossattention."
+# The released code's module names: peft matches adapters against them, and the converter's key table
+# (`owl_jax.checkpoint.keys.abstractor`) maps every parameter through them.
+HF_MODULES = {
+    "query_tokens": "query_tokens",
+    "layers/norm1": HF_LAYER + "norm1",
+    "layers/normk": HF_LAYER + "normk",
+    "layers/query": HF_LAYER + "attention.query",
+    "layers/key": HF_LAYER + "attention.key",
+    "layers/value": HF_LAYER + "attention.value",
+    "layers/out_proj": HF_LAYER + "output.out_proj",
+    "layers/norm2": HF_LAYER + "output.norm2",
+    "layers/w1": HF_LAYER + "output.mlp.w1",
+    "layers/w2": HF_LAYER + "output.mlp.w2",
+    "layers/w3": HF_LAYER + "output.mlp.w3",
+    "layers/ffn_ln": HF_LAYER + "output.mlp.ffn_ln",
+    "visual_fc": "abstractor.visual_fc",
+    "vit_eos": "abstractor.vit_eos",
+}
+
 
 class AbstractorLayer(nnx.Module):
     def __init__(self, cfg: AbstractorConfig, *, stack: int, lora: LoRAConfig | None, dtype: str,
-                 param_dtype: str, rngs: nnx.Rngs, attention_impl: str = "xla"):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        common = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        norm = dict(stack=stack, param_dtype=param_dtype)
-        self.attention_impl = attention_impl
+                 param_dtype: str, numerics: Numerics, rngs: nnx.Rngs):
+        d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.encoder_hidden_size
+        linear = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs)
+        norm = dict(stack=stack, param_dtype=param_dtype, numerics=numerics)
+        self.numerics = numerics
         self.num_heads = cfg.num_heads
         self.dropout_rate = float(cfg.attention_dropout)
         self.norm1 = LayerNorm(d, eps=_TORCH_LAYER_NORM_EPS, **norm)
-        self.normk = LayerNorm(cfg.encoder_hidden_size, eps=_TORCH_LAYER_NORM_EPS, **norm)
-        self.query = Linear(d, d, axes=("vision_embed", "vision_heads"), hf_name=hf_module("abstractor/layers/query"), **common)
-        self.key = Linear(cfg.encoder_hidden_size, d, axes=("vision_embed", "vision_heads"),
-                          hf_name=hf_module("abstractor/layers/key"), **common)
-        self.value = Linear(cfg.encoder_hidden_size, d, axes=("vision_embed", "vision_heads"),
-                            hf_name=hf_module("abstractor/layers/value"), **common)
-        self.out_proj = Linear(d, d, axes=("vision_heads", "vision_embed"), hf_name=hf_module("abstractor/layers/out_proj"),
-                               **common)
+        self.normk = LayerNorm(e, eps=_TORCH_LAYER_NORM_EPS, **norm)
+        self.query = Linear(d, d, axes=("vision_embed", "vision_heads"), hf_name=HF_MODULES["layers/query"], **linear)
+        self.key = Linear(e, d, axes=("vision_embed", "vision_heads"), hf_name=HF_MODULES["layers/key"], **linear)
+        self.value = Linear(e, d, axes=("vision_embed", "vision_heads"), hf_name=HF_MODULES["layers/value"], **linear)
+        self.out_proj = Linear(d, d, axes=("vision_heads", "vision_embed"), hf_name=HF_MODULES["layers/out_proj"],
+                               **linear)
         self.norm2 = LayerNorm(d, eps=_TORCH_LAYER_NORM_EPS, **norm)
-        self.w1 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=hf_module("abstractor/layers/w1"), **common)
-        self.w2 = Linear(f, d, axes=("vision_mlp", "vision_embed"), hf_name=hf_module("abstractor/layers/w2"), **common)
-        self.w3 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=hf_module("abstractor/layers/w3"), **common)
+        self.w1 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=HF_MODULES["layers/w1"], **linear)
+        self.w2 = Linear(f, d, axes=("vision_mlp", "vision_embed"), hf_name=HF_MODULES["layers/w2"], **linear)
+        self.w3 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=HF_MODULES["layers/w3"], **linear)
         self.ffn_ln = LayerNorm(f, eps=cfg.layer_norm_eps, **norm)
 
     def __call__(self, x: Array, image: Array, key: Array | None) -> Array:
+        """Queries `(N, Q, D)` and image features `(N, T, D_v)` → queries `(N, Q, D)`."""
         keys = [None] * 8 if key is None else list(jax.random.split(key, 8))
         n, nq, d = x.shape
         hd = d // self.num_heads
         q = self.norm1(x)
-        kv = jnp.concatenate([q, self.normk(image)], axis=1)
-        heads = lambda t: t.reshape(n, t.shape[1], self.num_heads, hd)
-        ctx = dot_product_attention(heads(self.query(q, keys[0])), heads(self.key(kv, keys[1])),
-                                    heads(self.value(kv, keys[2])), scale=hd ** -0.5,
-                                    dropout_rate=self.dropout_rate, dropout_key=keys[3],
-                                    implementation=self.attention_impl)
+        kv = jnp.concatenate([q, self.normk(image)], axis=1)  # (N, Q + T, D)
+        heads = lambda t: t.reshape(n, t.shape[1], self.num_heads, hd)  # noqa: E731
+        ctx = ops.attention(heads(self.query(q, keys[0])), heads(self.key(kv, keys[1])),
+                            heads(self.value(kv, keys[2])), scale=hd ** -0.5, dropout_rate=self.dropout_rate,
+                            dropout_key=keys[3], numerics=self.numerics)  # (N, Q, H, Dh)
         h = q + self.out_proj(ctx.reshape(n, nq, d), keys[4])
         m = self.norm2(h)
-        gated = swiglu(self.w1(m, keys[5]), self.w3(m, keys[6]))
+        gated = swiglu(self.w1(m, keys[5]), self.w3(m, keys[6]), numerics=self.numerics)  # (N, Q, F)
         return h + self.w2(self.ffn_ln(gated), keys[7])
 
 
@@ -73,33 +92,36 @@ class Abstractor(nnx.Module):
 
     def __init__(self, cfg: AbstractorConfig, num_queries: int, llm_hidden: int, *, lora: LoRAConfig | None = None,
                  dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = True,
-                 remat_policy: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs):
+                 remat_policy: str = "none", numerics: Numerics = Numerics(), rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
+        self.numerics = numerics
         self.scan_layers = scan_layers
         self.remat_policy = remat_policy
-        pdt = dtype_of(param_dtype)
+        pdt = jnp.dtype(param_dtype)
         # The released code zero-initialises the queries; identical queries never become different
         # under training, so a fresh model draws them at random (imported checkpoints overwrite this).
         self.query_tokens = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_queries, cfg.hidden_size), pdt),
                                       axes=(None, "queries", "vision_embed"))
         self.layers = AbstractorLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                      rngs=rngs, attention_impl=attention_impl)
+                                      numerics=numerics, rngs=rngs)
         self.visual_fc = Linear(cfg.hidden_size, llm_hidden, axes=("vision_embed", "embed"),
-                                hf_name=hf_module("abstractor/visual_fc"), lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                rngs=rngs)
+                                hf_name=HF_MODULES["visual_fc"], lora=lora, dtype=dtype, param_dtype=param_dtype,
+                                numerics=numerics, rngs=rngs)
         self.vit_eos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, llm_hidden), pdt),
                                  axes=(None, None, "embed"))
 
     def __call__(self, image_features: Array, dropout_key: Array | None = None) -> Array:
-        dt = dtype_of(self.dtype)
+        """ViT features `(N, T, D_v)` → LLM tokens `(N, Q + 1, D_llm)`."""
+        dt = jnp.dtype(self.dtype)
         n = image_features.shape[0]
         image = image_features.astype(dt)
         x = jnp.broadcast_to(self.query_tokens[...].astype(dt), (n, *self.query_tokens.shape[1:]))
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers + 1)
         body = lambda layer, h, k: (constrain(layer(h, image, k), ("batch", "length", "act_embed")), None)
-        x, _ = apply_layers(self.layers, x, body, num_layers=self.cfg.num_layers, scan=self.scan_layers,
-                            remat_policy=self.remat_policy, xs=None if keys is None else keys[1:])
+        x, _ = apply_layers(self.layers, x, body, num_layers=self.cfg.num_layers,
+                            scan=self.scan_layers, remat_policy=self.remat_policy,
+                            xs=None if keys is None else keys[1:])
         out = self.visual_fc(x, None if keys is None else keys[0])
         eos = jnp.broadcast_to(self.vit_eos[...].astype(dt), (n, 1, out.shape[-1]))
         return jnp.concatenate([out, eos], axis=1)

@@ -12,14 +12,60 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from owl_jax.config import LoRAConfig, TextConfig
-from owl_jax.modeling._attention import apply_rope, dot_product_attention
-from owl_jax.modeling._layers import Linear, RMSNorm, dtype_of, matmul, matmul_f32, swiglu, take_rows
+from owl_jax import ops
+from owl_jax.config import LoRAConfig, Numerics, TextConfig
 from owl_jax.modeling._stack import apply_layers
-from owl_jax.modeling.hf_names import hf_module
+from owl_jax.modeling.activations import swiglu
+from owl_jax.modeling.linear import Linear
+from owl_jax.modeling.norms import RMSNorm
 from owl_jax.sharding import constrain
 
 Array = jax.Array
+
+HF_LAYER = "language_model.model.layers.{i}."
+# The released code's module names: peft matches adapters against them, and the converter's key table
+# (`owl_jax.checkpoint.keys.llama`) maps every parameter through them.
+HF_MODULES = {
+    "embed_tokens": "language_model.model.embed_tokens",
+    "layers/input_layernorm": HF_LAYER + "input_layernorm",
+    "layers/q_proj": HF_LAYER + "self_attn.q_proj",
+    "layers/k_proj": HF_LAYER + "self_attn.k_proj",
+    "layers/v_proj": HF_LAYER + "self_attn.v_proj",
+    "layers/o_proj": HF_LAYER + "self_attn.o_proj",
+    "layers/post_attention_layernorm": HF_LAYER + "post_attention_layernorm",
+    "layers/gate_proj": HF_LAYER + "mlp.gate_proj",
+    "layers/up_proj": HF_LAYER + "mlp.up_proj",
+    "layers/down_proj": HF_LAYER + "mlp.down_proj",
+    "norm": "language_model.model.norm",
+    "lm_head": "language_model.lm_head",
+}
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float) -> Array:
+    """`1 / theta^(2i/d)` for i < d/2, in float32 (HF LLaMA's `inv_freq`)."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / (theta ** exponents)
+
+
+def apply_rope(x: Array, positions: Array, theta: float, *, numerics: Numerics) -> Array:
+    """Rotary embedding in HF's rotate_half layout (the first half of each head pairs with the second),
+    computed in float32 and rounded once to `x`'s dtype (HF rounds the half-precision cos/sin and each
+    product).
+
+    Args:
+      x: `(B, L, H, Dh)`.
+      positions: `(B, L)` integer positions.
+    """
+    inv_freq = rope_inverse_frequencies(x.shape[-1], theta)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, Dh/2)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # (B, L, 1, Dh)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    half = x.shape[-1] // 2
+
+    def rotate(x: Array) -> Array:
+        return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+    return ops.in_float32(rotate, x, numerics=numerics)
 
 
 class KVCache(NamedTuple):
@@ -47,41 +93,45 @@ class KVCache(NamedTuple):
 
 
 class LlamaLayer(nnx.Module):
+    """One decoder layer; built with `stack=L` it holds all L layers."""
+
     def __init__(self, cfg: TextConfig, *, stack: int, lora: LoRAConfig | None, dtype: str, param_dtype: str,
-                 rngs: nnx.Rngs, attention_impl: str = "xla"):
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.attention_impl = attention_impl
-        common = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=False)
+                 numerics: Numerics, rngs: nnx.Rngs):
+        d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        linear = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs,
+                      use_bias=False)
+        norm = dict(eps=cfg.rms_norm_eps, stack=stack, dtype=dtype, param_dtype=param_dtype, numerics=numerics)
+        self.dtype, self.numerics = dtype, numerics
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.rope_theta = float(cfg.rope_theta)
-        self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, stack=stack, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "heads"), hf_name=hf_module("language_model/layers/q_proj"),
-                             **common)
+        self.input_layernorm = RMSNorm(d, **norm)
+        self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "heads"), hf_name=HF_MODULES["layers/q_proj"],
+                             **linear)
         self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"),
-                             hf_name=hf_module("language_model/layers/k_proj"), **common)
+                             hf_name=HF_MODULES["layers/k_proj"], **linear)
         self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"),
-                             hf_name=hf_module("language_model/layers/v_proj"), **common)
-        self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), hf_name=hf_module("language_model/layers/o_proj"),
-                             **common)
-        self.post_attention_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, stack=stack, dtype=dtype,
-                                                param_dtype=param_dtype)
-        self.gate_proj = Linear(d, cfg.intermediate_size, axes=("embed", "mlp"), hf_name=hf_module("language_model/layers/gate_proj"),
-                                **common)
-        self.up_proj = Linear(d, cfg.intermediate_size, axes=("embed", "mlp"), hf_name=hf_module("language_model/layers/up_proj"),
-                              **common)
-        self.down_proj = Linear(cfg.intermediate_size, d, axes=("mlp", "embed"), hf_name=hf_module("language_model/layers/down_proj"),
-                                **common)
+                             hf_name=HF_MODULES["layers/v_proj"], **linear)
+        self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), hf_name=HF_MODULES["layers/o_proj"],
+                             **linear)
+        self.post_attention_layernorm = RMSNorm(d, **norm)
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), hf_name=HF_MODULES["layers/gate_proj"], **linear)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), hf_name=HF_MODULES["layers/up_proj"], **linear)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), hf_name=HF_MODULES["layers/down_proj"], **linear)
 
     def __call__(self, x: Array, positions: Array, mask: Array, cache: tuple[Array, Array] | None,
                  cache_index: Array | int, key: Array | None,
                  fused: dict[str, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
-        """One decoder layer; `fused` (inference, from `fuse_projections`) holds the q/k/v and gate/up
-        kernels concatenated, so each group is one matmul."""
+        """`(B, L, D)` → `(B, L, D)` and the layer's updated `(B, Hkv, S, Dh)` keys and values (with a cache).
+
+        `positions` `(B, L)`, `mask` `(B, L, K)` or None (causal), `cache` this layer's keys and values with
+        this call's written at `cache_index`. `fused` (inference, from `fuse_projections`) holds the q/k/v
+        and gate/up kernels concatenated, so each group is one matmul."""
         keys = [None] * 7 if key is None else list(jax.random.split(key, 7))
         b, length, _ = x.shape
+        mm = dict(dtype=self.dtype, numerics=self.numerics)
         h = self.input_layernorm(x)
         if fused is not None:
-            qkv = matmul(h, fused["qkv"], dtype_of(self.q_proj.dtype))
+            qkv = ops.matmul(h, fused["qkv"], **mm)
             nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
         else:
@@ -89,8 +139,9 @@ class LlamaLayer(nnx.Module):
         q = q.reshape(b, length, self.num_heads, self.head_dim)
         k = k.reshape(b, length, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, length, self.num_kv_heads, self.head_dim)
-        q = constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "act_heads", None))
-        k = apply_rope(k, positions, self.rope_theta)
+        q = constrain(apply_rope(q, positions, self.rope_theta, numerics=self.numerics),
+                      ("batch", "length", "act_heads", None))
+        k = apply_rope(k, positions, self.rope_theta, numerics=self.numerics)
         new_cache = None
         if cache is not None:
             ck, cv = cache  # (B, Hkv, S, Dh)
@@ -98,16 +149,15 @@ class LlamaLayer(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
             v = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
             new_cache = (k, v)
-        ctx = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask,
-                                    is_causal=mask is None, implementation=self.attention_impl,
-                                    heads_major_kv=cache is not None)
+        ctx = ops.attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask,
+                            is_causal=mask is None, numerics=self.numerics, heads_major_kv=cache is not None)
         x = x + self.o_proj(ctx.reshape(b, length, self.num_heads * self.head_dim), keys[3])
         h = self.post_attention_layernorm(x)
         if fused is not None:
-            gate, up = jnp.split(matmul(h, fused["gate_up"], dtype_of(self.gate_proj.dtype)), 2, axis=-1)
+            gate, up = jnp.split(ops.matmul(h, fused["gate_up"], **mm), 2, axis=-1)
         else:
             gate, up = self.gate_proj(h, keys[4]), self.up_proj(h, keys[5])
-        h = self.down_proj(swiglu(gate, up), keys[6])
+        h = self.down_proj(swiglu(gate, up, numerics=self.numerics), keys[6])
         return constrain(x + h, ("batch", "length", "act_embed")), new_cache
 
 
@@ -140,30 +190,31 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, cfg: TextConfig, *, lora: LoRAConfig | None = None, dtype: str = "float32",
                  param_dtype: str = "float32", scan_layers: bool = True, remat_policy: str = "none",
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+                 numerics: Numerics = Numerics(), rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
+        self.numerics = numerics
         self.scan_layers = scan_layers
         self.remat_policy = remat_policy
-        pdt = dtype_of(param_dtype)
+        pdt = jnp.dtype(param_dtype)
         # Fresh models only (imports overwrite it): unit-variance embeddings, the scale visual_fc's LeCun
         # init gives image tokens, so text and image positions start on an equal footing in the residual.
         self.embed_tokens = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
                                       axes=("vocab", "embed"))
-        self.layers = LlamaLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                 attention_impl=attention_impl)
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.layers = LlamaLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                                 numerics=numerics, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                            numerics=numerics)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
-                                  hf_name=hf_module("language_model/lm_head"), use_bias=False, lora=lora, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), hf_name=HF_MODULES["lm_head"],
+                                  use_bias=False, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics,
+                                  rngs=rngs)
 
     def embed(self, token_ids: Array) -> Array:
         """`(B, L)` valid token ids → `(B, L, D)` embeddings in the compute dtype."""
-        table = self.embed_tokens[...]
-        return take_rows(table, token_ids).astype(dtype_of(self.dtype))
+        return ops.take_rows(self.embed_tokens[...], token_ids, numerics=self.numerics).astype(self.dtype)
 
     def __call__(self, embeds: Array, positions: Array, mask: Array, *, cache: KVCache | None = None,
                  cache_index: Array | int = 0, dropout_key: Array | None = None,
@@ -191,7 +242,7 @@ class LlamaModel(nnx.Module):
             raise ValueError("a KV cache needs an explicit (B, L, S) mask")
         n = self.cfg.num_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, n)
-        x = constrain(embeds.astype(dtype_of(self.dtype)), ("batch", "length", "act_embed"))
+        x = constrain(embeds.astype(self.dtype), ("batch", "length", "act_embed"))
 
         def body(layer, h, xs):
             layer_cache, k, layer_fused = xs
@@ -204,8 +255,8 @@ class LlamaModel(nnx.Module):
                 raise ValueError("a per-layer KV cache needs per-layer weights (layer_states) or unscanned layers")
             xs = [((cache.k[i], cache.v[i]), None if keys is None else keys[i], None if fused is None else fused[i])
                   for i in range(n)]
-            x, new = apply_layers(self.layers, x, body, num_layers=n, scan=False, xs=xs, xs_per_layer=True,
-                                  layer_states=layer_states)
+            x, new = apply_layers(self.layers, x, body, num_layers=n, scan=False, xs=xs,
+                                  xs_per_layer=True, layer_states=layer_states)
             return self.norm(x), KVCache(tuple(c[0] for c in new), tuple(c[1] for c in new))
         xs = (None if cache is None else (cache.k, cache.v), keys, None)
         x, new = apply_layers(self.layers, x, body, num_layers=n, scan=self.scan_layers,
@@ -217,6 +268,6 @@ class LlamaModel(nnx.Module):
         if self.lm_head is not None:
             out = self.lm_head(hidden, float32_output=True)
         else:
-            dt = dtype_of(self.dtype)
-            out = matmul_f32(hidden, self.embed_tokens[...].T, dt)
+            out = ops.matmul(hidden, self.embed_tokens[...].T, dtype=self.dtype, numerics=self.numerics,
+                             out_dtype=jnp.float32)
         return constrain(out, ("batch", "length", "act_vocab"))

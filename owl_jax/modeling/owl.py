@@ -7,14 +7,16 @@ batch (row 0's images first, then row 1's, ...).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from owl_jax.config import OwlConfig
+from owl_jax import ops
+from owl_jax.config import Numerics, OwlConfig
 from owl_jax.modeling.abstractor import Abstractor
 from owl_jax.modeling.llama import KVCache, LlamaModel
 from owl_jax.modeling.vision import VisionTower
@@ -104,8 +106,8 @@ class Owl(nnx.Module):
         config.validate()
         self.config = config
         run = dict(lora=config.lora, dtype=config.dtype, param_dtype=config.param_dtype,
-                   scan_layers=config.scan_layers, remat_policy=config.remat_policy,
-                   attention_impl=config.attention_impl, rngs=rngs)
+                   scan_layers=config.scan_layers, remat_policy=config.remat_policy, numerics=config.numerics,
+                   rngs=rngs)
         self.vision_model = VisionTower(config.vision, **run)
         self.abstractor = Abstractor(config.abstractor, config.num_query_tokens, config.text.hidden_size, **run)
         self.language_model = LlamaModel(config.text, **run)
@@ -114,13 +116,13 @@ class Owl(nnx.Module):
     def vision_features(self, pixel_values: Array, dropout_key: Array | None = None) -> Array:
         """`(N, C, H, W)` normalised pixels → `(N, T, D_v)` ViT output after the post-LayerNorm."""
         if dropout_key is None and not isinstance(pixel_values, jax.core.Tracer):
-            return _jit_vision_features(self, jnp.asarray(pixel_values))
+            return _compiled(_vision_features, self.config.numerics)(*nnx.split(self), jnp.asarray(pixel_values))
         return self.vision_model(pixel_values, dropout_key)
 
     def encode_images(self, pixel_values: Array, dropout_key: Array | None = None) -> Array:
         """`(N, C, H, W)` → `(N, Q + 1, D_llm)`: what each image contributes to the LLM input."""
         if dropout_key is None and not isinstance(pixel_values, jax.core.Tracer):
-            return _jit_encode_images(self, jnp.asarray(pixel_values))
+            return _compiled(_encode_images, self.config.numerics)(*nnx.split(self), jnp.asarray(pixel_values))
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
         return self.abstractor(self.vision_features(pixel_values, keys[0]), keys[1])
 
@@ -173,7 +175,8 @@ class Owl(nnx.Module):
           input_ids: `(B, L)` ids with runs of `Q + 1` placeholders (-1) per image.
           attention_mask: `(B, L)`, 1 on real tokens, 0 on padding (default: all ones).
 
-        Outside of a trace the placeholders are checked against the images and the pass is jit-compiled.
+        Outside of a trace the placeholders are checked against the images and the pass is jit-compiled
+        (with `ops.compiler_options` of the model's numerics).
         """
         if isinstance(input_ids, jax.core.Tracer):
             return self.forward(pixel_values, input_ids, attention_mask)
@@ -184,24 +187,30 @@ class Owl(nnx.Module):
             pixel_values = np.zeros((0, v.num_channels, v.image_size, v.image_size), np.float32)
         if attention_mask is None:
             attention_mask = np.ones(np.shape(input_ids), np.int32)
-        return _jit_forward(self, jnp.asarray(pixel_values), jnp.asarray(input_ids, jnp.int32),
-                            jnp.asarray(attention_mask, jnp.int32))
+        return _compiled(_forward, self.config.numerics)(*nnx.split(self), jnp.asarray(pixel_values),
+                                                         jnp.asarray(input_ids, jnp.int32),
+                                                         jnp.asarray(attention_mask, jnp.int32))
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty KV cache for `batch` rows of `length` positions in the compute dtype."""
         return KVCache.zeros(self.config.text, batch, length, self.config.dtype)
 
 
-@nnx.jit
-def _jit_forward(model: Owl, pixel_values: Array, input_ids: Array, attention_mask: Array) -> Array:
-    return model.forward(pixel_values, input_ids, attention_mask)
+def _forward(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Array, input_ids: Array,
+             attention_mask: Array) -> Array:
+    return nnx.merge(graphdef, state).forward(pixel_values, input_ids, attention_mask)
 
 
-@nnx.jit
-def _jit_vision_features(model: Owl, pixel_values: Array) -> Array:
-    return model.vision_model(pixel_values)
+def _vision_features(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Array) -> Array:
+    return nnx.merge(graphdef, state).vision_model(pixel_values)
 
 
-@nnx.jit
-def _jit_encode_images(model: Owl, pixel_values: Array) -> Array:
+def _encode_images(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Array) -> Array:
+    model = nnx.merge(graphdef, state)
     return model.abstractor(model.vision_model(pixel_values))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn: Callable, numerics: Numerics) -> Callable:
+    """`fn` jitted with the model's graph static and the compiler options its numerics ask for."""
+    return jax.jit(fn, static_argnums=0, compiler_options=ops.compiler_options(numerics))

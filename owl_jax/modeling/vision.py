@@ -11,14 +11,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from owl_jax.config import LoRAConfig, VisionConfig
-from owl_jax.modeling._attention import dot_product_attention
-from owl_jax.modeling._layers import ACTIVATIONS, LayerNorm, Linear, dtype_of, elementwise, matmul
+from owl_jax import ops
+from owl_jax.config import LoRAConfig, Numerics, VisionConfig
 from owl_jax.modeling._stack import apply_layers
-from owl_jax.modeling.hf_names import hf_module
+from owl_jax.modeling.activations import activation
+from owl_jax.modeling.linear import Linear
+from owl_jax.modeling.norms import LayerNorm
 from owl_jax.sharding import constrain
 
 Array = jax.Array
+
+HF_LAYER = "vision_model.encoder.layers.{i}."
+# The released code's module names: peft matches adapters against them, and the converter's key table
+# (`owl_jax.checkpoint.keys.vision`) maps every parameter through them.
+HF_MODULES = {
+    "patch_embed": "vision_model.embeddings.patch_embed",
+    "cls_token": "vision_model.embeddings.cls_token",
+    "position_embedding": "vision_model.embeddings.position_embedding",
+    "pre_layernorm": "vision_model.embeddings.pre_layernorm",
+    "layers/input_layernorm": HF_LAYER + "input_layernorm",
+    "layers/query_key_value": HF_LAYER + "self_attn.query_key_value",
+    "layers/dense": HF_LAYER + "self_attn.dense",
+    "layers/post_attention_layernorm": HF_LAYER + "post_attention_layernorm",
+    "layers/fc1": HF_LAYER + "mlp.fc1",
+    "layers/fc2": HF_LAYER + "mlp.fc2",
+    "post_layernorm": "vision_model.post_layernorm",
+}
 
 
 def patchify(pixel_values: Array, patch_size: int) -> Array:
@@ -56,30 +74,33 @@ class VisionLayer(nnx.Module):
     """One pre-LN transformer block; built with `stack=L` it holds all L layers."""
 
     def __init__(self, cfg: VisionConfig, *, stack: int, lora: LoRAConfig | None, dtype: str, param_dtype: str,
-                 rngs: nnx.Rngs, attention_impl: str = "xla"):
+                 numerics: Numerics, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        common = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        linear = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs)
+        norm = dict(eps=cfg.layer_norm_eps, stack=stack, param_dtype=param_dtype, numerics=numerics)
         self.num_heads = cfg.num_heads
-        self.attention_impl = attention_impl
+        self.numerics = numerics
         self.act = cfg.hidden_act
-        self.input_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, stack=stack, param_dtype=param_dtype)
+        self.input_layernorm = LayerNorm(d, **norm)
         self.query_key_value = Linear(d, 3 * d, axes=("vision_embed", "qkv"),
-                                      hf_name=hf_module("vision_model/layers/query_key_value"), **common)
-        self.dense = Linear(d, d, axes=("vision_heads", "vision_embed"), hf_name=hf_module("vision_model/layers/dense"), **common)
-        self.post_attention_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, stack=stack, param_dtype=param_dtype)
-        self.fc1 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=hf_module("vision_model/layers/fc1"), **common)
-        self.fc2 = Linear(f, d, axes=("vision_mlp", "vision_embed"), hf_name=hf_module("vision_model/layers/fc2"), **common)
+                                      hf_name=HF_MODULES["layers/query_key_value"], **linear)
+        self.dense = Linear(d, d, axes=("vision_heads", "vision_embed"), hf_name=HF_MODULES["layers/dense"], **linear)
+        self.post_attention_layernorm = LayerNorm(d, **norm)
+        self.fc1 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=HF_MODULES["layers/fc1"], **linear)
+        self.fc2 = Linear(f, d, axes=("vision_mlp", "vision_embed"), hf_name=HF_MODULES["layers/fc2"], **linear)
 
     def __call__(self, x: Array, key: Array | None) -> Array:
+        """`(N, T, D)` → `(N, T, D)`; `key` drives dropout (None: none)."""
         keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
         n, t, d = x.shape
         h = self.input_layernorm(x)
+        # the fused projection orders its outputs [head, (q, k, v), head_dim]
         qkv = self.query_key_value(h, keys[0]).reshape(n, t, self.num_heads, 3, d // self.num_heads)
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-        ctx = dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5, implementation=self.attention_impl)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # (N, T, H, Dh) each
+        ctx = ops.attention(q, k, v, scale=(d // self.num_heads) ** -0.5, numerics=self.numerics)
         x = x + self.dense(ctx.reshape(n, t, d), keys[1])
         h = self.post_attention_layernorm(x)
-        h = self.fc2(elementwise(ACTIVATIONS[self.act], self.fc1(h, keys[2])), keys[3])
+        h = self.fc2(activation(self.act, self.fc1(h, keys[2]), numerics=self.numerics), keys[3])  # (N, T, F) inside
         return constrain(x + h, ("batch", "length", "act_embed"))
 
 
@@ -88,12 +109,13 @@ class VisionTower(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, lora: LoRAConfig | None = None, dtype: str = "float32",
                  param_dtype: str = "float32", scan_layers: bool = True, remat_policy: str = "none",
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+                 numerics: Numerics = Numerics(), rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
+        self.numerics = numerics
         self.scan_layers = scan_layers
         self.remat_policy = remat_policy
-        d, pdt = cfg.hidden_size, dtype_of(param_dtype)
+        d, pdt = cfg.hidden_size, jnp.dtype(param_dtype)
         patch_dim = cfg.num_channels * cfg.patch_size ** 2
         # Fresh towers only (imports overwrite these): patch and position embeddings start at comparable,
         # O(1) scales. With the usual 0.02 for positions, the pre-LayerNorm all but erases where a patch is,
@@ -106,19 +128,20 @@ class VisionTower(nnx.Module):
         grid = cfg.image_size // cfg.patch_size
         self.position_embedding = nnx.Param(sincos_position_embedding(grid, d)[None].astype(pdt),
                                             axes=(None, "positions", "vision_embed"))
-        self.pre_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.pre_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, numerics=numerics)
         self.layers = VisionLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs, attention_impl=attention_impl)
-        self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
+                                  numerics=numerics, rngs=rngs)
+        self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, numerics=numerics)
 
     def __call__(self, pixel_values: Array, dropout_key: Array | None = None) -> Array:
-        cfg, dt = self.cfg, dtype_of(self.dtype)
+        """`(N, C, H, W)` normalised pixels → `(N, 1 + H·W/p², D)` features after the post-LayerNorm."""
+        cfg, dt = self.cfg, jnp.dtype(self.dtype)
         expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this model expects (N, "
                              f"{expected[0]}, {expected[1]}, {expected[2]}) (config image_size={cfg.image_size})")
-        patches = patchify(pixel_values.astype(dt), cfg.patch_size)
-        x = matmul(patches, self.patch_embed[...], dt)
+        patches = patchify(pixel_values.astype(dt), cfg.patch_size)  # (N, P, C·p·p)
+        x = ops.matmul(patches, self.patch_embed[...], dtype=dt, numerics=self.numerics)  # (N, P, D)
         cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(dt)
         x = constrain(self.pre_layernorm(x), ("batch", "length", "act_embed"))

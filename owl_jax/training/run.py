@@ -18,7 +18,7 @@ from owl_jax.checkpoint.hf_import import abstract_model
 from owl_jax.checkpoint.layout import leaf_shapes
 from owl_jax.checkpoint.lora import merge_lora_params
 from owl_jax.checkpoint.native import flatten, nest
-from owl_jax.config import LoRAConfig, OwlConfig
+from owl_jax.config import LoRAConfig, Numerics, OwlConfig
 from owl_jax.sharding import make_mesh
 from owl_jax.training import distributed
 from owl_jax.training.evaluation import format_table, majority_baseline
@@ -37,8 +37,10 @@ def _prepare_frozen(stage: str, value: str) -> bool | None:
 
 def model_config(config: ConfigDict) -> OwlConfig:
     m = config.model
+    numerics = Numerics(**{k: v for k, v in m.get("numerics", {}).items()})
+    numerics = numerics.replace(attention=m.get("attention_impl", numerics.attention))
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
-                   attention_impl=m.get("attention_impl", "auto"))
+                   numerics=numerics)
     if m.init == "random":
         return OwlConfig.from_hf_config(m.arch.to_dict(), **runtime)
     if m.init == "checkpoint":

@@ -26,7 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from owl_jax.checkpoint.hf_import import abstract_model, assemble, flat_shardings
 from owl_jax.checkpoint.native import flatten, nest
 from owl_jax.config import OwlConfig
-from owl_jax.modeling._layers import PreparedKernel, prepare_kernel, scan_bits
+from owl_jax import ops
+from owl_jax.ops.bits import HalfBits
+from owl_jax.ops.numerics import half_as_bits
 from owl_jax.modeling.loss import chunked_next_token_loss_sums, next_token_loss_sums
 from owl_jax.sharding import use_mesh
 from owl_jax.training.optimizer import FROZEN, TRAIN, decay_mask, labels_for, learning_rate_schedule, make_optimizer
@@ -79,10 +81,10 @@ class Trainer:
         the LLM runs plain causal attention without a padding mask (same loss, and fused attention kernels
         apply). False accepts any padding and builds the full mask.
       prepare_frozen: hold each frozen linear kernel that gradients pass through also in the compute
-        dtype with a transposed copy (`PreparedKernel`, in `TrainState.prepared`), made once per state
-        instead of in every step. None (the default) turns it on where it pays: bf16/fp16 compute on
-        CPUs, whose fast GEMMs need physically transposed operands. It costs one compute-dtype copy of
-        those kernels and their transposes in memory.
+        dtype with a transposed copy (`ops.PreparedKernel`, in `TrainState.prepared`), made once per state
+        instead of in every step. None (the default) turns it on where it pays: bf16/fp16 compute on the
+        CPU matmul route (`Numerics.matmul`), whose fast GEMMs need physically transposed operands. It
+        costs one compute-dtype copy of those kernels and their transposes in memory.
     """
 
     def __init__(self, model_cfg: OwlConfig, *, stage: str, mesh: Mesh, optim: Any, total_steps: int,
@@ -108,9 +110,9 @@ class Trainer:
         self.param_shardings = nest(flat_shardings(self.abstract, mesh))
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        half = jnp.dtype(model_cfg.dtype) in (jnp.bfloat16, jnp.float16)
+        self.compiler_options = ops.compiler_options(model_cfg.numerics)
         if prepare_frozen is None:
-            prepare_frozen = half and mesh.devices.flat[0].platform == "cpu"
+            prepare_frozen = ops.is_half(model_cfg.dtype) and ops.resolve(model_cfg.numerics).matmul == "cpu"
         # Gradients pass through a frozen tower when anything closer to the input trains.
         first = min((TOWERS.index(p[0]) for p, l in flat_labels.items() if l == TRAIN and p[0] in TOWERS),
                     default=len(TOWERS))
@@ -154,20 +156,24 @@ class Trainer:
 
         # Unrolled layers read each layer's prepared kernel as its own array (slicing a stack is a copy);
         # a scan reads stacks, held as bit patterns where that applies.
+        numerics = self.model_cfg.numerics
         stacked = {p: "layers" in p for p in self.prepared_paths}
         per_layer = {p: stacked[p] and not self.model_cfg.scan_layers for p in self.prepared_paths}
         scanned = {p: stacked[p] and self.model_cfg.scan_layers for p in self.prepared_paths}
-        bits_of = dtype.name if scan_bits(dtype) else None
+        as_bits = half_as_bits(numerics, dtype)
 
-        def sharding(p: tuple) -> PreparedKernel:
+        def sharding(p: tuple) -> ops.PreparedKernel:
             sh, ndim = flat_sh[p], flat[p].ndim
             w, w_t = sh, transposed(sh, ndim)
             if not per_layer[p]:
-                return PreparedKernel(w, w_t, bits_of if scanned[p] else None)
-            drop = lambda s: NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
-            return PreparedKernel((drop(w),) * flat[p].shape[0], (drop(w_t),) * flat[p].shape[0])
+                if scanned[p] and as_bits:
+                    return ops.PreparedKernel(HalfBits(w, dtype.name), HalfBits(w_t, dtype.name))
+                return ops.PreparedKernel(w, w_t)
+            drop = lambda s: NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))  # noqa: E731
+            return ops.PreparedKernel((drop(w),) * flat[p].shape[0], (drop(w_t),) * flat[p].shape[0])
 
-        fn = jax.jit(lambda ws: {p: prepare_kernel(w, dtype, per_layer=per_layer[p], scanned=scanned[p])
+        fn = jax.jit(lambda ws: {p: ops.prepare_kernel(w, dtype, per_layer=per_layer[p],
+                                                       scanned=numerics if scanned[p] else None)
                                  for p, w in ws.items()},
                      out_shardings={p: sharding(p) for p in self.prepared_paths})
         with use_mesh(self.mesh):
@@ -262,7 +268,8 @@ class Trainer:
             state_shardings = jax.tree.map(lambda x: x.sharding, state)
             batch_shardings = {k: self.batch_sharding for k in batch}
             self._train_step = jax.jit(self._step, in_shardings=(state_shardings, batch_shardings),
-                                       out_shardings=(state_shardings, self.replicated), donate_argnums=0)
+                                       out_shardings=(state_shardings, self.replicated), donate_argnums=0,
+                                       compiler_options=self.compiler_options)
         return self._train_step
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -285,7 +292,8 @@ class Trainer:
         """Teacher-forced answers of a batch: per-row exact match of every answer token, and loss sums."""
         if self._eval_step is None:
             param_shardings = jax.tree.map(lambda x: x.sharding, params)
-            self._eval_step = jax.jit(self._eval, in_shardings=(param_shardings, {k: self.batch_sharding for k in batch}))
+            self._eval_step = jax.jit(self._eval, in_shardings=(param_shardings, {k: self.batch_sharding for k in batch}),
+                                      compiler_options=self.compiler_options)
         with use_mesh(self.mesh):
             return self._eval_step(params, batch)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import load_fixture_model
+from helpers import load_fixture_model
 from owl_jax.modeling import masked_next_token_loss
 
 ATOL = 1e-4
@@ -104,19 +104,20 @@ def test_attention_jax_path_with_grouped_heads_and_masks():
     import jax
     import jax.numpy as jnp
 
-    from owl_jax.modeling._attention import dot_product_attention
+    from owl_jax import ops
+    from owl_jax.config import Numerics
 
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (2, 5, 6, 8))
     k = jax.random.normal(keys[1], (2, 7, 2, 8))  # 3 query heads per key/value head
     v = jax.random.normal(keys[2], (2, 7, 2, 8))
     mask = jnp.tril(jnp.ones((5, 7), bool), k=2)[None] & (jnp.arange(7) < jnp.array([[7], [4]]))[:, None, :]
-    ref = dot_product_attention(q, k, v, scale=8 ** -0.5, mask=mask, implementation="xla")
-    out = dot_product_attention(q, k, v, scale=8 ** -0.5, mask=mask, implementation="jax")
+    ref = ops.attention(q, k, v, scale=8 ** -0.5, mask=mask, numerics=Numerics(attention="xla"))
+    out = ops.attention(q, k, v, scale=8 ** -0.5, mask=mask, numerics=Numerics(attention="jax"))
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
-    assert dot_product_attention(q, k, v, scale=1.0, implementation="auto").shape == q.shape  # xla off a GPU
+    assert ops.attention(q, k, v, scale=1.0, numerics=Numerics(attention="auto")).shape == q.shape  # xla off a GPU
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs a GPU"):
-            dot_product_attention(q, k, v, scale=1.0, implementation="cudnn")
+            ops.attention(q, k, v, scale=1.0, numerics=Numerics(attention="cudnn"))
     with pytest.raises(ValueError, match="not one of"):
-        dot_product_attention(q, k, v, scale=1.0, implementation="flash")
+        ops.attention(q, k, v, scale=1.0, numerics=Numerics(attention="flash"))

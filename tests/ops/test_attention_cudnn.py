@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from owl_jax.modeling._attention import dot_product_attention, resolve_implementation
+from owl_jax import ops
+from owl_jax.config import Numerics
+from owl_jax.ops import resolve_implementation
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
 
@@ -33,8 +35,8 @@ def test_cudnn_matches_the_reference_forward_and_backward(b, lq, lk, h, dh, caus
 
     def run(impl, dtype):
         def f(q, k, v):
-            out = dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=dh ** -0.5,
-                                        is_causal=causal, implementation=impl)
+            out = ops.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=dh ** -0.5,
+                                        is_causal=causal, numerics=Numerics(attention=impl))
             return jnp.sum(out.astype(jnp.float32) * cot), out
         (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         return out, grads
@@ -53,7 +55,7 @@ def test_cudnn_matches_the_reference_forward_and_backward(b, lq, lk, h, dh, caus
 def test_fixture_model_loss_is_the_same_with_cudnn(reference, loss_mask):
     """The fixture model in bf16 on its right-padded rows: the loss of the causal pass through cuDNN (LLaMA,
     ViT and abstractor) equals the XLA path's within bf16 rounding, and both stay near the fp32 reference."""
-    from conftest import load_fixture_model
+    from helpers import load_fixture_model
     from owl_jax.modeling import masked_next_token_loss
 
     assert (np.diff(reference["attention_mask"], axis=1) <= 0).all()

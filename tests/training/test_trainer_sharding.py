@@ -4,13 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FIXTURE  # noqa: F401  (conftest sets up the 8 fake devices)
+from owl_jax.ops.bits import HalfBits
 from owl_jax.checkpoint.native import flatten, nest
 from owl_jax.config import LoRAConfig
 from owl_jax.sharding import make_mesh
 from owl_jax.training.run import adapt_params
 from owl_jax.training.trainer import Trainer
-from test_training_step import OPTIM, tiny_batch, tiny_config, tiny_params
+from helpers import OPTIM, tiny_batch, tiny_config, tiny_params
 
 # A smaller step than the other tests: some gradients are zero up to rounding (a key bias cannot change a
 # softmax), and Adam scales such noise up to about lr/1000 per step whatever the mesh.
@@ -69,8 +69,9 @@ def test_prepared_frozen_kernels_keep_their_sharding(stage, scan):
         if kernel.per_layer:  # unrolled: one array per layer, without the layer axis
             assert spec[0] is None and all(tuple(x.sharding.spec) == (spec[-1], spec[-2]) for x in kernel.w_t), p
             continue
-        assert tuple(kernel.w_t.sharding.spec) == (*spec[:-2], spec[-1], spec[-2]), p
-        assert kernel.w_t.dtype == (np.uint16 if kernel.bits_of else jax.numpy.bfloat16)
+        w_t = kernel.w_t.bits if isinstance(kernel.w_t, HalfBits) else kernel.w_t
+        assert tuple(w_t.sharding.spec) == (*spec[:-2], spec[-1], spec[-2]), p
+        assert w_t.dtype == (np.uint16 if isinstance(kernel.w_t, HalfBits) else jax.numpy.bfloat16)
         sharded += any(s is not None for s in spec[-2:])
     assert sharded  # some of them really are split over the mesh
     losses, params = train(stage, mesh, "bfloat16", prepare_frozen=True, scan=scan)

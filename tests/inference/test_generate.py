@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import owl_jax
-from conftest import FIXTURE, load_fixture_model
+from helpers import FIXTURE, load_fixture_model
 from owl_jax.inference.chat import ChatSession
 from owl_jax.inference.generate import GenerationConfig, Generator, banned_ngram_tokens, round_up
 from owl_jax.sharding import make_mesh

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from owl_jax.modeling._attention import dot_product_attention, resolve_implementation
+from owl_jax import ops
+from owl_jax.config import Numerics
+from owl_jax.ops import resolve_implementation
 from owl_jax.sharding import make_mesh, use_mesh
 
 
@@ -20,7 +22,7 @@ def inputs(b=2, length=256, heads=4, kv_heads=4, dh=32, seed=0):
 
 def attention_and_grads(impl, q, k, v, causal):
     def f(q, k, v):
-        out = dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, is_causal=causal, implementation=impl)
+        out = ops.attention(q, k, v, scale=q.shape[-1] ** -0.5, is_causal=causal, numerics=Numerics(attention=impl))
         return jnp.sum(out * jnp.cos(out)), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -54,12 +56,12 @@ def test_splash_leaves_what_it_cannot_take_to_the_reference():
     """257 tokens (the ViT) and explicit masks run the reference path under "splash"; "auto" picks splash
     only on a TPU."""
     q, k, v = inputs(length=257)
-    np.testing.assert_allclose(dot_product_attention(q, k, v, scale=0.2, implementation="splash"),
-                               dot_product_attention(q, k, v, scale=0.2, implementation="xla"), atol=1e-6)
+    np.testing.assert_allclose(ops.attention(q, k, v, scale=0.2, numerics=Numerics(attention="splash")),
+                               ops.attention(q, k, v, scale=0.2, numerics=Numerics(attention="xla")), atol=1e-6)
     q, k, v = inputs(length=128)
     mask = jnp.ones((2, 128, 128), bool).at[1, :, 100:].set(False)
-    np.testing.assert_allclose(dot_product_attention(q, k, v, scale=0.2, mask=mask, implementation="splash"),
-                               dot_product_attention(q, k, v, scale=0.2, mask=mask, implementation="xla"), atol=1e-6)
+    np.testing.assert_allclose(ops.attention(q, k, v, scale=0.2, mask=mask, numerics=Numerics(attention="splash")),
+                               ops.attention(q, k, v, scale=0.2, mask=mask, numerics=Numerics(attention="xla")), atol=1e-6)
     expected = "splash" if jax.default_backend() == "tpu" else "xla"
     assert resolve_implementation("auto", jnp.float32, dropout=False, lengths=(256, 256)) == expected
     assert resolve_implementation("auto", jnp.float32, dropout=False, lengths=(257, 257)) == "xla"
@@ -68,7 +70,7 @@ def test_splash_leaves_what_it_cannot_take_to_the_reference():
 def test_stage2_steps_with_splash_equal_the_reference():
     """LoRA train steps on 128-token rows: LLaMA's causal attention through splash (the ViT and abstractor
     stay on the reference) gives the reference's losses and parameters."""
-    from test_training_step import (OPTIM, assert_same_steps, one_device_mesh, run_steps, tiny_batch, tiny_config,
+    from helpers import (OPTIM, assert_same_steps, one_device_mesh, run_steps, tiny_batch, tiny_config,
                                     tiny_params)
 
     from owl_jax.config import LoRAConfig
@@ -77,7 +79,7 @@ def test_stage2_steps_with_splash_equal_the_reference():
 
     runs = []
     for impl in ("xla", "splash"):
-        cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0), attention_impl=impl)
+        cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0), numerics=Numerics(attention=impl))
         params = adapt_params(tiny_params(cfg), cfg, None, seed=0)
         trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
         runs.append(run_steps(trainer, params, steps=2, batch=lambda i: tiny_batch(length=128, seed=i)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_fixture_model, subjaxprs
+from helpers import load_fixture_model, subjaxprs
 from owl_jax.config import LoRAConfig, OwlConfig
 from owl_jax.modeling import Owl, causal_padding_mask, check_image_placeholders, merge_image_embeddings
 
@@ -129,44 +129,3 @@ def test_merge_with_fixed_image_slots_per_row():
     out = merge_image_embeddings(text, ids, images, images_per_row=2)[..., 0]
     # row 0 uses its slot 0 (image 0), row 1 none, row 2 its two slots (images 4 and 5)
     np.testing.assert_array_equal(out, [[0, 1, 2, 0, 0], [0, 0, 0, 0, 0], [9, 10, 0, 11, 12]])
-
-
-@pytest.mark.parametrize("transposed_copies", [True, False])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_matmul_gradients_in_every_compute_dtype(dtype, transposed_copies, monkeypatch):
-    """The half-precision matmul (backward in the compute dtype; on the CPU with physically transposed
-    operands) has the gradients of the plain matmul, up to rounding the incoming gradient to the compute
-    dtype, and in bf16 every backward matmul multiplies bf16 operands (none upcast to float32)."""
-    from owl_jax.modeling import _layers
-    from owl_jax.modeling._layers import matmul_f32
-
-    monkeypatch.setattr(_layers, "_cpu_matmul_path", lambda: transposed_copies)  # the CPU's path or others'
-    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (3, 5, 24))
-    w = jax.random.normal(kw, (24, 40)) * 0.2
-    g = jax.random.normal(kg, (3, 5, 40))
-    dt = jnp.dtype(dtype)
-    ours = jax.grad(lambda x, w: jnp.sum(matmul_f32(x, w, dt) * g), argnums=(0, 1))(x, w)
-    xr, wr = x.astype(dt).astype(jnp.float32), w.astype(dt).astype(jnp.float32)  # the values really multiplied
-    gr = g.astype(dt).astype(jnp.float32)
-    dx, dw = gr @ wr.T, jnp.einsum("bli,blo->io", xr, gr)
-    tol = 3e-2 if dtype == "bfloat16" else 1e-5
-    assert ours[0].dtype == x.dtype and ours[1].dtype == w.dtype
-    np.testing.assert_allclose(ours[0], dx, rtol=tol, atol=tol * np.abs(dx).max())
-    np.testing.assert_allclose(ours[1], dw, rtol=tol, atol=tol * np.abs(dw).max())
-    np.testing.assert_allclose(matmul_f32(x, w, dt), xr @ wr, rtol=1e-5, atol=1e-4)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(matmul_f32(x, w, dt) * g), argnums=(0, 1)))(x, w)
-    operand_dtypes = {str(v.aval.dtype) for eqn in _all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"
-                      for v in eqn.invars}
-    assert operand_dtypes == {dtype}
-
-
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in (param if isinstance(param, (tuple, list)) else [param]):
-                if hasattr(sub, "eqns"):
-                    yield from _all_eqns(sub)
-                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    yield from _all_eqns(sub.jaxpr)

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 import owl_jax
-from conftest import FIXTURE
+from helpers import FIXTURE
 from owl_jax.data.prompts import SYSTEM, build_conversation
 from owl_jax.inference.generate import GenerationConfig, Generator
 from owl_jax.serve import make_server

@@ -8,7 +8,7 @@ from owl_jax.config import LoRAConfig
 from owl_jax.training.run import adapt_params
 from owl_jax.training.flops import forward_flops, jaxpr_matmul_flops, train_step_flops
 from owl_jax.training.trainer import Trainer
-from test_training_step import OPTIM, one_device_mesh, tiny_batch, tiny_config, tiny_params
+from helpers import OPTIM, one_device_mesh, tiny_batch, tiny_config, tiny_params
 
 ROWS, LENGTH, SLOTS = 4, 16, 2
 

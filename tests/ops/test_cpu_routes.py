@@ -1,6 +1,8 @@
-"""The CPU's half-precision fast paths: SwiGLU in float32 and its gradients, bit patterns through scans, one-row
-products and embedding lookups."""
+"""The CPU routes of `owl_jax.ops`: SwiGLU in float32 and its gradients, prepared kernels as bit patterns
+through scans, float32 weight gradients, one-row products, embedding lookups, and layer loops compiled
+without hoisting float32 copies of stacked weights."""
 
+import dataclasses
 import re
 
 import jax
@@ -8,16 +10,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from owl_jax import ops
 from owl_jax.checkpoint.native import flatten
-from owl_jax.config import LoRAConfig
-from owl_jax.modeling import _layers
-from owl_jax.modeling._layers import swiglu
+from owl_jax.config import LoRAConfig, Numerics
+from owl_jax.modeling.activations import swiglu as swiglu_of
+from owl_jax.ops.bits import HalfBits
 from owl_jax.sharding import use_mesh
 from owl_jax.training.run import adapt_params
 from owl_jax.training.trainer import Trainer
-from test_training_step import OPTIM, one_device_mesh, tiny_batch, tiny_config, tiny_params
+from helpers import OPTIM, one_device_mesh, tiny_batch, tiny_config, tiny_params
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU code paths")
+CPU = Numerics(matmul="cpu", half_as_bits="on", hoist_invariants="off")
+
+
+def swiglu(gate, up):
+    return swiglu_of(gate, up, numerics=CPU)
+
+
+def matmul_f32(x, w, dtype):
+    return ops.matmul(x, w, dtype=dtype, numerics=CPU, out_dtype=jnp.float32)
 
 
 def test_swiglu_matches_float32_autodiff():
@@ -48,15 +60,15 @@ def _compiled_step(trainer, params) -> tuple[str, dict]:
 
 
 @pytest.mark.parametrize("bits", [True, False])
-def test_scanned_bf16_stacks_are_not_converted_to_float32(bits, monkeypatch):
-    # XLA's CPU backend slices a bf16 stack through a float32 copy of all of it; as uint16 bits it does not.
-    monkeypatch.setattr(_layers, "_CPU_SCAN_BITS", bits)
-    cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0)).replace(dtype="bfloat16")
+def test_scanned_bf16_stacks_are_not_converted_to_float32(bits):
+    # XLA's CPU compiler slices a bf16 stack through a float32 copy of all of it; as uint16 bits it does not.
+    numerics = CPU.replace(half_as_bits="on" if bits else "off", hoist_invariants="on")
+    cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0), numerics=numerics, dtype="bfloat16")
     trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
     hlo, prepared = _compiled_step(trainer, adapt_params(tiny_params(cfg), cfg, None, seed=0))
     stacks = {tuple(k.w.shape) for p, k in prepared.items() if "layers" in p}
     assert stacks
-    assert all((k.bits_of == "bfloat16") == bits for p, k in prepared.items() if "layers" in p)
+    assert all(isinstance(k.w, HalfBits) == bits for p, k in prepared.items() if "layers" in p)
     converted = {s for s in stacks if re.search(r"= f32\[%s\]\S* (?:convert|fusion)\(" % ",".join(map(str, s)), hlo)}
     assert (converted == set()) == bits, converted
     if bits:  # the backward pass reads the transposed stacks the scan was given: no stacked copies of them
@@ -77,12 +89,12 @@ def test_float32_matmul_gradients_match_autodiff(shape):
         return (f(x, w) * weights).sum()
 
     with jax.default_matmul_precision("highest"):
-        got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x, w, lambda x, w: _layers.matmul_f32(x, w, jnp.float32))
+        got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x, w, lambda x, w: matmul_f32(x, w, jnp.float32))
         want = jax.grad(loss, (0, 1))(x, w, lambda x, w: jnp.matmul(x, w))
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     # a kernel nobody differentiates gets no gradient product: the forward one and the input's only
-    jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=2)(x, w, lambda x, w: _layers.matmul_f32(x, w, jnp.float32))
+    jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=2)(x, w, lambda x, w: matmul_f32(x, w, jnp.float32))
     assert str(jaxpr).count("dot_general") == 2
 
 
@@ -98,7 +110,7 @@ def test_one_row_bf16_products_and_embedding_lookups_convert_no_weight():
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.normal(size=(64, 96)), jnp.bfloat16)
     x = jnp.asarray(rng.normal(size=(1, 1, 64)), jnp.bfloat16)
-    mm = lambda x, w: _layers.matmul_f32(x, w, jnp.bfloat16)
+    mm = lambda x, w: matmul_f32(x, w, jnp.bfloat16)  # noqa: E731
     assert _float32_copies(mm, x, w, shape=(64, 96)) == 0
     assert _float32_copies(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32), x, w,
                            shape=(64, 96)) >= 1  # what the one-row path avoids
@@ -109,9 +121,37 @@ def test_one_row_bf16_products_and_embedding_lookups_convert_no_weight():
 
     table = jnp.asarray(rng.normal(size=(50, 64)), jnp.bfloat16)
     ids = jnp.array([[3, 7, 3]])
-    assert _float32_copies(_layers.take_rows, table, ids, shape=(50, 64)) == 0
+    take_rows = lambda t, i: ops.take_rows(t, i, numerics=CPU)  # noqa: E731
+    assert _float32_copies(take_rows, table, ids, shape=(50, 64)) == 0
     assert _float32_copies(lambda t, i: jnp.take(t, i, axis=0), table, ids, shape=(50, 64)) >= 1
-    np.testing.assert_array_equal(np.asarray(_layers.take_rows(table, ids)), np.asarray(table[ids]))
+    np.testing.assert_array_equal(np.asarray(take_rows(table, ids)), np.asarray(table[ids]))
     loss = lambda take: (lambda t: (take(t, ids).astype(jnp.float32) ** 2).sum())
-    np.testing.assert_array_equal(np.asarray(jax.grad(loss(_layers.take_rows))(table)),
+    np.testing.assert_array_equal(np.asarray(jax.grad(loss(take_rows))(table)),
                                   np.asarray(jax.grad(loss(lambda t, i: jnp.take(t, i, axis=0)))(table)))
+
+
+@pytest.mark.parametrize("hoist", ["on", "off"])
+def test_scanned_bf16_forward_slices_the_weights_in_the_loop(hoist):
+    """A bf16 forward over scanned layers compiled with `ops.compiler_options`: XLA's CPU compiler slices
+    bf16 stacks in float32, and with loop-invariant code motion on it converts every whole stack before the
+    loop (temporaries of twice the stacked weights); without it, one layer at a time."""
+    from flax import nnx
+
+    from owl_jax.modeling import Owl
+
+    cfg = tiny_config(dtype="bfloat16", param_dtype="bfloat16", numerics=CPU.replace(hoist_invariants=hoist))
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, hidden_size=256, intermediate_size=768, num_layers=6))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Owl(cfg, rngs=nnx.Rngs(0))))
+    stacked = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)
+                                                                             .language_model.layers)))
+
+    def forward(state, ids):
+        return nnx.merge(graphdef, state).forward(None, ids)
+
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    compiled = jax.jit(forward, compiler_options=ops.compiler_options(cfg.numerics)).lower(state, ids).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    if hoist == "on":
+        assert temp >= 2 * stacked, (temp, stacked)
+    else:
+        assert temp < stacked / 2, (temp, stacked)

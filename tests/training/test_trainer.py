@@ -5,67 +5,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import OPTIM, assert_same_steps, one_device_mesh, run_steps, tiny_batch, tiny_config, tiny_params
+from owl_jax import ops
 from owl_jax.checkpoint.native import flatten, nest
-from owl_jax.config import AbstractorConfig, LoRAConfig, OwlConfig, TextConfig, VisionConfig
-from owl_jax.modeling import Owl
-from owl_jax.sharding import make_mesh
+from owl_jax.ops.bits import HalfBits, from_bits
+from owl_jax.config import LoRAConfig
 from owl_jax.training.run import adapt_params
 from owl_jax.training.trainer import Trainer
-
-OPTIM = dict(lr=1e-2, warmup_steps=1, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=1.0)
-
-
-def tiny_config(**kw) -> OwlConfig:
-    return OwlConfig(
-        vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=32, patch_size=16),
-        abstractor=AbstractorConfig(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
-                                    encoder_hidden_size=16, attention_dropout=0.0),
-        text=TextConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=2, num_kv_heads=2),
-        num_query_tokens=2, **kw)
-
-
-def tiny_params(cfg: OwlConfig, seed: int = 0) -> dict:
-    model = Owl(cfg.replace(lora=None), rngs=nnx.Rngs(seed))
-    return {tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def tiny_batch(rows: int = 4, length: int = 16, slots: int = 2, seed: int = 0, answers: bool = True) -> dict:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, 64, size=(rows, length)).astype(np.int32)
-    ids[:, 0] = 1
-    ids[::2, 2:5] = -1  # rows 0, 2, ... show one image (3 = num_query_tokens + 1 placeholders)
-    image_mask = np.zeros((rows, slots), np.int32)
-    image_mask[::2, 0] = 1
-    loss_mask = np.zeros((rows, length - 1), np.int32)
-    if answers:
-        loss_mask[:, 8:14] = 1
-    return {"input_ids": ids, "attention_mask": np.ones((rows, length), np.int32), "loss_mask": loss_mask,
-            "pixel_values": rng.normal(size=(rows, slots, 3, 32, 32)).astype(np.float32),
-            "image_mask": image_mask, "skipped": np.zeros(rows, np.int32)}
-
-
-def one_device_mesh():
-    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
-
-
-def run_steps(trainer: Trainer, params: dict, steps: int = 3, batch=lambda i: tiny_batch(seed=i)):
-    state = trainer.init_state(params, seed=0)
-    before = {p: np.array(v) for p, v in flatten(jax.device_get(state.params)).items()}
-    losses = []
-    for i in range(steps):
-        state, metrics = trainer.train_step(state, trainer.global_batch(batch(i)))
-        losses.append(float(metrics["loss"]))
-    after = {p: np.asarray(v) for p, v in flatten(jax.device_get(state.params)).items()}
-    return state, before, after, losses
-
-
-def assert_same_steps(run, reference, atol: float) -> None:
-    """Two `run_steps` results: the same losses and final parameters."""
-    (_, _, params, losses), (_, _, ref_params, ref_losses) = run, reference
-    np.testing.assert_allclose(losses, ref_losses, rtol=atol)
-    for p in ref_params:
-        np.testing.assert_allclose(params[p], ref_params[p], atol=atol, rtol=0, err_msg="/".join(p))
 
 
 def moment_paths(opt_state) -> set:
@@ -222,8 +168,8 @@ def test_prepared_frozen_kernels_give_the_same_half_precision_steps(stage, scan)
         # Unrolled layers hold stacked kernels as per-layer arrays.
         assert kernel.per_layer == (not scan and "layers" in p)
         # Stacks for a scan are held as their uint16 bit patterns on the CPU.
-        assert kernel.bits_of == ("bfloat16" if scan and "layers" in p else None)
-        kernel = kernel.from_bits()
+        assert isinstance(kernel.w, HalfBits) == (scan and "layers" in p)
+        kernel = ops.PreparedKernel(*(from_bits(a) for a in (kernel.w, kernel.w_t)))
         w = before[p].astype(jax.numpy.bfloat16)
         stack = (lambda a: np.stack([np.asarray(x) for x in a])) if kernel.per_layer else np.asarray
         np.testing.assert_array_equal(stack(kernel.w), w)

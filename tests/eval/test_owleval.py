@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import owl_jax
-from conftest import FIXTURE
+from helpers import FIXTURE
 from owl_jax.data.prompts import build_prompt
 from owl_jax.eval import judge
 from owl_jax.eval.owleval import Question, answer_owleval, conversations, load_questions

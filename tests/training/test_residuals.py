@@ -4,18 +4,17 @@ import jax
 import numpy as np
 import pytest
 
-from owl_jax.config import AbstractorConfig, LoRAConfig, OwlConfig, TextConfig, VisionConfig
-from owl_jax.modeling import _layers
+from owl_jax.config import AbstractorConfig, LoRAConfig, Numerics, OwlConfig, TextConfig, VisionConfig
 from owl_jax.sharding import use_mesh
 from owl_jax.training.run import adapt_params
 from owl_jax.training.trainer import Trainer
-from test_training_step import OPTIM, one_device_mesh, tiny_batch, tiny_params
+from helpers import OPTIM, one_device_mesh, tiny_batch, tiny_params
 
 # Distinct widths per tower (and a third LLaMA layer), so each residual's origin shows in its shape.
 TEXT_MLP, ABSTRACTOR_MLP = 40, 28
 
 
-def _config(stage: str) -> OwlConfig:
+def _config(stage: str, numerics: Numerics) -> OwlConfig:
     cfg = OwlConfig(
         vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=32,
                             patch_size=16),
@@ -23,7 +22,7 @@ def _config(stage: str) -> OwlConfig:
                                     encoder_hidden_size=16, attention_dropout=0.0),
         text=TextConfig(vocab_size=64, hidden_size=24, intermediate_size=TEXT_MLP, num_layers=3, num_heads=2,
                         num_kv_heads=2),
-        num_query_tokens=2, dtype="bfloat16")
+        num_query_tokens=2, dtype="bfloat16", numerics=numerics)
     return cfg.replace(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0)) if stage == "stage2" else cfg
 
 
@@ -42,13 +41,13 @@ def _stacked_outputs(jaxpr, out: list) -> list:
 
 @pytest.mark.parametrize("accelerator", [False, True], ids=["cpu-path", "accelerator-path"])
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_scanned_bf16_step_keeps_half_precision_inputs_only(stage, accelerator, monkeypatch):
+def test_scanned_bf16_step_keeps_half_precision_inputs_only(stage, accelerator):
     # Float32 work on half-precision activations (SwiGLU, the ViT's activation, the norms) must keep its
     # half-precision inputs for the backward pass, not its float32 intermediates: at the 7B layout those
     # were 70 GiB per 8 x 1024 tokens. And a frozen kernel's product keeps no input (it has no gradient).
-    if accelerator:  # the code path of GPUs and TPUs, traced here
-        monkeypatch.setattr(_layers, "_cpu_matmul_path", lambda: False)
-    cfg = _config(stage)
+    # the routes of GPUs and TPUs, traced here, or the CPU's
+    numerics = Numerics(matmul="xla", half_as_bits="off") if accelerator else Numerics(matmul="cpu", half_as_bits="on")
+    cfg = _config(stage, numerics)
     trainer = Trainer(cfg, stage=stage, mesh=one_device_mesh(), optim=OPTIM, total_steps=10,
                       prepare_frozen=not accelerator)
     state = trainer.init_state(adapt_params(tiny_params(cfg), cfg, None, seed=0), seed=0)

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import subjaxprs
-from owl_jax.modeling import _attention, _layers
+from helpers import subjaxprs
+from owl_jax import ops
+from owl_jax.config import Numerics
+from owl_jax.ops import attention_reference as reference
 from owl_jax.training.flops import jaxpr_matmul_flops
 
 
@@ -33,18 +35,18 @@ CASES = [  # (B, Lq, Lk, H, Hkv, Dh, causal, masked, causal block)
 
 @pytest.mark.parametrize("transposed_copies", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_values_and_gradients_match_autodiff(case, transposed_copies, monkeypatch):
+def test_values_and_gradients_match_autodiff(case, transposed_copies):
     b, lq, lk, h, hkv, d, causal, masked, block = case
-    monkeypatch.setattr(_layers, "_cpu_matmul_path", lambda: transposed_copies)
+    numerics = Numerics(attention="xla", matmul="cpu" if transposed_copies else "xla")
     q, k, v, mask, weights = _inputs(b, lq, lk, h, hkv, d, masked)
-    full_mask = _attention._with_causal(mask, lq, lk) if causal else mask
+    full_mask = reference._with_causal(mask, lq, lk) if causal else mask
 
     def written(q, k, v):
-        return _attention._reference_attention(q, k, v, scale=0.3, mask=mask, dropout_rate=0.0, dropout_key=None,
-                                               is_causal=causal, causal_block=block)
+        return reference.reference_attention(q, k, v, scale=0.3, mask=mask, dropout_rate=0.0, dropout_key=None,
+                                             numerics=numerics, is_causal=causal, causal_block=block)
 
     def plain(q, k, v):
-        return _attention._autodiff_attention(q, k, v, scale=0.3, mask=full_mask, dropout_rate=0.0, dropout_key=None)
+        return reference._autodiff_attention(q, k, v, scale=0.3, mask=full_mask, dropout_rate=0.0, dropout_key=None)
 
     with jax.default_matmul_precision("highest"):  # float32 products everywhere (GPUs default to TF32)
         np.testing.assert_allclose(jax.jit(written)(q, k, v), plain(q, k, v), atol=2e-6, rtol=0)
@@ -63,13 +65,13 @@ def _dots(jaxpr):
 
 
 @pytest.mark.parametrize("transposed_copies", [True, False])
-def test_half_precision_backward_multiplies_in_half_precision(transposed_copies, monkeypatch):
-    monkeypatch.setattr(_layers, "_cpu_matmul_path", lambda: transposed_copies)
+def test_half_precision_backward_multiplies_in_half_precision(transposed_copies):
+    numerics = Numerics(attention="xla", matmul="cpu" if transposed_copies else "xla")
     q, k, v, _, _ = _inputs(2, 8, 8, 4, 2, 8, masked=False)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
 
     def loss(q, k, v):
-        out = _attention.dot_product_attention(q, k, v, scale=0.3, is_causal=True, implementation="xla")
+        out = ops.attention(q, k, v, scale=0.3, is_causal=True, numerics=numerics)
         return out.astype(jnp.float32).sum()
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
@@ -80,12 +82,12 @@ def test_half_precision_backward_multiplies_in_half_precision(transposed_copies,
 
 
 def test_causal_blocks_skip_the_masked_products():
-    assert _attention._causal_blocks(300, 128) == ((0, 128, 128, True), (128, 256, 256, True), (256, 300, 300, True))
-    assert _attention._causal_blocks(100, 128) == ((0, 100, 100, True),)
+    assert reference.causal_blocks(300, 128) == ((0, 128, 128, True), (128, 256, 256, True), (256, 300, 300, True))
+    assert reference.causal_blocks(100, 128) == ((0, 100, 100, True),)
     q, k, v, _, _ = _inputs(1, 512, 512, 2, 2, 8, masked=False)
 
     def forward(q, k, v):
-        return _attention.dot_product_attention(q, k, v, scale=0.3, is_causal=True, implementation="xla")
+        return ops.attention(q, k, v, scale=0.3, is_causal=True, numerics=Numerics(attention="xla"))
 
     full = 2 * 2 * 2 * 512 * 512 * 8  # both products over every (query, key) pair, 2 heads, 2 FLOPs a MAC
     assert jaxpr_matmul_flops(jax.make_jaxpr(forward)(q, k, v)) == full * (1 + 2 + 3 + 4) / 16  # 10 of 16

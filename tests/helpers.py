@@ -1,0 +1,104 @@
+"""Helpers shared by the tests: the reference fixture, tiny models and batches, jaxpr walking."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from owl_jax.checkpoint.native import flatten
+from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
+from owl_jax.modeling import Owl
+from owl_jax.sharding import make_mesh
+from owl_jax.training.trainer import Trainer
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "mplug_owl_tiny"
+
+
+@functools.lru_cache(maxsize=None)
+def load_fixture_model(folder: str = "checkpoint", dtype: str = "float32", lora: str | None = None,
+                       merge_lora: bool = False, scan_layers: bool = True, attention_impl: str = "auto"):
+    """The fixture model loaded once per argument set (tests must not modify it)."""
+    import owl_jax
+
+    model, _ = owl_jax.from_pretrained(FIXTURE / folder, dtype=dtype, lora=None if lora is None else FIXTURE / lora,
+                                       merge_lora=merge_lora, scan_layers=scan_layers, attention_impl=attention_impl,
+                                       show_progress=False)
+    return model
+
+
+def all_eqns(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs its equations call, depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in subjaxprs(eqn):
+            yield from all_eqns(sub)
+
+
+def subjaxprs(eqn):
+    """The jaxprs an equation calls (scan/cond/custom-VJP bodies and the like)."""
+    for value in eqn.params.values():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+                yield v.jaxpr
+            elif hasattr(v, "eqns"):
+                yield v
+
+
+OPTIM = dict(lr=1e-2, warmup_steps=1, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=1.0)
+
+
+def tiny_config(**kw) -> OwlConfig:
+    return OwlConfig(
+        vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=32, patch_size=16),
+        abstractor=AbstractorConfig(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
+                                    encoder_hidden_size=16, attention_dropout=0.0),
+        text=TextConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=2, num_kv_heads=2),
+        num_query_tokens=2, **kw)
+
+
+def tiny_params(cfg: OwlConfig, seed: int = 0) -> dict:
+    model = Owl(cfg.replace(lora=None), rngs=nnx.Rngs(seed))
+    return {tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def tiny_batch(rows: int = 4, length: int = 16, slots: int = 2, seed: int = 0, answers: bool = True) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 64, size=(rows, length)).astype(np.int32)
+    ids[:, 0] = 1
+    ids[::2, 2:5] = -1  # rows 0, 2, ... show one image (3 = num_query_tokens + 1 placeholders)
+    image_mask = np.zeros((rows, slots), np.int32)
+    image_mask[::2, 0] = 1
+    loss_mask = np.zeros((rows, length - 1), np.int32)
+    if answers:
+        loss_mask[:, 8:14] = 1
+    return {"input_ids": ids, "attention_mask": np.ones((rows, length), np.int32), "loss_mask": loss_mask,
+            "pixel_values": rng.normal(size=(rows, slots, 3, 32, 32)).astype(np.float32),
+            "image_mask": image_mask, "skipped": np.zeros(rows, np.int32)}
+
+
+def one_device_mesh():
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def run_steps(trainer: Trainer, params: dict, steps: int = 3, batch=lambda i: tiny_batch(seed=i)):
+    state = trainer.init_state(params, seed=0)
+    before = {p: np.array(v) for p, v in flatten(jax.device_get(state.params)).items()}
+    losses = []
+    for i in range(steps):
+        state, metrics = trainer.train_step(state, trainer.global_batch(batch(i)))
+        losses.append(float(metrics["loss"]))
+    after = {p: np.asarray(v) for p, v in flatten(jax.device_get(state.params)).items()}
+    return state, before, after, losses
+
+
+def assert_same_steps(run, reference, atol: float) -> None:
+    """Two `run_steps` results: the same losses and final parameters."""
+    (_, _, params, losses), (_, _, ref_params, ref_losses) = run, reference
+    np.testing.assert_allclose(losses, ref_losses, rtol=atol)
+    for p in ref_params:
+        np.testing.assert_allclose(params[p], ref_params[p], atol=atol, rtol=0, err_msg="/".join(p))
