@@ -57,9 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from owl_jax.checkpoint import convert
-    from owl_jax.checkpoint.export import parse_size
-    from owl_jax.checkpoint.tensor_files import CheckpointError
+    from owl_jax import checkpoint as convert
+    from owl_jax.checkpoint import CheckpointError, parse_size
     from owl_jax.config import ConfigError
 
     start = time.perf_counter()

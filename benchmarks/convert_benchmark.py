@@ -14,12 +14,16 @@ against the source.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from typing import Callable
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -31,45 +35,81 @@ def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def make_checkpoint(out_dir: str, llama_layers: int, seed: int = 0) -> int:
-    """The synthetic source: random bf16 weights in the released key layout, 2 shards + index."""
-    import torch
+def source_tensors(cfg, seed: int = 0) -> list[tuple[str, tuple[int, ...], str, Callable[[], np.ndarray]]]:
+    """Every tensor of the released layout for `cfg` as `(key, shape, "bfloat16", producer)`, in checkpoint order.
 
+    Each producer draws its tensor when called, with the scales a fresh owl_jax model is initialised with,
+    so that activations keep their size through the layers as in a trained model: linear and patch
+    weights N(0, 1/fan_in), token embeddings and the class token N(0, 1), norm weights 1 + N(0, 0.02²),
+    biases and the other embeddings N(0, 0.02²); the `rotary_emb.inv_freq` buffers are computed as the
+    released code computes them. Tensor i uses seed `(seed, i)`, so the values do not depend on the order
+    the tensors are drawn in.
+    """
+    import ml_dtypes
+
+    from owl_jax.checkpoint import abstract_model, leaf_shapes, owl_targets, rotary_buffers
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+
+    def scales(target) -> tuple[float, float]:  # (std, mean)
+        leaf = target.path[-1]
+        if leaf in ("kernel", "patch_embed"):
+            return float(np.prod(target.hf_shape[1:])) ** -0.5, 0.0
+        if leaf in ("embed_tokens", "cls_token"):
+            return 1.0, 0.0
+        return 0.02, 1.0 if leaf == "scale" else 0.0
+
+    def draw(i: int, shape: tuple[int, ...], std: float, mean: float) -> Callable[[], np.ndarray]:
+        def produce() -> np.ndarray:
+            values = np.random.default_rng((seed, i)).standard_normal(shape, dtype=np.float32)
+            values *= np.float32(std)
+            values += np.float32(mean)
+            return values.astype(bf16)
+
+        return produce
+
+    targets = owl_targets(cfg, leaf_shapes(abstract_model(cfg)[1]))
+    tensors = [(t.hf_key, tuple(t.hf_shape), "bfloat16", draw(i, tuple(t.hf_shape), *scales(t)))
+               for i, t in enumerate(targets)]
+    for key, inv in rotary_buffers(cfg.text):
+        tensors.append((key, inv.shape, "bfloat16", lambda inv=inv: inv.astype(bf16)))
+    return tensors
+
+
+def make_checkpoint(out_dir: str, llama_layers: int | None = None, seed: int = 0, *,
+                    max_shard_bytes: int | None = None) -> int:
+    """The synthetic source: random bf16 weights in the released 7B key layout, `.bin` shards + index.
+
+    Args:
+      llama_layers: LLaMA-7B layers to keep (None: all 32, the full 7B model).
+      max_shard_bytes: largest shard (default: half the checkpoint, i.e. two shards like the released `-ft`).
+
+    Returns:
+      The checkpoint's size in bytes. Shards are written one at a time (`torch.save` of one shard's tensors),
+      so writing holds at most one shard in memory.
+    """
     from configs.mplug_owl_llama_7b import get_config
-    from owl_jax.checkpoint.hf_import import abstract_model
-    from owl_jax.checkpoint.layout import leaf_shapes, owl_targets, rotary_buffers
+    from owl_jax.checkpoint import write_hf_tensors
 
     cfg = get_config()
-    cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "num_layers": llama_layers}))
-    targets = owl_targets(cfg, leaf_shapes(abstract_model(cfg)[1]))
+    if llama_layers is not None:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=llama_layers))
+    tensors = source_tensors(cfg, seed)
+    total = sum(int(np.prod(shape, dtype=np.int64)) * 2 for _, shape, _, _ in tensors)
     os.makedirs(out_dir, exist_ok=True)
     hf = cfg.to_hf_config()
     hf["torch_dtype"] = "bfloat16"
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-    gen = torch.Generator().manual_seed(seed)
-    buffers = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in rotary_buffers(cfg)}
-    keys = [(t.hf_key, t.hf_shape) for t in targets] + [(k, tuple(v.shape)) for k, v in buffers.items()]
-    half = len(keys) // 2
-    weight_map, total = {}, 0
-    for shard, chunk in enumerate([keys[:half], keys[half:]]):
-        name = f"pytorch_model-{shard + 1:05d}-of-00002.bin"
-        state = {k: buffers[k] if k in buffers else
-                 (torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
-                 for k, shape in chunk}
-        torch.save(state, os.path.join(out_dir, name))
-        total += sum(v.numel() * 2 for v in state.values())
-        weight_map.update({k: name for k in state})
-        del state
-    with open(os.path.join(out_dir, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_hf_tensors(out_dir, tensors, fmt="bin", max_shard_bytes=max_shard_bytes or -(-total // 2),
+                     show_progress=False)
     return total
 
 
 def child(op: str, src: str, dst: str) -> None:
     """One measured operation, in its own process so that its peak RSS is its own."""
     import owl_jax
-    from owl_jax.checkpoint.convert import export_checkpoint, import_checkpoint
+    from owl_jax.checkpoint import export_checkpoint, import_checkpoint
 
     start = time.perf_counter()
     if op == "import":
@@ -100,7 +140,7 @@ def peak_rss() -> int:
 
 
 def idle_rss() -> int:
-    code = ("import jax, owl_jax, torch, owl_jax.checkpoint.convert, orbax.checkpoint; "
+    code = ("import jax, owl_jax, torch, owl_jax.checkpoint, orbax.checkpoint; "
             "from benchmarks.convert_benchmark import peak_rss; print(peak_rss())")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               cwd=REPO).stdout.strip())
@@ -117,7 +157,7 @@ def run(op: str, src: str, dst: str) -> dict:
 
 
 def compare_exact(src: str, exported: str) -> int:
-    from owl_jax.checkpoint.tensor_files import open_tensor_file, weight_files
+    from owl_jax.checkpoint import open_tensor_file, weight_files
 
     def load(folder):
         files, _ = weight_files(folder)
@@ -174,7 +214,7 @@ def main() -> None:
         print(f"  {label}: {r['seconds']:.1f}s", flush=True)
     checked = compare_exact(src, st) + compare_exact(src, binary)
 
-    header = f"| step | time (s) | GB/s | peak RSS (GiB) | output (GiB) | RSS − output (GiB) |"
+    header = "| step | time (s) | GB/s | peak RSS (GiB) | output (GiB) | RSS − output (GiB) |"
     print(f"\nsource {source_bytes / GiB:.2f} GiB; an idle `import jax, torch, owl_jax` process peaks at "
           f"{base / GiB:.2f} GiB; {checked} exported tensors verified bit for bit\n")
     print(header)

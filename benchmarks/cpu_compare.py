@@ -254,7 +254,7 @@ def gemm_rates(shapes, tries: int) -> dict[str, Any]:
 def host_params(cfg) -> dict:
     from flax import nnx
 
-    from owl_jax.checkpoint.native import nest
+    from owl_jax.checkpoint import nest
     from owl_jax.modeling import Owl
 
     model = Owl(cfg.replace(lora=None), rngs=nnx.Rngs(0))
@@ -268,7 +268,7 @@ def jax_runner(cfg, step: str, params: dict, batch: dict, mesh):
     import jax
     import jax.numpy as jnp
 
-    from owl_jax.checkpoint.native import flatten
+    from owl_jax.checkpoint import flatten
     from owl_jax.sharding import use_mesh
     from owl_jax.training.run import adapt_params
     from owl_jax.training.trainer import Trainer

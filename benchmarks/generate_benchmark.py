@@ -117,7 +117,7 @@ def random_model(size: str, dtype: str, scan_layers: bool = True):
     from flax import nnx
 
     from benchmarks.train_benchmark import model_config, random_leaves
-    from owl_jax.checkpoint.hf_import import abstract_model, assemble
+    from owl_jax.checkpoint import abstract_model, assemble
 
     cfg = model_config(size, dtype=dtype, param_dtype=dtype).replace(scan_layers=scan_layers)
     graphdef, abstract = abstract_model(cfg)

@@ -94,7 +94,7 @@ def random_leaves(specs: dict, seed: int, shardings: dict | None = None) -> dict
 
 def random_params(trainer, seed: int):
     """Every leaf of the stage's state, drawn on its devices in its dtype and sharding."""
-    from owl_jax.checkpoint.native import flatten, nest
+    from owl_jax.checkpoint import flatten, nest
 
     abstract = flatten(trainer.abstract_state().params)
     return nest(random_leaves(abstract, seed, {p: s.sharding for p, s in abstract.items()}))

@@ -7,8 +7,7 @@ from typing import Any
 
 import jax
 
-from owl_jax.checkpoint.convert import load_checkpoint
-from owl_jax.checkpoint.hf_import import abstract_model, assemble
+from owl_jax.checkpoint import abstract_model, assemble, load_checkpoint
 from owl_jax.config import Numerics
 from owl_jax.modeling import Owl
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from owl_jax.checkpoint.native import flatten
+from owl_jax.checkpoint import flatten
 from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
 from owl_jax.modeling import Owl
 from owl_jax.sharding import make_mesh

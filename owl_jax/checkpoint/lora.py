@@ -9,6 +9,9 @@ Two sources are accepted:
   its parent (where the Trainer's final `save_pretrained` writes it), else from `lora_alpha`, else the
   released recipe's alpha/r = 32/8 = 4 is assumed (with a warning).
 
+The adapters' keys, without peft's `base_model.model.` prefix (`PEFT_PREFIX`), are part of the key tables
+(`owl_jax.checkpoint.keys`); writing an adapter is `export.write_peft_adapter`.
+
 A merge adds `alpha/r · A B` to each Flax kernel `(in, out)` (= `W += alpha/r · B @ A` in PyTorch layout),
 computed in float32.
 """
@@ -24,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from owl_jax.checkpoint.tensor_files import CheckpointError, weight_files
+from owl_jax.checkpoint.errors import CheckpointError
+from owl_jax.checkpoint.keys import owl_linear_modules
+from owl_jax.checkpoint.streaming import KeyInventory
+from owl_jax.checkpoint.tensor_files import weight_files
 from owl_jax.config import ConfigError, LoRAConfig
-from owl_jax.modeling.hf_names import hf_module, linear_paths
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -71,8 +76,6 @@ def locate_lora(path: str, *, lora_alpha: float | None = None) -> LoRASource:
     config_path = next((p for p in (os.path.join(path, ADAPTER_CONFIG),
                                     os.path.join(os.path.dirname(os.path.abspath(path)), ADAPTER_CONFIG))
                         if os.path.isfile(p)), None)
-    from owl_jax.checkpoint.importer import KeyInventory
-
     inventory = KeyInventory.scan(files, rename=LoRASource.canonical_key)
     if not inventory.entries:
         raise CheckpointError(f"{path}: no LoRA keys (`*.lora_A.weight`, `*.lora_B.weight`) in {files}")
@@ -112,10 +115,10 @@ def lora_module_names(config: LoRAConfig, num_layers: dict[str, int]) -> list[st
     from owl_jax.modeling.linear import lora_targeted
 
     chosen = []
-    for path in linear_paths():
+    for path, hf_module in owl_linear_modules().items():
         stack = num_layers.get(path.split("/")[0]) if "/layers/" in path else None
         try:
-            if lora_targeted(config, hf_module(path), stack):
+            if lora_targeted(config, hf_module, stack):
                 chosen.append(path)
         except ValueError as e:
             raise ConfigError(str(e)) from None

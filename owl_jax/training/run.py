@@ -13,11 +13,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from owl_jax.checkpoint import native
-from owl_jax.checkpoint.hf_import import abstract_model
-from owl_jax.checkpoint.layout import leaf_shapes
-from owl_jax.checkpoint.lora import merge_lora_params
-from owl_jax.checkpoint.native import flatten, nest
+from owl_jax.checkpoint import abstract_model, flatten, leaf_shapes, merge_lora_params, nest, save_converted
 from owl_jax.config import LoRAConfig, Numerics, OwlConfig
 from owl_jax.sharding import make_mesh
 from owl_jax.training import distributed
@@ -46,7 +42,7 @@ def model_config(config: ConfigDict) -> OwlConfig:
     if m.init == "checkpoint":
         return OwlConfig.from_hf_config(m.checkpoint, **runtime)
     if m.init == "towers":
-        from owl_jax.checkpoint.towers import config_from_towers
+        from owl_jax.checkpoint import config_from_towers
 
         return config_from_towers(m.clip, m.llama, num_query_tokens=m.num_query_tokens, **runtime)
     raise ValueError(f"model.init must be random, checkpoint or towers, not {m.init!r}")
@@ -60,11 +56,11 @@ def first_params(config: ConfigDict, cfg: OwlConfig) -> dict[tuple, Any]:
         return {tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
                 for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     if m.init == "checkpoint":
-        from owl_jax.checkpoint.convert import load_checkpoint
+        from owl_jax.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(m.checkpoint, merge_lora=True, on_host=True, weights_dtype=cfg.param_dtype)
         return loaded.leaves
-    from owl_jax.checkpoint.towers import init_from_towers
+    from owl_jax.checkpoint import init_from_towers
 
     _, leaves = init_from_towers(m.clip, m.llama, num_query_tokens=m.num_query_tokens, dtype=cfg.param_dtype,
                                  seed=config.seed)
@@ -187,7 +183,7 @@ def _save_model(folder: str, params: Any, cfg: OwlConfig, tokenizer: str) -> Non
     if jax.process_count() > 1:  # multi-host: the Orbax train checkpoint is the artifact
         return
     leaves = {p: np.asarray(jax.device_get(v)) for p, v in flatten(params).items()}
-    native.save_converted(folder, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, overwrite=True)
+    save_converted(folder, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, overwrite=True)
     import shutil
 
     shutil.copy(tokenizer, os.path.join(folder, "tokenizer.model"))

@@ -23,8 +23,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from owl_jax.checkpoint.hf_import import abstract_model, assemble, flat_shardings
-from owl_jax.checkpoint.native import flatten, nest
+from owl_jax.checkpoint import abstract_model, assemble, flat_shardings, flatten, nest
 from owl_jax.config import OwlConfig
 from owl_jax import ops
 from owl_jax.ops.bits import HalfBits

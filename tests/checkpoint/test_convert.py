@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import owl_jax
-from owl_jax.checkpoint.convert import export_checkpoint, import_checkpoint
-from owl_jax.checkpoint.importer import CheckpointMismatchError
-from owl_jax.checkpoint.tensor_files import CheckpointError, UnsafeCheckpointError, open_tensor_file, weight_files
+from owl_jax.checkpoint import (CheckpointError, CheckpointMismatchError, UnsafeCheckpointError, export_checkpoint,
+                                import_checkpoint, open_tensor_file, weight_files)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 ATOL = 1e-4
 
 

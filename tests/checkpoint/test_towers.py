@@ -17,10 +17,8 @@ from safetensors.numpy import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from owl_jax.checkpoint.hf_import import abstract_model, assemble  # noqa: E402
-from owl_jax.checkpoint.importer import CheckpointMismatchError  # noqa: E402
-from owl_jax.checkpoint.layout import leaf_shapes  # noqa: E402
-from owl_jax.checkpoint.towers import config_from_towers, init_from_towers  # noqa: E402
+from owl_jax.checkpoint import (CheckpointMismatchError, abstract_model, assemble, config_from_towers,  # noqa: E402
+                                init_from_towers, leaf_shapes)
 from owl_jax.config import AbstractorConfig  # noqa: E402
 
 TOL = 1e-5
@@ -228,7 +226,7 @@ def test_cli_init_writes_a_loadable_model(towers, tmp_path):
 
     import owl_jax
 
-    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, str(repo / "convert_weights.py"), "init", str(tmp_path / "fresh"),
                              "--clip", str(towers.clip_dir), "--llama", str(towers.llama_dir),
                              "--num-query-tokens", "4", "--seed", "3"], capture_output=True, text=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from owl_jax import ops
-from owl_jax.checkpoint.native import flatten
+from owl_jax.checkpoint import flatten
 from owl_jax.config import LoRAConfig, Numerics
 from owl_jax.modeling.activations import swiglu as swiglu_of
 from owl_jax.ops.bits import HalfBits

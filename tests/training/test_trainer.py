@@ -7,7 +7,7 @@ from flax import nnx
 
 from helpers import OPTIM, assert_same_steps, one_device_mesh, run_steps, tiny_batch, tiny_config, tiny_params
 from owl_jax import ops
-from owl_jax.checkpoint.native import flatten, nest
+from owl_jax.checkpoint import flatten, nest
 from owl_jax.ops.bits import HalfBits, from_bits
 from owl_jax.config import LoRAConfig
 from owl_jax.training.run import adapt_params
@@ -52,14 +52,12 @@ def test_stage2_trains_lora_and_optionally_the_abstractor(train_abstractor):
 
 
 def test_merged_lora_equals_w_plus_scaled_ab(tmp_path):
-    from owl_jax.checkpoint import native
-    from owl_jax.checkpoint.convert import export_checkpoint
-    from owl_jax.checkpoint.tensor_files import open_tensor_file
+    from owl_jax.checkpoint import export_checkpoint, open_tensor_file, save_converted
 
     cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0))
     trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
     state, _, after, _ = run_steps(trainer, adapt_params(tiny_params(cfg), cfg, None, seed=0))
-    native.save_converted(str(tmp_path / "trained"), after, hf_config=cfg.to_hf_config(), lora=cfg.lora)
+    save_converted(str(tmp_path / "trained"), after, hf_config=cfg.to_hf_config(), lora=cfg.lora)
     export_checkpoint(str(tmp_path / "trained"), str(tmp_path / "hf"), merge_lora=True, show_progress=False)
     with open_tensor_file(str(tmp_path / "hf" / "model.safetensors")) as f:
         for layer in range(cfg.text.num_layers):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from owl_jax.ops.bits import HalfBits
-from owl_jax.checkpoint.native import flatten, nest
+from owl_jax.checkpoint import flatten, nest
 from owl_jax.config import LoRAConfig
 from owl_jax.sharding import make_mesh
 from owl_jax.training.run import adapt_params

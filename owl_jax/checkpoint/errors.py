@@ -1,0 +1,15 @@
+"""The errors of reading and writing checkpoints; each message names the file, key or shape at fault."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked: the message names the file or key and what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that holds objects other than tensors (it could run code when loaded)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's keys or shapes do not match the model the config describes."""

@@ -1,0 +1,35 @@
+"""The released abstractor's checkpoint keys: every `abstractor` parameter ↔ its tensor in mPLUG-Owl's checkpoint.
+
+The module names come from `owl_jax.modeling.abstractor.HF_MODULES` (the learned queries are the
+top-level `query_tokens`); this table only says what kind each module is.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from owl_jax.checkpoint.keys.targets import LINEAR_BIAS, NORM_BIAS, TENSOR, KeyRule, module_rules
+from owl_jax.modeling.abstractor import HF_MODULES
+
+TOWER = "abstractor"
+KINDS = {
+    "query_tokens": TENSOR,
+    "layers/norm1": NORM_BIAS,
+    "layers/normk": NORM_BIAS,
+    "layers/query": LINEAR_BIAS,
+    "layers/key": LINEAR_BIAS,
+    "layers/value": LINEAR_BIAS,
+    "layers/out_proj": LINEAR_BIAS,
+    "layers/norm2": NORM_BIAS,
+    "layers/w1": LINEAR_BIAS,
+    "layers/w2": LINEAR_BIAS,
+    "layers/w3": LINEAR_BIAS,
+    "layers/ffn_ln": NORM_BIAS,
+    "visual_fc": LINEAR_BIAS,
+    "vit_eos": TENSOR,
+}
+
+
+def rules(*, lora_modules: Sequence[str] = ()) -> list[KeyRule]:
+    """The abstractor's key table; `lora_modules` (full Flax module paths) add their adapters' keys."""
+    return module_rules(TOWER, HF_MODULES, KINDS, lora_modules=lora_modules)
