@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -133,23 +132,22 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
-# Activation constraints: active only inside `use_mesh(mesh)`, so single-device code pays nothing.
-_ACTIVE = threading.local()
-
-
+# Activation constraints: active only inside `use_mesh(mesh)` (JAX's own mesh context, `jax.set_mesh`), so
+# single-device code pays nothing.
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
-    """Make `constrain` shard activations on `mesh` while tracing inside this block."""
-    previous = getattr(_ACTIVE, "mesh", None)
-    _ACTIVE.mesh = mesh
-    try:
+    """Make `constrain` shard activations on `mesh` while tracing inside this block (None: no mesh)."""
+    if mesh is None:
+        yield None
+        return
+    with jax.set_mesh(mesh):
         yield mesh
-    finally:
-        _ACTIVE.mesh = previous
 
 
-def active_mesh() -> Mesh | None:
-    return getattr(_ACTIVE, "mesh", None)
+def active_mesh() -> Any:
+    """The mesh of the enclosing `use_mesh` block (an abstract mesh), or None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -157,4 +155,4 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh = active_mesh()
     if mesh is None or mesh.size == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes, x.shape))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
