@@ -1,88 +1,12 @@
 #!/usr/bin/env python
-"""Convert mPLUG-Owl weights between the released PyTorch (HF) layout and owl_jax.
+"""Convert mPLUG-Owl weights: `python convert_weights.py import|export|init ...`.
 
-    python convert_weights.py import HF_DIR OUT_DIR [--dtype float32|bfloat16|float16] [--lora ADAPTER] [--merge-lora]
-    python convert_weights.py export CKPT_DIR OUT_DIR [--format safetensors|bin] [--merge-lora]
-    python convert_weights.py init --clip CLIP_DIR --llama LLAMA_DIR OUT_DIR [--num-query-tokens 64]
-
-`import` writes a folder that `owl_jax.from_pretrained` and `export` accept. `export` writes the released
-layout (sharded, with an index) that the released PyTorch code loads with strict=True; LoRA parameters
-go to `OUT_DIR/adapter` as a peft adapter unless `--merge-lora`. `init` starts a fresh model (stage 1)
-from an HF CLIP vision tower and an HF LLaMA, with a randomly initialised abstractor.
+The same command as `owl-convert`; see `owl_jax/cli/convert.py`.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-import time
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    imp = sub.add_parser("import", help="HF PyTorch folder → owl_jax folder")
-    imp.add_argument("hf_dir")
-    imp.add_argument("out_dir")
-    imp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                     help="parameter dtype (default: the source's)")
-    imp.add_argument("--lora", default=None, help="peft adapter folder or trainer checkpoint to add")
-    imp.add_argument("--merge-lora", action="store_true", help="fold the adapter into the weights")
-    imp.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha when it has no adapter_config.json")
-
-    exp = sub.add_parser("export", help="owl_jax folder → HF PyTorch layout")
-    exp.add_argument("ckpt_dir")
-    exp.add_argument("out_dir")
-    exp.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
-    exp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                     help="output dtype (default: the stored one)")
-    exp.add_argument("--merge-lora", action="store_true", help="merge adapters instead of writing OUT_DIR/adapter")
-    exp.add_argument("--max-shard-size", default=None,
-                     help="largest shard, e.g. 5GB or 500MB (default: 5GB safetensors, 1GB .bin)")
-
-    init = sub.add_parser("init", help="fresh model from HF CLIP and LLaMA checkpoints")
-    init.add_argument("out_dir")
-    init.add_argument("--clip", required=True, help="HF CLIPVisionModel or CLIPModel folder")
-    init.add_argument("--llama", required=True, help="HF LlamaForCausalLM folder")
-    init.add_argument("--num-query-tokens", type=int, default=64)
-    init.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    init.add_argument("--seed", type=int, default=0, help="seed of the abstractor's random initialisation")
-
-    for sp in (imp, exp, init):
-        sp.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-        sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from owl_jax import checkpoint as convert
-    from owl_jax.checkpoint import CheckpointError, parse_size
-    from owl_jax.config import ConfigError
-
-    start = time.perf_counter()
-    progress = not args.quiet
-    try:
-        if args.command == "import":
-            out = convert.import_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, lora=args.lora,
-                                            merge_lora=args.merge_lora, lora_alpha=args.lora_alpha,
-                                            overwrite=args.overwrite, show_progress=progress)
-        elif args.command == "export":
-            out = convert.export_checkpoint(args.ckpt_dir, args.out_dir, fmt=args.format, dtype=args.dtype,
-                                            merge_lora=args.merge_lora, max_shard_bytes=args.max_shard_size and parse_size(args.max_shard_size),
-                                            overwrite=args.overwrite, show_progress=progress)
-        else:
-            out = convert.init_from_towers_checkpoint(args.clip, args.llama, args.out_dir,
-                                                      num_query_tokens=args.num_query_tokens, dtype=args.dtype,
-                                                      seed=args.seed, overwrite=args.overwrite,
-                                                      show_progress=progress)
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
-    return 0
-
+from owl_jax.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,7 +32,7 @@ floor is FLOPs divided by the best GEMM rate this script measures with jitted JA
 config-shaped matmuls (bf16 inputs with float32 accumulation); PyTorch's GEMM rates are reported beside
 it. Dropout is off on both sides unless `--dropout` (abstractor attention 0.1, LoRA 0.05).
 `--huge-pages` runs the whole comparison (both frameworks) with glibc's malloc on transparent huge pages,
-as `train.py` runs models with scanned layers (`owl_jax.host_memory`).
+as `owl-train --huge_pages` does (`owl_jax/cli/host_memory.py`).
 """
 
 from __future__ import annotations
@@ -452,7 +452,7 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="alternate owl_jax's and PyTorch's timed runs one at a time (default: all of one, then the other)")
     parser.add_argument("--huge-pages", action="store_true",
-                        help="run again with glibc's malloc on transparent huge pages, as train.py runs scanned models")
+                        help="run again with glibc's malloc on transparent huge pages, as owl-train --huge_pages does")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     torch_repeats = args.repeats if args.torch_repeats is None else args.torch_repeats
@@ -460,12 +460,11 @@ def main() -> None:
     if min(args.repeats, torch_repeats) < 1 or min(args.warmup, torch_warmup) < 0:
         parser.error("--repeats and --torch-repeats must be at least 1, --warmup and --torch-warmup at least 0")
     if args.huge_pages:
-        from owl_jax.host_memory import TUNABLE, reexec_with_huge_pages
+        from owl_jax.cli.host_memory import reexec_with_huge_pages
 
-        reexec_with_huge_pages()  # returns in the re-run process, or where huge pages do not apply
-        if TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
-            print("--huge-pages: not available here (needs Linux, glibc 2.35+, transparent huge pages on); "
-                  "running without", flush=True)
+        note = reexec_with_huge_pages()  # returns in the re-run process, or where huge pages do not apply
+        if note:
+            print(f"--huge-pages: not applied: {note}", flush=True)
 
     import jax
     import torch

@@ -10,7 +10,7 @@ left/right and counts, which flips and crops change.
 """
 
 from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
-from owl_jax.training.config import base_config, lora_config, optim_config, stage_config
+from owl_jax.training.schema import base_config, lora_config, optim_config, stage_config
 
 
 def model() -> OwlConfig:

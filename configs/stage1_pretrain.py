@@ -8,7 +8,7 @@ warmup 375, weight decay 0.01, max length 512. The model starts from an HF CLIP 
         --config.data.dir=DATA_DIR --config.mesh.fsdp=-1 --config.mesh.data=1
 """
 
-from owl_jax.training.config import base_config, optim_config, stage_config
+from owl_jax.training.schema import base_config, optim_config, stage_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ abstractor; the paper trains it (`--config.stages.stage2.train_abstractor=False`
         --config.data.dir=DATA_DIR
 """
 
-from owl_jax.training.config import base_config, lora_config, optim_config, stage_config
+from owl_jax.training.schema import base_config, lora_config, optim_config, stage_config
 
 
 def get_config():

@@ -4,8 +4,8 @@
     inputs = processor([prompt], images=[image])
     logits = model(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
 
-The names below load on first use, so importing a light submodule (`owl_jax.host_memory`, which
-`train.py` calls before JAX loads) does not import JAX.
+The names below load on first use, so importing a light submodule (`owl_jax.cli.host_memory`, which
+`owl-train --huge_pages` calls before JAX loads) does not import JAX.
 """
 
 from __future__ import annotations

@@ -2,13 +2,10 @@
 
 import importlib
 import json
-import sys
 
 import pytest
 
 from owl_jax.config import ConfigError, LoRAConfig, OwlConfig
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
 
 def test_reads_released_layout(fixture_dir):

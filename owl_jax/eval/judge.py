@@ -15,7 +15,6 @@ questions that open a conversation count as single-turn and as multi-turn).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import concurrent.futures
 import dataclasses
@@ -322,49 +321,7 @@ def format_tables(tables: dict) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--answers", nargs="+", required=True, help="answer files in the released OwlEval format")
-    p.add_argument("--owleval", required=True, help="folder with questions.jsonl and cases/")
-    p.add_argument("--judge-url", required=True, help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--judge-model", required=True, help="model name to ask for")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer key (default: $OPENAI_API_KEY)")
-    p.add_argument("--judge-sees-images", action=argparse.BooleanOptionalAction, default=True,
-                   help="send each case image as a data URL (turn off for text-only judges)")
-    p.add_argument("--out", default=None, help="write one grade row per answer here (.jsonl)")
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--retries", type=int, default=3, help="retries of a failed request")
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each time)")
-    p.add_argument("--max-tokens", type=int, default=512, help="reply length limit sent to the judge (0: none)")
-    p.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+if __name__ == "__main__":  # the same command as `owl-eval judge`
+    from owl_jax.cli.eval import judge_main
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        grades = grade_answers(args.answers, args.owleval, judge_url=args.judge_url, judge_model=args.judge_model,
-                               api_key=args.api_key, sees_images=args.judge_sees_images, concurrency=args.concurrency,
-                               timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                               max_tokens=args.max_tokens, show_progress=not args.quiet)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            for row in grades:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    failed = [g for g in grades if g["grade"] == UNPARSEABLE]
-    for g in failed[:5]:
-        print(f"no grade for {g['model_id']} question {g['question_id']}: {g['error']}", file=sys.stderr)
-    if len(failed) > 5:
-        print(f"... {len(failed) - 5} more without a grade", file=sys.stderr)
-    tables = summarize(grades)
-    print(json.dumps(tables, indent=1) if args.json else format_tables(tables))
-    return 1 if grades and len(failed) == len(grades) else 0  # nothing graded: most likely the judge is down
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(judge_main())

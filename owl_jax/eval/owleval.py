@@ -16,17 +16,15 @@ decoded with seed `seed + q`, so an answer does not depend on which other questi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
-import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 
 if TYPE_CHECKING:  # the runner imports JAX only when it answers
-    from owl_jax.inference.chat import ChatSession
+    from owl_jax.inference.session import ChatSession
     from owl_jax.inference.generate import GenerationConfig, Generator
 
 QUESTIONS_FILE = "questions.jsonl"
@@ -184,7 +182,7 @@ def answer_owleval(model: Any, processor: Any, owleval_dir: str | os.PathLike, *
     """
     from tqdm.auto import tqdm
 
-    from owl_jax.inference.chat import ChatSession
+    from owl_jax.inference.session import ChatSession
     from owl_jax.inference.generate import GenerationConfig, Generator
 
     if processor is None:
@@ -227,75 +225,7 @@ def write_answers(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model")
-    p.add_argument("--owleval", required=True, help="folder with questions.jsonl and cases/")
-    p.add_argument("--out", required=True, help="answers .jsonl to write")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (default 1 when sampling; 0 forces greedy)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; question q uses seed + q")
-    p.add_argument("--model-id", default=None, help="model_id in the output (default: the checkpoint folder's name)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions by question_id")
-    p.add_argument("--resume", action="store_true", help="keep answers already in --out and skip their questions")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--lora", default=None, help="a LoRA adapter folder to apply")
-    p.add_argument("--max-length", type=int, default=None, help="KV-cache positions per conversation")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+if __name__ == "__main__":  # the same command as `owl-eval answer`
+    from owl_jax.cli.eval import answer_main
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        print("error: --limit must be at least 1", file=sys.stderr)
-        return 2
-    try:  # fail on a bad folder before spending time on the model
-        load_questions(args.owleval, check_images=True)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    done: dict[int, dict] = {}
-    if args.resume and os.path.exists(args.out):
-        done = {row["question_id"]: row for _, row in read_jsonl(args.out) if "question_id" in row}
-        print(f"resuming: {len(done)} answers already in {args.out}", file=sys.stderr)
-
-    import owl_jax
-    from owl_jax.inference.generate import GenerationConfig
-
-    start = time.perf_counter()
-    model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, lora=args.lora,
-                                               show_progress=not args.quiet)
-    if processor is None:
-        print(f"error: {args.checkpoint} has no tokenizer.model", file=sys.stderr)
-        return 2
-    sample = args.temperature != 0 and (args.top_k > 0 or args.top_p < 1 or args.temperature is not None)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
-                              temperature=args.temperature if sample and args.temperature else 1.0,
-                              top_k=args.top_k if sample else 0, top_p=args.top_p if sample else 1.0, seed=args.seed,
-                              eos_token_id=processor.eos_token_id, bos_token_id=processor.bos_token_id,
-                              pad_token_id=processor.pad_token_id)
-    model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
-    # Rows are appended as conversations finish, so an interrupted run keeps them for --resume; the file is
-    # rewritten sorted (and without repeats) at the end.
-    with open(args.out, "a" if done else "w", encoding="utf-8") as f:
-        def append(rows: list[dict]) -> None:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-
-        rows = answer_owleval(model, processor, args.owleval, config=config, model_id=model_id,
-                              max_length=args.max_length, limit=args.limit, skip=done, on_answer=append,
-                              show_progress=not args.quiet)
-    total = len(set(done) | {r["question_id"] for r in rows})
-    write_answers(args.out, list(done.values()) + rows)
-    print(f"{len(rows)} questions answered, {total} answers in {args.out} ({time.perf_counter() - start:.1f} s)",
-          file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(answer_main())

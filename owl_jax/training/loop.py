@@ -3,6 +3,7 @@
 `run_stage` resumes from the stage's latest complete checkpoint when there is one (train state, data
 iterator position, so later losses equal those of an uninterrupted run), otherwise starts from the
 parameters `init_params()` returns. SIGTERM (preemption) or Ctrl-C saves a checkpoint before exiting.
+The caller's `hooks` (`owl_jax.training.hooks`) run at the end of each step and may request the same stop.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from owl_jax.data.pipeline import SKIP_REASONS, ExampleTransform, PipelineSpec, 
 from owl_jax.training.checkpoints import StageCheckpoints
 from owl_jax.training.evaluation import evaluate
 from owl_jax.training.flops import peak_flops, train_step_flops
+from owl_jax.training.hooks import StepInfo, TrainerHooks
 from owl_jax.training.metrics import MetricsWriter
 from owl_jax.training.trainer import Trainer
 
@@ -47,6 +49,11 @@ class _StopRequest:
         if jax.process_index() == 0:
             print(f"\nsignal {signum}: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
                   file=sys.stderr)
+
+    def request(self, signum: int) -> None:
+        """Stop at the next step boundary as if `signum` had arrived (a hook's stop request)."""
+        if self.signal is None:
+            self.signal = signum
 
     def requested(self) -> bool:
         flag = np.int32(self.signal is not None)
@@ -76,8 +83,11 @@ def _progress(total: int, start: int, name: str):
 def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir: str, tokenizer: str,
               init_params: Callable[[], Any], data_cfg: Any, checkpoint_cfg: Any, log_cfg: Any,
               config_dict: dict, seed: int, eval_paths: list[str] | None = None,
-              peak_flops_per_device: float = 0.0) -> StageResult:
-    """Train one stage to `stage.steps` optimizer steps (resuming if possible) and evaluate it."""
+              peak_flops_per_device: float = 0.0, hooks: TrainerHooks | None = None) -> StageResult:
+    """Train one stage to `stage.steps` optimizer steps (resuming if possible) and evaluate it.
+
+    `hooks.step_end` runs after each step once its checkpoint save has started (see `owl_jax.training.hooks`).
+    """
     stage_dir = os.path.join(workdir, name)
     cfg = trainer.model_cfg
     ckpt = StageCheckpoints(os.path.join(stage_dir, "checkpoints"), every=checkpoint_cfg.every,
@@ -124,6 +134,7 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
             state, metrics = trainer.train_step(state, trainer.global_batch(local))
             window_steps += 1
             done = step + 1
+            values = None
             if done % log_cfg.every == 0 or done == stage.steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - window_start
@@ -147,7 +158,9 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
                 writer.write(done, {"loss": result["loss"], "overall": result["overall"],
                                     **{f"accuracy/{g}": a for g, a in result["accuracy"].items()}}, prefix="eval")
             ckpt.save(done, state.checkpointed(), iterator.get_state(), config_dict)
-            _fault_injection(done)
+            if hooks is not None:
+                hooks.step_end(StepInfo(stage=name, step=done, total_steps=stage.steps, metrics=values,
+                                         _stop=STOP.request))
             if STOP.requested():
                 ckpt.save(done, state.checkpointed(), iterator.get_state(), config_dict, force=True)
                 ckpt.wait()
@@ -186,16 +199,6 @@ def _evaluate(trainer: Trainer, params: Any, paths: list[str], transform: Exampl
                                       transform.tokenizer_path)
     batches, examples = evaluation_rows(paths, eval_transform, batch_size=batch_size)
     return evaluate(trainer, params, batches, examples)
-
-
-def _fault_injection(step: int) -> None:
-    """For crash tests. `OWL_JAX_KILL_AT_STEP=N` SIGKILLs this process right after step N's checkpoint
-    save has started (an asynchronous save may still be in flight); `OWL_JAX_STOP_AT_STEP=N` acts as a
-    preemption notice (SIGTERM) arriving during step N."""
-    if os.environ.get("OWL_JAX_KILL_AT_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get("OWL_JAX_STOP_AT_STEP") == str(step):
-        STOP.signal = signal.SIGTERM
 
 
 def _check_skips(skipped: np.ndarray, rows: int, max_fraction: float, name: str) -> None:

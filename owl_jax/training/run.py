@@ -18,6 +18,7 @@ from owl_jax.config import LoRAConfig, Numerics, OwlConfig
 from owl_jax.sharding import make_mesh
 from owl_jax.training import distributed
 from owl_jax.training.evaluation import format_table, majority_baseline
+from owl_jax.training.hooks import TrainerHooks
 from owl_jax.training.loop import STOP, run_stage
 from owl_jax.training.trainer import Trainer
 
@@ -116,8 +117,11 @@ def prepare_synthetic(data_dir: str, syn: ConfigDict) -> None:
         multihost_utils.sync_global_devices("synthetic data prepared")
 
 
-def run(config: ConfigDict) -> dict[str, Any]:
-    """Train every stage of `config.run` in order; returns the evaluations by stage."""
+def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]:
+    """Train every stage of `config.run` in order; returns the evaluations by stage.
+
+    `hooks` run at fixed points of every stage's loop (`owl_jax.training.hooks`).
+    """
     distributed.maybe_initialize()
     STOP.install()
     workdir = os.path.abspath(config.workdir)
@@ -159,7 +163,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
         result = run_stage(name, stage, trainer, workdir=workdir, data_dir=data_dir, tokenizer=tokenizer,
                            init_params=init_params, data_cfg=config.data, checkpoint_cfg=config.checkpoint,
                            log_cfg=config.log, config_dict=json.loads(json.dumps(config.to_dict(), default=str)),
-                           seed=config.seed, eval_paths=eval_paths, peak_flops_per_device=config.peak_flops)
+                           seed=config.seed, eval_paths=eval_paths, peak_flops_per_device=config.peak_flops,
+                           hooks=hooks)
         params, previous_lora = result.params, lora
         evaluations[name] = result.evaluation
         _save_model(os.path.join(workdir, name, "model"), params, cfg, tokenizer)

@@ -12,7 +12,8 @@ from owl_jax.data.pipeline import SKIP_REASONS, ExampleTransform, PipelineSpec, 
 from owl_jax.data.prompts import SYSTEM, templated_text
 from owl_jax.data.records import Example, write_shards
 
-TOKENIZER = os.path.join(os.path.dirname(__file__), "fixtures", "mplug_owl_tiny", "tokenizer.model")
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "mplug_owl_tiny",
+                         "tokenizer.model")
 
 
 def png(color=(200, 30, 30), size=(20, 16)) -> bytes:

@@ -372,5 +372,7 @@ def test_cli(tmp_path, capsys):
     assert "prepared 2 examples (text 2)" in done.stdout and "prepare alpaca" in done.stderr  # summary, progress bar
     assert [e.turns for e in records.read_examples(records.find_shards(str(prefix)))] == [[("q", "a")], [("q2", "a2")]]
     # The failure path in-process: a second subprocess would double the test's time (importing jax).
-    assert prep.main(cmd[3:] + ["--no-progress"]) == 1
+    from owl_jax.cli.prepare import main
+
+    assert main(cmd[3:] + ["--no-progress"]) == 1
     assert "--overwrite" in capsys.readouterr().err

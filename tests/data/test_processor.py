@@ -12,7 +12,7 @@ from owl_jax.config import OwlConfig
 from owl_jax.data.processor import IMAGE_TOKEN_ID, OwlProcessor, find_tokenizer
 from owl_jax.data.prompts import IMAGE_MARKER, SYSTEM, build_prompt, count_images
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "mplug_owl_tiny")
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "mplug_owl_tiny")
 TOKENS_PER_IMAGE = 9
 
 

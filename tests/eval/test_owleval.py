@@ -16,7 +16,7 @@ from helpers import FIXTURE
 from owl_jax.data.prompts import build_prompt
 from owl_jax.eval import judge
 from owl_jax.eval.owleval import Question, answer_owleval, conversations, load_questions
-from owl_jax.inference.chat import ChatSession
+from owl_jax.inference.session import ChatSession
 from owl_jax.inference.generate import GenerationConfig, Generator
 
 # (question_id, image, question, ability, category): one conversation of three turns on 2.png, one of two on

@@ -11,7 +11,7 @@ from PIL import Image
 
 import owl_jax
 from helpers import FIXTURE, load_fixture_model
-from owl_jax.inference.chat import ChatSession
+from owl_jax.inference.session import ChatSession
 from owl_jax.inference.generate import GenerationConfig, Generator, banned_ngram_tokens, round_up
 from owl_jax.sharding import make_mesh
 
@@ -263,8 +263,8 @@ def _chat(folder, *args, stdin=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "owl_jax.chat", "--checkpoint", str(folder), "--max-new-tokens", "6",
-                           *args], input=stdin, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "owl_jax.cli.chat", "--checkpoint", str(folder),
+                           "--max-new-tokens", "6", *args], input=stdin, capture_output=True, text=True, timeout=300)
 
 
 def test_chat_cli_one_shot_and_repl(model_and_processor, tmp_path):

@@ -1,4 +1,7 @@
-"""Whole `train.py` runs in subprocesses: crash and resume, preemption, two processes through jax.distributed."""
+"""Whole training runs in subprocesses: crash and resume, preemption, two processes through jax.distributed.
+
+Runs start `train.py`, or `faulty_train.py` (the same run with hooks that crash it or request a stop at a step).
+"""
 
 import json
 import os
@@ -11,22 +14,21 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "tests" / "configs" / "tiny_train.py"
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "tiny_config.py"
+FAULTY = HERE / "faulty_train.py"
 STEPS = 24
 
 
-def train_cmd(workdir, *overrides):
-    return [sys.executable, str(REPO / "train.py"), f"--config={CONFIG}", f"--config.workdir={workdir}",
+def train_cmd(workdir, *overrides, script=REPO / "train.py"):
+    return [sys.executable, str(script), f"--config={CONFIG}", f"--config.workdir={workdir}",
             "--config.run=stage1", "--config.data.eval=()", f"--config.stages.stage1.steps={STEPS}", *overrides]
 
 
 def env(devices: int = 1, **extra) -> dict:
-    e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
-    e.pop("OWL_JAX_KILL_AT_STEP", None)
-    e.pop("OWL_JAX_STOP_AT_STEP", None)
-    e.update(extra)
-    return e
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                **extra)
 
 
 def losses(workdir, stage="stage1") -> dict[int, float]:
@@ -72,7 +74,8 @@ def reference(data_dir, cache, tmp_path_factory):
 
 def test_kill_9_mid_run_resumes_to_identical_losses(data_dir, reference, cache, tmp_path):
     args = train_cmd(tmp_path, f"--config.data.dir={data_dir}")
-    crashed = subprocess.run(args, env=env(OWL_JAX_KILL_AT_STEP="4", **cache), capture_output=True)
+    crashed = subprocess.run(train_cmd(tmp_path, f"--config.data.dir={data_dir}", "--kill_at_step=4", script=FAULTY),
+                             env=env(**cache), capture_output=True)
     assert crashed.returncode == -signal.SIGKILL
     # the save of step 4 was started asynchronously just before the kill: step 2 is complete, 4 may be
     # (Orbax also keeps the run's first step)
@@ -116,9 +119,10 @@ def test_two_processes_match_one(data_dir, reference, cache, tmp_path):
         port = _free_port()
         # No periodic saves (every 2 steps in the tiny config): each costs both processes a synchronised
         # checkpoint, a third of this test's time; the preemption saves still happen.
-        procs = [subprocess.Popen(train_cmd(multi, f"--config.data.dir={data_dir}", "--config.checkpoint.every=1000"),
+        procs = [subprocess.Popen(train_cmd(multi, f"--config.data.dir={data_dir}", "--config.checkpoint.every=1000",
+                                            f"--stop_at_step={stop}", script=FAULTY),
                                   env=env(devices=2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                          JAX_PROCESS_ID=str(i), OWL_JAX_STOP_AT_STEP=str(stop), **cache),
+                                          JAX_PROCESS_ID=str(i), **cache),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
         for p in procs:
             _, err = p.communicate(timeout=300)

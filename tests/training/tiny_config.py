@@ -1,7 +1,7 @@
 """A seconds-long two-stage run for tests: a tiny random model on a little generated data."""
 
 from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
-from owl_jax.training.config import base_config, lora_config, optim_config, stage_config
+from owl_jax.training.schema import base_config, lora_config, optim_config, stage_config
 
 
 def get_config():

@@ -1,4 +1,6 @@
-"""Command-line chat: `python -m owl_jax.chat --checkpoint DIR [--image a.jpg ...] [--prompt "..."]`.
+"""`owl-chat`: chat with a checkpoint in the terminal.
+
+    owl-chat --checkpoint DIR [--image a.jpg ...] [--prompt "..."]
 
 Without `--prompt` it is an interactive session (answers stream in as they are decoded; the KV cache is
 kept between turns). Commands: `/image PATH` attaches an image to the next question, `/reset` starts a new
@@ -12,7 +14,8 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="owl-chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model")
     p.add_argument("--image", action="append", default=[], help="image for the first question (repeatable)")
     p.add_argument("--prompt", default=None, help="answer this one question and exit")
@@ -29,9 +32,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Load the checkpoint and chat (or answer `--prompt` once); returns the exit status."""
     args = _parser().parse_args(argv)
     import owl_jax
-    from owl_jax.inference.chat import ChatSession
+    from owl_jax.inference.session import ChatSession
     from owl_jax.inference.generate import GenerationConfig, Generator
 
     model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)

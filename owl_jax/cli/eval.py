@@ -1,0 +1,161 @@
+"""`owl-eval`: OwlEval with a checkpoint, in two steps.
+
+    owl-eval answer --checkpoint DIR --owleval OWLEVAL_DIR --out answers.jsonl [--resume] ...
+    owl-eval judge --answers A.jsonl [B.jsonl ...] --owleval OWLEVAL_DIR --judge-url URL --judge-model NAME ...
+
+`answer` writes the released answer format (`owl_jax.eval.owleval`); `judge` grades answer files A-D with a
+judge model behind an OpenAI-compatible endpoint (`owl_jax.eval.judge`). `python -m owl_jax.eval.owleval` and
+`python -m owl_jax.eval.judge` are the same two commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from owl_jax.eval import judge, owleval
+from owl_jax.eval.judge import UNPARSEABLE, format_tables, grade_answers, summarize
+from owl_jax.eval.owleval import answer_owleval, load_questions, read_jsonl, write_answers
+
+
+def _answer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model")
+    p.add_argument("--owleval", required=True, help="folder with questions.jsonl and cases/")
+    p.add_argument("--out", required=True, help="answers .jsonl to write")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default 1 when sampling; 0 forces greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; question q uses seed + q")
+    p.add_argument("--model-id", default=None, help="model_id in the output (default: the checkpoint folder's name)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions by question_id")
+    p.add_argument("--resume", action="store_true", help="keep answers already in --out and skip their questions")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--lora", default=None, help="a LoRA adapter folder to apply")
+    p.add_argument("--max-length", type=int, default=None, help="KV-cache positions per conversation")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _answer(args: argparse.Namespace) -> int:
+    """Answer the questions, appending each conversation's rows as it finishes; returns the exit status."""
+    if args.limit is not None and args.limit < 1:
+        print("error: --limit must be at least 1", file=sys.stderr)
+        return 2
+    try:  # fail on a bad folder before spending time on the model
+        load_questions(args.owleval, check_images=True)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    done: dict[int, dict] = {}
+    if args.resume and os.path.exists(args.out):
+        done = {row["question_id"]: row for _, row in read_jsonl(args.out) if "question_id" in row}
+        print(f"resuming: {len(done)} answers already in {args.out}", file=sys.stderr)
+
+    import owl_jax
+    from owl_jax.inference.generate import GenerationConfig
+
+    start = time.perf_counter()
+    model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, lora=args.lora,
+                                               show_progress=not args.quiet)
+    if processor is None:
+        print(f"error: {args.checkpoint} has no tokenizer.model", file=sys.stderr)
+        return 2
+    sample = args.temperature != 0 and (args.top_k > 0 or args.top_p < 1 or args.temperature is not None)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
+                              temperature=args.temperature if sample and args.temperature else 1.0,
+                              top_k=args.top_k if sample else 0, top_p=args.top_p if sample else 1.0, seed=args.seed,
+                              eos_token_id=processor.eos_token_id, bos_token_id=processor.bos_token_id,
+                              pad_token_id=processor.pad_token_id)
+    model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
+    # Rows are appended as conversations finish, so an interrupted run keeps them for --resume; the file is
+    # rewritten sorted (and without repeats) at the end.
+    with open(args.out, "a" if done else "w", encoding="utf-8") as f:
+        def append(rows: list[dict]) -> None:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+
+        rows = answer_owleval(model, processor, args.owleval, config=config, model_id=model_id,
+                              max_length=args.max_length, limit=args.limit, skip=done, on_answer=append,
+                              show_progress=not args.quiet)
+    total = len(set(done) | {r["question_id"] for r in rows})
+    write_answers(args.out, list(done.values()) + rows)
+    print(f"{len(rows)} questions answered, {total} answers in {args.out} ({time.perf_counter() - start:.1f} s)",
+          file=sys.stderr)
+    return 0
+
+
+def _judge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--answers", nargs="+", required=True, help="answer files in the released OwlEval format")
+    p.add_argument("--owleval", required=True, help="folder with questions.jsonl and cases/")
+    p.add_argument("--judge-url", required=True, help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--judge-model", required=True, help="model name to ask for")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer key (default: $OPENAI_API_KEY)")
+    p.add_argument("--judge-sees-images", action=argparse.BooleanOptionalAction, default=True,
+                   help="send each case image as a data URL (turn off for text-only judges)")
+    p.add_argument("--out", default=None, help="write one grade row per answer here (.jsonl)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=3, help="retries of a failed request")
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each time)")
+    p.add_argument("--max-tokens", type=int, default=512, help="reply length limit sent to the judge (0: none)")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _judge(args: argparse.Namespace) -> int:
+    """Grade the answer files and print the tables; returns the exit status (1: nothing could be graded)."""
+    try:
+        grades = grade_answers(args.answers, args.owleval, judge_url=args.judge_url, judge_model=args.judge_model,
+                               api_key=args.api_key, sees_images=args.judge_sees_images, concurrency=args.concurrency,
+                               timeout=args.timeout, retries=args.retries, backoff=args.backoff,
+                               max_tokens=args.max_tokens, show_progress=not args.quiet)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for row in grades:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    failed = [g for g in grades if g["grade"] == UNPARSEABLE]
+    for g in failed[:5]:
+        print(f"no grade for {g['model_id']} question {g['question_id']}: {g['error']}", file=sys.stderr)
+    if len(failed) > 5:
+        print(f"... {len(failed) - 5} more without a grade", file=sys.stderr)
+    tables = summarize(grades)
+    print(json.dumps(tables, indent=1) if args.json else format_tables(tables))
+    return 1 if grades and len(failed) == len(grades) else 0  # nothing graded: most likely the judge is down
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="owl-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, module, add_arguments in (("answer", owleval, _answer_arguments), ("judge", judge, _judge_arguments)):
+        add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`owl-eval answer|judge ...`; returns the exit status."""
+    args = _parser().parse_args(argv)
+    return _answer(args) if args.command == "answer" else _judge(args)
+
+
+def answer_main(argv: list[str] | None = None) -> int:
+    """`owl-eval answer` with `argv` (default: this process's arguments)."""
+    return main(["answer", *(sys.argv[1:] if argv is None else argv)])
+
+
+def judge_main(argv: list[str] | None = None) -> int:
+    """`owl-eval judge` with `argv` (default: this process's arguments)."""
+    return main(["judge", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
