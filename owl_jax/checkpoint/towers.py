@@ -23,8 +23,8 @@ from owl_jax.checkpoint.keys import clip, hf_llama
 from owl_jax.checkpoint.leaves import Path, abstract_model, leaf_shapes
 from owl_jax.checkpoint.streaming import KeyInventory, check_keys, keep_on_host, stream_leaves
 from owl_jax.checkpoint.tensor_files import weight_files
-from owl_jax.config import (AbstractorConfig, ConfigError, OwlConfig, VisionConfig, _read_json_source,
-                            text_config_from_hf, vision_config_from_hf)
+from owl_jax.config import AbstractorConfig, ConfigError, OwlConfig, VisionConfig
+from owl_jax.hf_config import read_json_source, text_config_from_hf, vision_config_from_hf
 from owl_jax.modeling.abstractor import Abstractor
 
 # HF `CLIPVisionConfig` defaults: a CLIP config.json may omit any field equal to them, and they differ
@@ -35,7 +35,7 @@ _CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden
 
 def clip_vision_config(source: Any) -> VisionConfig:
     """The ViT config of a CLIP folder / config.json / dict (`CLIPModel`: nested `vision_config`; `CLIPVisionModel`: flat)."""
-    d = _read_json_source(source)
+    d = read_json_source(source)
     if d.get("model_type") not in (None, "clip", "clip_vision_model"):
         raise ConfigError(f"{source}: model_type {d.get('model_type')!r} is not a CLIP model (expected 'clip' or "
                           f"'clip_vision_model')")
@@ -70,7 +70,7 @@ def config_from_towers(clip_dir: Any, llama_dir: Any, *, abstractor: AbstractorC
     `abstractor` defaults to `default_abstractor(vision hidden size)`; `runtime` sets the run-time fields.
     """
     vision = clip_vision_config(clip_dir)
-    tc = _read_json_source(llama_dir)
+    tc = read_json_source(llama_dir)
     if tc.get("model_type", "llama") != "llama":
         raise ConfigError(f"{llama_dir}: model_type {tc.get('model_type')!r}; only LLaMA language models are supported")
     cfg = OwlConfig(vision=vision, abstractor=abstractor or default_abstractor(vision.hidden_size),

@@ -12,7 +12,8 @@ from PIL import Image
 import owl_jax
 from helpers import FIXTURE, load_fixture_model
 from owl_jax.inference.session import ChatSession
-from owl_jax.inference.generate import GenerationConfig, Generator, banned_ngram_tokens, round_up
+from owl_jax.inference.generate import GenerationConfig, Generator, round_up
+from owl_jax.inference.sampling import banned_ngram_tokens
 from owl_jax.sharding import make_mesh
 
 GREEDY = GenerationConfig(max_new_tokens=12, min_new_tokens=12)  # the fixture's generate() call
