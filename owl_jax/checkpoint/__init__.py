@@ -28,20 +28,65 @@ from owl_jax.checkpoint.converted import is_converted, load_converted_leaves, sa
 from owl_jax.checkpoint.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 from owl_jax.checkpoint.export import export_checkpoint, export_hf, write_peft_adapter
 from owl_jax.checkpoint.keys import owl_targets, rotary_buffers
-from owl_jax.checkpoint.leaves import (Path, PendingLeaf, abstract_model, assemble, flat_shardings, flatten,
-                                       host_leaves, leaf_shapes, nest)
+from owl_jax.checkpoint.leaves import (
+    Path,
+    PendingLeaf,
+    abstract_model,
+    assemble,
+    flat_shardings,
+    flatten,
+    host_leaves,
+    leaf_shapes,
+    nest,
+)
 from owl_jax.checkpoint.load import LoadedCheckpoint, import_checkpoint, load_checkpoint, open_checkpoint
 from owl_jax.checkpoint.lora import LoRASource, locate_lora, merge_lora, merge_lora_params
-from owl_jax.checkpoint.tensor_files import open_tensor_file, parse_size, weight_files, write_hf_tensors
-from owl_jax.checkpoint.towers import (clip_vision_config, config_from_towers, default_abstractor, init_from_towers,
-                                       init_from_towers_checkpoint)
+from owl_jax.checkpoint.tensor_files import open_tensor_file, weight_files
+from owl_jax.checkpoint.tensor_writer import parse_size, write_hf_tensors
+from owl_jax.checkpoint.towers import (
+    clip_vision_config,
+    config_from_towers,
+    default_abstractor,
+    init_from_towers,
+    init_from_towers_checkpoint,
+)
 
 __all__ = [
-    "CheckpointError", "CheckpointMismatchError", "LoRASource", "LoadedCheckpoint", "Path", "PendingLeaf",
-    "UnsafeCheckpointError", "abstract_model", "assemble", "clip_vision_config", "config_from_towers",
-    "default_abstractor", "export_checkpoint", "export_hf", "flat_shardings", "flatten", "host_leaves",
-    "import_checkpoint", "init_from_towers", "init_from_towers_checkpoint", "is_converted", "leaf_shapes",
-    "load_checkpoint", "load_converted_leaves", "locate_lora", "merge_lora", "merge_lora_params", "nest",
-    "open_checkpoint", "open_tensor_file", "owl_targets", "parse_size", "rotary_buffers", "save_converted",
-    "weight_files", "write_hf_tensors", "write_peft_adapter",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "LoRASource",
+    "LoadedCheckpoint",
+    "Path",
+    "PendingLeaf",
+    "UnsafeCheckpointError",
+    "abstract_model",
+    "assemble",
+    "clip_vision_config",
+    "config_from_towers",
+    "default_abstractor",
+    "export_checkpoint",
+    "export_hf",
+    "flat_shardings",
+    "flatten",
+    "host_leaves",
+    "import_checkpoint",
+    "init_from_towers",
+    "init_from_towers_checkpoint",
+    "is_converted",
+    "leaf_shapes",
+    "load_checkpoint",
+    "load_converted_leaves",
+    "locate_lora",
+    "merge_lora",
+    "merge_lora_params",
+    "nest",
+    "open_checkpoint",
+    "open_tensor_file",
+    "owl_targets",
+    "parse_size",
+    "rotary_buffers",
+    "save_converted",
+    "weight_files",
+    "write_hf_tensors",
+    "write_peft_adapter",
 ]

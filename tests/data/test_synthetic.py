@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from owl_jax.data import synthetic as S
-from owl_jax.data.prompts import SYSTEM
+from owl_jax.data import synthetic_scenes as scenes
+from owl_jax.data.prompts import SYSTEM, templated_text
 
 SMALL = dict(n_captions=12, n_multimodal=24, n_text=8, n_eval_per_type=6)
 FILES = ("captions.jsonl", "instruct_multimodal.jsonl", "instruct_text.jsonl", "eval.jsonl")
@@ -29,9 +30,9 @@ def _colors_present(image: Image.Image) -> set:
     shape = pixels[pixels.min(axis=1) < 150]
     if not len(shape):
         return set()
-    palette = np.array(list(S.COLORS.values()))
+    palette = np.array(list(scenes.COLORS.values()))
     nearest = np.argmin(((shape[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
-    names = list(S.COLORS)
+    names = list(scenes.COLORS)
     return {names[i] for i, n in enumerate(np.bincount(nearest, minlength=len(names))) if n >= 30}
 
 
@@ -55,7 +56,7 @@ def test_files_parse_and_images_have_the_right_size(dataset, tmp_path):
     multimodal = S.read_jsonl(dataset.instruct_multimodal)
     text = S.read_jsonl(dataset.instruct_text)
     evaluation = S.read_jsonl(dataset.eval)
-    assert (len(multimodal), len(text), len(evaluation)) == (24, 8, 6 * len(S.QUESTION_TYPES))
+    assert (len(multimodal), len(text), len(evaluation)) == (24, 8, 6 * len(scenes.QUESTION_TYPES))
     for row in multimodal:
         assert set(row) == {"image", "text", "task_type"} and row["task_type"] == "llava_sft"
         turns, num_images = S.parse_templated_text(row["text"])
@@ -76,46 +77,48 @@ def test_files_parse_and_images_have_the_right_size(dataset, tmp_path):
 
 
 def test_templated_text_layout():
-    text = S.templated_text([("What colour is the shape?", "red"), ("What shape is it?", "circle")], 1)
-    assert text == (SYSTEM + "\nHuman: <image>\nHuman: What colour is the shape?\nAI: red"
-                    "\nHuman: What shape is it?\nAI: circle")
-    assert S.templated_text([("Q?", "A")], 0) == SYSTEM + "\nHuman: Q?\nAI: A"
+    text = templated_text([("What colour is the shape?", "red"), ("What shape is it?", "circle")], 1)
+    assert text == (
+        SYSTEM + "\nHuman: <image>\nHuman: What colour is the shape?\nAI: red\nHuman: What shape is it?\nAI: circle"
+    )
+    assert templated_text([("Q?", "A")], 0) == SYSTEM + "\nHuman: Q?\nAI: A"
     assert S.parse_templated_text(text) == ([("What colour is the shape?", "red"), ("What shape is it?", "circle")], 1)
     with pytest.raises(ValueError):
-        S.templated_text([("Q?", None)], 0)
+        templated_text([("Q?", None)], 0)
 
 
 def test_answers_match_the_drawn_scene():
     rng = random.Random(7)
     for _ in range(20):
-        item = S.sample_item(rng, "color")
+        item = scenes.sample_item(rng, "color")
         (shape,) = item.scenes[0].shapes
-        pixel = np.asarray(S.render(item.scenes[0]), np.int32)[shape.center[1], shape.center[0]]
-        palette = {name: np.sum((pixel - np.array(rgb)) ** 2) for name, rgb in S.COLORS.items()}
+        pixel = np.asarray(scenes.render(item.scenes[0]), np.int32)[shape.center[1], shape.center[0]]
+        palette = {name: np.sum((pixel - np.array(rgb)) ** 2) for name, rgb in scenes.COLORS.items()}
         assert min(palette, key=palette.get) == item.answers[0] == shape.color
     for _ in range(20):
-        item = S.sample_item(rng, "count")
+        item = scenes.sample_item(rng, "count")
         shapes = item.scenes[0].shapes
-        assert S.NUMBER_WORDS[len(shapes) - 1] == item.answers[0]
+        assert scenes.NUMBER_WORDS[len(shapes) - 1] == item.answers[0]
         assert len({(s.kind, s.color) for s in shapes}) == 1
         for a in shapes:  # non-overlapping boxes
             for b in shapes:
                 if a is not b:
-                    assert a.x0 + a.size <= b.x0 or b.x0 + b.size <= a.x0 or a.y0 + a.size <= b.y0 \
-                        or b.y0 + b.size <= a.y0
+                    assert (
+                        a.x0 + a.size <= b.x0 or b.x0 + b.size <= a.x0 or a.y0 + a.size <= b.y0 or b.y0 + b.size <= a.y0
+                    )
     for _ in range(20):
-        item = S.sample_item(rng, "position")
+        item = scenes.sample_item(rng, "position")
         (shape,) = item.scenes[0].shapes
         half = item.scenes[0].image_size // 2
         assert (shape.x0 + shape.size <= half) if item.answers[0] == "left" else (shape.x0 >= half)
     for _ in range(20):
-        item = S.sample_item(rng, "multi_turn")
+        item = scenes.sample_item(rng, "multi_turn")
         (shape,) = item.scenes[0].shapes
-        assert item.answers == (shape.color, shape.kind) and shape.kind in S.SHAPES
+        assert item.answers == (shape.color, shape.kind) and shape.kind in scenes.SHAPES
     for _ in range(10):
-        relation, word, answer = S.TEXT_FACTS[rng.randrange(len(S.TEXT_FACTS))]
+        relation, word, answer = scenes.TEXT_FACTS[rng.randrange(len(scenes.TEXT_FACTS))]
         if relation == "after":
-            assert S.NUMBER_WORDS.index(answer) == S.NUMBER_WORDS.index(word) + 1
+            assert scenes.NUMBER_WORDS.index(answer) == scenes.NUMBER_WORDS.index(word) + 1
 
 
 def test_written_files_agree_with_pixels(dataset):
@@ -123,17 +126,17 @@ def test_written_files_agree_with_pixels(dataset):
         turns, _ = S.parse_templated_text(row["text"])
         images = [Image.open(f"{dataset.root}/{p}") for p in row["image"]] if "image" in row else []
         question, answer = turns[0]
-        if any(question == q for q in S.QUESTIONS["color"]) and len(images) == 1:
+        if any(question == q for q in scenes.QUESTIONS["color"]) and len(images) == 1:
             assert _colors_present(images[0]) == {answer}
         elif "first or" in question:
-            asked = next(c for c in S.COLORS if f" {c} " in question)
+            asked = next(c for c in scenes.COLORS if f" {c} " in question)
             present = [asked in _colors_present(im) for im in images]
             assert present == [answer == "first", answer == "second"]
 
 
 def test_eval_is_held_out_and_covers_every_type(dataset):
     evaluation = S.read_jsonl(dataset.eval)
-    assert {row["question_type"] for row in evaluation} == set(S.QUESTION_TYPES) == set(dataset.question_types)
+    assert {row["question_type"] for row in evaluation} == set(scenes.QUESTION_TYPES) == set(dataset.question_types)
     train = S.read_jsonl(dataset.instruct_multimodal)
     train_paths = {p for r in train for p in r["image"]} | {c["image"] for c in S.read_jsonl(dataset.captions)}
     pixels = lambda rel: Image.open(f"{dataset.root}/{rel}").tobytes()  # noqa: E731
@@ -143,8 +146,8 @@ def test_eval_is_held_out_and_covers_every_type(dataset):
             assert rel not in train_paths and pixels(rel) not in train_pixels
     # The multimodal mixture spreads over every visual type.
     asked = [S.parse_templated_text(r["text"])[0][0][0] for r in train]
-    assert set(S.MULTIMODAL_MIX) == set(S.VISUAL_TYPES)
-    slots = [S.MULTIMODAL_MIX[i % len(S.MULTIMODAL_MIX)] for i in range(len(train))]
+    assert set(scenes.MULTIMODAL_MIX) == set(scenes.VISUAL_TYPES)
+    slots = [scenes.MULTIMODAL_MIX[i % len(scenes.MULTIMODAL_MIX)] for i in range(len(train))]
     assert sum("first or" in q for q in asked) == slots.count("two_image")
     assert sum(len(S.parse_templated_text(r["text"])[0]) == 2 for r in train) == slots.count("multi_turn")
 
@@ -152,12 +155,19 @@ def test_eval_is_held_out_and_covers_every_type(dataset):
 def test_majority_baseline():
     def row(question_type, *answers):
         turns = [(f"q{i}?", a) for i, a in enumerate(answers)]
-        return {"question_type": question_type, "text": S.templated_text(turns, 1), "image": ["images/x.png"]}
+        return {"question_type": question_type, "text": templated_text(turns, 1), "image": ["images/x.png"]}
 
-    items = [row("color", "red"), row("color", "red"), row("color", "blue"), row("color", "green"),
-             row("multi_turn", "red", "circle"), row("multi_turn", "red", "square"),
-             row("multi_turn", "red", "circle"), row("text", "down")]
+    items = [
+        row("color", "red"),
+        row("color", "red"),
+        row("color", "blue"),
+        row("color", "green"),
+        row("multi_turn", "red", "circle"),
+        row("multi_turn", "red", "square"),
+        row("multi_turn", "red", "circle"),
+        row("text", "down"),
+    ]
     assert S.majority_baseline(items) == {"color": 0.5, "multi_turn": 2 / 3, "text": 1.0}
     assert S.majority_baseline(json.loads(json.dumps(i)) for i in items[:2]) == {"color": 1.0}
-    as_items = [S.Item("count", [("How many?", "two")]), S.Item("count", [("How many?", "one")])]
+    as_items = [scenes.Item("count", [("How many?", "two")]), scenes.Item("count", [("How many?", "one")])]
     assert S.majority_baseline(as_items) == {"count": 0.5}
