@@ -13,13 +13,15 @@ import collections
 import glob
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 CLASSES = (  # first match wins; names are CUDA kernel names or XLA op names
     ("matmul", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|cublas|matmul|dot|ynn_fusion|wgmma|sm90_", re.I)),
     ("attention", re.compile(r"cudnn|fmha|flash|attention|splash", re.I)),
-    ("copy / slice / update", re.compile(r"copy|memcpy|memset|dynamic[-_]update|dynamic[-_]slice|transpose|concat",
-                                         re.I)),
+    (
+        "copy / slice / update",
+        re.compile(r"copy|memcpy|memset|dynamic[-_]update|dynamic[-_]slice|transpose|concat", re.I),
+    ),
     ("reduce fusion", re.compile(r"reduce|reduction", re.I)),
     ("other fusion", re.compile(r"fusion|loop_|input_|triton", re.I)),
 )
@@ -70,8 +72,13 @@ def device_events(path: str) -> tuple[str, list]:
                 return plane.name, events
     for plane in data.planes:
         if plane.name == "/host:CPU":
-            events = [e for line in plane.lines if line.name.startswith("tf_XLA") for e in line.events
-                      if e.duration_ns > 0 and not e.name.startswith(("ThreadpoolListener", "ThunkExecutor"))]
+            events = [
+                e
+                for line in plane.lines
+                if line.name.startswith("tf_XLA")
+                for e in line.events
+                if e.duration_ns > 0 and not e.name.startswith(("ThreadpoolListener", "ThunkExecutor"))
+            ]
             return plane.name, events
     return "none", []
 
@@ -88,10 +95,14 @@ def summarize(trace_dir: str, steps: int, top: int = 25) -> str:
     span = max(e.end_ns for e in events) - min(e.start_ns for e in events)
     busy = _union_ns([(int(e.start_ns), int(e.end_ns)) for e in events])
     total = sum(e.duration_ns for e in events)
-    out = [f"trace {paths[-1]} ({where}), {steps} step(s): {len(events) / steps:.0f} kernels/step, "
-           f"kernel time {per_step(total):.2f} ms/step, device busy {per_step(busy):.2f} ms/step "
-           f"of a {per_step(span):.2f} ms/step window ({100 * busy / max(span, 1):.0f}%)", "",
-           "| class | ms/step | share | kernels/step |", "|---|---:|---:|---:|"]
+    out = [
+        f"trace {paths[-1]} ({where}), {steps} step(s): {len(events) / steps:.0f} kernels/step, "
+        f"kernel time {per_step(total):.2f} ms/step, device busy {per_step(busy):.2f} ms/step "
+        f"of a {per_step(span):.2f} ms/step window ({100 * busy / max(span, 1):.0f}%)",
+        "",
+        "| class | ms/step | share | kernels/step |",
+        "|---|---:|---:|---:|",
+    ]
     by_class: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     by_name: dict[str, list] = collections.defaultdict(lambda: [0.0, 0, ""])
     for e in events:
@@ -105,8 +116,13 @@ def summarize(trace_dir: str, steps: int, top: int = 25) -> str:
         entry[2] = entry[2] or str(_stat(e, "hlo_op") or "")
     for cls, (ns, n) in sorted(by_class.items(), key=lambda kv: -kv[1][0]):
         out.append(f"| {cls} | {per_step(ns):.3f} | {100 * ns / total:.1f}% | {n / steps:.0f} |")
-    out += ["", f"top {top} kernels by time:", "", "| kernel | ms/step | calls/step | mean us | an HLO op |",
-            "|---|---:|---:|---:|---|"]
+    out += [
+        "",
+        f"top {top} kernels by time:",
+        "",
+        "| kernel | ms/step | calls/step | mean us | an HLO op |",
+        "|---|---:|---:|---:|---|",
+    ]
     for name, (ns, n, op) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         out.append(f"| {name[:90]} | {per_step(ns):.3f} | {n / steps:.0f} | {ns / n / 1e3:.1f} | {op[:40]} |")
     return "\n".join(out)

@@ -45,7 +45,7 @@ class AbstractorLayer(nn.Module):
         if sdpa:
             ctx = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=p)
         else:
-            probs = torch.softmax((qh @ kh.transpose(-1, -2)) * hd ** -0.5, dim=-1, dtype=torch.float32).to(vh.dtype)
+            probs = torch.softmax((qh @ kh.transpose(-1, -2)) * hd**-0.5, dim=-1, dtype=torch.float32).to(vh.dtype)
             ctx = F.dropout(probs, p) @ vh
         h = q + self.out_proj(ctx.transpose(1, 2).reshape(n, nq, d))
         m = self.norm2(h)
@@ -60,8 +60,11 @@ class Abstractor(nn.Module):
         a = cfg.abstractor
         self.query_tokens = nn.Parameter(0.02 * torch.randn(1, cfg.num_query_tokens, a.hidden_size))
         self.layers = nn.ModuleList(
-            AbstractorLayer(a.hidden_size, a.encoder_hidden_size, a.intermediate_size, a.num_heads, a.layer_norm_eps,
-                            attn_dropout) for _ in range(a.num_layers))
+            AbstractorLayer(
+                a.hidden_size, a.encoder_hidden_size, a.intermediate_size, a.num_heads, a.layer_norm_eps, attn_dropout
+            )
+            for _ in range(a.num_layers)
+        )
         self.visual_fc = nn.Linear(a.hidden_size, cfg.text.hidden_size)
         self.vit_eos = nn.Parameter(0.02 * torch.randn(1, 1, cfg.text.hidden_size))
         self.sdpa = True
@@ -84,26 +87,49 @@ class TorchOwl(nn.Module):
 
         torch.manual_seed(seed)
         v, t = cfg.vision, cfg.text
-        vcfg = CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                                num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-                                image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
-                                layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act, attention_dropout=0.0)
+        vcfg = CLIPVisionConfig(
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            num_channels=v.num_channels,
+            layer_norm_eps=v.layer_norm_eps,
+            hidden_act=v.hidden_act,
+            attention_dropout=0.0,
+        )
         self.vision = CLIPVisionModel._from_config(vcfg, attn_implementation=attn_implementation)
         self.abstractor = Abstractor(cfg, cfg.abstractor.attention_dropout if dropout else 0.0)
         self.abstractor.sdpa = attn_implementation == "sdpa"
-        tcfg = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                           num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-                           num_key_value_heads=t.num_kv_heads, rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
-                           max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=False,
-                           use_cache=False)
+        tcfg = LlamaConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            rms_norm_eps=t.rms_norm_eps,
+            rope_theta=t.rope_theta,
+            max_position_embeddings=t.max_position_embeddings,
+            tie_word_embeddings=False,
+            use_cache=False,
+        )
         llm = LlamaForCausalLM._from_config(tcfg, attn_implementation=attn_implementation)
         if lora:
             from peft import LoraConfig, get_peft_model
 
             assert cfg.lora is not None
-            llm = get_peft_model(llm, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                                                 lora_dropout=cfg.lora.dropout if dropout else 0.0,
-                                                 target_modules=["q_proj", "v_proj"], bias="none"))
+            llm = get_peft_model(
+                llm,
+                LoraConfig(
+                    r=cfg.lora.rank,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout if dropout else 0.0,
+                    target_modules=["q_proj", "v_proj"],
+                    bias="none",
+                ),
+            )
         self.llm = llm
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -111,8 +137,14 @@ class TorchOwl(nn.Module):
         hidden = vm(pixel_values=pixel_values).last_hidden_state
         return vm.post_layernorm(hidden)  # mPLUG-Owl post-normalises every token, not only the class token
 
-    def logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-               vision_grad: bool = True) -> torch.Tensor:
+    def logits(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        vision_grad: bool = True,
+    ) -> torch.Tensor:
         ctx = contextlib.nullcontext() if vision_grad else torch.no_grad()
         with ctx:
             features = self.vision_features(pixel_values)
@@ -127,8 +159,9 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: to
     """Mean next-token cross-entropy over the masked (answer) positions, in float32."""
     targets = input_ids[:, 1:]
     mask = (loss_mask > 0) & (targets >= 0)
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                          targets.clamp(min=0).reshape(-1), reduction="none").view_as(targets)
+    nll = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none"
+    ).view_as(targets)
     return (nll * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -157,18 +190,19 @@ def param_counts(model: TorchOwl) -> dict[str, int]:
 def torch_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     b, m = batch["image_mask"].shape
     pixels = batch["pixel_values"].reshape(b * m, *batch["pixel_values"].shape[2:])
-    return {"pixel_values": torch.from_numpy(np.ascontiguousarray(pixels)),
-            "input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)),
-            "attention_mask": torch.from_numpy(batch["attention_mask"].astype(np.int64)),
-            "loss_mask": torch.from_numpy(batch["loss_mask"].astype(np.int64))}
+    return {
+        "pixel_values": torch.from_numpy(np.ascontiguousarray(pixels)),
+        "input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)),
+        "attention_mask": torch.from_numpy(batch["attention_mask"].astype(np.int64)),
+        "loss_mask": torch.from_numpy(batch["loss_mask"].astype(np.int64)),
+    }
 
 
 def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def make_step(model: TorchOwl, stage: str, batch: dict[str, torch.Tensor], *, bf16: bool,
-              optim: dict[str, Any]):
+def make_step(model: TorchOwl, stage: str, batch: dict[str, torch.Tensor], *, bf16: bool, optim: dict[str, Any]):
     """A zero-argument callable running one forward (inference) or one optimizer step, and a check.
 
     Train steps: forward + loss under autocast (bf16) or in float32, backward, global-norm clipping and
@@ -193,8 +227,14 @@ def make_step(model: TorchOwl, stage: str, batch: dict[str, torch.Tensor], *, bf
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=optim["lr"], betas=(optim["b1"], optim["b2"]), eps=optim["eps"],
-                            weight_decay=optim["weight_decay"], foreach=True)
+    opt = torch.optim.AdamW(
+        params,
+        lr=optim["lr"],
+        betas=(optim["b1"], optim["b2"]),
+        eps=optim["eps"],
+        weight_decay=optim["weight_decay"],
+        foreach=True,
+    )
     clip = optim.get("clip_norm")
     vision_grad = stage == "stage1"
 

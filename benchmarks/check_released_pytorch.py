@@ -44,9 +44,16 @@ def main() -> None:
         ids = torch.from_numpy(ref["input_ids"])
         t = lambda name: torch.from_numpy(ref[name])
         with torch.no_grad():
-            out = model(pixel_values=t("pixel_values"), input_ids=ids.clone(), num_images=t("num_images"),
-                        non_padding_mask=t("non_padding_mask"), non_media_mask=t("non_media_mask"),
-                        prompt_mask=t("prompt_mask"), attention_mask=t("attention_mask"), labels=ids.clone())
+            out = model(
+                pixel_values=t("pixel_values"),
+                input_ids=ids.clone(),
+                num_images=t("num_images"),
+                non_padding_mask=t("non_padding_mask"),
+                non_media_mask=t("non_media_mask"),
+                prompt_mask=t("prompt_mask"),
+                attention_mask=t("attention_mask"),
+                labels=ids.clone(),
+            )
         key = "lora_logits" if "merged" in os.path.basename(folder) else "logits"
         err = float(np.abs(out.logits.numpy() - ref[key]).max())
         print(f"{folder}: strict load of {len(state)} tensors ok; max |logits - {key}| = {err:.2e}")

@@ -21,14 +21,14 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def folder_bytes(path: str) -> int:
@@ -69,15 +69,17 @@ def source_tensors(cfg, seed: int = 0) -> list[tuple[str, tuple[int, ...], str, 
         return produce
 
     targets = owl_targets(cfg, leaf_shapes(abstract_model(cfg)[1]))
-    tensors = [(t.hf_key, tuple(t.hf_shape), "bfloat16", draw(i, tuple(t.hf_shape), *scales(t)))
-               for i, t in enumerate(targets)]
+    tensors = [
+        (t.hf_key, tuple(t.hf_shape), "bfloat16", draw(i, tuple(t.hf_shape), *scales(t))) for i, t in enumerate(targets)
+    ]
     for key, inv in rotary_buffers(cfg.text):
         tensors.append((key, inv.shape, "bfloat16", lambda inv=inv: inv.astype(bf16)))
     return tensors
 
 
-def make_checkpoint(out_dir: str, llama_layers: int | None = None, seed: int = 0, *,
-                    max_shard_bytes: int | None = None) -> int:
+def make_checkpoint(
+    out_dir: str, llama_layers: int | None = None, seed: int = 0, *, max_shard_bytes: int | None = None
+) -> int:
     """The synthetic source: random bf16 weights in the released 7B key layout, `.bin` shards + index.
 
     Args:
@@ -101,8 +103,9 @@ def make_checkpoint(out_dir: str, llama_layers: int | None = None, seed: int = 0
     hf["torch_dtype"] = "bfloat16"
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-    write_hf_tensors(out_dir, tensors, fmt="bin", max_shard_bytes=max_shard_bytes or -(-total // 2),
-                     show_progress=False)
+    write_hf_tensors(
+        out_dir, tensors, fmt="bin", max_shard_bytes=max_shard_bytes or -(-total // 2), show_progress=False
+    )
     return total
 
 
@@ -140,17 +143,23 @@ def peak_rss() -> int:
 
 
 def idle_rss() -> int:
-    code = ("import jax, owl_jax, torch, owl_jax.checkpoint, orbax.checkpoint; "
-            "from benchmarks.convert_benchmark import peak_rss; print(peak_rss())")
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              cwd=REPO).stdout.strip())
+    code = (
+        "import jax, owl_jax, torch, owl_jax.checkpoint, orbax.checkpoint; "
+        "from benchmarks.convert_benchmark import peak_rss; print(peak_rss())"
+    )
+    return int(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.strip()
+    )
 
 
 def run(op: str, src: str, dst: str) -> dict:
     if dst and os.path.exists(dst):
         shutil.rmtree(dst)
-    result = subprocess.run([sys.executable, __file__, "--child", op, src, dst or "-"], capture_output=True,
-                            text=True, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", op, src, dst or "-"], capture_output=True, text=True, cwd=REPO
+    )
     if result.returncode:
         raise RuntimeError(f"{op} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -193,38 +202,66 @@ def main() -> None:
         shutil.rmtree(work)
     t = time.perf_counter()
     source_bytes = make_checkpoint(src, args.llama_layers)
-    print(f"synthetic checkpoint: {source_bytes / GiB:.2f} GiB in {time.perf_counter() - t:.0f}s "
-          f"(ViT-L + abstractor + {args.llama_layers} LLaMA-7B layers, bf16, 2 .bin shards)", flush=True)
+    print(
+        f"synthetic checkpoint: {source_bytes / GiB:.2f} GiB in {time.perf_counter() - t:.0f}s "
+        f"(ViT-L + abstractor + {args.llama_layers} LLaMA-7B layers, bf16, 2 .bin shards)",
+        flush=True,
+    )
     conv, st, binary = (os.path.join(work, n) for n in ("converted", "export-safetensors", "export-bin"))
     base = idle_rss()
     steps = [
         ("import .bin → owl_jax (bf16)", "import", src, conv, lambda: folder_bytes(os.path.join(conv, "params"))),
         ("export → safetensors", "export-safetensors", conv, st, lambda: folder_bytes(st)),
         ("export → .bin", "export-bin", conv, binary, lambda: folder_bytes(binary)),
-        ("import safetensors → owl_jax", "import", st, conv + "-2", lambda: folder_bytes(os.path.join(conv + "-2", "params"))),
+        (
+            "import safetensors → owl_jax",
+            "import",
+            st,
+            conv + "-2",
+            lambda: folder_bytes(os.path.join(conv + "-2", "params")),
+        ),
         ("load .bin → device arrays", "load-to-device", src, "", lambda: source_bytes),
     ]
     rows = []
     for label, op, a, b, out_bytes in steps:
         r = run(op, a, b)
         size = out_bytes()
-        rows.append({"step": label, "seconds": r["seconds"], "gb_per_s": source_bytes / r["seconds"] / 1e9,
-                     "peak_rss_gib": r["peak_rss"] / GiB, "output_gib": size / GiB,
-                     "rss_minus_output_gib": (r["peak_rss"] - size) / GiB})
+        rows.append(
+            {
+                "step": label,
+                "seconds": r["seconds"],
+                "gb_per_s": source_bytes / r["seconds"] / 1e9,
+                "peak_rss_gib": r["peak_rss"] / GiB,
+                "output_gib": size / GiB,
+                "rss_minus_output_gib": (r["peak_rss"] - size) / GiB,
+            }
+        )
         print(f"  {label}: {r['seconds']:.1f}s", flush=True)
     checked = compare_exact(src, st) + compare_exact(src, binary)
 
     header = "| step | time (s) | GB/s | peak RSS (GiB) | output (GiB) | RSS − output (GiB) |"
-    print(f"\nsource {source_bytes / GiB:.2f} GiB; an idle `import jax, torch, owl_jax` process peaks at "
-          f"{base / GiB:.2f} GiB; {checked} exported tensors verified bit for bit\n")
+    print(
+        f"\nsource {source_bytes / GiB:.2f} GiB; an idle `import jax, torch, owl_jax` process peaks at "
+        f"{base / GiB:.2f} GiB; {checked} exported tensors verified bit for bit\n"
+    )
     print(header)
     print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['step']} | {row['seconds']:.1f} | {row['gb_per_s']:.2f} | {row['peak_rss_gib']:.2f} | "
-              f"{row['output_gib']:.2f} | {row['rss_minus_output_gib']:+.2f} |")
+        print(
+            f"| {row['step']} | {row['seconds']:.1f} | {row['gb_per_s']:.2f} | {row['peak_rss_gib']:.2f} | "
+            f"{row['output_gib']:.2f} | {row['rss_minus_output_gib']:+.2f} |"
+        )
     with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump({"source_gib": source_bytes / GiB, "idle_rss_gib": base / GiB, "rows": rows,
-                   "llama_layers": args.llama_layers}, f, indent=2)
+        json.dump(
+            {
+                "source_gib": source_bytes / GiB,
+                "idle_rss_gib": base / GiB,
+                "rows": rows,
+                "llama_layers": args.llama_layers,
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

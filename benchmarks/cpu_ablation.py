@@ -37,8 +37,11 @@ sys.path.insert(0, REPO)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--feature", required=True,
-                   choices=["prepare_frozen", "half_as_bits", "hoist_invariants", "float32_elementwise"])
+    p.add_argument(
+        "--feature",
+        required=True,
+        choices=["prepare_frozen", "half_as_bits", "hoist_invariants", "float32_elementwise"],
+    )
     p.add_argument("--steps", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
     p.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--unrolled", action="store_true", help="layers in a Python loop instead of a scan")
@@ -58,8 +61,9 @@ def main() -> None:
 
     if jax.default_backend() != "cpu":
         p.error(f"this measures CPU fast paths; the default backend is {jax.default_backend()}")
-    cfg_args = argparse.Namespace(config=args.config, set=None, rows=None, seq_len=None, images_per_row=None,
-                                  lora_rank=None, dropout=False)
+    cfg_args = argparse.Namespace(
+        config=args.config, set=None, rows=None, seq_len=None, images_per_row=None, lora_rank=None, dropout=False
+    )
     base, lora, shape = build_config(cfg_args)
     base = base.replace(dtype=args.precision, scan_layers=not args.unrolled)
     rows = []
@@ -73,8 +77,14 @@ def main() -> None:
             if args.feature == "float32_elementwise":
                 numerics = numerics.replace(float32_elementwise=enabled)
             prepare = enabled if args.feature == "prepare_frozen" else None
-            trainer = Trainer(cfg.replace(numerics=numerics), stage=step, mesh=make_mesh(1, -1, 1), optim=OPTIM,
-                              total_steps=TOTAL_STEPS, prepare_frozen=prepare)
+            trainer = Trainer(
+                cfg.replace(numerics=numerics),
+                stage=step,
+                mesh=make_mesh(1, -1, 1),
+                optim=OPTIM,
+                total_steps=TOTAL_STEPS,
+                prepare_frozen=prepare,
+            )
             holder = [trainer.init_state(random_params(trainer, 0), seed=0)]
             batch = trainer.global_batch(make_batch(cfg, **shape))
 
@@ -93,12 +103,24 @@ def main() -> None:
                 times[enabled].append(time.perf_counter() - start)
             print(f"{step}: round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
         off, on = (statistics.median(times[k]) * 1e3 for k in (False, True))
-        rows.append(dict(step=step, precision=args.precision, layers="unrolled" if args.unrolled else "scanned",
-                         feature=args.feature, off_ms=off, on_ms=on, change=on / off - 1.0,
-                         off_all_ms=[t * 1e3 for t in times[False]], on_all_ms=[t * 1e3 for t in times[True]]))
+        rows.append(
+            dict(
+                step=step,
+                precision=args.precision,
+                layers="unrolled" if args.unrolled else "scanned",
+                feature=args.feature,
+                off_ms=off,
+                on_ms=on,
+                change=on / off - 1.0,
+                off_all_ms=[t * 1e3 for t in times[False]],
+                on_all_ms=[t * 1e3 for t in times[True]],
+            )
+        )
 
-    print(f"\n{args.feature}, {args.precision}, layers {'unrolled' if args.unrolled else 'scanned'}, config "
-          f"{args.config}; medians of {args.rounds} alternated steps\n")
+    print(
+        f"\n{args.feature}, {args.precision}, layers {'unrolled' if args.unrolled else 'scanned'}, config "
+        f"{args.config}; medians of {args.rounds} alternated steps\n"
+    )
     print("| step | off (ms) | on (ms) | change |")
     print("|---|---:|---:|---:|")
     for r in rows:

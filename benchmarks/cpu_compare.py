@@ -46,7 +46,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -58,26 +59,48 @@ PRESETS: dict[str, dict[str, Any]] = {
         vision=dict(hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4, image_size=56, patch_size=14),
         abstractor=dict(hidden_size=128, intermediate_size=352, num_layers=1, num_heads=4),
         text=dict(vocab_size=1000, hidden_size=192, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=4),
-        num_query_tokens=8, rows=2, seq_len=64, images_per_row=1, lora_rank=8),
+        num_query_tokens=8,
+        rows=2,
+        seq_len=64,
+        images_per_row=1,
+        lora_rank=8,
+    ),
     "small": dict(
         vision=dict(hidden_size=512, intermediate_size=2048, num_layers=6, num_heads=8, image_size=112, patch_size=14),
         abstractor=dict(hidden_size=512, intermediate_size=1408, num_layers=2, num_heads=8),
-        text=dict(vocab_size=8000, hidden_size=768, intermediate_size=2048, num_layers=6, num_heads=12,
-                  num_kv_heads=12),
-        num_query_tokens=32, rows=4, seq_len=256, images_per_row=1, lora_rank=8),
+        text=dict(
+            vocab_size=8000, hidden_size=768, intermediate_size=2048, num_layers=6, num_heads=12, num_kv_heads=12
+        ),
+        num_query_tokens=32,
+        rows=4,
+        seq_len=256,
+        images_per_row=1,
+        lora_rank=8,
+    ),
     "medium": dict(
-        vision=dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, image_size=224, patch_size=14),
+        vision=dict(
+            hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, image_size=224, patch_size=14
+        ),
         abstractor=dict(hidden_size=768, intermediate_size=2048, num_layers=4, num_heads=12),
-        text=dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=12, num_heads=16,
-                  num_kv_heads=16),
-        num_query_tokens=64, rows=4, seq_len=512, images_per_row=1, lora_rank=8),
+        text=dict(
+            vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=12, num_heads=16, num_kv_heads=16
+        ),
+        num_query_tokens=64,
+        rows=4,
+        seq_len=512,
+        images_per_row=1,
+        lora_rank=8,
+    ),
 }
 
 OPTIM = dict(lr=1e-4, end_lr=0.0, warmup_steps=10, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.05, clip_norm=1.0)
 TOTAL_STEPS = 1000
 PRECISIONS = {"float32": "fp32", "bfloat16": "bf16"}
-STEP_NAMES = {"forward": "forward (logits)", "stage1": "stage-1 step (ViT + abstractor)",
-              "stage2": "stage-2 LoRA step (LoRA + abstractor)"}
+STEP_NAMES = {
+    "forward": "forward (logits)",
+    "stage1": "stage-1 step (ViT + abstractor)",
+    "stage2": "stage-2 LoRA step (LoRA + abstractor)",
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,9 +129,14 @@ def build_config(args):
         vision=VisionConfig(**p["vision"]),
         abstractor=AbstractorConfig(**p["abstractor"], attention_dropout=0.1 if drop else 0.0),
         text=TextConfig(**p["text"]),
-        num_query_tokens=p["num_query_tokens"]).validate()
-    lora = LoRAConfig(rank=p["lora_rank"], alpha=32.0, dropout=0.05 if drop else 0.0,
-                      target_modules=r".*language_model.*\.(q_proj|v_proj)")
+        num_query_tokens=p["num_query_tokens"],
+    ).validate()
+    lora = LoRAConfig(
+        rank=p["lora_rank"],
+        alpha=32.0,
+        dropout=0.05 if drop else 0.0,
+        target_modules=r".*language_model.*\.(q_proj|v_proj)",
+    )
     shape = dict(rows=p["rows"], seq_len=p["seq_len"], images_per_row=p["images_per_row"])
     return cfg, lora, shape
 
@@ -118,20 +146,26 @@ def make_batch(cfg, rows: int, seq_len: int, images_per_row: int, seed: int = 0)
     rng = np.random.default_rng(seed)
     t = cfg.image_tokens
     if 1 + images_per_row * (t + 2) > seq_len // 2:
-        raise SystemExit(f"seq_len {seq_len} is too short for {images_per_row} image(s) of {t} tokens "
-                         f"in the first half of each row")
+        raise SystemExit(
+            f"seq_len {seq_len} is too short for {images_per_row} image(s) of {t} tokens in the first half of each row"
+        )
     ids = rng.integers(3, cfg.text.vocab_size, size=(rows, seq_len)).astype(np.int32)
     ids[:, 0] = cfg.text.bos_token_id
     for k in range(images_per_row):
         start = 1 + k * (t + 2)
-        ids[:, start:start + t] = -1
+        ids[:, start : start + t] = -1
     loss_mask = np.zeros((rows, seq_len - 1), np.int32)
-    loss_mask[:, seq_len // 2 - 1:] = 1  # targets ids[:, seq_len//2:]
+    loss_mask[:, seq_len // 2 - 1 :] = 1  # targets ids[:, seq_len//2:]
     v = cfg.vision
     pixels = rng.normal(size=(rows, images_per_row, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
-    return {"input_ids": ids, "attention_mask": np.ones((rows, seq_len), np.int32), "loss_mask": loss_mask,
-            "pixel_values": pixels, "image_mask": np.ones((rows, images_per_row), np.int32),
-            "skipped": np.zeros(rows, np.int32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones((rows, seq_len), np.int32),
+        "loss_mask": loss_mask,
+        "pixel_values": pixels,
+        "image_mask": np.ones((rows, images_per_row), np.int32),
+        "skipped": np.zeros(rows, np.int32),
+    }
 
 
 def forward_flops(cfg, *, rows: int, seq_len: int, images: int) -> float:
@@ -142,9 +176,9 @@ def forward_flops(cfg, *, rows: int, seq_len: int, images: int) -> float:
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
     tokens_v, queries = images * v.num_positions, images * cfg.num_query_tokens
     flops = 2 * (n["vision"] * tokens_v + n["abstractor"] * queries + n["llm"] * rows * seq_len)
-    flops += 4 * v.num_layers * images * v.num_positions ** 2 * v.hidden_size
+    flops += 4 * v.num_layers * images * v.num_positions**2 * v.hidden_size
     flops += 4 * a.num_layers * queries * (cfg.num_query_tokens + v.num_positions) * a.hidden_size
-    flops += 0.5 * 4 * t.num_layers * rows * seq_len ** 2 * t.hidden_size
+    flops += 0.5 * 4 * t.num_layers * rows * seq_len**2 * t.hidden_size
     return float(flops)
 
 
@@ -200,8 +234,11 @@ def gemm_shapes(cfg, shape: dict) -> list[tuple[int, int, int]]:
     v, t = cfg.vision, cfg.text
     tokens = shape["rows"] * shape["seq_len"]
     vit_tokens = shape["rows"] * shape["images_per_row"] * v.num_positions
-    shapes = [(tokens, t.hidden_size, 4 * t.hidden_size), (tokens, t.hidden_size, t.intermediate_size),
-              (vit_tokens, v.hidden_size, v.intermediate_size)]
+    shapes = [
+        (tokens, t.hidden_size, 4 * t.hidden_size),
+        (tokens, t.hidden_size, t.intermediate_size),
+        (vit_tokens, v.hidden_size, v.intermediate_size),
+    ]
     return list(dict.fromkeys(shapes))
 
 
@@ -258,8 +295,10 @@ def host_params(cfg) -> dict:
     from owl_jax.modeling import Owl
 
     model = Owl(cfg.replace(lora=None), rngs=nnx.Rngs(0))
-    flat = {tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = {
+        tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     return nest(flat)
 
 
@@ -369,60 +408,85 @@ def environment() -> dict[str, Any]:
         pass
     try:
         import peft
+
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return {"cpu": cpu, "isa": isa, "cores": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "jax": jax.__version__, "jax_devices": len(jax.devices()),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__, "peft": peft_version,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "loadavg_start": list(os.getloadavg())}
+    return {
+        "cpu": cpu,
+        "isa": isa,
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_devices": len(jax.devices()),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "loadavg_start": list(os.getloadavg()),
+    }
 
 
 def describe(cfg, lora, shape) -> str:
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
-    return (f"ViT {v.hidden_size}x{v.num_layers} ({v.num_heads} heads, mlp {v.intermediate_size}, {v.image_size}px/"
-            f"{v.patch_size} = {v.num_positions} tokens); abstractor {a.hidden_size}x{a.num_layers} ({a.num_heads} heads, "
-            f"mlp {a.intermediate_size}, {cfg.num_query_tokens} queries); LLaMA {t.hidden_size}x{t.num_layers} "
-            f"({t.num_heads} heads, mlp {t.intermediate_size}, vocab {t.vocab_size}); LoRA r={lora.rank} on q/v; "
-            f"batch {shape['rows']} rows x {shape['seq_len']} tokens, {shape['images_per_row']} image(s)/row")
+    return (
+        f"ViT {v.hidden_size}x{v.num_layers} ({v.num_heads} heads, mlp {v.intermediate_size}, {v.image_size}px/"
+        f"{v.patch_size} = {v.num_positions} tokens); abstractor {a.hidden_size}x{a.num_layers} ({a.num_heads} heads, "
+        f"mlp {a.intermediate_size}, {cfg.num_query_tokens} queries); LLaMA {t.hidden_size}x{t.num_layers} "
+        f"({t.num_heads} heads, mlp {t.intermediate_size}, vocab {t.vocab_size}); LoRA r={lora.rank} on q/v; "
+        f"batch {shape['rows']} rows x {shape['seq_len']} tokens, {shape['images_per_row']} image(s)/row"
+    )
 
 
 def markdown(results: list[dict], env: dict, gemm: dict, desc: str, repeats: int, torch_repeats: int) -> str:
     share = "n/a" if env.get("other_cpu_share") is None else f"{100 * env['other_cpu_share']:.0f}%"
-    out = [f"CPU: {env['cpu']} ({', '.join(env['isa']) or 'no AVX-512 flags'}), {env['cores']} cores "
-           f"(torch threads {env['torch_threads']}); jax {env['jax']}, torch {env['torch']}, transformers "
-           f"{env['transformers']}, peft {env['peft']}, python {env['python']}; load average "
-           f"{env['loadavg_start'][0]:.2f} at start; other processes' share of these cores during the run: {share}"
-           + (f"; GLIBC_TUNABLES={env['glibc_tunables']}" if env.get("glibc_tunables") else ""),
-           *([f"WARNING: other processes kept {share} of these {env['cores']} cores busy during the run: the "
-              "timings are unreliable"] if (env.get("other_cpu_share") or 0.0) > 0.1 else []),
-           f"Model: {desc}",
-           "GEMM rate (GFLOP/s, best over config-shaped matmuls): JAX fp32 "
-           f"{gemm['jax']['float32']['best'] / 1e9:.1f}, bf16 {gemm['jax']['bfloat16']['best'] / 1e9:.1f}; "
-           f"PyTorch fp32 {gemm['torch']['float32']['best'] / 1e9:.1f}, bf16 "
-           f"{gemm['torch']['bfloat16']['best'] / 1e9:.1f}",
-           "",
-           "| step | precision | owl_jax (ms) | PyTorch (ms) | owl_jax / PyTorch | GFLOP | matmul floor (ms) "
-           "| owl_jax / floor | PyTorch / floor |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        f"CPU: {env['cpu']} ({', '.join(env['isa']) or 'no AVX-512 flags'}), {env['cores']} cores "
+        f"(torch threads {env['torch_threads']}); jax {env['jax']}, torch {env['torch']}, transformers "
+        f"{env['transformers']}, peft {env['peft']}, python {env['python']}; load average "
+        f"{env['loadavg_start'][0]:.2f} at start; other processes' share of these cores during the run: {share}"
+        + (f"; GLIBC_TUNABLES={env['glibc_tunables']}" if env.get("glibc_tunables") else ""),
+        *(
+            [
+                f"WARNING: other processes kept {share} of these {env['cores']} cores busy during the run: the "
+                "timings are unreliable"
+            ]
+            if (env.get("other_cpu_share") or 0.0) > 0.1
+            else []
+        ),
+        f"Model: {desc}",
+        "GEMM rate (GFLOP/s, best over config-shaped matmuls): JAX fp32 "
+        f"{gemm['jax']['float32']['best'] / 1e9:.1f}, bf16 {gemm['jax']['bfloat16']['best'] / 1e9:.1f}; "
+        f"PyTorch fp32 {gemm['torch']['float32']['best'] / 1e9:.1f}, bf16 "
+        f"{gemm['torch']['bfloat16']['best'] / 1e9:.1f}",
+        "",
+        "| step | precision | owl_jax (ms) | PyTorch (ms) | owl_jax / PyTorch | GFLOP | matmul floor (ms) "
+        "| owl_jax / floor | PyTorch / floor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         torch_ms = f"{r['torch_ms']:.1f} ({r['torch_attn']})" if r.get("torch_ms") else "n/a"
         ratio = f"{r['jax_ms'] / r['torch_ms']:.2f}" if r.get("torch_ms") else "n/a"
         tf = f"{r['torch_ms'] / r['floor_ms']:.2f}" if r.get("torch_ms") else "n/a"
-        out.append(f"| {STEP_NAMES[r['step']]} | {PRECISIONS[r['precision']]} | {r['jax_ms']:.1f} | {torch_ms} | "
-                   f"{ratio} | {r['flops'] / 1e9:.2f} | {r['floor_ms']:.1f} | {r['jax_ms'] / r['floor_ms']:.2f} | {tf} |")
-    out += ["",
-            f"Times: median of {repeats} after warmup"
-            + (f" (PyTorch: of {torch_repeats})" if torch_repeats != repeats else "")
-            + ", both frameworks in one process; PyTorch column: the faster "
-            "attention implementation (in parentheses). bf16 = bfloat16 compute over float32 parameters "
-            "(owl_jax dtype='bfloat16'; PyTorch autocast).",
-            "FLOPs: owl_jax.training.flops.train_step_flops (forward: 2·N per token plus attention, once). "
-            "Matmul floor = FLOPs / the JAX-measured GEMM rate at that precision (jitted matmul, bf16 inputs "
-            "with float32 accumulation)."]
+        out.append(
+            f"| {STEP_NAMES[r['step']]} | {PRECISIONS[r['precision']]} | {r['jax_ms']:.1f} | {torch_ms} | "
+            f"{ratio} | {r['flops'] / 1e9:.2f} | {r['floor_ms']:.1f} | {r['jax_ms'] / r['floor_ms']:.2f} | {tf} |"
+        )
+    out += [
+        "",
+        f"Times: median of {repeats} after warmup"
+        + (f" (PyTorch: of {torch_repeats})" if torch_repeats != repeats else "")
+        + ", both frameworks in one process; PyTorch column: the faster "
+        "attention implementation (in parentheses). bf16 = bfloat16 compute over float32 parameters "
+        "(owl_jax dtype='bfloat16'; PyTorch autocast).",
+        "FLOPs: owl_jax.training.flops.train_step_flops (forward: 2·N per token plus attention, once). "
+        "Matmul floor = FLOPs / the JAX-measured GEMM rate at that precision (jitted matmul, bf16 inputs "
+        "with float32 accumulation).",
+    ]
     return "\n".join(out)
 
 
@@ -430,8 +494,12 @@ def markdown(results: list[dict], env: dict, gemm: dict, desc: str, repeats: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                        help="override a preset size, e.g. text.num_layers=8 or num_query_tokens=64")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="override a preset size, e.g. text.num_layers=8 or num_query_tokens=64",
+    )
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--images-per-row", type=int, default=None)
@@ -439,20 +507,32 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", choices=list(STEP_NAMES), default=list(STEP_NAMES))
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     parser.add_argument("--torch-attn", nargs="+", choices=["sdpa", "eager"], default=["sdpa", "eager"])
-    parser.add_argument("--dropout", action="store_true",
-                        help="abstractor attention dropout 0.1 and LoRA dropout 0.05 on both sides (default: none)")
+    parser.add_argument(
+        "--dropout",
+        action="store_true",
+        help="abstractor attention dropout 0.1 and LoRA dropout 0.05 on both sides (default: none)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first JAX run compiles)")
     parser.add_argument("--torch-repeats", type=int, default=None, help="PyTorch's timed runs (default: --repeats)")
     parser.add_argument("--torch-warmup", type=int, default=None, help="PyTorch's untimed runs (default: --warmup)")
     parser.add_argument("--gemm-tries", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, default=None, help="default: the cores this process may use")
-    parser.add_argument("--unrolled", action="store_true",
-                        help="owl_jax runs its layers unrolled (scan_layers=False) instead of scanned")
-    parser.add_argument("--interleave", action="store_true",
-                        help="alternate owl_jax's and PyTorch's timed runs one at a time (default: all of one, then the other)")
-    parser.add_argument("--huge-pages", action="store_true",
-                        help="run again with glibc's malloc on transparent huge pages, as owl-train --huge_pages does")
+    parser.add_argument(
+        "--unrolled",
+        action="store_true",
+        help="owl_jax runs its layers unrolled (scan_layers=False) instead of scanned",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="alternate owl_jax's and PyTorch's timed runs one at a time (default: all of one, then the other)",
+    )
+    parser.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="run again with glibc's malloc on transparent huge pages, as owl-train --huge_pages does",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     torch_repeats = args.repeats if args.torch_repeats is None else args.torch_repeats
@@ -491,20 +571,31 @@ def main() -> None:
     results = []
     for step in args.steps:
         for precision in args.precisions:
-            run_cfg = cfg.replace(dtype=precision, lora=lora if step == "stage2" else None,
-                                  scan_layers=not args.unrolled)
+            run_cfg = cfg.replace(
+                dtype=precision, lora=lora if step == "stage2" else None, scan_layers=not args.unrolled
+            )
             label = f"{step} {PRECISIONS[precision]}"
             run, block, check, jax_counts = jax_runner(run_cfg, step, params, batch, mesh)
             row = {"step": step, "precision": precision, "params": jax_counts, "torch": {}}
 
             def record_jax(first, times, out):
-                row.update({"jax_ms": statistics.median(times) * 1e3, "jax_times_ms": [t * 1e3 for t in times],
-                            "jax_first_call_s": first, "jax_loss": check(out)})
+                row.update(
+                    {
+                        "jax_ms": statistics.median(times) * 1e3,
+                        "jax_times_ms": [t * 1e3 for t in times],
+                        "jax_first_call_s": first,
+                        "jax_loss": check(out),
+                    }
+                )
                 print(f"{label}: owl_jax {row['jax_ms']:.1f} ms (first call {first:.1f} s)", flush=True)
 
             def record_torch(impl, tcheck, first, times, out):
-                row["torch"][impl] = {"ms": statistics.median(times) * 1e3, "times_ms": [t * 1e3 for t in times],
-                                      "first_call_s": first, "loss": tcheck(out)}
+                row["torch"][impl] = {
+                    "ms": statistics.median(times) * 1e3,
+                    "times_ms": [t * 1e3 for t in times],
+                    "first_call_s": first,
+                    "loss": tcheck(out),
+                }
                 print(f"{label}: PyTorch {impl} {row['torch'][impl]['ms']:.1f} ms", flush=True)
 
             if not args.interleave:
@@ -525,9 +616,11 @@ def main() -> None:
                     settle()
                 del model, trun
             if args.interleave:  # owl_jax and every PyTorch variant in turn, one timed run each
-                got = timed_together([(run, block, args.warmup, args.repeats)]
-                                     + [(trun, lambda x: x, torch_warmup, torch_repeats) for trun, _ in torch_runs.values()],
-                                     between=settle)
+                got = timed_together(
+                    [(run, block, args.warmup, args.repeats)]
+                    + [(trun, lambda x: x, torch_warmup, torch_repeats) for trun, _ in torch_runs.values()],
+                    between=settle,
+                )
                 record_jax(*got[0])
                 for (impl, (_, tcheck)), result in zip(torch_runs.items(), got[1:]):
                     record_torch(impl, tcheck, *result)
@@ -544,8 +637,20 @@ def main() -> None:
     print("\n" + table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": env, "args": vars(args), "config": dataclasses.asdict(cfg), "lora": dataclasses.asdict(lora),
-                       "shape": shape, "optim": OPTIM, "gemm": gemm, "rows": results}, f, indent=2)
+            json.dump(
+                {
+                    "env": env,
+                    "args": vars(args),
+                    "config": dataclasses.asdict(cfg),
+                    "lora": dataclasses.asdict(lora),
+                    "shape": shape,
+                    "optim": OPTIM,
+                    "gemm": gemm,
+                    "rows": results,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

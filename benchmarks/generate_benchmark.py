@@ -44,7 +44,7 @@ def prompts(cfg, batch: int, length: int, images_per_row: int, seed: int = 0):
         start = 2 + k * (t + 2)
         if start + t >= length:
             raise ValueError(f"prompt length {length} cannot hold {images_per_row} images of {t} tokens")
-        ids[:, start:start + t] = -1
+        ids[:, start : start + t] = -1
     v = cfg.vision
     pixels = rng.normal(size=(batch * images_per_row, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
     return ids, np.ones_like(ids), pixels
@@ -75,15 +75,27 @@ def device_step_ms(generator, ids, steps: int = 32, trace_dir: str | None = None
     b, p = ids.shape
     cache_len = p + steps + 1
     with generator._ctx():
-        _, cache, key_valid = generator.prefill(generator.graphdef, generator.state, jnp.asarray(np.maximum(ids, 0)),
-                                                jnp.ones((b, p), jnp.int32), None, cache_len)
+        _, cache, key_valid = generator.prefill(
+            generator.graphdef,
+            generator.state,
+            jnp.asarray(np.maximum(ids, 0)),
+            jnp.ones((b, p), jnp.int32),
+            None,
+            cache_len,
+        )
         tokens = jnp.full((b,), 5, jnp.int32)
 
         def run(cache, key_valid, n):
             for i in range(n):
-                logits, cache, key_valid = generator.decode(generator.graphdef, generator.state, cache, tokens,
-                                                            jnp.full((b,), p + i, jnp.int32), jnp.int32(p + i),
-                                                            key_valid)
+                logits, cache, key_valid = generator.decode(
+                    generator.graphdef,
+                    generator.state,
+                    cache,
+                    tokens,
+                    jnp.full((b,), p + i, jnp.int32),
+                    jnp.int32(p + i),
+                    key_valid,
+                )
             jax.block_until_ready(logits)
             return cache, key_valid
 
@@ -113,7 +125,6 @@ def bandwidth(kind: str):
 
 def random_model(size: str, dtype: str, scan_layers: bool = True):
     """An `Owl` of the `size` layout with random weights drawn on the device in `dtype`."""
-    import jax
     from flax import nnx
 
     from benchmarks.train_benchmark import model_config, random_leaves
@@ -121,8 +132,10 @@ def random_model(size: str, dtype: str, scan_layers: bool = True):
 
     cfg = model_config(size, dtype=dtype, param_dtype=dtype).replace(scan_layers=scan_layers)
     graphdef, abstract = abstract_model(cfg)
-    specs = {tuple(str(k) for k in path): (var.get_value() if hasattr(var, "get_value") else var.value)
-             for path, var in nnx.to_flat_state(abstract)}
+    specs = {
+        tuple(str(k) for k in path): (var.get_value() if hasattr(var, "get_value") else var.value)
+        for path, var in nnx.to_flat_state(abstract)
+    }
     return assemble(graphdef, abstract, random_leaves(specs, seed=0))
 
 
@@ -150,27 +163,46 @@ def parse_options(items: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=os.path.join(REPO, "tests", "fixtures", "mplug_owl_tiny", "checkpoint"))
-    parser.add_argument("--random-size", choices=["tiny", "1b", "7b"], default=None,
-                        help="random weights of this layout instead of --checkpoint")
+    parser.add_argument(
+        "--random-size",
+        choices=["tiny", "1b", "7b"],
+        default=None,
+        help="random weights of this layout instead of --checkpoint",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--images-per-row", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--unrolled", action="store_true",
-                        help="run the layers as an unrolled loop instead of one scanned layer")
-    parser.add_argument("--unstack-layers", action="store_true",
-                        help="Generator(unstack_layers=True): the LLM's layers from one weight buffer each")
-    parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="an XLA option for the generator's compiled steps (repeatable), e.g. "
-                             "xla_gpu_enable_triton_gemm=false")
-    parser.add_argument("--decode-chunk", type=int, default=16,
-                        help="Generator(decode_chunk=N): the most decode steps per on-device loop (1: one "
-                             "dispatch per token)")
+    parser.add_argument(
+        "--unrolled", action="store_true", help="run the layers as an unrolled loop instead of one scanned layer"
+    )
+    parser.add_argument(
+        "--unstack-layers",
+        action="store_true",
+        help="Generator(unstack_layers=True): the LLM's layers from one weight buffer each",
+    )
+    parser.add_argument(
+        "--compiler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an XLA option for the generator's compiled steps (repeatable), e.g. xla_gpu_enable_triton_gemm=false",
+    )
+    parser.add_argument(
+        "--decode-chunk",
+        type=int,
+        default=16,
+        help="Generator(decode_chunk=N): the most decode steps per on-device loop (1: one dispatch per token)",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--profile", default=None, metavar="DIR",
-                        help="trace 5 back-to-back decode steps per batch size into DIR and print where the time goes")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="trace 5 back-to-back decode steps per batch size into DIR and print where the time goes",
+    )
     args = parser.parse_args()
 
     import jax
@@ -182,11 +214,16 @@ def main() -> None:
     if args.random_size:
         model, name = random_model(args.random_size, args.dtype, not args.unrolled), f"random {args.random_size}"
     else:
-        model, _ = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, scan_layers=not args.unrolled,
-                                           show_progress=False)
+        model, _ = owl_jax.from_pretrained(
+            args.checkpoint, dtype=args.dtype, scan_layers=not args.unrolled, show_progress=False
+        )
         name = os.path.basename(os.path.normpath(args.checkpoint))
-    generator = Generator(model, unstack_layers=args.unstack_layers, decode_chunk=args.decode_chunk,
-                          compiler_options=parse_options(args.compiler_option))
+    generator = Generator(
+        model,
+        unstack_layers=args.unstack_layers,
+        decode_chunk=args.decode_chunk,
+        compiler_options=parse_options(args.compiler_option),
+    )
     t = model.config.text
     itemsize = jax.numpy.dtype(args.dtype).itemsize
     weight_bytes = tower_matmul_params(model.config)["llm"] * itemsize  # every LLaMA matmul weight, head included
@@ -198,13 +235,21 @@ def main() -> None:
         runs = [measure(generator, ids, mask, pixels, args.new_tokens) for _ in range(args.repeats)]
         ttft = statistics.median(r["ttft_s"] for r in runs)
         decode = statistics.median(r["decode_s"] for r in runs)
-        device_ms = device_step_ms(generator, ids,
-                                   trace_dir=args.profile and os.path.join(args.profile, f"decode_batch{batch}"))
-        rows.append({"batch": batch, "prompt_len": args.prompt_len, "images": batch * args.images_per_row,
-                     "device_decode_ms_per_step": device_ms,
-                     "ttft_ms": ttft * 1e3, "prefill_tok_s": batch * args.prompt_len / ttft,
-                     "decode_tok_s": batch * (args.new_tokens - 1) / decode,
-                     "decode_ms_per_step": decode / (args.new_tokens - 1) * 1e3})
+        device_ms = device_step_ms(
+            generator, ids, trace_dir=args.profile and os.path.join(args.profile, f"decode_batch{batch}")
+        )
+        rows.append(
+            {
+                "batch": batch,
+                "prompt_len": args.prompt_len,
+                "images": batch * args.images_per_row,
+                "device_decode_ms_per_step": device_ms,
+                "ttft_ms": ttft * 1e3,
+                "prefill_tok_s": batch * args.prompt_len / ttft,
+                "decode_tok_s": batch * (args.new_tokens - 1) / decode,
+                "decode_ms_per_step": decode / (args.new_tokens - 1) * 1e3,
+            }
+        )
         # KV cache read per step at the mean context length of the decode phase.
         context = args.prompt_len + args.new_tokens / 2
         cache_bytes = 2 * t.num_layers * batch * context * t.num_kv_heads * t.head_dim * itemsize
@@ -217,17 +262,23 @@ def main() -> None:
     layout += f", decode chunks of up to {args.decode_chunk}"
     if args.compiler_option:
         layout += ", " + " ".join(args.compiler_option)
-    print(f"\nmodel {name} ({args.dtype}, {layout} layers), {device.platform} "
-          f"{device.device_kind} x{jax.device_count()}; prompt {args.prompt_len} tokens with "
-          f"{args.images_per_row} image(s) per row, {args.new_tokens} new tokens, median of {args.repeats}\n")
-    print("| batch | time to first token (ms) | prefill tokens/s | decode tokens/s | decode ms/step | "
-          "device ms/step | HBM roofline tokens/s | % of roofline |")
+    print(
+        f"\nmodel {name} ({args.dtype}, {layout} layers), {device.platform} "
+        f"{device.device_kind} x{jax.device_count()}; prompt {args.prompt_len} tokens with "
+        f"{args.images_per_row} image(s) per row, {args.new_tokens} new tokens, median of {args.repeats}\n"
+    )
+    print(
+        "| batch | time to first token (ms) | prefill tokens/s | decode tokens/s | decode ms/step | "
+        "device ms/step | HBM roofline tokens/s | % of roofline |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         roof = "n/a" if r["roofline_tok_s"] is None else f"{r['roofline_tok_s']:.0f}"
         pct = "n/a" if r["roofline_pct"] is None else f"{r['roofline_pct']:.1f}%"
-        print(f"| {r['batch']} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
-              f"{r['decode_ms_per_step']:.2f} | {r['device_decode_ms_per_step']:.2f} | {roof} | {pct} |")
+        print(
+            f"| {r['batch']} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
+            f"{r['decode_ms_per_step']:.2f} | {r['device_decode_ms_per_step']:.2f} | {roof} | {pct} |"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device.device_kind, "args": vars(args), "rows": rows}, f, indent=2)

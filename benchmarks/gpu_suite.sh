@@ -50,6 +50,7 @@ if [ -n "${DECODE_COMPARE:-}" ]; then
     --out "$OUT/decode_per_token.json"
 fi
 echo "== cuDNN attention against the XLA reference" | tee -a "$OUT/suite.log"
-JAX_PLATFORMS=cuda timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_attention.py > "$OUT/gpu_tests.txt" 2>&1
+JAX_PLATFORMS=cuda timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_attention_cudnn.py \
+  > "$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
 echo "results in $OUT"

@@ -43,7 +43,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-GiB = 1024 ** 3
+GiB = 1024**3
 TEXT_BEFORE, TEXT_AFTER = 40, 55  # + BOS = 96 text tokens around the image
 NEW_TOKENS = 16
 MAX_REL_ERR = 0.02
@@ -57,8 +57,9 @@ def prompt(cfg) -> dict:
 
     rng = np.random.default_rng(0)
     words = lambda n: rng.integers(3, cfg.text.vocab_size, n)  # past BOS/EOS/pad
-    ids = np.concatenate([[cfg.text.bos_token_id], words(TEXT_BEFORE), np.full(cfg.image_tokens, -1),
-                          words(TEXT_AFTER)]).astype(np.int32)[None]
+    ids = np.concatenate(
+        [[cfg.text.bos_token_id], words(TEXT_BEFORE), np.full(cfg.image_tokens, -1), words(TEXT_AFTER)]
+    ).astype(np.int32)[None]
     v = cfg.vision
     pixels = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size), dtype=np.float32)
     return {"pixel_values": pixels, "input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -89,11 +90,17 @@ def child(phase: str, folder: str, result: str, shard_gb: float) -> None:
     if phase == "generate":
         from owl_jax.inference.generate import GenerationConfig, Generator
 
-        out = Generator(model).generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                        GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS))
+        out = Generator(model).generate(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["pixel_values"],
+            GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
+        )
         with open(result, "w") as f:
-            json.dump({"tokens": out.tokens[0], "load_seconds": loaded - start,
-                       "run_seconds": time.perf_counter() - loaded}, f)
+            json.dump(
+                {"tokens": out.tokens[0], "load_seconds": loaded - start, "run_seconds": time.perf_counter() - loaded},
+                f,
+            )
         return
     logits = model(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
     last = np.asarray(jax.device_get(logits[0, -1]), np.float32)
@@ -119,10 +126,13 @@ def compare(bf16, reference) -> dict:
     import numpy as np
 
     a, b = np.asarray(bf16, np.float64), np.asarray(reference, np.float64)
-    return {"top1_bf16": int(a.argmax()), "top1_float32": int(b.argmax()),
-            "top1_equal": bool(a.argmax() == b.argmax()),
-            "rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
-            "max_abs_err": float(np.abs(a - b).max())}
+    return {
+        "top1_bf16": int(a.argmax()),
+        "top1_float32": int(b.argmax()),
+        "top1_equal": bool(a.argmax() == b.argmax()),
+        "rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+        "max_abs_err": float(np.abs(a - b).max()),
+    }
 
 
 def main() -> int:
@@ -154,8 +164,9 @@ def main() -> int:
     try:
         for phase in PHASES:
             rows[phase] = run_phase(commands[phase], os.path.join(work, f"{phase}.log"))
-            print(f"  {phase}: {rows[phase]['seconds']:.0f}s, peak RSS {rows[phase]['peak_rss_gib']:.2f} GiB",
-                  flush=True)
+            print(
+                f"  {phase}: {rows[phase]['seconds']:.0f}s, peak RSS {rows[phase]['peak_rss_gib']:.2f} GiB", flush=True
+            )
         import numpy as np
 
         with np.load(os.path.join(work, "forward.npz")) as fwd, np.load(os.path.join(work, "reference.npz")) as ref:
@@ -174,27 +185,41 @@ def main() -> int:
 
     agreement["first_token_is_top1"] = generated["tokens"][0] == agreement["top1_bf16"]
     agreement["passed"] = agreement["top1_equal"] and agreement["rel_err"] <= MAX_REL_ERR
-    labels = {"write": "write random 7B checkpoint (.bin shards)", "import": "`convert_weights.py import` (bf16)",
-              "forward": "`from_pretrained` bf16 + forward",
-              "generate": f"`from_pretrained` bf16 + {NEW_TOKENS} greedy tokens",
-              "reference": "`from_pretrained` bf16 weights, float32 compute + forward"}
+    labels = {
+        "write": "write random 7B checkpoint (.bin shards)",
+        "import": "`convert_weights.py import` (bf16)",
+        "forward": "`from_pretrained` bf16 + forward",
+        "generate": f"`from_pretrained` bf16 + {NEW_TOKENS} greedy tokens",
+        "reference": "`from_pretrained` bf16 weights, float32 compute + forward",
+    }
     print(f"\nsource {source_bytes / 1e9:.2f} GB; prompt: 1 image + 96 text tokens ({96 + 65} positions)\n")
     print("| phase | time (s) | peak RSS (GiB) |")
     print("|---|---:|---:|")
     for phase in PHASES:
         print(f"| {labels[phase]} | {rows[phase]['seconds']:.1f} | {rows[phase]['peak_rss_gib']:.2f} |")
-    print(f"\nlast-position logits, bf16 vs float32 reference: top-1 {agreement['top1_bf16']} vs "
-          f"{agreement['top1_float32']} ({'equal' if agreement['top1_equal'] else 'DIFFERENT'}), relative error "
-          f"{agreement['rel_err']:.2%} (max {MAX_REL_ERR:.0%}), max abs error {agreement['max_abs_err']:.3g}; "
-          f"first generated token {'=' if agreement['first_token_is_top1'] else '!='} bf16 top-1; "
-          f"generated {generated['tokens']}")
+    print(
+        f"\nlast-position logits, bf16 vs float32 reference: top-1 {agreement['top1_bf16']} vs "
+        f"{agreement['top1_float32']} ({'equal' if agreement['top1_equal'] else 'DIFFERENT'}), relative error "
+        f"{agreement['rel_err']:.2%} (max {MAX_REL_ERR:.0%}), max abs error {agreement['max_abs_err']:.3g}; "
+        f"first generated token {'=' if agreement['first_token_is_top1'] else '!='} bf16 top-1; "
+        f"generated {generated['tokens']}"
+    )
     over = [p for p in ("import", "forward", "generate") if rows[p]["peak_rss_gib"] > RSS_TARGET_GIB]
     if over:
         print(f"over the {RSS_TARGET_GIB:.0f} GiB target: {', '.join(over)}")
     path = args.json or os.path.join(work, "host_7b.json")
     with open(path, "w") as f:
-        json.dump({"source_bytes": source_bytes, "phases": rows, "logits": agreement, "tokens": generated["tokens"],
-                   "rss_target_gib": RSS_TARGET_GIB}, f, indent=2)
+        json.dump(
+            {
+                "source_bytes": source_bytes,
+                "phases": rows,
+                "logits": agreement,
+                "tokens": generated["tokens"],
+                "rss_target_gib": RSS_TARGET_GIB,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {path}")
     return 0 if agreement["passed"] and not over else 1
 

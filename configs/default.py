@@ -15,12 +15,20 @@ from owl_jax.training.schema import base_config, lora_config, optim_config, stag
 
 def model() -> OwlConfig:
     return OwlConfig(
-        vision=VisionConfig(hidden_size=96, intermediate_size=192, num_layers=3, num_heads=4, image_size=64,
-                            patch_size=8),
-        abstractor=AbstractorConfig(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4,
-                                    encoder_hidden_size=96, attention_dropout=0.0),
-        text=TextConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
-                        num_kv_heads=4),
+        vision=VisionConfig(
+            hidden_size=96, intermediate_size=192, num_layers=3, num_heads=4, image_size=64, patch_size=8
+        ),
+        abstractor=AbstractorConfig(
+            hidden_size=96,
+            intermediate_size=256,
+            num_layers=2,
+            num_heads=4,
+            encoder_hidden_size=96,
+            attention_dropout=0.0,
+        ),
+        text=TextConfig(
+            vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, num_kv_heads=4
+        ),
         num_query_tokens=8,
     ).validate()
 
@@ -35,15 +43,28 @@ def get_config():
     c.checkpoint.update(every=100, keep=2)
     c.log.every = 10
     c.stages.llm_warmup = stage_config(
-        "text_pretrain", steps=300, batch_size=16, sources=[["instruct_text"], ["captions", "instruct_multimodal"]],
-        optim=optim_config(lr=3e-3, warmup_steps=30, b2=0.98, weight_decay=0.01))
+        "text_pretrain",
+        steps=300,
+        batch_size=16,
+        sources=[["instruct_text"], ["captions", "instruct_multimodal"]],
+        optim=optim_config(lr=3e-3, warmup_steps=30, b2=0.98, weight_decay=0.01),
+    )
     c.stages.stage1 = stage_config(
-        "stage1", steps=1200, batch_size=16, sources=[["captions"]], max_images=1,
-        optim=optim_config(lr=1e-3, warmup_steps=30, b2=0.98, weight_decay=0.01))
+        "stage1",
+        steps=1200,
+        batch_size=16,
+        sources=[["captions"]],
+        max_images=1,
+        optim=optim_config(lr=1e-3, warmup_steps=30, b2=0.98, weight_decay=0.01),
+    )
     c.stages.stage2 = stage_config(
-        "stage2", steps=1200, batch_size=16, sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
+        "stage2",
+        steps=1200,
+        batch_size=16,
+        sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
         lora=lora_config(rank=8, alpha=32, dropout=0.0, targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
         train_abstractor=True,
-        optim=optim_config(lr=4e-3, warmup_steps=30, weight_decay=1e-4))
+        optim=optim_config(lr=4e-3, warmup_steps=30, weight_decay=1e-4),
+    )
     c.run = "llm_warmup,stage1,stage2"
     return c

@@ -17,8 +17,13 @@ def get_config():
     c.model.update(init="towers", clip="", llama="", num_query_tokens=64, dtype="bfloat16", remat_policy="full")
     c.data.update(seq_len=512, max_images=1, augment=True, eval=())
     c.stages.stage1 = stage_config(
-        "stage1", steps=50_000, batch_size=4096, sources=[["captions"]], frozen_dtype="bfloat16",
-        optim=optim_config(lr=2e-4, warmup_steps=375, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01))
+        "stage1",
+        steps=50_000,
+        batch_size=4096,
+        sources=[["captions"]],
+        frozen_dtype="bfloat16",
+        optim=optim_config(lr=2e-4, warmup_steps=375, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01),
+    )
     c.run = "stage1"
     c.checkpoint.update(every=1000, keep=3)
     return c

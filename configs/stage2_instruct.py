@@ -18,9 +18,15 @@ def get_config():
     c.model.update(init="checkpoint", checkpoint="", dtype="bfloat16", remat_policy="full")
     c.data.update(seq_len=1024, max_images=1, augment=True, eval=())
     c.stages.stage2 = stage_config(
-        "stage2", steps=2000, batch_size=256, sources=[["text"], ["multimodal"]], frozen_dtype="bfloat16",
-        lora=lora_config(rank=8, alpha=32, dropout=0.05), train_abstractor=True,
-        optim=optim_config(lr=2e-5, warmup_steps=50, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-4, clip_norm=1.0))
+        "stage2",
+        steps=2000,
+        batch_size=256,
+        sources=[["text"], ["multimodal"]],
+        frozen_dtype="bfloat16",
+        lora=lora_config(rank=8, alpha=32, dropout=0.05),
+        train_abstractor=True,
+        optim=optim_config(lr=2e-5, warmup_steps=50, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-4, clip_norm=1.0),
+    )
     c.run = "stage2"
     c.checkpoint.update(every=250, keep=3)
     return c

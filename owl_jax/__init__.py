@@ -14,13 +14,21 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from owl_jax.api import from_pretrained
-    from owl_jax.config import AbstractorConfig, LoRAConfig, OwlConfig, TextConfig, VisionConfig
-    from owl_jax.modeling import Owl
+    from owl_jax.api import from_pretrained as from_pretrained
+    from owl_jax.config import AbstractorConfig as AbstractorConfig
+    from owl_jax.config import LoRAConfig as LoRAConfig
+    from owl_jax.config import OwlConfig as OwlConfig
+    from owl_jax.config import TextConfig as TextConfig
+    from owl_jax.config import VisionConfig as VisionConfig
+    from owl_jax.modeling import Owl as Owl
 
-_HOME = {"from_pretrained": "owl_jax.api", "Owl": "owl_jax.modeling",
-         **{name: "owl_jax.config" for name in ("AbstractorConfig", "LoRAConfig", "OwlConfig", "TextConfig",
-                                                "VisionConfig")}}
+_HOME = {
+    "from_pretrained": "owl_jax.api",
+    "Owl": "owl_jax.modeling",
+    **{
+        name: "owl_jax.config" for name in ("AbstractorConfig", "LoRAConfig", "OwlConfig", "TextConfig", "VisionConfig")
+    },
+}
 __all__ = sorted(_HOME)
 __version__ = "0.1.0"
 

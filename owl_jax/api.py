@@ -12,11 +12,21 @@ from owl_jax.config import Numerics
 from owl_jax.modeling import Owl
 
 
-def from_pretrained(path: str | os.PathLike, dtype: str = "float32", lora: str | os.PathLike | None = None, *,
-                    param_dtype: str | None = None, merge_lora: bool = False, lora_alpha: float | None = None,
-                    mesh: jax.sharding.Mesh | None = None, scan_layers: bool = True, remat_policy: str = "none",
-                    attention_impl: str | None = None, numerics: Numerics | None = None,
-                    show_progress: bool = True) -> tuple[Owl, Any]:
+def from_pretrained(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    lora: str | os.PathLike | None = None,
+    *,
+    param_dtype: str | None = None,
+    merge_lora: bool = False,
+    lora_alpha: float | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+    attention_impl: str | None = None,
+    numerics: Numerics | None = None,
+    show_progress: bool = True,
+) -> tuple[Owl, Any]:
     """Load mPLUG-Owl for inference or further training.
 
     Args:
@@ -42,11 +52,19 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32", lora: str |
     numerics = numerics or Numerics()
     if attention_impl is not None:
         numerics = numerics.replace(attention=attention_impl)
-    runtime = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy,
-                   numerics=numerics)
-    loaded = load_checkpoint(path, weights_dtype=param_dtype, lora=None if lora is None else os.fspath(lora),
-                             merge_lora=merge_lora, lora_alpha=lora_alpha, mesh=mesh, show_progress=show_progress,
-                             runtime=runtime)
+    runtime = dict(
+        dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy, numerics=numerics
+    )
+    loaded = load_checkpoint(
+        path,
+        weights_dtype=param_dtype,
+        lora=None if lora is None else os.fspath(lora),
+        merge_lora=merge_lora,
+        lora_alpha=lora_alpha,
+        mesh=mesh,
+        show_progress=show_progress,
+        runtime=runtime,
+    )
     graphdef, abstract = abstract_model(loaded.config)
     model = assemble(graphdef, abstract, loaded.leaves)
     return model, _processor_for(path, loaded.config)

@@ -137,7 +137,7 @@ class LoRAConfig:
         }
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+    def from_peft_dict(cls, d: dict[str, Any]) -> LoRAConfig:
         if d.get("peft_type", "LORA").upper() != "LORA":
             raise ConfigError(f"adapter config has peft_type={d.get('peft_type')!r}; only LORA adapters are supported")
         if d.get("fan_in_fan_out"):
@@ -148,8 +148,12 @@ class LoRAConfig:
         if target is None:
             raise ConfigError("adapter config has no target_modules")
         target = target if isinstance(target, str) else tuple(target)
-        return cls(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0.0)),
-                   target_modules=target)
+        return cls(
+            rank=int(d["r"]),
+            alpha=float(d["lora_alpha"]),
+            dropout=float(d.get("lora_dropout", 0.0)),
+            target_modules=target,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,12 +187,16 @@ class Numerics:
     hoist_invariants: str = "auto"
     float32_elementwise: bool = True
 
-    def replace(self, **changes: Any) -> "Numerics":
+    def replace(self, **changes: Any) -> Numerics:
         return dataclasses.replace(self, **changes)
 
-    def validate(self) -> "Numerics":
-        for name, choices in (("attention", ATTENTION_IMPLS), ("matmul", MATMUL_ROUTES),
-                              ("half_as_bits", SWITCHES), ("hoist_invariants", SWITCHES)):
+    def validate(self) -> Numerics:
+        for name, choices in (
+            ("attention", ATTENTION_IMPLS),
+            ("matmul", MATMUL_ROUTES),
+            ("half_as_bits", SWITCHES),
+            ("hoist_invariants", SWITCHES),
+        ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"numerics.{name} {getattr(self, name)!r} is not one of {choices}")
         return self
@@ -215,21 +223,43 @@ class OwlConfig:
         """LLM tokens per image: the abstractor's queries plus `vit_eos`."""
         return self.num_query_tokens + 1
 
-    def replace(self, **changes: Any) -> "OwlConfig":
+    def replace(self, **changes: Any) -> OwlConfig:
         return dataclasses.replace(self, **changes)
 
-    def validate(self) -> "OwlConfig":
+    def validate(self) -> OwlConfig:
         """Raise `ConfigError` naming the first inconsistent field."""
         v, a, t = self.vision, self.abstractor, self.text
         checks = [
-            (v.hidden_size % v.num_heads == 0, f"vision hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}"),
-            (v.image_size % v.patch_size == 0, f"vision image_size {v.image_size} is not divisible by patch_size {v.patch_size}"),
-            (a.hidden_size % a.num_heads == 0, f"abstractor hidden_size {a.hidden_size} is not divisible by num_heads {a.num_heads}"),
-            (a.encoder_hidden_size == v.hidden_size, f"abstractor encoder_hidden_size {a.encoder_hidden_size} != vision hidden_size {v.hidden_size}"),
-            (a.hidden_size == v.hidden_size, f"abstractor hidden_size {a.hidden_size} != vision hidden_size {v.hidden_size} (the abstractor's keys/values concatenate queries and image tokens)"),
-            (t.hidden_size % t.num_heads == 0, f"text hidden_size {t.hidden_size} is not divisible by num_heads {t.num_heads}"),
+            (
+                v.hidden_size % v.num_heads == 0,
+                f"vision hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}",
+            ),
+            (
+                v.image_size % v.patch_size == 0,
+                f"vision image_size {v.image_size} is not divisible by patch_size {v.patch_size}",
+            ),
+            (
+                a.hidden_size % a.num_heads == 0,
+                f"abstractor hidden_size {a.hidden_size} is not divisible by num_heads {a.num_heads}",
+            ),
+            (
+                a.encoder_hidden_size == v.hidden_size,
+                f"abstractor encoder_hidden_size {a.encoder_hidden_size} != vision hidden_size {v.hidden_size}",
+            ),
+            (
+                a.hidden_size == v.hidden_size,
+                f"abstractor hidden_size {a.hidden_size} != vision hidden_size {v.hidden_size} "
+                "(the abstractor's keys/values concatenate queries and image tokens)",
+            ),
+            (
+                t.hidden_size % t.num_heads == 0,
+                f"text hidden_size {t.hidden_size} is not divisible by num_heads {t.num_heads}",
+            ),
             (t.head_dim % 2 == 0, f"text head_dim {t.head_dim} must be even for rotary embeddings"),
-            (t.num_heads % t.num_kv_heads == 0, f"text num_heads {t.num_heads} is not a multiple of num_kv_heads {t.num_kv_heads}"),
+            (
+                t.num_heads % t.num_kv_heads == 0,
+                f"text num_heads {t.num_heads} is not a multiple of num_kv_heads {t.num_kv_heads}",
+            ),
             (v.hidden_act in _ACTIVATIONS, f"vision hidden_act {v.hidden_act!r} is not one of {_ACTIVATIONS}"),
             (t.hidden_act == "silu", f"text hidden_act {t.hidden_act!r}: LLaMA uses silu"),
             (self.num_query_tokens > 0, f"num_query_tokens must be positive, got {self.num_query_tokens}"),
@@ -245,7 +275,7 @@ class OwlConfig:
 
     # The released `MplugOwlConfig` layout (`owl_jax.hf_config`).
     @classmethod
-    def from_hf_config(cls, source: str | os.PathLike | dict[str, Any], **runtime: Any) -> "OwlConfig":
+    def from_hf_config(cls, source: str | os.PathLike | dict[str, Any], **runtime: Any) -> OwlConfig:
         """Read a released `config.json` (a path, a folder holding one, or the parsed dict).
 
         `runtime` sets the run-time fields (`dtype`, `param_dtype`, `scan_layers`, ...).

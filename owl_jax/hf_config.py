@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from owl_jax.config import AbstractorConfig, ConfigError, OwlConfig, TextConfig, VisionConfig
 
@@ -22,12 +23,14 @@ def owl_config_from_hf(source: str | os.PathLike | dict[str, Any], **runtime: An
     d = read_json_source(source)
     missing = [k for k in ("vision_config", "visual_abstractor_config", "text_config") if k not in d]
     if missing:
-        raise ConfigError(f"config is not in the MplugOwlConfig layout: missing {missing}; "
-                          f"top-level keys are {sorted(d)[:12]}")
+        raise ConfigError(
+            f"config is not in the MplugOwlConfig layout: missing {missing}; top-level keys are {sorted(d)[:12]}"
+        )
     vc, ac, tc = d["vision_config"], d["visual_abstractor_config"], d["text_config"]
     if tc.get("model_type", "llama") != "llama":
-        raise ConfigError(f"text_config.model_type is {tc.get('model_type')!r}; only LLaMA language models are "
-                          f"supported")
+        raise ConfigError(
+            f"text_config.model_type is {tc.get('model_type')!r}; only LLaMA language models are supported"
+        )
     vision = vision_config_from_hf(vc)
     abstractor = AbstractorConfig(
         hidden_size=ac.get("hidden_size", 1024),
@@ -38,8 +41,13 @@ def owl_config_from_hf(source: str | os.PathLike | dict[str, Any], **runtime: An
         layer_norm_eps=ac.get("layer_norm_eps", 1e-6),
         attention_dropout=ac.get("attention_probs_dropout_prob", 0.1),
     )
-    cfg = OwlConfig(vision=vision, abstractor=abstractor, text=text_config_from_hf(tc),
-                    num_query_tokens=d.get("num_query_tokens", 64), **runtime)
+    cfg = OwlConfig(
+        vision=vision,
+        abstractor=abstractor,
+        text=text_config_from_hf(tc),
+        num_query_tokens=d.get("num_query_tokens", 64),
+        **runtime,
+    )
     return cfg.validate()
 
 
@@ -132,7 +140,9 @@ def text_config_from_hf(tc: dict[str, Any]) -> TextConfig:
         raise ConfigError(f"rope scaling {rope_type!r} is not supported (mPLUG-Owl uses plain RoPE)")
     heads = tc.get("num_attention_heads", 32)
     if tc.get("attention_bias") or tc.get("mlp_bias"):
-        raise ConfigError("LLaMA configs with attention_bias/mlp_bias are not supported (mPLUG-Owl's LLaMA has no biases)")
+        raise ConfigError(
+            "LLaMA configs with attention_bias/mlp_bias are not supported (mPLUG-Owl's LLaMA has no biases)"
+        )
     if "head_dim" in tc and tc["head_dim"] is not None and tc["head_dim"] != tc.get("hidden_size", 4096) // heads:
         raise ConfigError(f"text head_dim {tc['head_dim']} != hidden_size/num_attention_heads; not supported")
     return TextConfig(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 
 class _Bar:
@@ -14,14 +14,24 @@ class _Bar:
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+            self._bar = tqdm(
+                total=total_bytes,
+                desc=desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
 
     def advance(self, nbytes: int, items: int = 1) -> None:
         self.items += items
         if self._bar is not None:
             self._bar.update(nbytes)
-            self._bar.set_postfix_str(f"{self.items}/{self.total_items} tensors", refresh=self.items == self.total_items)
+            self._bar.set_postfix_str(
+                f"{self.items}/{self.total_items} tensors", refresh=self.items == self.total_items
+            )
 
     def close(self) -> None:
         if self._bar is not None:

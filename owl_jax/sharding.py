@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -57,8 +58,7 @@ class ShardingError(ValueError):
     """A logical axis or mesh that the rules cannot resolve."""
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `(data, fsdp, tensor)` mesh; one size may be -1 to take the remaining devices.
 
     Axis types are Auto (GSPMD propagation), so matmuls sharded on a contracting dimension work.
@@ -73,18 +73,22 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
             raise ShardingError(f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} tensor={tensor}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ShardingError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-                            f"devices, but {len(devices)} are available")
+        raise ShardingError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
+            f"devices, but {len(devices)} are available"
+        )
     grid = np.asarray(devices, dtype=object).reshape(sizes)
     try:
         from jax.sharding import AxisType
+
         return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     except (ImportError, TypeError):  # older jax: every axis is Auto already
         return Mesh(grid, MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None, rules: dict | None = None) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None, rules: dict | None = None
+) -> PartitionSpec:
     """The `PartitionSpec` for a value with logical `axes`.
 
     With `shape` and `mesh`, dimensions not divisible by their mesh axes are left replicated, and a mesh

@@ -18,15 +18,27 @@ from owl_jax.training.trainer import Trainer
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "mplug_owl_tiny"
 
 
-@functools.lru_cache(maxsize=None)
-def load_fixture_model(folder: str = "checkpoint", dtype: str = "float32", lora: str | None = None,
-                       merge_lora: bool = False, scan_layers: bool = True, attention_impl: str = "auto"):
+@functools.cache
+def load_fixture_model(
+    folder: str = "checkpoint",
+    dtype: str = "float32",
+    lora: str | None = None,
+    merge_lora: bool = False,
+    scan_layers: bool = True,
+    attention_impl: str = "auto",
+):
     """The fixture model loaded once per argument set (tests must not modify it)."""
     import owl_jax
 
-    model, _ = owl_jax.from_pretrained(FIXTURE / folder, dtype=dtype, lora=None if lora is None else FIXTURE / lora,
-                                       merge_lora=merge_lora, scan_layers=scan_layers, attention_impl=attention_impl,
-                                       show_progress=False)
+    model, _ = owl_jax.from_pretrained(
+        FIXTURE / folder,
+        dtype=dtype,
+        lora=None if lora is None else FIXTURE / lora,
+        merge_lora=merge_lora,
+        scan_layers=scan_layers,
+        attention_impl=attention_impl,
+        show_progress=False,
+    )
     return model
 
 
@@ -41,7 +53,7 @@ def all_eqns(jaxpr):
 def subjaxprs(eqn):
     """The jaxprs an equation calls (scan/cond/custom-VJP bodies and the like)."""
     for value in eqn.params.values():
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
             if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
                 yield v.jaxpr
             elif hasattr(v, "eqns"):
@@ -53,17 +65,29 @@ OPTIM = dict(lr=1e-2, warmup_steps=1, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.
 
 def tiny_config(**kw) -> OwlConfig:
     return OwlConfig(
-        vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=32, patch_size=16),
-        abstractor=AbstractorConfig(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
-                                    encoder_hidden_size=16, attention_dropout=0.0),
+        vision=VisionConfig(
+            hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=32, patch_size=16
+        ),
+        abstractor=AbstractorConfig(
+            hidden_size=16,
+            intermediate_size=24,
+            num_layers=2,
+            num_heads=2,
+            encoder_hidden_size=16,
+            attention_dropout=0.0,
+        ),
         text=TextConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=2, num_kv_heads=2),
-        num_query_tokens=2, **kw)
+        num_query_tokens=2,
+        **kw,
+    )
 
 
 def tiny_params(cfg: OwlConfig, seed: int = 0) -> dict:
     model = Owl(cfg.replace(lora=None), rngs=nnx.Rngs(seed))
-    return {tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {
+        tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
 
 
 def tiny_batch(rows: int = 4, length: int = 16, slots: int = 2, seed: int = 0, answers: bool = True) -> dict:
@@ -76,9 +100,14 @@ def tiny_batch(rows: int = 4, length: int = 16, slots: int = 2, seed: int = 0, a
     loss_mask = np.zeros((rows, length - 1), np.int32)
     if answers:
         loss_mask[:, 8:14] = 1
-    return {"input_ids": ids, "attention_mask": np.ones((rows, length), np.int32), "loss_mask": loss_mask,
-            "pixel_values": rng.normal(size=(rows, slots, 3, 32, 32)).astype(np.float32),
-            "image_mask": image_mask, "skipped": np.zeros(rows, np.int32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones((rows, length), np.int32),
+        "loss_mask": loss_mask,
+        "pixel_values": rng.normal(size=(rows, slots, 3, 32, 32)).astype(np.float32),
+        "image_mask": image_mask,
+        "skipped": np.zeros(rows, np.int32),
+    }
 
 
 def one_device_mesh():

@@ -3,12 +3,11 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import owl_jax
 from helpers import load_fixture_model
-from flax import nnx
-
 from owl_jax.sharding import ShardingError, logical_to_spec, make_mesh, use_mesh
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
@@ -49,8 +48,12 @@ def test_sharded_forward_equals_single_device(shape, fixture_dir, reference):
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, *inputs: nnx.merge(graphdef, state).forward(*inputs))
     with use_mesh(mesh):
-        logits = forward(state, jax.device_put(images), jax.device_put(ids.astype(np.int32), batch),
-                         jax.device_put(mask.astype(np.int32), batch))
+        logits = forward(
+            state,
+            jax.device_put(images),
+            jax.device_put(ids.astype(np.int32), batch),
+            jax.device_put(mask.astype(np.int32), batch),
+        )
     single = load_fixture_model("checkpoint")
     expected = single(images, ids, mask)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5, rtol=0)

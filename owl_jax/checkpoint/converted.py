@@ -35,7 +35,7 @@ PARAMS_DIR = "params"
 FORMAT = "owl_jax.params"
 FORMAT_VERSION = 1
 # Leaves up to this size in all are written / restored together (each step has a fixed cost).
-_WRITE_GROUP_BYTES = _RESTORE_GROUP_BYTES = 256 * 2 ** 20
+_WRITE_GROUP_BYTES = _RESTORE_GROUP_BYTES = 256 * 2**20
 
 
 def is_converted(folder: str) -> bool:
@@ -53,8 +53,9 @@ def read_meta(folder: str) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an owl_jax parameter folder (format={meta.get('format')!r})")
     if meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {meta['version']}; this owl_jax reads up to "
-                              f"{FORMAT_VERSION}. Upgrade owl_jax.")
+        raise CheckpointError(
+            f"{path} has format version {meta['version']}; this owl_jax reads up to {FORMAT_VERSION}. Upgrade owl_jax."
+        )
     return meta
 
 
@@ -62,9 +63,17 @@ def lora_config_of(meta: dict[str, Any]) -> LoRAConfig | None:
     return None if meta.get("lora") is None else LoRAConfig.from_peft_dict(meta["lora"])
 
 
-def save_converted(out_dir: str, leaves: dict[Path, Any], *, hf_config: dict[str, Any], lora: LoRAConfig | None,
-                   side_files_from: str | None = None, source: str = "", rotary_buffers: bool = True,
-                   overwrite: bool = False) -> str:
+def save_converted(
+    out_dir: str,
+    leaves: dict[Path, Any],
+    *,
+    hf_config: dict[str, Any],
+    lora: LoRAConfig | None,
+    side_files_from: str | None = None,
+    source: str = "",
+    rotary_buffers: bool = True,
+    overwrite: bool = False,
+) -> str:
     """Write a converted folder atomically; returns its path.
 
     Args:
@@ -80,15 +89,20 @@ def save_converted(out_dir: str, leaves: dict[Path, Any], *, hf_config: dict[str
             json.dump(hf_config, f, indent=2, sort_keys=True)
         copy_side_files(side_files_from, tmp)
         _save_pytree(os.path.join(tmp, PARAMS_DIR), leaves)
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "param_dtypes": dtypes,
-                "lora": None if lora is None else lora.to_peft_dict(), "rotary_buffers": rotary_buffers,
-                "source": source}
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "param_dtypes": dtypes,
+            "lora": None if lora is None else lora.to_peft_dict(),
+            "rotary_buffers": rotary_buffers,
+            "source": source,
+        }
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
     return os.path.abspath(out_dir)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _leaves_in_turn() -> Any:
     """An Orbax handler for host leaves that writes them a few at a time, or None if this Orbax lacks the
     hooks it needs.
@@ -118,8 +132,9 @@ def _leaves_in_turn() -> Any:
                     arrays = await loop.run_in_executor(None, lambda g=group: [materialize(values[i]) for i in g])
                     if writing is not None:
                         await writing
-                    writing = asyncio.ensure_future(self._background_serialize(
-                        arrays, [infos[i] for i in group], [args[i] for i in group]))
+                    writing = asyncio.ensure_future(
+                        self._background_serialize(arrays, [infos[i] for i in group], [args[i] for i in group])
+                    )
                     del arrays
                 if writing is not None:
                     await writing
@@ -155,15 +170,21 @@ def _save_pytree(path: str, leaves: dict[Path, Any]) -> None:
         if host is None:
             host = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
         options["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry(
-            (PendingLeaf, host), (np.ndarray, host), (jax.Array, ocp.type_handlers.ArrayHandler()))
+            (PendingLeaf, host), (np.ndarray, host), (jax.Array, ocp.type_handlers.ArrayHandler())
+        )
     except (TypeError, AttributeError):  # an Orbax without these options: its defaults (copying)
         leaves = {p: materialize(v) for p, v in leaves.items()}
     ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options)).save(path, args=ocp.args.PyTreeSave(nest(leaves)))
 
 
-def load_converted_leaves(folder: str, shapes: dict[Path, tuple[tuple[int, ...], Any]], *, dtype: str | None = None,
-                          shardings: dict[Path, jax.sharding.Sharding] | None = None,
-                          on_host: bool = False) -> dict[Path, Any]:
+def load_converted_leaves(
+    folder: str,
+    shapes: dict[Path, tuple[tuple[int, ...], Any]],
+    *,
+    dtype: str | None = None,
+    shardings: dict[Path, jax.sharding.Sharding] | None = None,
+    on_host: bool = False,
+) -> dict[Path, Any]:
     """Restore the leaves of a converted folder, checked against the model's `shapes`.
 
     Args:
@@ -184,11 +205,16 @@ def load_converted_leaves(folder: str, shapes: dict[Path, tuple[tuple[int, ...],
         raise CheckpointError(f"cannot read the parameter checkpoint in {params_dir}: {e}") from None
     missing = sorted("/".join(p) for p in shapes if p not in stored)
     unexpected = sorted("/".join(p) for p in stored if p not in shapes)
-    misshaped = sorted(f"{'/'.join(p)}: stored {tuple(stored[p].shape)} vs model {shapes[p][0]}"
-                       for p in shapes if p in stored and tuple(stored[p].shape) != tuple(shapes[p][0]))
+    misshaped = sorted(
+        f"{'/'.join(p)}: stored {tuple(stored[p].shape)} vs model {shapes[p][0]}"
+        for p in shapes
+        if p in stored and tuple(stored[p].shape) != tuple(shapes[p][0])
+    )
     if missing or unexpected or misshaped:
-        raise CheckpointError(f"{folder} does not match the model config: missing {missing[:8]}, unexpected "
-                              f"{unexpected[:8]}, shape mismatches {misshaped[:8]}")
+        raise CheckpointError(
+            f"{folder} does not match the model config: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}, shape mismatches {misshaped[:8]}"
+        )
 
     target = {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(dtype) if dtype else m.dtype) for p, m in stored.items()}
     # Without shardings, each leaf is restored on the host and then placed, which holds less at once than
@@ -200,8 +226,9 @@ def load_converted_leaves(folder: str, shapes: dict[Path, tuple[tuple[int, ...],
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         places = {p: shardings.get(p, device) for p in target}
         target = {p: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=places[p]) for p, t in target.items()}
-        args = {p: ocp.ArrayRestoreArgs(sharding=places[p], global_shape=t.shape, dtype=t.dtype)
-                for p, t in target.items()}
+        args = {
+            p: ocp.ArrayRestoreArgs(sharding=places[p], global_shape=t.shape, dtype=t.dtype) for p, t in target.items()
+        }
     first = jax.devices()[0]
     place = (lambda leaf: leaf) if on_host else (lambda leaf: jax.block_until_ready(jax.device_put(leaf, first)))
     checkpointer = ocp.PyTreeCheckpointer()
@@ -209,9 +236,11 @@ def load_converted_leaves(folder: str, shapes: dict[Path, tuple[tuple[int, ...],
     partial = "partial_restore" in fields  # an older Orbax restores everything at once
     out: dict[Path, Any] = {}
     for group in _restore_groups(target) if partial else [list(target)]:
-        restore = ocp.args.PyTreeRestore(item=nest({p: target[p] for p in group}),
-                                         restore_args=nest({p: args[p] for p in group}),
-                                         **({"partial_restore": True} if partial else {}))
+        restore = ocp.args.PyTreeRestore(
+            item=nest({p: target[p] for p in group}),
+            restore_args=nest({p: args[p] for p in group}),
+            **({"partial_restore": True} if partial else {}),
+        )
         restored = flatten(checkpointer.restore(params_dir, args=restore))
         for path in group:
             out[path] = place(restored.pop(path)) if host_first else restored.pop(path)

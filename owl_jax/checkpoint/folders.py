@@ -10,11 +10,17 @@ import contextlib
 import os
 import shutil
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 # Files that travel with the weights when present in the source folder.
-SIDE_FILES = ("generation_config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.json", "preprocessor_config.json")
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "preprocessor_config.json",
+)
 
 
 @contextlib.contextmanager
@@ -26,8 +32,9 @@ def atomic_folder(out_dir: str, *, overwrite: bool = False) -> Iterator[str]:
     """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; choose another folder or pass "
-                              f"overwrite=True (--overwrite)")
+        raise FileExistsError(
+            f"{out_dir} already exists and is not empty; choose another folder or pass overwrite=True (--overwrite)"
+        )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")

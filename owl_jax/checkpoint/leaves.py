@@ -11,7 +11,8 @@ needed, so that a writer can take the leaves one at a time instead of all of the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,7 +57,7 @@ def empty_aligned(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     start = -raw.ctypes.data % _ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 @dataclasses.dataclass(eq=False)
@@ -110,8 +111,10 @@ def _value(var: Any) -> Any:
 
 def leaf_shapes(state: Any) -> Shapes:
     """`{path: (shape, dtype)}` of every Variable in an (abstract) `nnx.State`."""
-    return {tuple(str(p) for p in path): (tuple(_value(var).shape), _value(var).dtype)
-            for path, var in nnx.to_flat_state(state)}
+    return {
+        tuple(str(p) for p in path): (tuple(_value(var).shape), _value(var).dtype)
+        for path, var in nnx.to_flat_state(state)
+    }
 
 
 def flat_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> dict[Path, jax.sharding.Sharding]:
@@ -141,5 +144,7 @@ def assemble(graphdef: nnx.GraphDef, abstract: nnx.State, leaves: dict[Path, Any
 
 def host_leaves(model: Owl) -> dict[Path, np.ndarray]:
     """The model's parameters as host numpy arrays, `{path: array}`."""
-    return {tuple(str(p) for p in path): np.asarray(jax.device_get(_value(var)))
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {
+        tuple(str(p) for p in path): np.asarray(jax.device_get(_value(var)))
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }

@@ -14,7 +14,8 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -41,8 +42,10 @@ class LoadedCheckpoint:
 def _read_hf_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{folder} has no config.json; expected an HF-layout mPLUG-Owl folder or a folder "
-                              f"written by convert_weights.py")
+        raise CheckpointError(
+            f"{folder} has no config.json; expected an HF-layout mPLUG-Owl folder or a folder "
+            f"written by convert_weights.py"
+        )
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -55,9 +58,18 @@ def _finalizer(cfg: OwlConfig, mesh: jax.sharding.Mesh | None, on_host: bool):
 
 
 @contextlib.contextmanager
-def open_checkpoint(path: str, *, weights_dtype: str | None = None, lora: str | None = None, merge_lora: bool = False,
-                    lora_alpha: float | None = None, mesh: jax.sharding.Mesh | None = None, on_host: bool = False,
-                    show_progress: bool = True, runtime: dict[str, Any] | None = None) -> Iterator[LoadedCheckpoint]:
+def open_checkpoint(
+    path: str,
+    *,
+    weights_dtype: str | None = None,
+    lora: str | None = None,
+    merge_lora: bool = False,
+    lora_alpha: float | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    on_host: bool = False,
+    show_progress: bool = True,
+    runtime: dict[str, Any] | None = None,
+) -> Iterator[LoadedCheckpoint]:
     """`load_checkpoint`, except that the parameters of a released-layout folder stay `PendingLeaf`s (host
     arrays once materialized, whatever `mesh`/`on_host` say), readable while the block runs."""
     path = os.path.abspath(path)
@@ -66,16 +78,19 @@ def open_checkpoint(path: str, *, weights_dtype: str | None = None, lora: str | 
     lora_source = locate_lora(lora, lora_alpha=lora_alpha) if lora else None
 
     if not converted.is_converted(path):
-        with open_released(path, base_cfg, dtype=weights_dtype, lora=lora_source, merge=merge_lora,
-                           show_progress=show_progress) as (cfg, leaves):
+        with open_released(
+            path, base_cfg, dtype=weights_dtype, lora=lora_source, merge=merge_lora, show_progress=show_progress
+        ) as (cfg, leaves):
             yield LoadedCheckpoint(cfg, leaves, hf_config, path, rotary_buffers=True)
         return
 
     meta = converted.read_meta(path)
     stored_lora = converted.lora_config_of(meta)
     if stored_lora is not None and lora_source is not None:
-        raise CheckpointError(f"{path} already holds LoRA adapters; merge them first (export --merge-lora or "
-                              f"import --merge-lora) before applying another adapter")
+        raise CheckpointError(
+            f"{path} already holds LoRA adapters; merge them first (export --merge-lora or "
+            f"import --merge-lora) before applying another adapter"
+        )
     stored_cfg = base_cfg.replace(lora=stored_lora)
     shapes = leaf_shapes(abstract_model(stored_cfg)[1])
     rotary = meta.get("rotary_buffers", True)
@@ -101,9 +116,18 @@ def open_checkpoint(path: str, *, weights_dtype: str | None = None, lora: str | 
     yield LoadedCheckpoint(cfg, leaves, hf_config, path, rotary)
 
 
-def load_checkpoint(path: str, *, weights_dtype: str | None = None, lora: str | None = None, merge_lora: bool = False,
-                    lora_alpha: float | None = None, mesh: jax.sharding.Mesh | None = None, on_host: bool = False,
-                    show_progress: bool = True, runtime: dict[str, Any] | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str,
+    *,
+    weights_dtype: str | None = None,
+    lora: str | None = None,
+    merge_lora: bool = False,
+    lora_alpha: float | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    on_host: bool = False,
+    show_progress: bool = True,
+    runtime: dict[str, Any] | None = None,
+) -> LoadedCheckpoint:
     """Read a checkpoint folder into Flax leaves.
 
     Args:
@@ -119,8 +143,17 @@ def load_checkpoint(path: str, *, weights_dtype: str | None = None, lora: str | 
       The config and `{path: array}` of every parameter of `Owl(config)`: `jax.Array`s, or numpy arrays
       with `on_host`. A released-layout folder is read one leaf at a time, each placed before the next is read.
     """
-    with open_checkpoint(path, weights_dtype=weights_dtype, lora=lora, merge_lora=merge_lora, lora_alpha=lora_alpha,
-                         mesh=mesh, on_host=on_host, show_progress=show_progress, runtime=runtime) as loaded:
+    with open_checkpoint(
+        path,
+        weights_dtype=weights_dtype,
+        lora=lora,
+        merge_lora=merge_lora,
+        lora_alpha=lora_alpha,
+        mesh=mesh,
+        on_host=on_host,
+        show_progress=show_progress,
+        runtime=runtime,
+    ) as loaded:
         if not converted.is_converted(loaded.source_dir):
             finalize = _finalizer(loaded.config, mesh, on_host)
             leaves = loaded.leaves
@@ -128,32 +161,60 @@ def load_checkpoint(path: str, *, weights_dtype: str | None = None, lora: str | 
     return loaded
 
 
-def _apply_adapter(leaves: dict[Path, np.ndarray], cfg: OwlConfig, source: LoRASource, merge: bool,
-                   show_progress: bool) -> tuple[dict[Path, np.ndarray], OwlConfig]:
+def _apply_adapter(
+    leaves: dict[Path, np.ndarray], cfg: OwlConfig, source: LoRASource, merge: bool, show_progress: bool
+) -> tuple[dict[Path, np.ndarray], OwlConfig]:
     with_lora = cfg.replace(lora=source.config)
     shapes = leaf_shapes(abstract_model(with_lora)[1])
     inventory = KeyInventory.scan(source.files, rename=LoRASource.canonical_key)
     targets = owl_targets(with_lora, shapes, include_base=False)
     check_keys(inventory, targets, source=f"LoRA adapter {source.files[0]}")
-    adapter = stream_leaves(inventory, targets, {p: (s, None) for p, (s, _) in shapes.items()}, keep_on_host,
-                            desc="adapter", show_progress=show_progress)
+    adapter = stream_leaves(
+        inventory,
+        targets,
+        {p: (s, None) for p, (s, _) in shapes.items()},
+        keep_on_host,
+        desc="adapter",
+        show_progress=show_progress,
+    )
     combined = {**leaves, **adapter}
     if merge:
         return merge_lora_params(combined, source.config.scale), cfg
     return combined, with_lora
 
 
-def import_checkpoint(hf_dir: str, out_dir: str, *, dtype: str | None = None, lora: str | None = None,
-                      merge_lora: bool = False, lora_alpha: float | None = None, overwrite: bool = False,
-                      show_progress: bool = True) -> str:
+def import_checkpoint(
+    hf_dir: str,
+    out_dir: str,
+    *,
+    dtype: str | None = None,
+    lora: str | None = None,
+    merge_lora: bool = False,
+    lora_alpha: float | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> str:
     """HF folder (+ optional adapter) → converted folder; `dtype` None keeps the source's dtypes.
 
     Each parameter is read from the source just before it is written, so the import holds about one
     parameter (plus the writer's copy of it) in memory, not the model. Returns the folder's path.
     """
-    with open_checkpoint(hf_dir, weights_dtype=dtype, lora=lora, merge_lora=merge_lora, lora_alpha=lora_alpha,
-                         on_host=True, show_progress=show_progress) as loaded:
-        return converted.save_converted(out_dir, loaded.leaves, hf_config=loaded.hf_config, lora=loaded.config.lora,
-                                        side_files_from=loaded.source_dir,
-                                        source=os.path.basename(loaded.source_dir),
-                                        rotary_buffers=loaded.rotary_buffers, overwrite=overwrite)
+    with open_checkpoint(
+        hf_dir,
+        weights_dtype=dtype,
+        lora=lora,
+        merge_lora=merge_lora,
+        lora_alpha=lora_alpha,
+        on_host=True,
+        show_progress=show_progress,
+    ) as loaded:
+        return converted.save_converted(
+            out_dir,
+            loaded.leaves,
+            hf_config=loaded.hf_config,
+            lora=loaded.config.lora,
+            side_files_from=loaded.source_dir,
+            source=os.path.basename(loaded.source_dir),
+            rotary_buffers=loaded.rotary_buffers,
+            overwrite=overwrite,
+        )

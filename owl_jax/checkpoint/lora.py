@@ -52,7 +52,7 @@ class LoRASource:
     @staticmethod
     def canonical_key(file_key: str) -> str | None:
         """`base_model.model.<module>.lora_A[.default].weight` → `<module>.lora_A.weight`; others → None."""
-        key = file_key[len(PEFT_PREFIX):] if file_key.startswith(PEFT_PREFIX) else file_key
+        key = file_key[len(PEFT_PREFIX) :] if file_key.startswith(PEFT_PREFIX) else file_key
         m = _LORA_KEY.match(key)
         if m is None:
             return None
@@ -70,17 +70,29 @@ def locate_lora(path: str, *, lora_alpha: float | None = None) -> LoRASource:
         try:
             files, _ = weight_files(path)
         except CheckpointError:
-            raise CheckpointError(f"{path} holds neither a peft adapter ({' or '.join(ADAPTER_WEIGHTS)}) nor a "
-                                  f"training checkpoint (pytorch_model.bin / model.safetensors)") from None
+            raise CheckpointError(
+                f"{path} holds neither a peft adapter ({' or '.join(ADAPTER_WEIGHTS)}) nor a "
+                f"training checkpoint (pytorch_model.bin / model.safetensors)"
+            ) from None
         kind = "trainer"
-    config_path = next((p for p in (os.path.join(path, ADAPTER_CONFIG),
-                                    os.path.join(os.path.dirname(os.path.abspath(path)), ADAPTER_CONFIG))
-                        if os.path.isfile(p)), None)
+    config_path = next(
+        (
+            p
+            for p in (
+                os.path.join(path, ADAPTER_CONFIG),
+                os.path.join(os.path.dirname(os.path.abspath(path)), ADAPTER_CONFIG),
+            )
+            if os.path.isfile(p)
+        ),
+        None,
+    )
     inventory = KeyInventory.scan(files, rename=LoRASource.canonical_key)
     if not inventory.entries:
         raise CheckpointError(f"{path}: no LoRA keys (`*.lora_A.weight`, `*.lora_B.weight`) in {files}")
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in inventory.entries})
-    ranks = {inventory.entries[f"{m}.lora_A.weight"][0][0] for m in modules if f"{m}.lora_A.weight" in inventory.entries}
+    ranks = {
+        inventory.entries[f"{m}.lora_A.weight"][0][0] for m in modules if f"{m}.lora_A.weight" in inventory.entries
+    }
     if len(ranks) != 1:
         raise CheckpointError(f"{path}: LoRA A matrices have differing ranks {sorted(ranks)}")
     rank = ranks.pop()
@@ -96,11 +108,13 @@ def locate_lora(path: str, *, lora_alpha: float | None = None) -> LoRASource:
             raise CheckpointError(f"{path} has adapter weights but no {ADAPTER_CONFIG}")
         if lora_alpha is None:
             lora_alpha = RELEASED_RECIPE_SCALE * rank
-            warnings.warn(f"{path}: no {ADAPTER_CONFIG} here or in the parent folder; assuming the released "
-                          f"recipe's scale alpha/r = 4 (alpha={lora_alpha:g} for r={rank}). Pass lora_alpha= "
-                          f"to override.", stacklevel=2)
-        config = LoRAConfig(rank=rank, alpha=float(lora_alpha), dropout=0.0,
-                            target_modules=_exact_pattern(modules))
+            warnings.warn(
+                f"{path}: no {ADAPTER_CONFIG} here or in the parent folder; assuming the released "
+                f"recipe's scale alpha/r = 4 (alpha={lora_alpha:g} for r={rank}). Pass lora_alpha= "
+                f"to override.",
+                stacklevel=2,
+            )
+        config = LoRAConfig(rank=rank, alpha=float(lora_alpha), dropout=0.0, target_modules=_exact_pattern(modules))
     return LoRASource(files=files, config=config, kind=kind)
 
 
@@ -136,6 +150,10 @@ def merge_lora_params(params: dict[tuple[str, ...], Any], scale: float) -> dict[
     out = {p: v for p, v in params.items() if p[-1] not in ("lora_a", "lora_b")}
     for path in [p for p in params if p[-1] == "lora_a"]:
         module = path[:-1]
-        out[module + ("kernel",)] = merge_lora(np.asarray(params[module + ("kernel",)]), np.asarray(params[path]),
-                                               np.asarray(params[module + ("lora_b",)]), scale)
+        out[module + ("kernel",)] = merge_lora(
+            np.asarray(params[module + ("kernel",)]),
+            np.asarray(params[path]),
+            np.asarray(params[module + ("lora_b",)]),
+            scale,
+        )
     return out

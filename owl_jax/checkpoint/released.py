@@ -8,7 +8,8 @@ when materialized, so the caller decides where each leaf goes and how many are h
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +22,15 @@ from owl_jax.config import OwlConfig
 
 
 @contextlib.contextmanager
-def open_released(hf_dir: str, cfg: OwlConfig, *, dtype: str | None = None, lora: LoRASource | None = None,
-                  merge: bool = False,
-                  show_progress: bool = True) -> Iterator[tuple[OwlConfig, dict[Path, PendingLeaf | np.ndarray]]]:
+def open_released(
+    hf_dir: str,
+    cfg: OwlConfig,
+    *,
+    dtype: str | None = None,
+    lora: LoRASource | None = None,
+    merge: bool = False,
+    show_progress: bool = True,
+) -> Iterator[tuple[OwlConfig, dict[Path, PendingLeaf | np.ndarray]]]:
     """Check a released checkpoint (and optionally a LoRA adapter) and yield its leaves, read on demand.
 
     Args:
@@ -45,25 +52,41 @@ def open_released(hf_dir: str, cfg: OwlConfig, *, dtype: str | None = None, lora
     files, _ = weight_files(hf_dir)
     inventory = KeyInventory.scan(files)
     base_targets = owl_targets(model_cfg, shapes, include_lora=False)
-    check_keys(inventory, base_targets, ignore=is_rotary_buffer, source=f"checkpoint {hf_dir}",
-               hint="Is config.json the one these weights were saved with?")
+    check_keys(
+        inventory,
+        base_targets,
+        ignore=is_rotary_buffer,
+        source=f"checkpoint {hf_dir}",
+        hint="Is config.json the one these weights were saved with?",
+    )
 
     adapter: dict[Path, np.ndarray] = {}
     if lora is not None:
         lora_inventory = KeyInventory.scan(lora.files, rename=LoRASource.canonical_key)
         lora_targets = owl_targets(model_cfg, shapes, include_base=False)
-        check_keys(lora_inventory, lora_targets, source=f"LoRA adapter {lora.files[0]}",
-                   hint=f"adapter config: r={lora.config.rank}, target_modules={lora.config.target_modules!r}")
+        check_keys(
+            lora_inventory,
+            lora_targets,
+            source=f"LoRA adapter {lora.files[0]}",
+            hint=f"adapter config: r={lora.config.rank}, target_modules={lora.config.target_modules!r}",
+        )
         lora_dtype = None if merge else dtype
-        adapter = stream_leaves(lora_inventory, lora_targets, {p: (s, lora_dtype) for p, (s, _) in shapes.items()},
-                                keep_on_host, desc="adapter", show_progress=show_progress)
+        adapter = stream_leaves(
+            lora_inventory,
+            lora_targets,
+            {p: (s, lora_dtype) for p, (s, _) in shapes.items()},
+            keep_on_host,
+            desc="adapter",
+            show_progress=show_progress,
+        )
 
     specs = {p: (s, dtype) for p, (s, _) in shapes.items()}
     with LeafReader(inventory, base_targets, specs, dtype=dtype, show_progress=show_progress) as reader:
         merging = lora is not None and merge
         scale = lora.config.scale if merging else 0.0
-        leaves: dict[Path, Any] = {p: reader.pending(p, then=_merger(p, adapter, scale) if merging else None)
-                                   for p in reader.paths}
+        leaves: dict[Path, Any] = {
+            p: reader.pending(p, then=_merger(p, adapter, scale) if merging else None) for p in reader.paths
+        }
         if merging:
             model_cfg = model_cfg.replace(lora=None)
         else:

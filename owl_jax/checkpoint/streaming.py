@@ -14,7 +14,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,7 +38,7 @@ class KeyInventory:
     renames: dict[str, str] = dataclasses.field(default_factory=dict)  # canonical key → key in its file
 
     @classmethod
-    def scan(cls, paths: list[str], rename: Callable[[str], str | None] | None = None) -> "KeyInventory":
+    def scan(cls, paths: list[str], rename: Callable[[str], str | None] | None = None) -> KeyInventory:
         """Read the key tables of `paths`; `rename` maps a file key to its canonical name (None: skip it)."""
         entries: dict[str, tuple[tuple[int, ...], str, str]] = {}
         renames: dict[str, str] = {}
@@ -68,15 +69,23 @@ def _listing(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
 
 
-def check_keys(inventory: KeyInventory, targets: list[KeyTarget], *, ignore: Callable[[str], bool] = lambda k: False,
-               source: str = "checkpoint", hint: str = "") -> None:
+def check_keys(
+    inventory: KeyInventory,
+    targets: list[KeyTarget],
+    *,
+    ignore: Callable[[str], bool] = lambda k: False,
+    source: str = "checkpoint",
+    hint: str = "",
+) -> None:
     """Raise `CheckpointMismatchError` naming every missing, unexpected and mis-shaped key."""
     expected = {t.hf_key: t for t in targets}
     missing = sorted(k for k in expected if k not in inventory.entries)
     unexpected = sorted(k for k in inventory.entries if k not in expected and not ignore(k))
-    misshaped = [f"{k}: checkpoint {inventory.entries[k][0]} vs model {expected[k].hf_shape}"
-                 for k in sorted(expected) if k in inventory.entries
-                 and tuple(inventory.entries[k][0]) != tuple(expected[k].hf_shape)]
+    misshaped = [
+        f"{k}: checkpoint {inventory.entries[k][0]} vs model {expected[k].hf_shape}"
+        for k in sorted(expected)
+        if k in inventory.entries and tuple(inventory.entries[k][0]) != tuple(expected[k].hf_shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {_listing(missing)}")
@@ -85,9 +94,10 @@ def check_keys(inventory: KeyInventory, targets: list[KeyTarget], *, ignore: Cal
     if misshaped:
         problems.append(f"shape mismatches: {_listing(misshaped)}")
     if problems:
-        raise CheckpointMismatchError(f"{source} does not match the model config ({len(targets)} keys expected, "
-                                      f"{len(inventory.entries)} found):\n  " + "\n  ".join(problems)
-                                      + (f"\n{hint}" if hint else ""))
+        raise CheckpointMismatchError(
+            f"{source} does not match the model config ({len(targets)} keys expected, "
+            f"{len(inventory.entries)} found):\n  " + "\n  ".join(problems) + (f"\n{hint}" if hint else "")
+        )
 
 
 class LeafReader:
@@ -101,9 +111,16 @@ class LeafReader:
       dtype: cast every tensor to this dtype (overrides `leaf_specs`).
     """
 
-    def __init__(self, inventory: KeyInventory, targets: list[KeyTarget],
-                 leaf_specs: dict[Path, tuple[tuple[int, ...], Any]], *, dtype: str | None = None,
-                 desc: str = "import", show_progress: bool = True):
+    def __init__(
+        self,
+        inventory: KeyInventory,
+        targets: list[KeyTarget],
+        leaf_specs: dict[Path, tuple[tuple[int, ...], Any]],
+        *,
+        dtype: str | None = None,
+        desc: str = "import",
+        show_progress: bool = True,
+    ):
         self.inventory = inventory
         self._by_leaf: dict[Path, list[KeyTarget]] = collections.defaultdict(list)
         for target in targets:
@@ -155,17 +172,23 @@ class LeafReader:
         self._files = {}
         self._stack.close()
 
-    def __enter__(self) -> "LeafReader":
+    def __enter__(self) -> LeafReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
 
-def stream_leaves(inventory: KeyInventory, targets: list[KeyTarget],
-                  leaf_specs: dict[Path, tuple[tuple[int, ...], Any]],
-                  finalize: Callable[[Path, np.ndarray], Any], *, dtype: str | None = None,
-                  desc: str = "import", show_progress: bool = True) -> dict[Path, Any]:
+def stream_leaves(
+    inventory: KeyInventory,
+    targets: list[KeyTarget],
+    leaf_specs: dict[Path, tuple[tuple[int, ...], Any]],
+    finalize: Callable[[Path, np.ndarray], Any],
+    *,
+    dtype: str | None = None,
+    desc: str = "import",
+    show_progress: bool = True,
+) -> dict[Path, Any]:
     """Read the targets' leaves one at a time, handing each to `finalize` as soon as it is complete.
 
     Args:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +30,29 @@ from owl_jax.modeling.abstractor import Abstractor
 
 # HF `CLIPVisionConfig` defaults: a CLIP config.json may omit any field equal to them, and they differ
 # from mPLUG-Owl's (ViT-B/32 sizes, layer_norm_eps 1e-5).
-_CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                             image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5,
-                             hidden_act="quick_gelu")
+_CLIP_VISION_DEFAULTS = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=224,
+    patch_size=32,
+    num_channels=3,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+)
+
 
 def clip_vision_config(source: Any) -> VisionConfig:
-    """The ViT config of a CLIP folder / config.json / dict (`CLIPModel`: nested `vision_config`; `CLIPVisionModel`: flat)."""
+    """The ViT config of a CLIP folder / config.json / dict.
+
+    `CLIPModel` nests it under `vision_config`; `CLIPVisionModel` is flat.
+    """
     d = read_json_source(source)
     if d.get("model_type") not in (None, "clip", "clip_vision_model"):
-        raise ConfigError(f"{source}: model_type {d.get('model_type')!r} is not a CLIP model (expected 'clip' or "
-                          f"'clip_vision_model')")
+        raise ConfigError(
+            f"{source}: model_type {d.get('model_type')!r} is not a CLIP model (expected 'clip' or 'clip_vision_model')"
+        )
     if "vision_config" in d or "vision_config_dict" in d:
         # Old CLIPModel configs also carry `vision_config_dict`, which wins (as in transformers).
         vc = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {})}
@@ -54,17 +68,31 @@ def default_abstractor(vision_hidden: int) -> AbstractorConfig:
     the 2816/1024 ratio, rounded to a multiple of 8.
     """
     base = AbstractorConfig()
-    heads = min((h for h in range(1, vision_hidden + 1) if vision_hidden % h == 0),
-                key=lambda h: (abs(vision_hidden // h - base.head_dim), -h))
+    heads = min(
+        (h for h in range(1, vision_hidden + 1) if vision_hidden % h == 0),
+        key=lambda h: (abs(vision_hidden // h - base.head_dim), -h),
+    )
     ratio = base.intermediate_size / base.hidden_size
     intermediate = max(8, int(round(vision_hidden * ratio / 8)) * 8)
-    return AbstractorConfig(hidden_size=vision_hidden, encoder_hidden_size=vision_hidden, num_heads=heads,
-                            intermediate_size=intermediate, num_layers=base.num_layers,
-                            layer_norm_eps=base.layer_norm_eps, attention_dropout=base.attention_dropout)
+    return AbstractorConfig(
+        hidden_size=vision_hidden,
+        encoder_hidden_size=vision_hidden,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        num_layers=base.num_layers,
+        layer_norm_eps=base.layer_norm_eps,
+        attention_dropout=base.attention_dropout,
+    )
 
 
-def config_from_towers(clip_dir: Any, llama_dir: Any, *, abstractor: AbstractorConfig | None = None,
-                       num_query_tokens: int = 64, **runtime: Any) -> OwlConfig:
+def config_from_towers(
+    clip_dir: Any,
+    llama_dir: Any,
+    *,
+    abstractor: AbstractorConfig | None = None,
+    num_query_tokens: int = 64,
+    **runtime: Any,
+) -> OwlConfig:
     """The `OwlConfig` of a model made of these towers (folders, config.json paths or parsed dicts).
 
     `abstractor` defaults to `default_abstractor(vision hidden size)`; `runtime` sets the run-time fields.
@@ -73,8 +101,13 @@ def config_from_towers(clip_dir: Any, llama_dir: Any, *, abstractor: AbstractorC
     tc = read_json_source(llama_dir)
     if tc.get("model_type", "llama") != "llama":
         raise ConfigError(f"{llama_dir}: model_type {tc.get('model_type')!r}; only LLaMA language models are supported")
-    cfg = OwlConfig(vision=vision, abstractor=abstractor or default_abstractor(vision.hidden_size),
-                    text=text_config_from_hf(tc), num_query_tokens=num_query_tokens, **runtime)
+    cfg = OwlConfig(
+        vision=vision,
+        abstractor=abstractor or default_abstractor(vision.hidden_size),
+        text=text_config_from_hf(tc),
+        num_query_tokens=num_query_tokens,
+        **runtime,
+    )
     return cfg.validate()
 
 
@@ -89,16 +122,24 @@ def _on_host() -> contextlib.AbstractContextManager:
 def random_abstractor(cfg: OwlConfig, *, seed: int = 0, param_dtype: str = "float32") -> dict[Path, np.ndarray]:
     """Freshly initialised abstractor leaves `{('abstractor', ...): array}` (only the `Abstractor` is built)."""
     with _on_host():
-        module = Abstractor(cfg.abstractor, cfg.num_query_tokens, cfg.text.hidden_size, param_dtype=param_dtype,
-                            rngs=nnx.Rngs(seed))
+        module = Abstractor(
+            cfg.abstractor, cfg.num_query_tokens, cfg.text.hidden_size, param_dtype=param_dtype, rngs=nnx.Rngs(seed)
+        )
         flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
         return {("abstractor",) + tuple(str(p) for p in path): np.asarray(v.get_value()) for path, v in flat}
 
 
-def init_from_towers(clip_dir: str, llama_dir: str, *, abstractor: AbstractorConfig | None = None,
-                     num_query_tokens: int = 64, dtype: str | None = None, seed: int = 0,
-                     finalize: Callable[[Path, np.ndarray], Any] = keep_on_host,
-                     show_progress: bool = True) -> tuple[OwlConfig, dict[Path, Any]]:
+def init_from_towers(
+    clip_dir: str,
+    llama_dir: str,
+    *,
+    abstractor: AbstractorConfig | None = None,
+    num_query_tokens: int = 64,
+    dtype: str | None = None,
+    seed: int = 0,
+    finalize: Callable[[Path, np.ndarray], Any] = keep_on_host,
+    show_progress: bool = True,
+) -> tuple[OwlConfig, dict[Path, Any]]:
     """Every parameter of a fresh `Owl`: ViT from `clip_dir`, LLaMA from `llama_dir`, abstractor random.
 
     Both checkpoints are checked in full (missing, unexpected and mis-shaped keys raise
@@ -124,46 +165,79 @@ def init_from_towers(clip_dir: str, llama_dir: str, *, abstractor: AbstractorCon
 
     clip_inventory = KeyInventory.scan(weight_files(clip_dir)[0], rename=clip.strip_prefix)
     llama_inventory = KeyInventory.scan(weight_files(llama_dir)[0])
-    check_keys(clip_inventory, vision_targets, ignore=lambda k: clip.IGNORED.fullmatch(k) is not None,
-               source=f"CLIP checkpoint {clip_dir}",
-               hint="CLIP keys are listed without their 'vision_model.' prefix. Is config.json the one these "
-                    "weights were saved with?")
+    check_keys(
+        clip_inventory,
+        vision_targets,
+        ignore=lambda k: clip.IGNORED.fullmatch(k) is not None,
+        source=f"CLIP checkpoint {clip_dir}",
+        hint="CLIP keys are listed without their 'vision_model.' prefix. Is config.json the one these "
+        "weights were saved with?",
+    )
     tied = cfg.text.tie_word_embeddings
     # With tied embeddings a saved `lm_head.weight` is a copy of the embeddings (transformers drops it too).
-    check_keys(llama_inventory, text_targets, source=f"LLaMA checkpoint {llama_dir}",
-               ignore=lambda k: hf_llama.IGNORED.fullmatch(k) is not None or (tied and k == "lm_head.weight"),
-               hint="Is config.json the one these weights were saved with?")
+    check_keys(
+        llama_inventory,
+        text_targets,
+        source=f"LLaMA checkpoint {llama_dir}",
+        ignore=lambda k: hf_llama.IGNORED.fullmatch(k) is not None or (tied and k == "lm_head.weight"),
+        hint="Is config.json the one these weights were saved with?",
+    )
 
     specs = {p: (s, None) for p, (s, _) in shapes.items()}
-    leaves = stream_leaves(clip_inventory, vision_targets, specs, finalize, dtype=dtype, desc="CLIP",
-                           show_progress=show_progress)
-    leaves.update(stream_leaves(llama_inventory, text_targets, specs, finalize, dtype=dtype, desc="LLaMA",
-                                show_progress=show_progress))
+    leaves = stream_leaves(
+        clip_inventory, vision_targets, specs, finalize, dtype=dtype, desc="CLIP", show_progress=show_progress
+    )
+    leaves.update(
+        stream_leaves(
+            llama_inventory, text_targets, specs, finalize, dtype=dtype, desc="LLaMA", show_progress=show_progress
+        )
+    )
     fresh = random_abstractor(cfg, seed=seed, param_dtype=jnp.dtype(dtype or "float32").name)
     wanted = {p for p in shapes if p[0] == "abstractor"}
     if set(fresh) != wanted or any(a.shape != shapes[p][0] for p, a in fresh.items()):
-        raise KeyError(f"the Abstractor module's parameters {sorted(fresh)[:4]}... do not match Owl's {sorted(wanted)[:4]}...")
+        raise KeyError(
+            f"the Abstractor module's parameters {sorted(fresh)[:4]}... do not match Owl's {sorted(wanted)[:4]}..."
+        )
     for path, leaf in fresh.items():
         leaves[path] = finalize(path, leaf)
     return cfg, leaves
 
 
-def init_from_towers_checkpoint(clip_dir: str, llama_dir: str, out_dir: str, *, num_query_tokens: int = 64,
-                                dtype: str | None = None, seed: int = 0, overwrite: bool = False,
-                                show_progress: bool = True) -> str:
+def init_from_towers_checkpoint(
+    clip_dir: str,
+    llama_dir: str,
+    out_dir: str,
+    *,
+    num_query_tokens: int = 64,
+    dtype: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> str:
     """HF CLIP + HF LLaMA (+ a random abstractor) → converted folder (atomically): the starting point of stage 1.
 
     The folder's `config.json` is `OwlConfig.to_hf_config()`; tokenizer and generation files come from
     `llama_dir`. Returns its path.
     """
-    cfg, leaves = init_from_towers(clip_dir, llama_dir, num_query_tokens=num_query_tokens, dtype=dtype, seed=seed,
-                                   show_progress=show_progress)
-    return converted.save_converted(out_dir, leaves, hf_config=cfg.to_hf_config(), lora=None,
-                                    side_files_from=llama_dir,
-                                    source=f"{os.path.basename(os.path.abspath(clip_dir))} + "
-                                           f"{os.path.basename(os.path.abspath(llama_dir))}",
-                                    overwrite=overwrite)
+    cfg, leaves = init_from_towers(
+        clip_dir, llama_dir, num_query_tokens=num_query_tokens, dtype=dtype, seed=seed, show_progress=show_progress
+    )
+    return converted.save_converted(
+        out_dir,
+        leaves,
+        hf_config=cfg.to_hf_config(),
+        lora=None,
+        side_files_from=llama_dir,
+        source=f"{os.path.basename(os.path.abspath(clip_dir))} + {os.path.basename(os.path.abspath(llama_dir))}",
+        overwrite=overwrite,
+    )
 
 
-__all__ = ["clip_vision_config", "config_from_towers", "default_abstractor", "init_from_towers",
-           "init_from_towers_checkpoint", "random_abstractor"]
+__all__ = [
+    "clip_vision_config",
+    "config_from_towers",
+    "default_abstractor",
+    "init_from_towers",
+    "init_from_towers_checkpoint",
+    "random_abstractor",
+]

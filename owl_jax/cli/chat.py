@@ -14,8 +14,9 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="owl-chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="owl-chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model")
     p.add_argument("--image", action="append", default=[], help="image for the first question (repeatable)")
     p.add_argument("--prompt", default=None, help="answer this one question and exit")
@@ -26,8 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-length", type=int, default=2048, help="positions for the whole conversation")
-    p.add_argument("--unstack-layers", action="store_true",
-                   help="decode from one weight buffer per LLM layer (faster on a GPU; the LLM layers' memory twice)")
+    p.add_argument(
+        "--unstack-layers",
+        action="store_true",
+        help="decode from one weight buffer per LLM layer (faster on a GPU; the LLM layers' memory twice)",
+    )
     return p
 
 
@@ -35,15 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     """Load the checkpoint and chat (or answer `--prompt` once); returns the exit status."""
     args = _parser().parse_args(argv)
     import owl_jax
-    from owl_jax.inference.session import ChatSession
     from owl_jax.inference.generate import GenerationConfig, Generator
+    from owl_jax.inference.session import ChatSession
 
     model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
     if processor is None:
         print(f"error: {args.checkpoint} has no tokenizer.model", file=sys.stderr)
         return 2
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                              temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or 1.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     generator = Generator(model, unstack_layers=args.unstack_layers)
     session = ChatSession(generator, processor, max_length=args.max_length, config=config)
     images = list(args.image)
@@ -79,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             images = []
             print("(new conversation)", file=sys.stderr)
         elif line.startswith("/image"):
-            path = line[len("/image"):].strip()
+            path = line[len("/image") :].strip()
             try:
                 processor.load_image(path)
             except (ValueError, OSError) as e:

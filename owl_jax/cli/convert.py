@@ -25,8 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="HF PyTorch folder → owl_jax folder")
     imp.add_argument("hf_dir")
     imp.add_argument("out_dir")
-    imp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                     help="parameter dtype (default: the source's)")
+    imp.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="parameter dtype (default: the source's)",
+    )
     imp.add_argument("--lora", default=None, help="peft adapter folder or trainer checkpoint to add")
     imp.add_argument("--merge-lora", action="store_true", help="fold the adapter into the weights")
     imp.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha when it has no adapter_config.json")
@@ -35,11 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("ckpt_dir")
     exp.add_argument("out_dir")
     exp.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
-    exp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                     help="output dtype (default: the stored one)")
+    exp.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="output dtype (default: the stored one)",
+    )
     exp.add_argument("--merge-lora", action="store_true", help="merge adapters instead of writing OUT_DIR/adapter")
-    exp.add_argument("--max-shard-size", default=None,
-                     help="largest shard, e.g. 5GB or 500MB (default: 5GB safetensors, 1GB .bin)")
+    exp.add_argument(
+        "--max-shard-size", default=None, help="largest shard, e.g. 5GB or 500MB (default: 5GB safetensors, 1GB .bin)"
+    )
 
     init = sub.add_parser("init", help="fresh model from HF CLIP and LLaMA checkpoints")
     init.add_argument("out_dir")
@@ -66,19 +75,38 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet
     try:
         if args.command == "import":
-            out = convert.import_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, lora=args.lora,
-                                            merge_lora=args.merge_lora, lora_alpha=args.lora_alpha,
-                                            overwrite=args.overwrite, show_progress=progress)
+            out = convert.import_checkpoint(
+                args.hf_dir,
+                args.out_dir,
+                dtype=args.dtype,
+                lora=args.lora,
+                merge_lora=args.merge_lora,
+                lora_alpha=args.lora_alpha,
+                overwrite=args.overwrite,
+                show_progress=progress,
+            )
         elif args.command == "export":
-            out = convert.export_checkpoint(args.ckpt_dir, args.out_dir, fmt=args.format, dtype=args.dtype,
-                                            merge_lora=args.merge_lora,
-                                            max_shard_bytes=args.max_shard_size and parse_size(args.max_shard_size),
-                                            overwrite=args.overwrite, show_progress=progress)
+            out = convert.export_checkpoint(
+                args.ckpt_dir,
+                args.out_dir,
+                fmt=args.format,
+                dtype=args.dtype,
+                merge_lora=args.merge_lora,
+                max_shard_bytes=args.max_shard_size and parse_size(args.max_shard_size),
+                overwrite=args.overwrite,
+                show_progress=progress,
+            )
         else:
-            out = convert.init_from_towers_checkpoint(args.clip, args.llama, args.out_dir,
-                                                      num_query_tokens=args.num_query_tokens, dtype=args.dtype,
-                                                      seed=args.seed, overwrite=args.overwrite,
-                                                      show_progress=progress)
+            out = convert.init_from_towers_checkpoint(
+                args.clip,
+                args.llama,
+                args.out_dir,
+                num_query_tokens=args.num_query_tokens,
+                dtype=args.dtype,
+                seed=args.seed,
+                overwrite=args.overwrite,
+                show_progress=progress,
+            )
     except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,8 +28,12 @@ def _answer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (default 1 when sampling; 0 forces greedy)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default 1 when sampling; 0 forces greedy)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed; question q uses seed + q")
     p.add_argument("--model-id", default=None, help="model_id in the output (default: the checkpoint folder's name)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions by question_id")
@@ -59,33 +63,52 @@ def _answer(args: argparse.Namespace) -> int:
     from owl_jax.inference.generate import GenerationConfig
 
     start = time.perf_counter()
-    model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, lora=args.lora,
-                                               show_progress=not args.quiet)
+    model, processor = owl_jax.from_pretrained(
+        args.checkpoint, dtype=args.dtype, lora=args.lora, show_progress=not args.quiet
+    )
     if processor is None:
         print(f"error: {args.checkpoint} has no tokenizer.model", file=sys.stderr)
         return 2
     sample = args.temperature != 0 and (args.top_k > 0 or args.top_p < 1 or args.temperature is not None)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
-                              temperature=args.temperature if sample and args.temperature else 1.0,
-                              top_k=args.top_k if sample else 0, top_p=args.top_p if sample else 1.0, seed=args.seed,
-                              eos_token_id=processor.eos_token_id, bos_token_id=processor.bos_token_id,
-                              pad_token_id=processor.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sample,
+        temperature=args.temperature if sample and args.temperature else 1.0,
+        top_k=args.top_k if sample else 0,
+        top_p=args.top_p if sample else 1.0,
+        seed=args.seed,
+        eos_token_id=processor.eos_token_id,
+        bos_token_id=processor.bos_token_id,
+        pad_token_id=processor.pad_token_id,
+    )
     model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
     # Rows are appended as conversations finish, so an interrupted run keeps them for --resume; the file is
     # rewritten sorted (and without repeats) at the end.
     with open(args.out, "a" if done else "w", encoding="utf-8") as f:
+
         def append(rows: list[dict]) -> None:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
 
-        rows = answer_owleval(model, processor, args.owleval, config=config, model_id=model_id,
-                              max_length=args.max_length, limit=args.limit, skip=done, on_answer=append,
-                              show_progress=not args.quiet)
+        rows = answer_owleval(
+            model,
+            processor,
+            args.owleval,
+            config=config,
+            model_id=model_id,
+            max_length=args.max_length,
+            limit=args.limit,
+            skip=done,
+            on_answer=append,
+            show_progress=not args.quiet,
+        )
     total = len(set(done) | {r["question_id"] for r in rows})
     write_answers(args.out, list(done.values()) + rows)
-    print(f"{len(rows)} questions answered, {total} answers in {args.out} ({time.perf_counter() - start:.1f} s)",
-          file=sys.stderr)
+    print(
+        f"{len(rows)} questions answered, {total} answers in {args.out} ({time.perf_counter() - start:.1f} s)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -95,8 +118,12 @@ def _judge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-url", required=True, help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--judge-model", required=True, help="model name to ask for")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer key (default: $OPENAI_API_KEY)")
-    p.add_argument("--judge-sees-images", action=argparse.BooleanOptionalAction, default=True,
-                   help="send each case image as a data URL (turn off for text-only judges)")
+    p.add_argument(
+        "--judge-sees-images",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send each case image as a data URL (turn off for text-only judges)",
+    )
     p.add_argument("--out", default=None, help="write one grade row per answer here (.jsonl)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
@@ -110,10 +137,20 @@ def _judge_arguments(p: argparse.ArgumentParser) -> None:
 def _judge(args: argparse.Namespace) -> int:
     """Grade the answer files and print the tables; returns the exit status (1: nothing could be graded)."""
     try:
-        grades = grade_answers(args.answers, args.owleval, judge_url=args.judge_url, judge_model=args.judge_model,
-                               api_key=args.api_key, sees_images=args.judge_sees_images, concurrency=args.concurrency,
-                               timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                               max_tokens=args.max_tokens, show_progress=not args.quiet)
+        grades = grade_answers(
+            args.answers,
+            args.owleval,
+            judge_url=args.judge_url,
+            judge_model=args.judge_model,
+            api_key=args.api_key,
+            sees_images=args.judge_sees_images,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            retries=args.retries,
+            backoff=args.backoff,
+            max_tokens=args.max_tokens,
+            show_progress=not args.quiet,
+        )
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -132,12 +169,19 @@ def _judge(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="owl-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="owl-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name, module, add_arguments in (("answer", owleval, _answer_arguments), ("judge", judge, _judge_arguments)):
-        add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+        add_arguments(
+            sub.add_parser(
+                name,
+                help=module.__doc__.splitlines()[0],
+                description=module.__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
     return p
 
 

@@ -22,7 +22,7 @@ import os
 import pkgutil
 import re
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 TUNABLE = "glibc.malloc.hugetlb"
 _RERUN_MARK = "OWL_JAX_HUGE_PAGES_RERUN"  # set in the re-executed process, so it never re-executes again
@@ -65,8 +65,14 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
-def unavailable_reason(environ: Mapping[str, str], *, libc: tuple[str, str], thp: str | None,
-                       plugins: Sequence[str], system: str = sys.platform) -> str | None:
+def unavailable_reason(
+    environ: Mapping[str, str],
+    *,
+    libc: tuple[str, str],
+    thp: str | None,
+    plugins: Sequence[str],
+    system: str = sys.platform,
+) -> str | None:
     """Why huge pages cannot be turned on for this process, in a few words; None where they can.
 
     `libc` is `libc_version()`, `thp` is `thp_mode()`, `plugins` is `accelerator_plugins()`."""
@@ -81,8 +87,10 @@ def unavailable_reason(environ: Mapping[str, str], *, libc: tuple[str, str], thp
     if platforms and platforms.split(",")[0].strip().lower() != "cpu":
         return f"JAX_PLATFORMS={platforms} selects an accelerator; huge pages are for the CPU backend only"
     if not platforms and plugins:
-        return (f"JAX may use an accelerator here ({', '.join(plugins)} installed); huge pages are for the CPU "
-                f"backend only (JAX_PLATFORMS=cpu trains on the CPU)")
+        return (
+            f"JAX may use an accelerator here ({', '.join(plugins)} installed); huge pages are for the CPU "
+            f"backend only (JAX_PLATFORMS=cpu trains on the CPU)"
+        )
     if TUNABLE in environ.get("GLIBC_TUNABLES", ""):
         return f"GLIBC_TUNABLES already sets {TUNABLE}"
     return None

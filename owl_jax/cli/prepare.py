@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from owl_jax.data import prepare as prepare_module
 from owl_jax.data import sources
@@ -18,16 +18,28 @@ from owl_jax.data.prepare import FORMATS, PrepareError, prepare
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="owl-prepare", description=prepare_module.__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="owl-prepare",
+        description=prepare_module.__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--input", nargs="+", default=[], metavar="PATH",
-                   help="input files (webdataset: .tar files or folders of them); not used with --format tfds")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="input files (webdataset: .tar files or folders of them); not used with --format tfds",
+    )
     p.add_argument("--image-root", help="folder of the images named in the inputs (default: each input's folder)")
     p.add_argument("--output", required=True, metavar="PREFIX", help="output prefix, e.g. data/llava/train")
     p.add_argument("--examples-per-shard", type=int, default=10_000)
-    p.add_argument("--max-skip-fraction", type=float, default=0.01,
-                   help="fail if more than this fraction of the items had to be skipped")
+    p.add_argument(
+        "--max-skip-fraction",
+        type=float,
+        default=0.01,
+        help="fail if more than this fraction of the items had to be skipped",
+    )
     p.add_argument("--limit", type=int, help="stop after writing this many examples")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's shards under --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -45,12 +57,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tfds_options = {}
     if args.format == "tfds":
-        tfds_options = {"tfds_name": args.tfds_name, "tfds_split": args.tfds_split, "data_dir": args.data_dir,
-                        "image_key": args.image_key, "caption_key": args.caption_key}
+        tfds_options = {
+            "tfds_name": args.tfds_name,
+            "tfds_split": args.tfds_split,
+            "data_dir": args.data_dir,
+            "image_key": args.image_key,
+            "caption_key": args.caption_key,
+        }
     try:
-        report = prepare(args.format, args.input, args.output, image_root=args.image_root,
-                         examples_per_shard=args.examples_per_shard, max_skip_fraction=args.max_skip_fraction,
-                         limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress, **tfds_options)
+        report = prepare(
+            args.format,
+            args.input,
+            args.output,
+            image_root=args.image_root,
+            examples_per_shard=args.examples_per_shard,
+            max_skip_fraction=args.max_skip_fraction,
+            limit=args.limit,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            **tfds_options,
+        )
     except (PrepareError, sources.SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

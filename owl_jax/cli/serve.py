@@ -14,22 +14,34 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="owl-serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="owl-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--model-name", default=None, help="model id for the API (default: the checkpoint folder's name)")
-    p.add_argument("--allow-local-files", action="store_true",
-                   help="let image_url name files on this machine (file:// URLs or paths)")
+    p.add_argument(
+        "--allow-local-files",
+        action="store_true",
+        help="let image_url name files on this machine (file:// URLs or paths)",
+    )
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MiB (default 20)")
-    p.add_argument("--max-image-pixels", type=int, default=None,
-                   help="images with more pixels are refused before decoding (default: the processor's, ~89.5M)")
-    p.add_argument("--max-new-tokens", type=int, default=512,
-                   help="default and largest max_tokens of a request (default 512)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help="images with more pixels are refused before decoding (default: the processor's, ~89.5M)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=512, help="default and largest max_tokens of a request (default 512)"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--unstack-layers", action="store_true",
-                   help="decode from one weight buffer per LLM layer (faster on a GPU; the LLM layers' memory twice)")
+    p.add_argument(
+        "--unstack-layers",
+        action="store_true",
+        help="decode from one weight buffer per LLM layer (faster on a GPU; the LLM layers' memory twice)",
+    )
     return p
 
 
@@ -53,11 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint)) or "mplug-owl"
     try:
-        server = make_server(model, processor, host=args.host, port=args.port, model_name=name,
-                             generator=Generator(model, unstack_layers=args.unstack_layers),
-                             allow_local_files=args.allow_local_files,
-                             max_body_bytes=int(args.max_body_mb * 2 ** 20), max_image_pixels=args.max_image_pixels,
-                             max_new_tokens=args.max_new_tokens)
+        server = make_server(
+            model,
+            processor,
+            host=args.host,
+            port=args.port,
+            model_name=name,
+            generator=Generator(model, unstack_layers=args.unstack_layers),
+            allow_local_files=args.allow_local_files,
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            max_image_pixels=args.max_image_pixels,
+            max_new_tokens=args.max_new_tokens,
+        )
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

@@ -18,12 +18,17 @@ from ml_collections import config_flags
 import configs
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "default.py"),
-    "Training configuration file.", lock_config=True)
+    "config",
+    os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "default.py"),
+    "Training configuration file.",
+    lock_config=True,
+)
 _HUGE_PAGES = flags.DEFINE_bool(
-    "huge_pages", False,
+    "huge_pages",
+    False,
     "CPU backend only: run again with glibc's malloc on transparent huge pages, which cuts page faults of "
-    "the step's temporaries (measured faster with scanned layers; see owl_jax/cli/host_memory.py).")
+    "the step's temporaries (measured faster with scanned layers; see owl_jax/cli/host_memory.py).",
+)
 
 
 def _train(argv: list[str]) -> None:

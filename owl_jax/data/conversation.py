@@ -1,9 +1,9 @@
 """Training tokenization: a conversation → fixed-length ids with the answer-token loss mask.
 
-Follows the released training code: the templated text (`prompts.templated_text`) is split at `<image>`, `AI: ` and `\\nHuman: `,
-each piece is tokenized on its own (so each gets SentencePiece's dummy prefix), the piece after every
-`AI: ` is an answer and is followed by an EOS, and only answers and their EOS are trained on. Each image
-becomes a run of `image_tokens` ids of -1.
+Follows the released training code: the templated text (`prompts.templated_text`) is split at `<image>`,
+`AI: ` and `\\nHuman: `, each piece is tokenized on its own (so each gets SentencePiece's dummy prefix),
+the piece after every `AI: ` is an answer and is followed by an EOS, and only answers and their EOS are
+trained on. Each image becomes a run of `image_tokens` ids of -1.
 
 Sequences longer than `seq_len` are cut at the end, never inside an image run (the cut moves to the run's
 start and that image is dropped); shorter ones are padded with `pad_id`.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
@@ -41,8 +41,16 @@ class TokenizedConversation:
     truncated: bool
 
 
-def tokenize_conversation(text: str, encode: Callable[[str], list[int]], *, seq_len: int, image_tokens: int,
-                          bos_id: int = 1, eos_id: int = 2, pad_id: int = 0) -> TokenizedConversation:
+def tokenize_conversation(
+    text: str,
+    encode: Callable[[str], list[int]],
+    *,
+    seq_len: int,
+    image_tokens: int,
+    bos_id: int = 1,
+    eos_id: int = 2,
+    pad_id: int = 0,
+) -> TokenizedConversation:
     """Tokenize templated training text (see `templated_text`) into `seq_len` positions.
 
     Args:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,8 +28,13 @@ from owl_jax.data.records import Example, RecordError, find_shards
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-SKIP_REASONS = {0: "ok", 1: "undecodable record", 2: "broken image", 3: "no answer tokens after truncation",
-                4: "more images than max_images"}
+SKIP_REASONS = {
+    0: "ok",
+    1: "undecodable record",
+    2: "broken image",
+    3: "no answer tokens after truncation",
+    4: "more images than max_images",
+}
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 
 
@@ -47,7 +53,9 @@ class PipelineSpec:
     pad_id: int = 0
 
 
-def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int, scale: tuple[float, float]) -> Image.Image:
+def random_resized_crop(
+    image: Image.Image, rng: np.random.Generator, size: int, scale: tuple[float, float]
+) -> Image.Image:
     """Crop a random area fraction in `scale` with aspect ratio in [3/4, 4/3], resize (bicubic) to `size`."""
     w, h = image.size
     area = w * h
@@ -92,16 +100,21 @@ class ExampleTransform:
         if self._tokenizer is None:
             from owl_jax.data.processor import OwlProcessor
 
-            self._tokenizer = OwlProcessor(self.tokenizer_path, image_size=self.spec.image_size,
-                                           image_tokens=self.spec.image_tokens).tokenizer
+            self._tokenizer = OwlProcessor(
+                self.tokenizer_path, image_size=self.spec.image_size, image_tokens=self.spec.image_tokens
+            ).tokenizer
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     def empty(self, reason: int) -> dict[str, np.ndarray]:
         s = self.spec
-        return {"input_ids": np.full(s.seq_len, s.pad_id, np.int32), "attention_mask": np.zeros(s.seq_len, np.int32),
-                "loss_mask": np.zeros(s.seq_len - 1, np.int32),
-                "pixel_values": np.zeros((s.max_images, 3, s.image_size, s.image_size), np.float32),
-                "image_mask": np.zeros(s.max_images, np.int32), "skipped": np.int32(reason)}
+        return {
+            "input_ids": np.full(s.seq_len, s.pad_id, np.int32),
+            "attention_mask": np.zeros(s.seq_len, np.int32),
+            "loss_mask": np.zeros(s.seq_len - 1, np.int32),
+            "pixel_values": np.zeros((s.max_images, 3, s.image_size, s.image_size), np.float32),
+            "image_mask": np.zeros(s.max_images, np.int32),
+            "skipped": np.int32(reason),
+        }
 
     def __call__(self, record: bytes, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         s = self.spec
@@ -117,13 +130,19 @@ class ExampleTransform:
             images = [decode_image(b) for b in example.images]
         except Exception:  # PIL raises many types for truncated/corrupt data
             return self.empty(2)
-        tokens = tokenize_conversation(templated_text(example.turns, len(images)), self._encode, seq_len=s.seq_len,
-                                       image_tokens=s.image_tokens, bos_id=s.bos_id, eos_id=s.eos_id,
-                                       pad_id=s.pad_id)
+        tokens = tokenize_conversation(
+            templated_text(example.turns, len(images)),
+            self._encode,
+            seq_len=s.seq_len,
+            image_tokens=s.image_tokens,
+            bos_id=s.bos_id,
+            eos_id=s.eos_id,
+            pad_id=s.pad_id,
+        )
         if not tokens.loss_mask.any():
             return self.empty(3)
         row = self.empty(0)
-        for slot, image in enumerate(images[:tokens.num_images]):
+        for slot, image in enumerate(images[: tokens.num_images]):
             if s.augment and rng is not None:
                 image = random_resized_crop(image, rng, s.image_size, (s.min_crop_scale, 1.0))
                 if s.flip and rng.random() < 0.5:
@@ -136,8 +155,9 @@ class ExampleTransform:
         return row
 
 
-def source_dataset(paths: Sequence[str], transform: ExampleTransform, *, seed: int, shuffle: bool = True,
-                   repeat: bool = True):
+def source_dataset(
+    paths: Sequence[str], transform: ExampleTransform, *, seed: int, shuffle: bool = True, repeat: bool = True
+):
     """One prepared dataset as a grain `MapDataset` of rows in one global order (every process alike)."""
     import grain
 
@@ -176,8 +196,15 @@ def _process_rows(parent, rows_per_process: int, process_index: int, process_cou
     return ProcessRows(parent)
 
 
-def training_batches(sources: Sequence[Sequence[str]], transform: ExampleTransform, *, batch_size: int, seed: int,
-                     process_index: int = 0, process_count: int = 1):
+def training_batches(
+    sources: Sequence[Sequence[str]],
+    transform: ExampleTransform,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+):
     """Infinite local batches of `batch_size / process_count` rows; several sources mix in equal parts.
 
     Returns a grain `IterDataset`; its iterator's `get_state()` / `set_state()` resume the exact order.
@@ -196,7 +223,9 @@ def training_batches(sources: Sequence[Sequence[str]], transform: ExampleTransfo
     return ds.to_iter_dataset().batch(local, drop_remainder=True)
 
 
-def evaluation_rows(paths: Sequence[str], transform: ExampleTransform, *, batch_size: int) -> tuple[list[Any], list[Example]]:
+def evaluation_rows(
+    paths: Sequence[str], transform: ExampleTransform, *, batch_size: int
+) -> tuple[list[Any], list[Example]]:
     """Every example of the held-out shards once, in order, as padded batches, and the examples themselves."""
     from owl_jax.data.records import read_examples
 
@@ -206,6 +235,8 @@ def evaluation_rows(paths: Sequence[str], transform: ExampleTransform, *, batch_
     examples = list(read_examples(files))
     rows = [transform(e.to_bytes()) for e in examples]
     rows += [transform.empty(0)] * (-len(rows) % batch_size)
-    batches = [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
-               for i in range(0, len(rows), batch_size)]
+    batches = [
+        {k: np.stack([r[k] for r in rows[i : i + batch_size]]) for k in rows[0]}
+        for i in range(0, len(rows), batch_size)
+    ]
     return batches, examples

@@ -18,13 +18,19 @@ import glob
 import json
 import os
 import sys
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from owl_jax.data import records, sources
 
 FORMATS = ("mplug_jsonl", "llava", "alpaca", "sharegpt", "captions", "webdataset", "tfds")
-TFDS_OPTIONS = {"tfds_name": None, "tfds_split": "train", "data_dir": None, "image_key": "image",
-                "caption_key": "caption"}
+TFDS_OPTIONS = {
+    "tfds_name": None,
+    "tfds_split": "train",
+    "data_dir": None,
+    "image_key": "image",
+    "caption_key": "caption",
+}
 # How many skipped items of each reason the manifest and the error message show.
 EXAMPLES_PER_REASON = 5
 
@@ -63,9 +69,11 @@ class PrepareReport:
     def summary(self) -> str:
         """A few lines for the end of a run."""
         tasks = ", ".join(f"{task} {n}" for task, n in sorted(self.tasks.items())) or "none"
-        lines = [f"prepared {self.written} examples ({tasks}) from {self.format} into {len(self.shards)} shard(s)",
-                 f"skipped {self.num_skipped} ({self.skip_fraction:.2%})"
-                 + (f": {self.top_reasons(len(self.skipped))}" if self.skipped else "")]
+        lines = [
+            f"prepared {self.written} examples ({tasks}) from {self.format} into {len(self.shards)} shard(s)",
+            f"skipped {self.num_skipped} ({self.skip_fraction:.2%})"
+            + (f": {self.top_reasons(len(self.skipped))}" if self.skipped else ""),
+        ]
         if self.manifest:
             lines.append(f"manifest: {self.manifest}")
         return "\n".join(lines)
@@ -94,13 +102,19 @@ class _Tally:
         self.report.tasks, self.report.skipped = dict(self.tasks), dict(self.skipped)
 
 
-def read_source(format: str, inputs: Sequence[str], *, image_root: str | None = None,
-                **tfds_options: Any) -> Iterator[sources.Outcome]:
+def read_source(
+    format: str, inputs: Sequence[str], *, image_root: str | None = None, **tfds_options: Any
+) -> Iterator[sources.Outcome]:
     """All outcomes (examples and skips) of `inputs` read as `format`, input after input."""
     if format == "tfds":
         options = {**TFDS_OPTIONS, **tfds_options}
-        yield from sources.tfds_captions(options["tfds_name"], options["tfds_split"], options["data_dir"],
-                                         options["image_key"], options["caption_key"])
+        yield from sources.tfds_captions(
+            options["tfds_name"],
+            options["tfds_split"],
+            options["data_dir"],
+            options["image_key"],
+            options["caption_key"],
+        )
         return
     if format == "webdataset":
         yield from sources.webdataset(list(inputs))
@@ -137,8 +151,14 @@ def _remove(paths: Sequence[str]) -> None:
             pass
 
 
-def _check_arguments(format: str, inputs: Sequence[str], examples_per_shard: int, max_skip_fraction: float,
-                     limit: int | None, tfds_options: dict[str, Any]) -> None:
+def _check_arguments(
+    format: str,
+    inputs: Sequence[str],
+    examples_per_shard: int,
+    max_skip_fraction: float,
+    limit: int | None,
+    tfds_options: dict[str, Any],
+) -> None:
     if format not in FORMATS:
         raise PrepareError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     unknown = set(tfds_options) - set(TFDS_OPTIONS)
@@ -166,16 +186,28 @@ def _check_arguments(format: str, inputs: Sequence[str], examples_per_shard: int
 def _too_many_skips(report: PrepareReport, max_skip_fraction: float) -> str:
     seen = report.written + report.num_skipped
     shown = "\n".join(f"  {s['item']}: {s['reason']}: {s['detail']}" for s in report.skipped_examples[:8])
-    return (f"{report.format} input {', '.join(report.inputs)}: skipped {report.num_skipped} of {seen} "
-            f"items ({report.skip_fraction:.1%}), more than the allowed {max_skip_fraction:.1%}. Most common "
-            f"reasons: {report.top_reasons()}. For example:\n{shown}\n"
-            f"Check --image-root and --format, or raise --max-skip-fraction if these items are expected to be bad. "
-            f"No shards were kept.")
+    return (
+        f"{report.format} input {', '.join(report.inputs)}: skipped {report.num_skipped} of {seen} "
+        f"items ({report.skip_fraction:.1%}), more than the allowed {max_skip_fraction:.1%}. Most common "
+        f"reasons: {report.top_reasons()}. For example:\n{shown}\n"
+        f"Check --image-root and --format, or raise --max-skip-fraction if these items are expected to be bad. "
+        f"No shards were kept."
+    )
 
 
-def prepare(format: str, inputs: Sequence[str], output_prefix: str, *, image_root: str | None = None,
-            examples_per_shard: int = 10_000, max_skip_fraction: float = 0.01, limit: int | None = None,
-            overwrite: bool = False, progress: bool = True, **tfds_options: Any) -> PrepareReport:
+def prepare(
+    format: str,
+    inputs: Sequence[str],
+    output_prefix: str,
+    *,
+    image_root: str | None = None,
+    examples_per_shard: int = 10_000,
+    max_skip_fraction: float = 0.01,
+    limit: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **tfds_options: Any,
+) -> PrepareReport:
     """Read `inputs` as `format` and write ArrayRecord shards plus a manifest under `output_prefix`.
 
     Args:
@@ -207,8 +239,10 @@ def prepare(format: str, inputs: Sequence[str], output_prefix: str, *, image_roo
     _check_arguments(format, inputs, examples_per_shard, max_skip_fraction, limit, tfds_options)
     previous = _existing_outputs(output_prefix)
     if previous and not overwrite:
-        raise PrepareError(f"{output_prefix} already holds a prepared dataset ({len(previous)} files, e.g. "
-                           f"{previous[0]}); pass --overwrite to replace it")
+        raise PrepareError(
+            f"{output_prefix} already holds a prepared dataset ({len(previous)} files, e.g. "
+            f"{previous[0]}); pass --overwrite to replace it"
+        )
     _remove(previous)
 
     if format == "tfds":
@@ -242,11 +276,18 @@ def prepare(format: str, inputs: Sequence[str], output_prefix: str, *, image_roo
         _remove(report.shards)
         raise PrepareError(_too_many_skips(report, max_skip_fraction))
     if report.written == 0:
-        raise PrepareError(f"no examples found in {', '.join(inputs)}"
-                           + (f" (all {report.num_skipped} items skipped: {report.top_reasons()})"
-                              if report.num_skipped else ""))
-    report.manifest = _write_manifest(report, output_prefix, image_root=image_root, limit=limit,
-                                      examples_per_shard=examples_per_shard, tfds_options=tfds_options)
+        raise PrepareError(
+            f"no examples found in {', '.join(inputs)}"
+            + (f" (all {report.num_skipped} items skipped: {report.top_reasons()})" if report.num_skipped else "")
+        )
+    report.manifest = _write_manifest(
+        report,
+        output_prefix,
+        image_root=image_root,
+        limit=limit,
+        examples_per_shard=examples_per_shard,
+        tfds_options=tfds_options,
+    )
     return report
 
 

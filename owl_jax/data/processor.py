@@ -13,7 +13,8 @@ merged them), and images are converted to RGB before resizing (the release resiz
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -26,7 +27,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TOKENIZER_FILE = "tokenizer.model"
 
-ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray]
+ImageInput = Image.Image | str | os.PathLike | np.ndarray
 
 
 class _LegacyLlamaTokenizer(SentencePieceBackend):
@@ -54,7 +55,7 @@ class _LegacyLlamaTokenizer(SentencePieceBackend):
         return "".join(out)
 
 
-def find_tokenizer(folder: Union[str, os.PathLike]) -> str | None:
+def find_tokenizer(folder: str | os.PathLike) -> str | None:
     """Path of the SentencePiece `tokenizer.model` in `folder` (or `folder` itself if it is that file), else None."""
     folder = os.fspath(folder)
     if os.path.isfile(folder) and folder.endswith(".model"):
@@ -75,9 +76,15 @@ class OwlProcessor:
         bombs); in-memory images are trusted.
     """
 
-    def __init__(self, tokenizer_path_or_dir: Union[str, os.PathLike], image_size: int = 224,
-                 image_tokens: int = 65, image_mean: Sequence[float] = CLIP_MEAN,
-                 image_std: Sequence[float] = CLIP_STD, max_image_pixels: int = 89_478_485):
+    def __init__(
+        self,
+        tokenizer_path_or_dir: str | os.PathLike,
+        image_size: int = 224,
+        image_tokens: int = 65,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
+        max_image_pixels: int = 89_478_485,
+    ):
         path = find_tokenizer(tokenizer_path_or_dir)
         if path is None:
             raise FileNotFoundError(f"no SentencePiece {TOKENIZER_FILE} at {os.fspath(tokenizer_path_or_dir)!r}")
@@ -86,8 +93,9 @@ class OwlProcessor:
         # split_special_tokens: a literal "</s>" or "<s>" in user text is spelled out as ordinary pieces instead
         # of becoming a control id, so text cannot end a sequence early or fake a new one. Text without those
         # strings tokenizes exactly as in the release.
-        self.tokenizer = _LegacyLlamaTokenizer(vocab_file=path, bos_token="<s>", eos_token="</s>",
-                                               unk_token="<unk>", split_special_tokens=True)
+        self.tokenizer = _LegacyLlamaTokenizer(
+            vocab_file=path, bos_token="<s>", eos_token="</s>", unk_token="<unk>", split_special_tokens=True
+        )
         self.image_size = int(image_size)
         self.image_tokens = int(image_tokens)
         self.max_image_pixels = int(max_image_pixels)
@@ -96,7 +104,7 @@ class OwlProcessor:
         self._std = np.asarray(image_std, np.float32).reshape(1, 1, 3)
 
     @classmethod
-    def from_pretrained(cls, folder: Union[str, os.PathLike], config: Any = None, **kwargs: Any) -> "OwlProcessor":
+    def from_pretrained(cls, folder: str | os.PathLike, config: Any = None, **kwargs: Any) -> OwlProcessor:
         """A processor for the checkpoint in `folder`.
 
         Args:
@@ -107,10 +115,13 @@ class OwlProcessor:
         """
         path = find_tokenizer(folder)
         if path is None:
-            raise FileNotFoundError(f"{os.fspath(folder)!r} has no {TOKENIZER_FILE}; pass the folder of the "
-                                    "released checkpoint or the tokenizer file itself")
+            raise FileNotFoundError(
+                f"{os.fspath(folder)!r} has no {TOKENIZER_FILE}; pass the folder of the "
+                "released checkpoint or the tokenizer file itself"
+            )
         if config is None and os.path.isfile(os.path.join(os.fspath(folder), "config.json")):
             from owl_jax.config import OwlConfig
+
             config = OwlConfig.from_hf_config(folder)
         if config is not None:
             kwargs.setdefault("image_size", config.vision.image_size)
@@ -142,15 +153,16 @@ class OwlProcessor:
                 ids += self.tokenizer.encode(chunk, add_special_tokens=False)
             elif 0 < i < len(chunks) - 1:
                 # Two images back to back would form one run of -1s that the model cannot split into images.
-                raise ValueError(f"adjacent {IMAGE_MARKER}{IMAGE_MARKER} markers in prompt {prompt[:80]!r}...: "
-                                 "put text (e.g. a newline) between images")
+                raise ValueError(
+                    f"adjacent {IMAGE_MARKER}{IMAGE_MARKER} markers in prompt {prompt[:80]!r}...: "
+                    "put text (e.g. a newline) between images"
+                )
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of one sequence of ids (shape (L,)); image placeholders (negative ids) are always dropped."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1) if i >= 0]
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def batch_decode(self, ids: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
         """`decode` of each row of `ids` (shape (B, L), or a list of sequences)."""
@@ -175,8 +187,10 @@ class OwlProcessor:
                 with Image.open(path) as im:
                     # Image.open reads only the header: refuse huge images before their pixels are decoded.
                     if im.width * im.height > self.max_image_pixels:
-                        raise ValueError(f"image {path!r} is {im.width}x{im.height}, more than max_image_pixels="
-                                         f"{self.max_image_pixels}")
+                        raise ValueError(
+                            f"image {path!r} is {im.width}x{im.height}, more than max_image_pixels="
+                            f"{self.max_image_pixels}"
+                        )
                     return im.convert("RGB")
             except (OSError, Image.DecompressionBombError, SyntaxError) as e:
                 raise ValueError(f"cannot read image {path!r}: {e}") from e
@@ -197,8 +211,13 @@ class OwlProcessor:
         return out
 
     # -------------------------------------------------------------------------------------------- batch
-    def __call__(self, prompts: Union[str, Sequence[str]], images: Union[ImageInput, Sequence[ImageInput], None] = None,
-                 max_length: int | None = None, pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> dict[str, np.ndarray]:
         """Model inputs for a batch of B prompts.
 
         Args:
@@ -220,14 +239,17 @@ class OwlProcessor:
         if images is None:
             images = []
         elif isinstance(images, (Image.Image, str, os.PathLike, np.ndarray)) and not (
-                isinstance(images, np.ndarray) and images.ndim == 4):
+            isinstance(images, np.ndarray) and images.ndim == 4
+        ):
             # One bare image; a 4-D array is a stack (N, H, W, C) and iterates as N images.
             images = [images]
         images = list(images)
         counts = [count_images(p) for p in prompts]
         if sum(counts) != len(images):
-            raise ValueError(f"the prompts have {sum(counts)} {IMAGE_MARKER} markers (per prompt: {counts}) "
-                             f"but {len(images)} images were given")
+            raise ValueError(
+                f"the prompts have {sum(counts)} {IMAGE_MARKER} markers (per prompt: {counts}) "
+                f"but {len(images)} images were given"
+            )
 
         encoded = [self.encode_prompt(p) for p in prompts]
         length = max(len(ids) for ids in encoded)
@@ -240,7 +262,10 @@ class OwlProcessor:
         input_ids = np.full((len(encoded), length), self.pad_token_id, np.int32)
         attention_mask = np.zeros((len(encoded), length), np.int32)
         for b, ids in enumerate(encoded):
-            input_ids[b, :len(ids)] = ids
-            attention_mask[b, :len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "pixel_values": self.preprocess_images(images)}
+            input_ids[b, : len(ids)] = ids
+            attention_mask[b, : len(ids)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": self.preprocess_images(images),
+        }

@@ -7,7 +7,7 @@ per image, then alternating `Human:` / `AI:` turns. Generation quality depends o
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 SYSTEM = (
     "The following is a conversation between a curious human and AI assistant. "
@@ -18,10 +18,10 @@ HUMAN = "Human: "
 AI = "AI: "
 
 # One exchange: (question, answer). The answer is None on the last turn when the model should write it.
-Turn = Tuple[str, Optional[str]]
+Turn = tuple[str, str | None]
 
 
-def build_prompt(turns: Union[str, Sequence[Turn]], num_images: int = 0, system: str = SYSTEM) -> str:
+def build_prompt(turns: str | Sequence[Turn], num_images: int = 0, system: str = SYSTEM) -> str:
     """Lay out a conversation in the released mPLUG-Owl template.
 
     Args:
@@ -63,7 +63,7 @@ def build_prompt(turns: Union[str, Sequence[Turn]], num_images: int = 0, system:
     return build_conversation([(num_images if i == 0 else 0, q, a) for i, (q, a) in enumerate(turns)], system)
 
 
-def build_conversation(turns: Sequence[Tuple[int, str, Optional[str]]], system: str = SYSTEM) -> str:
+def build_conversation(turns: Sequence[tuple[int, str, str | None]], system: str = SYSTEM) -> str:
     """A conversation whose turns may each bring images: `(num_images, question, answer)` per turn.
 
     Each turn's images get their `Human: <image>` lines just before its question (for the first turn that
@@ -91,7 +91,7 @@ def count_images(prompt: str) -> int:
     return prompt.count(IMAGE_MARKER)
 
 
-def templated_text(turns: Sequence[Tuple[str, str]], num_images: int = 0, system: str = SYSTEM) -> str:
+def templated_text(turns: Sequence[tuple[str, str]], num_images: int = 0, system: str = SYSTEM) -> str:
     """The released training text: the template with every answer filled in and no final newline."""
     if any(answer is None for _, answer in turns):
         raise ValueError("templated_text needs every turn answered")

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import struct
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 TASKS = ("caption", "multimodal", "text")
 SHARD_SUFFIX = ".array_record"
@@ -44,7 +44,7 @@ class Example:
     id: str = ""
     source: str = ""
 
-    def validate(self) -> "Example":
+    def validate(self) -> Example:
         if self.task not in TASKS:
             raise RecordError(f"example {self.id!r}: task {self.task!r} is not one of {TASKS}")
         if not self.turns:
@@ -61,24 +61,34 @@ class Example:
         return self
 
     def to_bytes(self) -> bytes:
-        header = {"id": self.id, "source": self.source, "task": self.task, "turns": [list(t) for t in self.turns],
-                  "image_sizes": [len(b) for b in self.images]}
+        header = {
+            "id": self.id,
+            "source": self.source,
+            "task": self.task,
+            "turns": [list(t) for t in self.turns],
+            "image_sizes": [len(b) for b in self.images],
+        }
         blob = json.dumps(header, ensure_ascii=False).encode("utf-8")
         return struct.pack("<I", len(blob)) + blob + b"".join(self.images)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Example":
+    def from_bytes(cls, data: bytes) -> Example:
         try:
             (n,) = struct.unpack_from("<I", data, 0)
-            header = json.loads(data[4:4 + n].decode("utf-8"))
+            header = json.loads(data[4 : 4 + n].decode("utf-8"))
             images, offset = [], 4 + n
             for size in header["image_sizes"]:
-                images.append(bytes(data[offset:offset + size]))
+                images.append(bytes(data[offset : offset + size]))
                 offset += size
             if offset != len(data):
                 raise RecordError(f"record has {len(data) - offset} trailing bytes")
-            return cls(turns=[tuple(t) for t in header["turns"]], images=images, task=header["task"],
-                       id=header.get("id", ""), source=header.get("source", ""))
+            return cls(
+                turns=[tuple(t) for t in header["turns"]],
+                images=images,
+                task=header["task"],
+                id=header.get("id", ""),
+                source=header.get("source", ""),
+            )
         except (struct.error, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise RecordError(f"undecodable record ({type(e).__name__}: {e})") from None
 
@@ -137,19 +147,29 @@ def find_shards(path_or_prefix: str) -> list[str]:
         folder, stem = path_or_prefix, None
     else:
         folder, stem = os.path.split(os.path.abspath(path_or_prefix))
-    matches = [m for m in map(_SHARD_NAME.match, sorted(os.listdir(folder or "."))) if m
-               and (stem is None or m["stem"] == stem)] if os.path.isdir(folder or ".") else []
+    matches = (
+        [
+            m
+            for m in map(_SHARD_NAME.match, sorted(os.listdir(folder or ".")))
+            if m and (stem is None or m["stem"] == stem)
+        ]
+        if os.path.isdir(folder or ".")
+        else []
+    )
     if not matches:
-        raise FileNotFoundError(f"no {SHARD_SUFFIX} shards at {path_or_prefix}; run `python -m owl_jax.data.prepare` "
-                                f"first")
+        raise FileNotFoundError(
+            f"no {SHARD_SUFFIX} shards at {path_or_prefix}; run `python -m owl_jax.data.prepare` first"
+        )
     stems = {m["stem"] for m in matches}
     if len(stems) > 1:
         raise ValueError(f"{path_or_prefix} holds several datasets ({sorted(stems)}); pass one prefix")
     total = int(matches[0]["n"])
     present = {int(m["i"]) for m in matches if int(m["n"]) == total}
     if present != set(range(total)) or len(matches) != total:
-        raise FileNotFoundError(f"{path_or_prefix}: dataset is incomplete, shards {sorted(set(range(total)) - present)} "
-                                f"of {total} are missing")
+        raise FileNotFoundError(
+            f"{path_or_prefix}: dataset is incomplete, shards {sorted(set(range(total)) - present)} "
+            f"of {total} are missing"
+        )
     return [os.path.join(folder, m.group(0)) for m in matches]
 
 

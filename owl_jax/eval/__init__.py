@@ -10,8 +10,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Question": "owleval", "answer_owleval": "owleval", "conversations": "owleval", "load_questions": "owleval",
-    "read_jsonl": "owleval", "grade_answers": "judge", "summarize": "judge", "format_tables": "judge",
+    "Question": "owleval",
+    "answer_owleval": "owleval",
+    "conversations": "owleval",
+    "load_questions": "owleval",
+    "read_jsonl": "owleval",
+    "grade_answers": "judge",
+    "summarize": "judge",
+    "format_tables": "judge",
     "parse_grade": "judge",
 }
 __all__ = sorted(_EXPORTS)

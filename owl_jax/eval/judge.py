@@ -27,18 +27,22 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from owl_jax.eval.owleval import ABILITIES, CATEGORIES, Question, conversations, image_path, load_questions, read_jsonl
 
-SHORT_ABILITIES = {"a": "instruction", "b": "visual", "c": "OCR", "d": "knowledge", "e": "reasoning",
-                   "f": "multi-turn"}
+SHORT_ABILITIES = {"a": "instruction", "b": "visual", "c": "OCR", "d": "knowledge", "e": "reasoning", "f": "multi-turn"}
 GRADES = ("A", "B", "C", "D")
 UNPARSEABLE = "?"
 SCORES = {"A": 3, "B": 2, "C": 1, "D": 0}
 # Human grades of mPLUG-Owl 7B in the paper (arXiv 2304.14178), for reference beside a judge's grades.
-PAPER = {"mPLUG-Owl 7B (paper, human)": {"single_turn": {"A": 32, "B": 10, "C": 8, "D": 0},
-                                         "multi_turn": {"A": 31, "B": 8, "C": 13, "D": 0}}}
+PAPER = {
+    "mPLUG-Owl 7B (paper, human)": {
+        "single_turn": {"A": 32, "B": 10, "C": 8, "D": 0},
+        "multi_turn": {"A": 31, "B": 8, "C": 13, "D": 0},
+    }
+}
 
 RUBRIC = """You grade the answers of an AI assistant that was shown an image and asked about it.
 Give the answer exactly one of four grades:
@@ -56,8 +60,10 @@ You cannot see the image. Judge whether the answer addresses the question and is
 claim about the image that you cannot check is not an error unless the question or the answer contradicts it."""
 REASK = "Give only the grade for the last answer, as one line: Grade: X (X is A, B, C or D)."
 
-_LABELLED = re.compile(r"(?i:\b(?:final\s+)?(?:grade|rating|verdict)\b)[\s*_`]*(?::|：|=|-|\bis\b)[\s*_`'\"(\[]*"
-                       r"([A-D])(?![A-Za-z0-9])")
+_LABELLED = re.compile(
+    r"(?i:\b(?:final\s+)?(?:grade|rating|verdict)\b)[\s*_`]*(?::|：|=|-|\bis\b)[\s*_`'\"(\[]*"
+    r"([A-D])(?![A-Za-z0-9])"
+)
 _LEADING = re.compile(r"^[\s*_`'\"(\[]*([A-D])[*_`'\")\]]*\s*(?:[.:)\-]|$)")
 _MARKUP = " \t\r\n*_`'\"()[].:!"
 
@@ -128,8 +134,10 @@ class JudgeClient:
             except urllib.error.HTTPError as e:
                 error = f"HTTP {e.code} from {self.endpoint}: {e.read()[:300].decode('utf-8', 'replace')}"
                 if e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying cannot help
-                    raise JudgeError(error + (" (a text-only judge needs --no-judge-sees-images)"
-                                              if e.code in (400, 415, 422) else "")) from None
+                    raise JudgeError(
+                        error
+                        + (" (a text-only judge needs --no-judge-sees-images)" if e.code in (400, 415, 422) else "")
+                    ) from None
             except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeouts, bad bodies
                 error = f"{type(e).__name__}: {e}"
         raise JudgeError(f"{self.retries + 1} attempts failed; last: {error}")
@@ -150,8 +158,15 @@ def image_data_url(path: str) -> str:
     """The image file as a `data:` URL; the type comes from its bytes (OwlEval has a PNG named .jpg)."""
     with open(path, "rb") as f:
         raw = f.read()
-    kind = ("image/png" if raw.startswith(b"\x89PNG") else "image/gif" if raw[:4] == b"GIF8" else
-            "image/webp" if raw[8:12] == b"WEBP" else "image/jpeg")
+    kind = (
+        "image/png"
+        if raw.startswith(b"\x89PNG")
+        else "image/gif"
+        if raw[:4] == b"GIF8"
+        else "image/webp"
+        if raw[8:12] == b"WEBP"
+        else "image/jpeg"
+    )
     return f"data:{kind};base64,{base64.b64encode(raw).decode()}"
 
 
@@ -170,14 +185,18 @@ def build_messages(item: Item, image_url: str | None) -> list[dict]:
     """The judge's messages: the rubric as system, then the image part (if any) and the text of the case."""
     parts = []
     if item.history:
-        parts.append("[Earlier turns of this conversation]\n" +
-                     "\n".join(f"User: {q}\nAssistant: {a}" for q, a in item.history))
+        parts.append(
+            "[Earlier turns of this conversation]\n" + "\n".join(f"User: {q}\nAssistant: {a}" for q, a in item.history)
+        )
     parts.append(f"[Question]\n{item.question.question}")
     parts.append(f"[Answer to grade]\n{item.answer}")
     text = "\n\n".join(parts)
     system = RUBRIC if image_url else RUBRIC + TEXT_ONLY_NOTE
-    user: Any = text if image_url is None else [{"type": "image_url", "image_url": {"url": image_url}},
-                                                {"type": "text", "text": text}]
+    user: Any = (
+        text
+        if image_url is None
+        else [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -204,7 +223,7 @@ def load_answers(paths: Sequence[str | os.PathLike], questions: Sequence[Questio
             if seen_models.setdefault(model_id, path) != path:  # two files, one model_id: keep them apart
                 model_id = f"{model_id} [{stem}]"
             group = group_of[qid]
-            earlier = group[:group.index(by_id[qid])]
+            earlier = group[: group.index(by_id[qid])]
             history = [(q.question, answers.get(q.question_id, ("(no answer recorded)", ""))[0]) for q in earlier]
             items.append(Item(model_id, os.path.basename(path), by_id[qid], answer, history))
     return items
@@ -220,23 +239,45 @@ def grade_item(client: JudgeClient, item: Item, image_url: str | None) -> dict:
         replies.append(client.chat(messages))
         grade = parse_grade(replies[-1])
         if grade is None:  # ask once more, showing the judge its reply and the expected form
-            replies.append(client.chat(messages + [{"role": "assistant", "content": replies[-1]},
-                                                   {"role": "user", "content": REASK}]))
+            replies.append(
+                client.chat(
+                    messages + [{"role": "assistant", "content": replies[-1]}, {"role": "user", "content": REASK}]
+                )
+            )
             grade = parse_grade(replies[-1])
             if grade is None:
                 error = "no grade found in the judge's replies"
     except JudgeError as e:
         error = str(e)
     q = item.question
-    return {"model_id": item.model_id, "answers_file": item.source, "question_id": q.question_id, "image": q.image,
-            "category": list(q.categories), "ability": ",".join(q.abilities), "grade": grade or UNPARSEABLE,
-            "replies": replies, "error": error}
+    return {
+        "model_id": item.model_id,
+        "answers_file": item.source,
+        "question_id": q.question_id,
+        "image": q.image,
+        "category": list(q.categories),
+        "ability": ",".join(q.abilities),
+        "grade": grade or UNPARSEABLE,
+        "replies": replies,
+        "error": error,
+    }
 
 
-def grade_answers(answer_files: Sequence[str | os.PathLike], owleval_dir: str | os.PathLike, *, judge_url: str,
-                  judge_model: str, api_key: str | None = None, sees_images: bool = True, concurrency: int = 4,
-                  timeout: float = 120.0, retries: int = 3, backoff: float = 1.0, max_tokens: int = 512,
-                  show_progress: bool = True) -> list[dict]:
+def grade_answers(
+    answer_files: Sequence[str | os.PathLike],
+    owleval_dir: str | os.PathLike,
+    *,
+    judge_url: str,
+    judge_model: str,
+    api_key: str | None = None,
+    sees_images: bool = True,
+    concurrency: int = 4,
+    timeout: float = 120.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+    max_tokens: int = 512,
+    show_progress: bool = True,
+) -> list[dict]:
     """Grade every answer of `answer_files` (released format) against the questions of `owleval_dir`.
 
     Returns one row per answer (see `grade_item`), in file order then question_id order.
@@ -248,10 +289,13 @@ def grade_answers(answer_files: Sequence[str | os.PathLike], owleval_dir: str | 
     client = JudgeClient(judge_url, judge_model, api_key, timeout, retries, backoff, max_tokens)
     urls = {q.image: image_data_url(image_path(owleval_dir, q)) for q in questions} if sees_images else {}
     results: list[dict | None] = [None] * len(items)
-    with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool, \
-            tqdm(total=len(items), desc="judge", unit="answer", file=sys.stderr, disable=not show_progress) as bar:
-        futures = {pool.submit(grade_item, client, item, urls.get(item.question.image)): i
-                   for i, item in enumerate(items)}
+    with (
+        concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool,
+        tqdm(total=len(items), desc="judge", unit="answer", file=sys.stderr, disable=not show_progress) as bar,
+    ):
+        futures = {
+            pool.submit(grade_item, client, item, urls.get(item.question.image)): i for i, item in enumerate(items)
+        }
         for future in concurrent.futures.as_completed(futures):
             results[futures[future]] = future.result()
             bar.update(1)
@@ -268,9 +312,13 @@ def summarize(grades: Sequence[dict]) -> dict:
     """
     models: dict[str, dict] = {}
     for row in grades:
-        m = models.setdefault(row["model_id"], {"category": {c: dict.fromkeys((*GRADES, UNPARSEABLE), 0)
-                                                              for c in CATEGORIES},
-                                                 "ability": {a: [] for a in ABILITIES}})
+        m = models.setdefault(
+            row["model_id"],
+            {
+                "category": {c: dict.fromkeys((*GRADES, UNPARSEABLE), 0) for c in CATEGORIES},
+                "ability": {a: [] for a in ABILITIES},
+            },
+        )
         for c in row["category"]:
             m["category"][c][row["grade"]] += 1
         for a in str(row["ability"]).split(","):
@@ -285,9 +333,13 @@ def summarize(grades: Sequence[dict]) -> dict:
         abilities = {}
         for a, got in m["ability"].items():
             graded = [g for g in got if g in SCORES]
-            abilities[a] = {"n": len(got), "graded": len(graded), "unparseable": len(got) - len(graded),
-                            "a_or_b": 100 * sum(g in ("A", "B") for g in graded) / len(graded) if graded else None,
-                            "mean_score": sum(SCORES[g] for g in graded) / len(graded) if graded else None}
+            abilities[a] = {
+                "n": len(got),
+                "graded": len(graded),
+                "unparseable": len(got) - len(graded),
+                "a_or_b": 100 * sum(g in ("A", "B") for g in graded) / len(graded) if graded else None,
+                "mean_score": sum(SCORES[g] for g in graded) / len(graded) if graded else None,
+            }
         out[name] = {"category": cats, "ability": abilities}
     return {"models": out, "paper": PAPER}
 
@@ -304,8 +356,10 @@ def format_tables(tables: dict) -> str:
         rows += [(name, {**p[c], UNPARSEABLE: None}) for name, p in tables["paper"].items()]
         for name, counts in rows:
             n = sum(v for v in counts.values() if v)
-            cells = ["-" if counts[g] is None else f"{counts[g]} ({100 * counts[g] / n if n else 0:.1f}%)"
-                     for g in (*GRADES, UNPARSEABLE)]
+            cells = [
+                "-" if counts[g] is None else f"{counts[g]} ({100 * counts[g] / n if n else 0:.1f}%)"
+                for g in (*GRADES, UNPARSEABLE)
+            ]
             lines.append(name.ljust(width) + str(n).rjust(4) + "".join(cell.rjust(13) for cell in cells))
         lines.append("")
     lines.append("ability: % A+B of graded answers, mean score (A=3 .. D=0), answers [?: no grade]")

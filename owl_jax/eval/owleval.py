@@ -21,17 +21,24 @@ import json
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the runner imports JAX only when it answers
-    from owl_jax.inference.session import ChatSession
     from owl_jax.inference.generate import GenerationConfig, Generator
+    from owl_jax.inference.session import ChatSession
 
 QUESTIONS_FILE = "questions.jsonl"
 CASES_DIR = "cases"
 CATEGORIES = ("single_turn", "multi_turn")
-ABILITIES = {"a": "instruction understanding", "b": "visual understanding", "c": "optical character recognition",
-             "d": "knowledge transfer", "e": "reasoning", "f": "multi-turn dialogue"}
+ABILITIES = {
+    "a": "instruction understanding",
+    "b": "visual understanding",
+    "c": "optical character recognition",
+    "d": "knowledge transfer",
+    "e": "reasoning",
+    "f": "multi-turn dialogue",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +87,19 @@ def load_questions(owleval_dir: str | os.PathLike, *, check_images: bool = False
     """
     path = os.path.join(os.fspath(owleval_dir), QUESTIONS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist; --owleval must be a folder with {QUESTIONS_FILE} and "
-                                f"{CASES_DIR}/")
+        raise FileNotFoundError(
+            f"{path} does not exist; --owleval must be a folder with {QUESTIONS_FILE} and {CASES_DIR}/"
+        )
     questions: dict[int, Question] = {}
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
-        for key, kind in (("image", str), ("question_id", int), ("question", str), ("ability", str),
-                          ("category", list)):
+        for key, kind in (
+            ("image", str),
+            ("question_id", int),
+            ("question", str),
+            ("ability", str),
+            ("category", list),
+        ):
             if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
                 raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}, got {row.get(key)!r}")
         categories = tuple(row["category"])
@@ -100,10 +113,13 @@ def load_questions(owleval_dir: str | os.PathLike, *, check_images: bool = False
             raise ValueError(f"{where}: question_id {qid} repeats {questions[qid].where}")
         questions[qid] = Question(qid, row["image"], row["question"], abilities, categories, where)
     if check_images:
-        missing = [f"{q.image} ({q.where})" for q in questions.values() if not os.path.isfile(image_path(owleval_dir, q))]
+        missing = [
+            f"{q.image} ({q.where})" for q in questions.values() if not os.path.isfile(image_path(owleval_dir, q))
+        ]
         if missing:
-            raise FileNotFoundError(f"missing case images in {os.path.join(os.fspath(owleval_dir), CASES_DIR)}: "
-                                    + ", ".join(missing))
+            raise FileNotFoundError(
+                f"missing case images in {os.path.join(os.fspath(owleval_dir), CASES_DIR)}: " + ", ".join(missing)
+            )
     return [questions[k] for k in sorted(questions)]
 
 
@@ -126,15 +142,18 @@ def conversations(questions: Sequence[Question]) -> list[list[Question]]:
         elif q.image in by_image:
             by_image[q.image].append(q)
             if q.single_turn:
-                warnings.warn(f"{q.where}: question {q.question_id} is single_turn and multi_turn but not the first "
-                              f"turn of the conversation on {q.image}; it is answered as a turn", stacklevel=2)
+                warnings.warn(
+                    f"{q.where}: question {q.question_id} is single_turn and multi_turn but not the first "
+                    f"turn of the conversation on {q.image}; it is answered as a turn",
+                    stacklevel=2,
+                )
         else:
             by_image[q.image] = [q]
             groups.append(by_image[q.image])
     return groups
 
 
-def _ask(session: "ChatSession", q: Question, images: list[str], config: "GenerationConfig") -> str:
+def _ask(session: ChatSession, q: Question, images: list[str], config: GenerationConfig) -> str:
     """One turn; max_new_tokens shrinks to what the session's cache has left (long conversations)."""
     from owl_jax.data.prompts import build_conversation
 
@@ -142,13 +161,18 @@ def _ask(session: "ChatSession", q: Question, images: list[str], config: "Genera
     prompt_len = len(session.processor.encode_prompt(build_conversation(turns + [(len(images), q.question, None)])))
     room = session.max_length - prompt_len
     if room < 1:
-        warnings.warn(f"question {q.question_id}: the conversation already fills the {session.max_length} "
-                      "positions; its answer is left empty", stacklevel=2)
+        warnings.warn(
+            f"question {q.question_id}: the conversation already fills the {session.max_length} "
+            "positions; its answer is left empty",
+            stacklevel=2,
+        )
         return ""
     cfg = config
     if room < cfg.max_new_tokens:
-        warnings.warn(f"question {q.question_id}: only {room} positions left; max_new_tokens {cfg.max_new_tokens} "
-                      f"-> {room}", stacklevel=2)
+        warnings.warn(
+            f"question {q.question_id}: only {room} positions left; max_new_tokens {cfg.max_new_tokens} -> {room}",
+            stacklevel=2,
+        )
         cfg = dataclasses.replace(cfg, max_new_tokens=room, min_new_tokens=min(cfg.min_new_tokens, room))
     if cfg.do_sample:
         cfg = dataclasses.replace(cfg, seed=cfg.seed + q.question_id)
@@ -158,11 +182,20 @@ def _ask(session: "ChatSession", q: Question, images: list[str], config: "Genera
         raise ValueError(f"{q.where}: question {q.question_id}: {e}") from e
 
 
-def answer_owleval(model: Any, processor: Any, owleval_dir: str | os.PathLike, *,
-                   config: "GenerationConfig | None" = None, model_id: str = "owl_jax",
-                   max_length: int | None = None, limit: int | None = None, skip: Collection[int] = (),
-                   on_answer: Callable[[list[dict]], None] | None = None, generator: "Generator | None" = None,
-                   show_progress: bool = True) -> list[dict]:
+def answer_owleval(
+    model: Any,
+    processor: Any,
+    owleval_dir: str | os.PathLike,
+    *,
+    config: GenerationConfig | None = None,
+    model_id: str = "owl_jax",
+    max_length: int | None = None,
+    limit: int | None = None,
+    skip: Collection[int] = (),
+    on_answer: Callable[[list[dict]], None] | None = None,
+    generator: Generator | None = None,
+    show_progress: bool = True,
+) -> list[dict]:
     """Answer an OwlEval folder's questions (see the module docstring for how turns are grouped).
 
     Args:
@@ -182,8 +215,8 @@ def answer_owleval(model: Any, processor: Any, owleval_dir: str | os.PathLike, *
     """
     from tqdm.auto import tqdm
 
-    from owl_jax.inference.session import ChatSession
     from owl_jax.inference.generate import GenerationConfig, Generator
+    from owl_jax.inference.session import ChatSession
 
     if processor is None:
         raise ValueError("the checkpoint has no tokenizer.model, so there is no processor to encode questions")
@@ -194,19 +227,33 @@ def answer_owleval(model: Any, processor: Any, owleval_dir: str | os.PathLike, *
     skip = set(skip)
     groups = [g for g in conversations(questions) if not all(q.question_id in skip for q in g)]
     generator = generator or Generator(model)
-    session = ChatSession(generator, processor, max_length=max_length or model.config.text.max_position_embeddings,
-                          config=config)
+    session = ChatSession(
+        generator, processor, max_length=max_length or model.config.text.max_position_embeddings, config=config
+    )
     rows: list[dict] = []
-    with tqdm(total=sum(len(g) for g in groups), desc="OwlEval", unit="q", file=sys.stderr,
-              disable=not show_progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=sum(len(g) for g in groups),
+        desc="OwlEval",
+        unit="q",
+        file=sys.stderr,
+        disable=not show_progress,
+        dynamic_ncols=True,
+    ) as bar:
         for group in groups:
             session.reset()  # every conversation starts from an empty cache
             group_rows = []
             for turn, q in enumerate(group):
                 images = [image_path(owleval_dir, q)] if turn == 0 else []  # the image opens the conversation
                 answer = _ask(session, q, images, config)
-                group_rows.append({"image": q.image, "question_id": q.question_id, "question": q.question,
-                                   "answer": answer, "model_id": model_id})
+                group_rows.append(
+                    {
+                        "image": q.image,
+                        "question_id": q.question_id,
+                        "question": q.question,
+                        "answer": answer,
+                        "model_id": model_id,
+                    }
+                )
                 bar.update(1)
             rows += group_rows
             if on_answer is not None:

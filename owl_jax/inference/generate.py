@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,7 @@ def round_up(n: int, bucket: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Compiled pieces (pure functions of the split model state).
 
+
 def _cache_axes(cache: KVCache) -> KVCache:
     if cache.per_layer:
         axes = ("batch", "act_heads", None, None)
@@ -74,10 +76,12 @@ def _prefill(graphdef, params, input_ids, mask, image_embeds, cache_len: int):
     slots = jnp.arange(cache_len)
     key_valid = jnp.pad(mask > 0, ((0, 0), (0, cache_len - p)))
     attend = (slots[None, None, :] <= jnp.arange(p)[None, :, None]) & key_valid[:, None, :]
-    cache = _cache_axes(KVCache.zeros(model.config.text, b, cache_len, model.config.dtype,
-                                      per_layer=llm_args["layer_states"] is not None))
-    hidden, cache = model.language_model(embeds, positions, attend, cache=cache, cache_index=0,
-                                         **llm_args)
+    cache = _cache_axes(
+        KVCache.zeros(
+            model.config.text, b, cache_len, model.config.dtype, per_layer=llm_args["layer_states"] is not None
+        )
+    )
+    hidden, cache = model.language_model(embeds, positions, attend, cache=cache, cache_index=0, **llm_args)
     logits = model.language_model.logits(hidden[:, -1:])[:, 0]
     return logits, _cache_axes(cache), key_valid
 
@@ -96,8 +100,7 @@ def _extend(graphdef, params, cache, key_valid, input_ids, n_real, start, image_
     key_valid = key_valid & (slots < start)[None] | ((slots >= start) & (slots < start + n_real))[None]
     query_slots = start + jnp.arange(n)
     attend = (slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]
-    hidden, cache = model.language_model(embeds, query_slots[None], attend, cache=cache, cache_index=start,
-                                         **llm_args)
+    hidden, cache = model.language_model(embeds, query_slots[None], attend, cache=cache, cache_index=start, **llm_args)
     last = jax.lax.dynamic_slice_in_dim(hidden, n_real - 1, 1, axis=1)
     return model.language_model.logits(last)[:, 0], _cache_axes(cache), key_valid
 
@@ -107,13 +110,15 @@ def _decode(graphdef, params, cache, tokens, positions, slot, key_valid):
     model, llm_args = _merge(graphdef, params)
     key_valid = key_valid.at[:, slot].set(True)
     embeds = model.language_model.embed(tokens[:, None])
-    hidden, cache = model.language_model(embeds, positions[:, None], key_valid[:, None, :], cache=cache,
-                                         cache_index=slot, **llm_args)
+    hidden, cache = model.language_model(
+        embeds, positions[:, None], key_valid[:, None, :], cache=cache, cache_index=slot, **llm_args
+    )
     return model.language_model.logits(hidden)[:, 0], _cache_axes(cache), key_valid
 
 
-def _decode_select(graphdef, params, cache, key_valid, tokens, positions, slot, history, step, key, finished,
-                   cfg: GenerationConfig):
+def _decode_select(
+    graphdef, params, cache, key_valid, tokens, positions, slot, history, step, key, finished, cfg: GenerationConfig
+):
     """Feed `tokens` (step `step - 1`'s picks) and pick step `step`'s, all on the device."""
     logits, cache, key_valid = _decode(graphdef, params, cache, tokens, positions, slot, key_valid)
     key, sub = jax.random.split(key)
@@ -133,6 +138,7 @@ def _decode_chunk(graphdef, params, carry, positions, slot, limit, count, cfg: G
     end runs no step and the cache never holds the last pick. Returns the new carry, the picks `(B, chunk)`
     and how many steps ran (the picks' real columns).
     """
+
     def cond(state):
         i, (step, _, finished, *_rest), _ = state
         return (i < count) & (step + 1 < limit) & ~jnp.all(finished)
@@ -140,8 +146,19 @@ def _decode_chunk(graphdef, params, carry, positions, slot, limit, count, cfg: G
     def body(state):
         i, (step, tokens, finished, history, key, cache, key_valid), picks = state
         picked, finished, history, key, cache, key_valid = _decode_select(
-            graphdef, params, cache, key_valid, tokens, positions + step, slot + step, history, step + 1, key,
-            finished, cfg)
+            graphdef,
+            params,
+            cache,
+            key_valid,
+            tokens,
+            positions + step,
+            slot + step,
+            history,
+            step + 1,
+            key,
+            finished,
+            cfg,
+        )
         picks = jax.lax.dynamic_update_slice(picks, picked[:, None], (0, i))
         return i + 1, (step + 1, picked, finished, history, key, cache, key_valid), picks
 
@@ -180,13 +197,23 @@ class Generator:
         (`ops.compiler_options`).
     """
 
-    def __init__(self, model: Owl, *, mesh: jax.sharding.Mesh | None = None, prompt_bucket: int = 64,
-                 cache_bucket: int = 128, unstack_layers: bool = False, fuse_projections: bool = True,
-                 compiler_options: dict[str, Any] | None = None, decode_chunk: int = 16,
-                 stream_interval: float = 0.05):
+    def __init__(
+        self,
+        model: Owl,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        prompt_bucket: int = 64,
+        cache_bucket: int = 128,
+        unstack_layers: bool = False,
+        fuse_projections: bool = True,
+        compiler_options: dict[str, Any] | None = None,
+        decode_chunk: int = 16,
+        stream_interval: float = 0.05,
+    ):
         if decode_chunk < 1 or stream_interval < 0:
-            raise ValueError(f"decode_chunk must be >= 1 and stream_interval >= 0, got {decode_chunk} and "
-                             f"{stream_interval}")
+            raise ValueError(
+                f"decode_chunk must be >= 1 and stream_interval >= 0, got {decode_chunk} and {stream_interval}"
+            )
         self.model, self.mesh = model, mesh
         self.decode_chunk, self.stream_interval = int(decode_chunk), float(stream_interval)
         self.prompt_bucket, self.cache_bucket = prompt_bucket, cache_bucket
@@ -229,10 +256,16 @@ class Generator:
         with self._ctx():
             return self.encode(self.state, jnp.asarray(pixel_values))
 
-    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                 pixel_values: np.ndarray | None = None, config: GenerationConfig = GenerationConfig(), *,
-                 image_embeds: Array | None = None,
-                 stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> GenerationOutput:
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        pixel_values: np.ndarray | None = None,
+        config: GenerationConfig = GenerationConfig(),
+        *,
+        image_embeds: Array | None = None,
+        stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    ) -> GenerationOutput:
         """Generate for a batch of right-padded prompts (the processor's output).
 
         Args:
@@ -260,16 +293,25 @@ class Generator:
         left_mask = np.zeros((b, p), np.int32)
         for row in range(b):  # right padding → left padding
             n = int(lengths[row])
-            left_ids[row, p - n:] = ids[row, :n]
-            left_mask[row, p - n:] = 1
+            left_ids[row, p - n :] = ids[row, :n]
+            left_mask[row, p - n :] = 1
         with self._ctx():
-            logits, cache, key_valid = self.prefill(self.graphdef, self.state, jnp.asarray(left_ids),
-                                                    jnp.asarray(left_mask), image_embeds, cache_len)
+            logits, cache, key_valid = self.prefill(
+                self.graphdef, self.state, jnp.asarray(left_ids), jnp.asarray(left_mask), image_embeds, cache_len
+            )
         generated, finished, _, _ = self.decode_loop(logits, cache, key_valid, lengths, p, cfg, stream)
         return GenerationOutput(generated, finished.tolist(), lengths.tolist())
 
-    def decode_loop(self, logits: Array, cache: KVCache, key_valid: Array, positions: np.ndarray, slot: int,
-                    cfg: GenerationConfig, stream: Callable | None = None):
+    def decode_loop(
+        self,
+        logits: Array,
+        cache: KVCache,
+        key_valid: Array,
+        positions: np.ndarray,
+        slot: int,
+        cfg: GenerationConfig,
+        stream: Callable | None = None,
+    ):
         """Pick tokens from `logits` and keep feeding them until EOS or `max_new_tokens`.
 
         Args:
@@ -288,8 +330,9 @@ class Generator:
         history[:, 0] = cfg.bos_token_id
         generated = np.zeros((b, cfg.max_new_tokens), np.int32)
         with self._ctx():
-            tokens, done, history, key = self.first_select(logits, jnp.asarray(history), jax.random.key(cfg.seed),
-                                                           static_cfg)
+            tokens, done, history, key = self.first_select(
+                logits, jnp.asarray(history), jax.random.key(cfg.seed), static_cfg
+            )
             carry = (jnp.int32(0), tokens, done, history, key, cache, key_valid)
             fixed = (jnp.asarray(positions, jnp.int32), jnp.int32(slot), jnp.int32(cfg.max_new_tokens))
         # Decoding runs in chunks of up to `decode_chunk` steps, each one on-device loop, and the device runs
@@ -303,10 +346,11 @@ class Generator:
         steps, last = 0, time.perf_counter()
         while True:
             with self._ctx():
-                carry, picks, ran = self.decode_chunk_fn(self.graphdef, self.state, carry, *fixed, jnp.int32(count),
-                                                         static_cfg, self.decode_chunk)
+                carry, picks, ran = self.decode_chunk_fn(
+                    self.graphdef, self.state, carry, *fixed, jnp.int32(count), static_cfg, self.decode_chunk
+                )
             block, n = jax.device_get(pending)
-            for column in np.asarray(block)[:, :int(n)].T:
+            for column in np.asarray(block)[:, : int(n)].T:
                 finished = finished | (column == cfg.eos_token_id)
                 generated[:, steps] = column
                 if stream is not None:
@@ -328,7 +372,12 @@ class Generator:
         return out, finished, carry[5], carry[6]
 
 
-def generate(model: Owl, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-             pixel_values: np.ndarray | None = None, **options: Any) -> GenerationOutput:
+def generate(
+    model: Owl,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    pixel_values: np.ndarray | None = None,
+    **options: Any,
+) -> GenerationOutput:
     """One-off generation (builds a `Generator`; keep one around to reuse its compiled steps)."""
     return Generator(model).generate(input_ids, attention_mask, pixel_values, GenerationConfig(**options))

@@ -32,16 +32,17 @@ class GenerationConfig:
     bos_token_id: int = 1
     seed: int = 0
 
-    def validate(self) -> "GenerationConfig":
+    def validate(self) -> GenerationConfig:
         if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"need 0 <= min_new_tokens ({self.min_new_tokens}) <= max_new_tokens "
-                             f"({self.max_new_tokens}) and max_new_tokens >= 1")
+            raise ValueError(
+                f"need 0 <= min_new_tokens ({self.min_new_tokens}) <= max_new_tokens "
+                f"({self.max_new_tokens}) and max_new_tokens >= 1"
+            )
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be positive when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1 or self.top_k < 0 or self.no_repeat_ngram_size < 0:
             raise ValueError("top_p must be in (0, 1], top_k and no_repeat_ngram_size >= 0")
         return self
-
 
 
 def banned_ngram_tokens(history: Array, length: Array, n: int, vocab: int) -> Array:
@@ -51,8 +52,9 @@ def banned_ngram_tokens(history: Array, length: Array, n: int, vocab: int) -> Ar
         return jnp.zeros((b, vocab), bool)
     idx = jnp.arange(h - n + 1)
     windows = jnp.stack([history[:, idx + k] for k in range(n)], axis=-1)  # (B, W, n)
-    prefix = jax.vmap(lambda row, l: jax.lax.dynamic_slice(row, (l - (n - 1),), (n - 1,)))(
-        history, jnp.maximum(length, n - 1))
+    prefix = jax.vmap(lambda row, end: jax.lax.dynamic_slice(row, (end - (n - 1),), (n - 1,)))(
+        history, jnp.maximum(length, n - 1)
+    )
     in_range = (idx + n <= length[:, None]) & (length[:, None] >= n)
     hit = jnp.all(windows[:, :, : n - 1] == prefix[:, None, :], axis=-1) & in_range  # (B, W)
     banned = jnp.zeros((b, vocab), bool)
@@ -60,8 +62,9 @@ def banned_ngram_tokens(history: Array, length: Array, n: int, vocab: int) -> Ar
     return banned.at[rows, windows[:, :, n - 1]].max(hit)
 
 
-def select_tokens(logits: Array, step: Array, history: Array, history_len: Array, key: Array,
-                  cfg: GenerationConfig) -> Array:
+def select_tokens(
+    logits: Array, step: Array, history: Array, history_len: Array, key: Array, cfg: GenerationConfig
+) -> Array:
     """Next tokens `(B,)` from float32 logits `(B, V)` after the configured processors."""
     vocab = logits.shape[-1]
     logits = logits.astype(jnp.float32)

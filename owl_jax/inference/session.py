@@ -10,7 +10,8 @@ it generated) the cache is reused up to the first difference.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,14 @@ class ChatSession:
       config: default decoding options (`ask` may override per turn).
     """
 
-    def __init__(self, generator: Generator, processor: Any, *, max_length: int = 2048,
-                 config: GenerationConfig = GenerationConfig(max_new_tokens=256)):
+    def __init__(
+        self,
+        generator: Generator,
+        processor: Any,
+        *,
+        max_length: int = 2048,
+        config: GenerationConfig = GenerationConfig(max_new_tokens=256),
+    ):
         self.generator, self.processor = generator, processor
         self.max_length = round_up(max_length, generator.cache_bucket)
         self.config = config
@@ -67,8 +74,14 @@ class ChatSession:
             self.image_embeds.extend(embeds[i] for i in range(len(pixels)))
         return len(self.image_embeds) - sum(t.num_images for t in self.turns)
 
-    def ask(self, question: str, images: Sequence[Any] = (), *, config: GenerationConfig | None = None,
-            stream: Callable[[str], None] | None = None) -> str:
+    def ask(
+        self,
+        question: str,
+        images: Sequence[Any] = (),
+        *,
+        config: GenerationConfig | None = None,
+        stream: Callable[[str], None] | None = None,
+    ) -> str:
         """Add a turn with `question` (and `images`), generate the answer and return it.
 
         `stream` receives each new piece of the answer's text as it is decoded.
@@ -86,8 +99,10 @@ class ChatSession:
         ids = self.processor.encode_prompt(self.prompt)
         check_image_placeholders(np.asarray([ids]), len(self.image_embeds), self.generator.model.config.image_tokens)
         if len(ids) + cfg.max_new_tokens > self.max_length:
-            raise ValueError(f"the conversation needs {len(ids) + cfg.max_new_tokens} positions but the session has "
-                             f"{self.max_length}; reset() it or start one with a larger max_length")
+            raise ValueError(
+                f"the conversation needs {len(ids) + cfg.max_new_tokens} positions but the session has "
+                f"{self.max_length}; reset() it or start one with a larger max_length"
+            )
         start = self._reusable_prefix(ids)
         if self.cache is None:
             self.cache = self.generator.new_cache(1, self.max_length)
@@ -95,15 +110,22 @@ class ChatSession:
         suffix = ids[start:]
         first_image = sum(1 for i, t in enumerate(ids[:start]) if t < 0 and (i == 0 or ids[i - 1] >= 0))
         n_new_images = sum(1 for i, t in enumerate(suffix) if t < 0 and (i == 0 or suffix[i - 1] >= 0))
-        embeds = (jnp.stack(self.image_embeds[first_image:first_image + n_new_images]) if n_new_images else None)
+        embeds = jnp.stack(self.image_embeds[first_image : first_image + n_new_images]) if n_new_images else None
         width = round_up(len(suffix), self.generator.prompt_bucket)
         padded = np.full((1, width), cfg.pad_token_id, np.int32)
         padded[0, : len(suffix)] = suffix
         gen = self.generator
         with gen._ctx():
-            logits, self.cache, self.key_valid = gen.extend(gen.graphdef, gen.state, self.cache, self.key_valid,
-                                                            jnp.asarray(padded), jnp.int32(len(suffix)),
-                                                            jnp.int32(start), embeds)
+            logits, self.cache, self.key_valid = gen.extend(
+                gen.graphdef,
+                gen.state,
+                self.cache,
+                self.key_valid,
+                jnp.asarray(padded),
+                jnp.int32(len(suffix)),
+                jnp.int32(start),
+                embeds,
+            )
         pieces: list[str] = []
 
         def on_token(step: int, tokens: np.ndarray, finished: np.ndarray) -> None:
@@ -111,14 +133,15 @@ class ChatSession:
                 return
             generated.append(int(tokens[0]))
             text = self.processor.decode([t for t in generated if t != cfg.eos_token_id])
-            new = text[len("".join(pieces)):]
+            new = text[len("".join(pieces)) :]
             if new:
                 pieces.append(new)
                 stream(new)
 
         generated: list[int] = []
-        tokens, _, self.cache, self.key_valid = gen.decode_loop(logits, self.cache, self.key_valid,
-                                                                np.array([len(ids)]), len(ids), cfg, on_token)
+        tokens, _, self.cache, self.key_valid = gen.decode_loop(
+            logits, self.cache, self.key_valid, np.array([len(ids)]), len(ids), cfg, on_token
+        )
         answer_ids = tokens[0]
         self.cached_ids = ids + answer_ids[:-1]
         answer = self.processor.decode([t for t in answer_ids if t != cfg.eos_token_id]).strip()

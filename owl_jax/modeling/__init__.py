@@ -7,6 +7,14 @@ from owl_jax.modeling.owl import Owl, causal_padding_mask, check_image_placehold
 from owl_jax.modeling.vision import VisionTower
 
 __all__ = [
-    "Abstractor", "KVCache", "LlamaModel", "Owl", "VisionTower", "causal_padding_mask",
-    "check_image_placeholders", "masked_next_token_loss", "merge_image_embeddings", "next_token_loss_sums",
+    "Abstractor",
+    "KVCache",
+    "LlamaModel",
+    "Owl",
+    "VisionTower",
+    "causal_padding_mask",
+    "check_image_placeholders",
+    "masked_next_token_loss",
+    "merge_image_embeddings",
+    "next_token_loss_sums",
 ]

@@ -7,7 +7,8 @@ rematerialisation policy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -21,9 +22,18 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], *,
-                 num_layers: int, scan: bool = True, remat_policy: str = "none", xs: Any = None,
-                 layer_states: Sequence[Any] | None = None, xs_per_layer: bool = False) -> tuple[Any, Any]:
+def apply_layers(
+    layers: nnx.Module,
+    carry: Any,
+    body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+    *,
+    num_layers: int,
+    scan: bool = True,
+    remat_policy: str = "none",
+    xs: Any = None,
+    layer_states: Sequence[Any] | None = None,
+    xs_per_layer: bool = False,
+) -> tuple[Any, Any]:
     """Fold `body(layer, carry, x_i) -> (carry, y_i)` over the stacked `layers`.
 
     Args:
@@ -51,8 +61,9 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
     if layer_states is not None:
         if len(layer_states) != num_layers:
             raise ValueError(f"{len(layer_states)} layer states for {num_layers} layers")
-        return _unrolled(lambda c, i, x: body(nnx.merge(graphdef, layer_states[i]), c, x), carry, xs, num_layers,
-                         xs_per_layer)
+        return _unrolled(
+            lambda c, i, x: body(nnx.merge(graphdef, layer_states[i]), c, x), carry, xs, num_layers, xs_per_layer
+        )
 
     def step(c: Any, inputs: Any) -> tuple[Any, Any]:
         layer_state, x = inputs
@@ -68,8 +79,9 @@ def apply_layers(layers: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any
     return _unrolled(lambda c, i, x: step(c, (ops.layer(state, i), x)), carry, xs, num_layers, xs_per_layer)
 
 
-def _unrolled(step: Callable[[Any, int, Any], tuple[Any, Any]], carry: Any, xs: Any, num_layers: int,
-              xs_per_layer: bool = False):
+def _unrolled(
+    step: Callable[[Any, int, Any], tuple[Any, Any]], carry: Any, xs: Any, num_layers: int, xs_per_layer: bool = False
+):
     outputs = []
     for i in range(num_layers):
         carry, y = step(carry, i, xs[i] if xs_per_layer else jax.tree.map(lambda a: a[i], xs))
@@ -83,8 +95,9 @@ def _unrolled(step: Callable[[Any, int, Any], tuple[Any, Any]], carry: Any, xs: 
     return carry, stacked
 
 
-def unstack_layer_states(layers: nnx.Module, num_layers: int,
-                         transform: Callable[[Any], Any] | None = None) -> list[Any]:
+def unstack_layer_states(
+    layers: nnx.Module, num_layers: int, transform: Callable[[Any], Any] | None = None
+) -> list[Any]:
     """The stacked module's parameters as `num_layers` separate per-layer states (new device buffers, with
     the stack's shardings minus the layer axis), each passed through `transform` when given (in the same
     compiled call, so no untransformed copy is made)."""

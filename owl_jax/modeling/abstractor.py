@@ -49,8 +49,17 @@ HF_MODULES = {
 
 
 class AbstractorLayer(nnx.Module):
-    def __init__(self, cfg: AbstractorConfig, *, stack: int, lora: LoRAConfig | None, dtype: str,
-                 param_dtype: str, numerics: Numerics, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: AbstractorConfig,
+        *,
+        stack: int,
+        lora: LoRAConfig | None,
+        dtype: str,
+        param_dtype: str,
+        numerics: Numerics,
+        rngs: nnx.Rngs,
+    ):
         d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.encoder_hidden_size
         linear = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs)
         norm = dict(stack=stack, param_dtype=param_dtype, numerics=numerics)
@@ -62,8 +71,9 @@ class AbstractorLayer(nnx.Module):
         self.query = Linear(d, d, axes=("vision_embed", "vision_heads"), hf_name=HF_MODULES["layers/query"], **linear)
         self.key = Linear(e, d, axes=("vision_embed", "vision_heads"), hf_name=HF_MODULES["layers/key"], **linear)
         self.value = Linear(e, d, axes=("vision_embed", "vision_heads"), hf_name=HF_MODULES["layers/value"], **linear)
-        self.out_proj = Linear(d, d, axes=("vision_heads", "vision_embed"), hf_name=HF_MODULES["layers/out_proj"],
-                               **linear)
+        self.out_proj = Linear(
+            d, d, axes=("vision_heads", "vision_embed"), hf_name=HF_MODULES["layers/out_proj"], **linear
+        )
         self.norm2 = LayerNorm(d, eps=_TORCH_LAYER_NORM_EPS, **norm)
         self.w1 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=HF_MODULES["layers/w1"], **linear)
         self.w2 = Linear(f, d, axes=("vision_mlp", "vision_embed"), hf_name=HF_MODULES["layers/w2"], **linear)
@@ -78,9 +88,15 @@ class AbstractorLayer(nnx.Module):
         q = self.norm1(x)
         kv = jnp.concatenate([q, self.normk(image)], axis=1)  # (N, Q + T, D)
         heads = lambda t: t.reshape(n, t.shape[1], self.num_heads, hd)  # noqa: E731
-        ctx = ops.attention(heads(self.query(q, keys[0])), heads(self.key(kv, keys[1])),
-                            heads(self.value(kv, keys[2])), scale=hd ** -0.5, dropout_rate=self.dropout_rate,
-                            dropout_key=keys[3], numerics=self.numerics)  # (N, Q, H, Dh)
+        ctx = ops.attention(
+            heads(self.query(q, keys[0])),
+            heads(self.key(kv, keys[1])),
+            heads(self.value(kv, keys[2])),
+            scale=hd**-0.5,
+            dropout_rate=self.dropout_rate,
+            dropout_key=keys[3],
+            numerics=self.numerics,
+        )  # (N, Q, H, Dh)
         h = q + self.out_proj(ctx.reshape(n, nq, d), keys[4])
         m = self.norm2(h)
         gated = swiglu(self.w1(m, keys[5]), self.w3(m, keys[6]), numerics=self.numerics)  # (N, Q, F)
@@ -90,9 +106,20 @@ class AbstractorLayer(nnx.Module):
 class Abstractor(nnx.Module):
     """`query_tokens` + `abstractor.*`: ViT features `(N, T, D_v)` → LLM tokens `(N, Q + 1, D_llm)`."""
 
-    def __init__(self, cfg: AbstractorConfig, num_queries: int, llm_hidden: int, *, lora: LoRAConfig | None = None,
-                 dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = True,
-                 remat_policy: str = "none", numerics: Numerics = Numerics(), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: AbstractorConfig,
+        num_queries: int,
+        llm_hidden: int,
+        *,
+        lora: LoRAConfig | None = None,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        scan_layers: bool = True,
+        remat_policy: str = "none",
+        numerics: Numerics = Numerics(),
+        rngs: nnx.Rngs,
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.numerics = numerics
@@ -101,15 +128,27 @@ class Abstractor(nnx.Module):
         pdt = jnp.dtype(param_dtype)
         # The released code zero-initialises the queries; identical queries never become different
         # under training, so a fresh model draws them at random (imported checkpoints overwrite this).
-        self.query_tokens = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_queries, cfg.hidden_size), pdt),
-                                      axes=(None, "queries", "vision_embed"))
-        self.layers = AbstractorLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                      numerics=numerics, rngs=rngs)
-        self.visual_fc = Linear(cfg.hidden_size, llm_hidden, axes=("vision_embed", "embed"),
-                                hf_name=HF_MODULES["visual_fc"], lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                numerics=numerics, rngs=rngs)
-        self.vit_eos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, llm_hidden), pdt),
-                                 axes=(None, None, "embed"))
+        self.query_tokens = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (1, num_queries, cfg.hidden_size), pdt),
+            axes=(None, "queries", "vision_embed"),
+        )
+        self.layers = AbstractorLayer(
+            cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs
+        )
+        self.visual_fc = Linear(
+            cfg.hidden_size,
+            llm_hidden,
+            axes=("vision_embed", "embed"),
+            hf_name=HF_MODULES["visual_fc"],
+            lora=lora,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            numerics=numerics,
+            rngs=rngs,
+        )
+        self.vit_eos = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (1, 1, llm_hidden), pdt), axes=(None, None, "embed")
+        )
 
     def __call__(self, image_features: Array, dropout_key: Array | None = None) -> Array:
         """ViT features `(N, T, D_v)` → LLM tokens `(N, Q + 1, D_llm)`."""
@@ -119,9 +158,15 @@ class Abstractor(nnx.Module):
         x = jnp.broadcast_to(self.query_tokens[...].astype(dt), (n, *self.query_tokens.shape[1:]))
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers + 1)
         body = lambda layer, h, k: (constrain(layer(h, image, k), ("batch", "length", "act_embed")), None)
-        x, _ = apply_layers(self.layers, x, body, num_layers=self.cfg.num_layers,
-                            scan=self.scan_layers, remat_policy=self.remat_policy,
-                            xs=None if keys is None else keys[1:])
+        x, _ = apply_layers(
+            self.layers,
+            x,
+            body,
+            num_layers=self.cfg.num_layers,
+            scan=self.scan_layers,
+            remat_policy=self.remat_policy,
+            xs=None if keys is None else keys[1:],
+        )
         out = self.visual_fc(x, None if keys is None else keys[0])
         eos = jnp.broadcast_to(self.vit_eos[...].astype(dt), (n, 1, out.shape[-1]))
         return jnp.concatenate([out, eos], axis=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,10 @@ def lora_targeted(lora: LoRAConfig | None, hf_name: str, stack: int | None) -> b
     hits = [lora.matches(n) for n in names]
     if any(hits) and not all(hits):
         chosen = [n for n, h in zip(names, hits) if h]
-        raise ValueError(f"LoRA target_modules {lora.target_modules!r} select only some layers ({chosen[:3]}...) "
-                         f"of a stacked tower; adapters must cover all layers of {hf_name!r} or none")
+        raise ValueError(
+            f"LoRA target_modules {lora.target_modules!r} select only some layers ({chosen[:3]}...) "
+            f"of a stacked tower; adapters must cover all layers of {hf_name!r} or none"
+        )
     return all(hits)
 
 
@@ -46,10 +48,22 @@ class Linear(nnx.Module):
     `layers` axis of size L.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
-                 hf_name: str, rngs: nnx.Rngs, use_bias: bool = True, stack: int | None = None,
-                 lora: LoRAConfig | None = None, dtype: str = "float32", param_dtype: str = "float32",
-                 numerics: Numerics = Numerics(), init_std: float | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        hf_name: str,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        stack: int | None = None,
+        lora: LoRAConfig | None = None,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        numerics: Numerics = Numerics(),
+        init_std: float | None = None,
+    ):
         self.hf_name = hf_name
         self.dtype = dtype
         self.numerics = numerics
@@ -57,7 +71,7 @@ class Linear(nnx.Module):
         shape, kaxes = stacked(stack, (in_features, out_features), axes)
         # Fresh weights: LeCun normal (std 1/sqrt(fan_in)), which keeps activations O(1) at any width; the
         # released 0.02 is about that for 1024-wide layers but starves narrow ones. Imports overwrite it.
-        std = in_features ** -0.5 if init_std is None else init_std
+        std = in_features**-0.5 if init_std is None else init_std
         self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), shape, pdt), axes=kaxes)
         if use_bias:
             bshape, baxes = stacked(stack, (out_features,), axes[1:])
@@ -70,7 +84,7 @@ class Linear(nnx.Module):
         else:
             ashape, aaxes = stacked(stack, (in_features, lora.rank), (axes[0], "lora_rank"))
             bshape, baxes = stacked(stack, (lora.rank, out_features), ("lora_rank", axes[1]))
-            bound = in_features ** -0.5  # peft's kaiming_uniform(a=sqrt(5)) on A; B starts at zero
+            bound = in_features**-0.5  # peft's kaiming_uniform(a=sqrt(5)) on A; B starts at zero
             self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), ashape, pdt, -bound, bound), axes=aaxes)
             self.lora_b = nnx.LoRAParam(jnp.zeros(bshape, pdt), axes=baxes)
             self.lora_scale = float(lora.scale)

@@ -6,7 +6,8 @@ the same layers serve training (no cache), prefill and one-token decode steps.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ HF_MODULES = {
 def rope_inverse_frequencies(head_dim: int, theta: float) -> Array:
     """`1 / theta^(2i/d)` for i < d/2, in float32 (HF LLaMA's `inv_freq`)."""
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    return 1.0 / (theta ** exponents)
+    return 1.0 / (theta**exponents)
 
 
 def apply_rope(x: Array, positions: Array, theta: float, *, numerics: Numerics) -> Array:
@@ -78,12 +79,15 @@ class KVCache(NamedTuple):
     v: Array | tuple[Array, ...]
 
     @classmethod
-    def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: str = "float32", *,
-              per_layer: bool = False) -> "KVCache":
+    def zeros(
+        cls, cfg: TextConfig, batch: int, length: int, dtype: str = "float32", *, per_layer: bool = False
+    ) -> KVCache:
         if per_layer:
             shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-            return cls(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                       tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+            return cls(
+                tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            )
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -95,32 +99,53 @@ class KVCache(NamedTuple):
 class LlamaLayer(nnx.Module):
     """One decoder layer; built with `stack=L` it holds all L layers."""
 
-    def __init__(self, cfg: TextConfig, *, stack: int, lora: LoRAConfig | None, dtype: str, param_dtype: str,
-                 numerics: Numerics, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        stack: int,
+        lora: LoRAConfig | None,
+        dtype: str,
+        param_dtype: str,
+        numerics: Numerics,
+        rngs: nnx.Rngs,
+    ):
         d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-        linear = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs,
-                      use_bias=False)
+        linear = dict(
+            stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs, use_bias=False
+        )
         norm = dict(eps=cfg.rms_norm_eps, stack=stack, dtype=dtype, param_dtype=param_dtype, numerics=numerics)
         self.dtype, self.numerics = dtype, numerics
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.rope_theta = float(cfg.rope_theta)
         self.input_layernorm = RMSNorm(d, **norm)
-        self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "heads"), hf_name=HF_MODULES["layers/q_proj"],
-                             **linear)
-        self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"),
-                             hf_name=HF_MODULES["layers/k_proj"], **linear)
-        self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"),
-                             hf_name=HF_MODULES["layers/v_proj"], **linear)
-        self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), hf_name=HF_MODULES["layers/o_proj"],
-                             **linear)
+        self.q_proj = Linear(
+            d, cfg.num_heads * hd, axes=("embed", "heads"), hf_name=HF_MODULES["layers/q_proj"], **linear
+        )
+        self.k_proj = Linear(
+            d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), hf_name=HF_MODULES["layers/k_proj"], **linear
+        )
+        self.v_proj = Linear(
+            d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), hf_name=HF_MODULES["layers/v_proj"], **linear
+        )
+        self.o_proj = Linear(
+            cfg.num_heads * hd, d, axes=("heads", "embed"), hf_name=HF_MODULES["layers/o_proj"], **linear
+        )
         self.post_attention_layernorm = RMSNorm(d, **norm)
         self.gate_proj = Linear(d, f, axes=("embed", "mlp"), hf_name=HF_MODULES["layers/gate_proj"], **linear)
         self.up_proj = Linear(d, f, axes=("embed", "mlp"), hf_name=HF_MODULES["layers/up_proj"], **linear)
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), hf_name=HF_MODULES["layers/down_proj"], **linear)
 
-    def __call__(self, x: Array, positions: Array, mask: Array, cache: tuple[Array, Array] | None,
-                 cache_index: Array | int, key: Array | None,
-                 fused: dict[str, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        mask: Array,
+        cache: tuple[Array, Array] | None,
+        cache_index: Array | int,
+        key: Array | None,
+        fused: dict[str, Array] | None = None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
         """`(B, L, D)` → `(B, L, D)` and the layer's updated `(B, Hkv, S, Dh)` keys and values (with a cache).
 
         `positions` `(B, L)`, `mask` `(B, L, K)` or None (causal), `cache` this layer's keys and values with
@@ -133,14 +158,15 @@ class LlamaLayer(nnx.Module):
         if fused is not None:
             qkv = ops.matmul(h, fused["qkv"], **mm)
             nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+            q, k, v = qkv[..., :nq], qkv[..., nq : nq + nkv], qkv[..., nq + nkv :]
         else:
             q, k, v = self.q_proj(h, keys[0]), self.k_proj(h, keys[1]), self.v_proj(h, keys[2])
         q = q.reshape(b, length, self.num_heads, self.head_dim)
         k = k.reshape(b, length, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, length, self.num_kv_heads, self.head_dim)
-        q = constrain(apply_rope(q, positions, self.rope_theta, numerics=self.numerics),
-                      ("batch", "length", "act_heads", None))
+        q = constrain(
+            apply_rope(q, positions, self.rope_theta, numerics=self.numerics), ("batch", "length", "act_heads", None)
+        )
         k = apply_rope(k, positions, self.rope_theta, numerics=self.numerics)
         new_cache = None
         if cache is not None:
@@ -149,8 +175,16 @@ class LlamaLayer(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
             v = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
             new_cache = (k, v)
-        ctx = ops.attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask,
-                            is_causal=mask is None, numerics=self.numerics, heads_major_kv=cache is not None)
+        ctx = ops.attention(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            scale=self.head_dim**-0.5,
+            mask=mask,
+            is_causal=mask is None,
+            numerics=self.numerics,
+            heads_major_kv=cache is not None,
+        )
         x = x + self.o_proj(ctx.reshape(b, length, self.num_heads * self.head_dim), keys[3])
         h = self.post_attention_layernorm(x)
         if fused is not None:
@@ -164,19 +198,24 @@ class LlamaLayer(nnx.Module):
 FUSED_PROJECTIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
-def can_fuse_projections(layers: "LlamaLayer") -> bool:
+def can_fuse_projections(layers: LlamaLayer) -> bool:
     """Whether the layer's q/k/v and gate/up projections are plain (no adapters, no biases) and so can be
     concatenated."""
-    return all(getattr(layers, name).lora_a is None and getattr(layers, name).bias is None
-               for group in FUSED_PROJECTIONS.values() for name in group)
+    return all(
+        getattr(layers, name).lora_a is None and getattr(layers, name).bias is None
+        for group in FUSED_PROJECTIONS.values()
+        for name in group
+    )
 
 
 def fuse_projections(layer_state: Any) -> tuple[Any, dict[str, Array]]:
     """One layer's state (`nnx.State` of a `LlamaLayer` slice) → the state without its q/k/v and gate/up
     kernels (left as 0-size arrays) and those kernels concatenated along their outputs, for
     `LlamaLayer(..., fused=...)`: a decode step then runs two matmuls where it ran five."""
-    fused = {name: jnp.concatenate([layer_state[p]["kernel"][...] for p in parts], axis=-1)
-             for name, parts in FUSED_PROJECTIONS.items()}
+    fused = {
+        name: jnp.concatenate([layer_state[p]["kernel"][...] for p in parts], axis=-1)
+        for name, parts in FUSED_PROJECTIONS.items()
+    }
     state = jax.tree.map(lambda a: a, layer_state)  # a new State; the original is left as it was
     for parts in FUSED_PROJECTIONS.values():
         for p in parts:
@@ -188,9 +227,18 @@ def fuse_projections(layer_state: Any) -> tuple[Any, dict[str, Array]]:
 class LlamaModel(nnx.Module):
     """`language_model.*`: embeddings → decoder layers → final norm → `lm_head`."""
 
-    def __init__(self, cfg: TextConfig, *, lora: LoRAConfig | None = None, dtype: str = "float32",
-                 param_dtype: str = "float32", scan_layers: bool = True, remat_policy: str = "none",
-                 numerics: Numerics = Numerics(), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        lora: LoRAConfig | None = None,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        scan_layers: bool = True,
+        remat_policy: str = "none",
+        numerics: Numerics = Numerics(),
+        rngs: nnx.Rngs,
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.numerics = numerics
@@ -199,27 +247,47 @@ class LlamaModel(nnx.Module):
         pdt = jnp.dtype(param_dtype)
         # Fresh models only (imports overwrite it): unit-variance embeddings, the scale visual_fc's LeCun
         # init gives image tokens, so text and image positions start on an equal footing in the residual.
-        self.embed_tokens = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
-                                      axes=("vocab", "embed"))
-        self.layers = LlamaLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                 numerics=numerics, rngs=rngs)
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                            numerics=numerics)
+        self.embed_tokens = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt), axes=("vocab", "embed")
+        )
+        self.layers = LlamaLayer(
+            cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs
+        )
+        self.norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, numerics=numerics
+        )
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), hf_name=HF_MODULES["lm_head"],
-                                  use_bias=False, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics,
-                                  rngs=rngs)
+            self.lm_head = Linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                axes=("embed", "vocab"),
+                hf_name=HF_MODULES["lm_head"],
+                use_bias=False,
+                lora=lora,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                numerics=numerics,
+                rngs=rngs,
+            )
 
     def embed(self, token_ids: Array) -> Array:
         """`(B, L)` valid token ids → `(B, L, D)` embeddings in the compute dtype."""
         return ops.take_rows(self.embed_tokens[...], token_ids, numerics=self.numerics).astype(self.dtype)
 
-    def __call__(self, embeds: Array, positions: Array, mask: Array, *, cache: KVCache | None = None,
-                 cache_index: Array | int = 0, dropout_key: Array | None = None,
-                 layer_states: Sequence[Any] | None = None,
-                 fused: Sequence[dict[str, Array]] | None = None) -> tuple[Array, KVCache | None]:
+    def __call__(
+        self,
+        embeds: Array,
+        positions: Array,
+        mask: Array,
+        *,
+        cache: KVCache | None = None,
+        cache_index: Array | int = 0,
+        dropout_key: Array | None = None,
+        layer_states: Sequence[Any] | None = None,
+        fused: Sequence[dict[str, Array]] | None = None,
+    ) -> tuple[Array, KVCache | None]:
         """Decoder stack.
 
         Args:
@@ -253,14 +321,25 @@ class LlamaModel(nnx.Module):
         if cache is not None and cache.per_layer:
             if layer_states is None and self.scan_layers:
                 raise ValueError("a per-layer KV cache needs per-layer weights (layer_states) or unscanned layers")
-            xs = [((cache.k[i], cache.v[i]), None if keys is None else keys[i], None if fused is None else fused[i])
-                  for i in range(n)]
-            x, new = apply_layers(self.layers, x, body, num_layers=n, scan=False, xs=xs,
-                                  xs_per_layer=True, layer_states=layer_states)
+            xs = [
+                ((cache.k[i], cache.v[i]), None if keys is None else keys[i], None if fused is None else fused[i])
+                for i in range(n)
+            ]
+            x, new = apply_layers(
+                self.layers, x, body, num_layers=n, scan=False, xs=xs, xs_per_layer=True, layer_states=layer_states
+            )
             return self.norm(x), KVCache(tuple(c[0] for c in new), tuple(c[1] for c in new))
         xs = (None if cache is None else (cache.k, cache.v), keys, None)
-        x, new = apply_layers(self.layers, x, body, num_layers=n, scan=self.scan_layers,
-                              remat_policy=self.remat_policy, xs=xs, layer_states=layer_states)
+        x, new = apply_layers(
+            self.layers,
+            x,
+            body,
+            num_layers=n,
+            scan=self.scan_layers,
+            remat_policy=self.remat_policy,
+            xs=xs,
+            layer_states=layer_states,
+        )
         return self.norm(x), (None if new is None else KVCache(*new))
 
     def logits(self, hidden: Array) -> Array:
@@ -268,6 +347,7 @@ class LlamaModel(nnx.Module):
         if self.lm_head is not None:
             out = self.lm_head(hidden, float32_output=True)
         else:
-            out = ops.matmul(hidden, self.embed_tokens[...].T, dtype=self.dtype, numerics=self.numerics,
-                             out_dtype=jnp.float32)
+            out = ops.matmul(
+                hidden, self.embed_tokens[...].T, dtype=self.dtype, numerics=self.numerics, out_dtype=jnp.float32
+            )
         return constrain(out, ("batch", "length", "act_vocab"))

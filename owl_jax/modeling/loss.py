@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,9 @@ def masked_next_token_loss(logits: Array, input_ids: Array, loss_mask: Array) ->
     return total / jnp.maximum(count, 1.0)
 
 
-def chunked_next_token_loss_sums(hidden: Array, head: Callable[[Array], Array], input_ids: Array, loss_mask: Array,
-                                 *, chunk: int) -> tuple[Array, Array]:
+def chunked_next_token_loss_sums(
+    hidden: Array, head: Callable[[Array], Array], input_ids: Array, loss_mask: Array, *, chunk: int
+) -> tuple[Array, Array]:
     """`next_token_loss_sums` from the final hidden states, `chunk` positions at a time.
 
     The float32 logits of one chunk `(B, chunk, V)` exist at a time, forward and backward (each chunk's

@@ -38,8 +38,16 @@ def rms_norm(x: Array, scale: Array, *, eps: float, dtype: str) -> Array:
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 and cast back (the released `LayerNormFp32`)."""
 
-    def __init__(self, features: int, *, eps: float, stack: int | None = None, param_dtype: str = "float32",
-                 axis_name: str = "norm", numerics: Numerics = Numerics()):
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float,
+        stack: int | None = None,
+        param_dtype: str = "float32",
+        axis_name: str = "norm",
+        numerics: Numerics = Numerics(),
+    ):
         self.eps = float(eps)
         self.numerics = numerics
         shape, axes = stacked(stack, (features,), (axis_name,))
@@ -55,8 +63,16 @@ class LayerNorm(nnx.Module):
 class RMSNorm(nnx.Module):
     """LLaMA's RMSNorm (see `rms_norm`)."""
 
-    def __init__(self, features: int, *, eps: float, stack: int | None = None, dtype: str = "float32",
-                 param_dtype: str = "float32", numerics: Numerics = Numerics()):
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float,
+        stack: int | None = None,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        numerics: Numerics = Numerics(),
+    ):
         self.eps = float(eps)
         self.dtype = dtype
         self.numerics = numerics

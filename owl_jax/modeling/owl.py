@@ -8,7 +8,8 @@ batch (row 0's images first, then row 1's, ...).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,9 @@ from owl_jax.modeling.vision import VisionTower
 Array = jax.Array
 
 
-def merge_image_embeddings(text_embeds: Array, input_ids: Array, image_embeds: Array,
-                           images_per_row: int | None = None) -> Array:
+def merge_image_embeddings(
+    text_embeds: Array, input_ids: Array, image_embeds: Array, images_per_row: int | None = None
+) -> Array:
     """Overwrite each run of negative ids with its image's embeddings (static shapes, no host sync).
 
     A run starts where an id is negative and differs from the id before it (or at position 0). Runs are
@@ -48,8 +50,10 @@ def merge_image_embeddings(text_embeds: Array, input_ids: Array, image_embeds: A
         return text_embeds
     b, length = input_ids.shape
     if text_embeds.shape[:2] != (b, length) or text_embeds.shape[-1] != image_embeds.shape[-1]:
-        raise ValueError(f"text embeddings {text_embeds.shape}, ids {input_ids.shape} and image embeddings "
-                         f"{image_embeds.shape} do not fit together")
+        raise ValueError(
+            f"text embeddings {text_embeds.shape}, ids {input_ids.shape} and image embeddings "
+            f"{image_embeds.shape} do not fit together"
+        )
     is_image = input_ids < 0
     previous = jnp.concatenate([jnp.zeros_like(input_ids[:, :1]), input_ids[:, :-1]], axis=1)
     pos = jnp.broadcast_to(jnp.arange(length), (b, length))
@@ -86,7 +90,8 @@ def check_image_placeholders(input_ids: Any, num_images: int, tokens_per_image: 
                 raise ValueError(
                     f"input_ids row {row_index} has a run of {e - s} image placeholders at position {s}; each image "
                     f"takes exactly {tokens_per_image} (num_query_tokens + 1). Adjacent <image><image> markers "
-                    f"need text between them, and truncation must not cut an image.")
+                    f"need text between them, and truncation must not cut an image."
+                )
             runs.append((row_index, s))
     if len(runs) != num_images:
         raise ValueError(f"input_ids hold {len(runs)} image placeholder runs but pixel_values has {num_images} images")
@@ -105,9 +110,15 @@ class Owl(nnx.Module):
     def __init__(self, config: OwlConfig, *, rngs: nnx.Rngs):
         config.validate()
         self.config = config
-        run = dict(lora=config.lora, dtype=config.dtype, param_dtype=config.param_dtype,
-                   scan_layers=config.scan_layers, remat_policy=config.remat_policy, numerics=config.numerics,
-                   rngs=rngs)
+        run = dict(
+            lora=config.lora,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            scan_layers=config.scan_layers,
+            remat_policy=config.remat_policy,
+            numerics=config.numerics,
+            rngs=rngs,
+        )
         self.vision_model = VisionTower(config.vision, **run)
         self.abstractor = Abstractor(config.abstractor, config.num_query_tokens, config.text.hidden_size, **run)
         self.language_model = LlamaModel(config.text, **run)
@@ -135,10 +146,19 @@ class Owl(nnx.Module):
             return text
         return merge_image_embeddings(text, input_ids, image_embeds, images_per_row)
 
-    def forward(self, pixel_values: Array | None, input_ids: Array, attention_mask: Array | None = None, *,
-                positions: Array | None = None, image_embeds: Array | None = None,
-                images_per_row: int | None = None, dropout_key: Array | None = None,
-                return_hidden: bool = False, right_padded: bool = False) -> Array:
+    def forward(
+        self,
+        pixel_values: Array | None,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        positions: Array | None = None,
+        image_embeds: Array | None = None,
+        images_per_row: int | None = None,
+        dropout_key: Array | None = None,
+        return_hidden: bool = False,
+        right_padded: bool = False,
+    ) -> Array:
         """Traceable forward pass → float32 logits `(B, L, V)`; see `__call__`.
 
         `return_hidden=True` returns the LLM's final hidden states `(B, L, D)` instead (before `lm_head`;
@@ -187,17 +207,21 @@ class Owl(nnx.Module):
             pixel_values = np.zeros((0, v.num_channels, v.image_size, v.image_size), np.float32)
         if attention_mask is None:
             attention_mask = np.ones(np.shape(input_ids), np.int32)
-        return _compiled(_forward, self.config.numerics)(*nnx.split(self), jnp.asarray(pixel_values),
-                                                         jnp.asarray(input_ids, jnp.int32),
-                                                         jnp.asarray(attention_mask, jnp.int32))
+        return _compiled(_forward, self.config.numerics)(
+            *nnx.split(self),
+            jnp.asarray(pixel_values),
+            jnp.asarray(input_ids, jnp.int32),
+            jnp.asarray(attention_mask, jnp.int32),
+        )
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty KV cache for `batch` rows of `length` positions in the compute dtype."""
         return KVCache.zeros(self.config.text, batch, length, self.config.dtype)
 
 
-def _forward(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Array, input_ids: Array,
-             attention_mask: Array) -> Array:
+def _forward(
+    graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Array, input_ids: Array, attention_mask: Array
+) -> Array:
     return nnx.merge(graphdef, state).forward(pixel_values, input_ids, attention_mask)
 
 
@@ -210,7 +234,7 @@ def _encode_images(graphdef: nnx.GraphDef, state: nnx.State, pixel_values: Array
     return model.abstractor(model.vision_model(pixel_values))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(fn: Callable, numerics: Numerics) -> Callable:
     """`fn` jitted with the model's graph static and the compiler options its numerics ask for."""
     return jax.jit(fn, static_argnums=0, compiler_options=ops.compiler_options(numerics))

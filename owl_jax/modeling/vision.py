@@ -73,8 +73,17 @@ def sincos_position_embedding(grid: int, dim: int) -> Array:
 class VisionLayer(nnx.Module):
     """One pre-LN transformer block; built with `stack=L` it holds all L layers."""
 
-    def __init__(self, cfg: VisionConfig, *, stack: int, lora: LoRAConfig | None, dtype: str, param_dtype: str,
-                 numerics: Numerics, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        stack: int,
+        lora: LoRAConfig | None,
+        dtype: str,
+        param_dtype: str,
+        numerics: Numerics,
+        rngs: nnx.Rngs,
+    ):
         d, f = cfg.hidden_size, cfg.intermediate_size
         linear = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs)
         norm = dict(eps=cfg.layer_norm_eps, stack=stack, param_dtype=param_dtype, numerics=numerics)
@@ -82,8 +91,9 @@ class VisionLayer(nnx.Module):
         self.numerics = numerics
         self.act = cfg.hidden_act
         self.input_layernorm = LayerNorm(d, **norm)
-        self.query_key_value = Linear(d, 3 * d, axes=("vision_embed", "qkv"),
-                                      hf_name=HF_MODULES["layers/query_key_value"], **linear)
+        self.query_key_value = Linear(
+            d, 3 * d, axes=("vision_embed", "qkv"), hf_name=HF_MODULES["layers/query_key_value"], **linear
+        )
         self.dense = Linear(d, d, axes=("vision_heads", "vision_embed"), hf_name=HF_MODULES["layers/dense"], **linear)
         self.post_attention_layernorm = LayerNorm(d, **norm)
         self.fc1 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=HF_MODULES["layers/fc1"], **linear)
@@ -107,30 +117,42 @@ class VisionLayer(nnx.Module):
 class VisionTower(nnx.Module):
     """`vision_model.*`: pixels `(N, C, H, W)` → features `(N, 1 + H·W/p², D_v)` after the post-LN."""
 
-    def __init__(self, cfg: VisionConfig, *, lora: LoRAConfig | None = None, dtype: str = "float32",
-                 param_dtype: str = "float32", scan_layers: bool = True, remat_policy: str = "none",
-                 numerics: Numerics = Numerics(), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        lora: LoRAConfig | None = None,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        scan_layers: bool = True,
+        remat_policy: str = "none",
+        numerics: Numerics = Numerics(),
+        rngs: nnx.Rngs,
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.numerics = numerics
         self.scan_layers = scan_layers
         self.remat_policy = remat_policy
         d, pdt = cfg.hidden_size, jnp.dtype(param_dtype)
-        patch_dim = cfg.num_channels * cfg.patch_size ** 2
+        patch_dim = cfg.num_channels * cfg.patch_size**2
         # Fresh towers only (imports overwrite these): patch and position embeddings start at comparable,
         # O(1) scales. With the usual 0.02 for positions, the pre-LayerNorm all but erases where a patch is,
         # and a ViT trained from scratch takes hundreds of steps to recover it.
-        self.patch_embed = nnx.Param(patch_dim ** -0.5 * jax.random.normal(rngs.params(), (patch_dim, d), pdt),
-                                     axes=("patch", "vision_embed"))
+        self.patch_embed = nnx.Param(
+            patch_dim**-0.5 * jax.random.normal(rngs.params(), (patch_dim, d), pdt), axes=("patch", "vision_embed")
+        )
         self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d), pdt), axes=(None, None, "vision_embed"))
         # Positions start as fixed 2-D sin-cos values (MAE), so where a patch sits is readable, and smooth
         # across the grid, from the first step rather than only after training has shaped random codes.
         grid = cfg.image_size // cfg.patch_size
-        self.position_embedding = nnx.Param(sincos_position_embedding(grid, d)[None].astype(pdt),
-                                            axes=(None, "positions", "vision_embed"))
+        self.position_embedding = nnx.Param(
+            sincos_position_embedding(grid, d)[None].astype(pdt), axes=(None, "positions", "vision_embed")
+        )
         self.pre_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, numerics=numerics)
-        self.layers = VisionLayer(cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                  numerics=numerics, rngs=rngs)
+        self.layers = VisionLayer(
+            cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs
+        )
         self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, numerics=numerics)
 
     def __call__(self, pixel_values: Array, dropout_key: Array | None = None) -> Array:
@@ -138,14 +160,23 @@ class VisionTower(nnx.Module):
         cfg, dt = self.cfg, jnp.dtype(self.dtype)
         expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
         if tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; this model expects (N, "
-                             f"{expected[0]}, {expected[1]}, {expected[2]}) (config image_size={cfg.image_size})")
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; this model expects (N, "
+                f"{expected[0]}, {expected[1]}, {expected[2]}) (config image_size={cfg.image_size})"
+            )
         patches = patchify(pixel_values.astype(dt), cfg.patch_size)  # (N, P, C·p·p)
         x = ops.matmul(patches, self.patch_embed[...], dtype=dt, numerics=self.numerics)  # (N, P, D)
         cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(dt)
         x = constrain(self.pre_layernorm(x), ("batch", "length", "act_embed"))
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
-        x, _ = apply_layers(self.layers, x, lambda layer, h, k: (layer(h, k), None), num_layers=cfg.num_layers,
-                            scan=self.scan_layers, remat_policy=self.remat_policy, xs=keys)
+        x, _ = apply_layers(
+            self.layers,
+            x,
+            lambda layer, h, k: (layer(h, k), None),
+            num_layers=cfg.num_layers,
+            scan=self.scan_layers,
+            remat_policy=self.remat_policy,
+            xs=keys,
+        )
         return self.post_layernorm(x)

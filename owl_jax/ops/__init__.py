@@ -22,6 +22,19 @@ from owl_jax.ops.numerics import compiler_options, is_half, resolve
 from owl_jax.ops.stack import layer
 
 __all__ = [
-    "Numerics", "PreparedKernel", "attention", "compiler_options", "dropout", "elementwise", "in_float32", "is_half",
-    "layer", "matmul", "prepare_kernel", "recomputed", "resolve", "resolve_implementation", "take_rows",
+    "Numerics",
+    "PreparedKernel",
+    "attention",
+    "compiler_options",
+    "dropout",
+    "elementwise",
+    "in_float32",
+    "is_half",
+    "layer",
+    "matmul",
+    "prepare_kernel",
+    "recomputed",
+    "resolve",
+    "resolve_implementation",
+    "take_rows",
 ]

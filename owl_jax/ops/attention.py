@@ -28,8 +28,9 @@ Array = jax.Array
 _log = logging.getLogger("owl_jax")
 
 
-def resolve_implementation(implementation: str, dtype, *, dropout: bool, masked: bool = False,
-                           lengths: tuple[int, int] | None = None) -> str:
+def resolve_implementation(
+    implementation: str, dtype, *, dropout: bool, masked: bool = False, lengths: tuple[int, int] | None = None
+) -> str:
     """The implementation "auto" stands for with these inputs (others are returned as given)."""
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLS}")
@@ -38,15 +39,30 @@ def resolve_implementation(implementation: str, dtype, *, dropout: bool, masked:
     backend = platform()
     if backend == "gpu" and is_half(dtype) and not dropout and not masked:
         return "cudnn"
-    if (backend == "tpu" and not dropout and not masked and lengths is not None
-            and all(n % kernels.SPLASH_BLOCK == 0 for n in lengths)):
+    if (
+        backend == "tpu"
+        and not dropout
+        and not masked
+        and lengths is not None
+        and all(n % kernels.SPLASH_BLOCK == 0 for n in lengths)
+    ):
         return "splash"
     return "xla"
 
 
-def attention(q: Array, k: Array, v: Array, *, scale: float, numerics: Numerics, mask: Array | None = None,
-              is_causal: bool = False, dropout_rate: float = 0.0, dropout_key: Array | None = None,
-              heads_major_kv: bool = False) -> Array:
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    scale: float,
+    numerics: Numerics,
+    mask: Array | None = None,
+    is_causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+    heads_major_kv: bool = False,
+) -> Array:
     """Multi-head attention.
 
     Args:
@@ -64,18 +80,28 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, numerics: Numerics,
     """
     implementation = numerics.attention
     dropout_on = dropout_rate > 0 and dropout_key is not None
-    reference = dict(scale=scale, mask=mask, dropout_rate=dropout_rate, dropout_key=dropout_key, numerics=numerics,
-                     is_causal=is_causal)
+    reference = dict(
+        scale=scale,
+        mask=mask,
+        dropout_rate=dropout_rate,
+        dropout_key=dropout_key,
+        numerics=numerics,
+        is_causal=is_causal,
+    )
     if heads_major_kv:
         if resolve_implementation(implementation, q.dtype, dropout=dropout_on, masked=mask is not None) == "xla":
             return reference_attention(q, k, v, heads_major_kv=True, **reference)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if is_causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many queries as keys; got {q.shape[1]} and {k.shape[1]}")
-    impl = resolve_implementation(implementation, q.dtype, dropout=dropout_on, masked=mask is not None,
-                                  lengths=(q.shape[1], k.shape[1]))
-    if impl == "cudnn" and implementation == "auto" and not kernels.cudnn_accepts(q.shape, k.shape, str(q.dtype),
-                                                                                  is_causal):
+    impl = resolve_implementation(
+        implementation, q.dtype, dropout=dropout_on, masked=mask is not None, lengths=(q.shape[1], k.shape[1])
+    )
+    if (
+        impl == "cudnn"
+        and implementation == "auto"
+        and not kernels.cudnn_accepts(q.shape, k.shape, str(q.dtype), is_causal)
+    ):
         _log.warning("cuDNN attention refuses q%s k%s; using the XLA path", q.shape, k.shape)
         impl = "xla"
     if impl == "splash" and kernels.splash_applies(q, k, mask, dropout_on):
@@ -88,8 +114,9 @@ def attention(q: Array, k: Array, v: Array, *, scale: float, numerics: Numerics,
         if platform() != "gpu":
             raise ValueError(f"attention implementation 'cudnn' needs a GPU; this backend is {platform()!r}")
         return kernels.cudnn_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal)
-    out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
-                                       is_causal=is_causal)
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=None if mask is None else mask[:, None], scale=scale, is_causal=is_causal
+    )
     return out.astype(q.dtype)
 
 

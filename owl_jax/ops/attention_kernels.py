@@ -21,20 +21,35 @@ def cudnn_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array |
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
     tp, sp = -(-t // CUDNN_MULTIPLE) * CUDNN_MULTIPLE, -(-s // CUDNN_MULTIPLE) * CUDNN_MULTIPLE
     if mask is not None or (tp == t and sp == s):
-        out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
-                                           is_causal=is_causal, implementation="cudnn")
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=None if mask is None else mask[:, None],
+            scale=scale,
+            is_causal=is_causal,
+            implementation="cudnn",
+        )
         return out.astype(q.dtype)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
-    out = jax.nn.dot_product_attention(pad(q, tp), pad(k, sp), pad(v, sp), scale=scale, is_causal=is_causal,
-                                       query_seq_lengths=jnp.full((b,), t, jnp.int32),
-                                       key_value_seq_lengths=jnp.full((b,), s, jnp.int32), implementation="cudnn")
+    out = jax.nn.dot_product_attention(
+        pad(q, tp),
+        pad(k, sp),
+        pad(v, sp),
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=jnp.full((b,), t, jnp.int32),
+        key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
+        implementation="cudnn",
+    )
     return out[:, :t].astype(q.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cudnn_accepts(q_shape: tuple, k_shape: tuple, dtype: str, is_causal: bool) -> bool:
     """Whether cuDNN takes these shapes forward and backward (its checks run while tracing, so an abstract
     trace of the gradient tells, at no run-time cost)."""
+
     def loss(q, k, v):
         return cudnn_attention(q, k, v, scale=1.0, mask=None, is_causal=is_causal).astype(jnp.float32).sum()
 
@@ -50,18 +65,27 @@ def splash_applies(q: Array, k: Array, mask: Array | None, dropout: bool) -> boo
     return mask is None and not dropout and q.shape[1] % SPLASH_BLOCK == 0 and k.shape[1] % SPLASH_BLOCK == 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _splash_kernel(heads: int, lq: int, lk: int, causal: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     one = sm.CausalMask((lq, lk)) if causal else sm.FullMask((lq, lk))
     b = SPLASH_BLOCK
-    blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    blocks = sk.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+    )
     with jax.ensure_compile_time_eval():  # the kernel's block tables: concrete arrays, reusable across traces
-        return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
+        return sk.make_splash_mha(
+            sm.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
 
 
 def splash_attention(q: Array, k: Array, v: Array, *, scale: float, is_causal: bool, interpret: bool) -> Array:

@@ -24,16 +24,35 @@ Array = jax.Array
 CAUSAL_BLOCK = 128  # query rows per block of causal attention
 
 
-def reference_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None, dropout_rate: float,
-                        dropout_key: Array | None, numerics: Numerics, heads_major_kv: bool = False,
-                        is_causal: bool = False, causal_block: int | None = None) -> Array:
+def reference_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    scale: float,
+    mask: Array | None,
+    dropout_rate: float,
+    dropout_key: Array | None,
+    numerics: Numerics,
+    heads_major_kv: bool = False,
+    is_causal: bool = False,
+    causal_block: int | None = None,
+) -> Array:
     """`(B, Lq, H, Dh)` queries, `(B, Lk, Hkv, Dh)` keys/values (`(B, Hkv, Lk, Dh)` with `heads_major_kv`),
     optional `(B, Lq, Lk)` boolean mask → `(B, Lq, H, Dh)` in `q.dtype`."""
     if heads_major_kv or (dropout_rate > 0 and dropout_key is not None):
         lk = k.shape[2 if heads_major_kv else 1]
         mask = _with_causal(mask, q.shape[1], lk) if is_causal else mask
-        return _autodiff_attention(q, k, v, scale=scale, mask=mask, dropout_rate=dropout_rate,
-                                   dropout_key=dropout_key, heads_major_kv=heads_major_kv)
+        return _autodiff_attention(
+            q,
+            k,
+            v,
+            scale=scale,
+            mask=mask,
+            dropout_rate=dropout_rate,
+            dropout_key=dropout_key,
+            heads_major_kv=heads_major_kv,
+        )
     b, lq, h, dh = q.shape
     hkv = k.shape[2]
     groups = h // hkv
@@ -64,12 +83,14 @@ def causal_blocks(length: int, block: int | None = None) -> tuple:
 def _block_probs(qh: Array, kh: Array, mask: Array, scale: float, block: tuple) -> Array:
     """Float32 probabilities `(B, Hkv, G * bq, K)` of one query block against the first K keys."""
     q0, q1, ke, causal = block
-    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qh[:, :, :, q0:q1], kh[:, :, :ke],
-                        preferred_element_type=jnp.float32) * scale
+    scores = (
+        jnp.einsum("bhgqd,bhkd->bhgqk", qh[:, :, :, q0:q1], kh[:, :, :ke], preferred_element_type=jnp.float32) * scale
+    )
     if causal:
         rows = jax.lax.broadcasted_iota(jnp.int32, (q1 - q0, ke), 0) + q0
-        scores = jnp.where(rows >= jax.lax.broadcasted_iota(jnp.int32, (q1 - q0, ke), 1), scores,
-                           jnp.finfo(jnp.float32).min)
+        scores = jnp.where(
+            rows >= jax.lax.broadcasted_iota(jnp.int32, (q1 - q0, ke), 1), scores, jnp.finfo(jnp.float32).min
+        )
     if mask.ndim:
         scores = jnp.where(mask[:, None, None, q0:q1, :ke], scores, jnp.finfo(jnp.float32).min)
     b, h, g, bq, _ = scores.shape
@@ -77,8 +98,9 @@ def _block_probs(qh: Array, kh: Array, mask: Array, scale: float, block: tuple) 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention_core(qh: Array, kh: Array, vh: Array, mask: Array, scale: float, blocks: tuple,
-                    numerics: Numerics) -> Array:
+def _attention_core(
+    qh: Array, kh: Array, vh: Array, mask: Array, scale: float, blocks: tuple, numerics: Numerics
+) -> Array:
     """softmax(q kᵀ · scale, masked) v over heads-major operands, per query block (`causal_blocks`),
     accumulated and returned in float32 `(B, Hkv, G, Lq, Dh)`. On the CPU route the two backward products
     that contract over the query axis read physically transposed copies."""
@@ -88,7 +110,7 @@ def _attention_core(qh: Array, kh: Array, vh: Array, mask: Array, scale: float, 
 def _query_block(x: Array, block: tuple) -> Array:
     """Rows `block` of `(B, Hkv, G, Lq, D)` as `(B, Hkv, G * bq, D)`."""
     b, h, g, _, d = x.shape
-    return x[:, :, :, block[0]:block[1]].reshape(b, h, g * (block[1] - block[0]), d)
+    return x[:, :, :, block[0] : block[1]].reshape(b, h, g * (block[1] - block[0]), d)
 
 
 def _attention_fwd(qh, kh, vh, mask, scale, blocks, numerics):
@@ -98,7 +120,7 @@ def _attention_fwd(qh, kh, vh, mask, scale, blocks, numerics):
         # The probabilities in the compute dtype: the product below reads them so, and the backward pass
         # keeps them so (half the bytes of float32 for a scan over layers to stack).
         p = _block_probs(qh, kh, mask, scale, block).astype(vh.dtype)
-        o = jnp.einsum("bhqk,bhkd->bhqd", p, vh[:, :, :block[2]], preferred_element_type=jnp.float32)
+        o = jnp.einsum("bhqk,bhkd->bhqd", p, vh[:, :, : block[2]], preferred_element_type=jnp.float32)
         probs.append(p)
         outs.append(o.reshape(b, h, g, -1, dh))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
@@ -132,8 +154,17 @@ def _attention_bwd(scale, blocks, numerics, res, g):
 _attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _autodiff_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None,
-                        dropout_rate: float, dropout_key: Array | None, heads_major_kv: bool = False) -> Array:
+def _autodiff_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    scale: float,
+    mask: Array | None,
+    dropout_rate: float,
+    dropout_key: Array | None,
+    heads_major_kv: bool = False,
+) -> Array:
     b, lq, h, dh = q.shape
     hkv = k.shape[1 if heads_major_kv else 2]
     groups = h // hkv

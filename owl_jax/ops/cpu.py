@@ -74,7 +74,8 @@ def _cpu_f32_matmul_bwd(res, g: Array):
         if (rows + n_in) * n_out < rows * n_in:
             # (the barrier keeps XLA from folding the transpose back into the product's operands)
             dw = jax.lax.optimization_barrier(
-                jnp.matmul(row_major_transpose(g), x, preferred_element_type=jnp.float32)).T
+                jnp.matmul(row_major_transpose(g), x, preferred_element_type=jnp.float32)
+            ).T
         else:
             dw = jnp.matmul(row_major_transpose(x), g, preferred_element_type=jnp.float32)
     return dx, dw
@@ -109,7 +110,7 @@ class PreparedKernel:
     def per_layer(self) -> bool:
         return isinstance(self.w, tuple)
 
-    def layer(self, i: int) -> "PreparedKernel":
+    def layer(self, i: int) -> PreparedKernel:
         """Layer `i` of a stacked kernel (a pick from per-layer tuples, a slice of arrays)."""
         return PreparedKernel(self.w[i], self.w_t[i])
 

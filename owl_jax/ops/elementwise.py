@@ -12,7 +12,7 @@ only the inputs and runs the function again in the backward pass.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,8 @@ Array = jax.Array
 @jax.custom_jvp
 def _take_rows_by_bits(table: Array, ids: Array) -> Array:
     return jax.lax.bitcast_convert_type(
-        jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0), table.dtype)
+        jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0), table.dtype
+    )
 
 
 @_take_rows_by_bits.defjvp

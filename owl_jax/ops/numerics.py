@@ -27,9 +27,11 @@ def resolve(numerics: Numerics) -> Numerics:
     def pick(value: str, on_cpu: str, elsewhere: str) -> str:
         return value if value != "auto" else (on_cpu if cpu else elsewhere)
 
-    return numerics.replace(matmul=pick(numerics.matmul, "cpu", "xla"),
-                            half_as_bits=pick(numerics.half_as_bits, "on", "off"),
-                            hoist_invariants=pick(numerics.hoist_invariants, "off", "on"))
+    return numerics.replace(
+        matmul=pick(numerics.matmul, "cpu", "xla"),
+        half_as_bits=pick(numerics.half_as_bits, "on", "off"),
+        hoist_invariants=pick(numerics.hoist_invariants, "off", "on"),
+    )
 
 
 def compiler_options(numerics: Numerics) -> dict[str, str] | None:

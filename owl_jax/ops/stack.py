@@ -11,5 +11,8 @@ from owl_jax.ops.cpu import PreparedKernel
 
 def layer(state: Any, i: int) -> Any:
     """Layer `i` of stacked parameters (prepared kernels held per layer give their own array)."""
-    return jax.tree.map(lambda a: a.layer(i) if isinstance(a, PreparedKernel) else a[i], state,
-                        is_leaf=lambda a: isinstance(a, PreparedKernel))
+    return jax.tree.map(
+        lambda a: a.layer(i) if isinstance(a, PreparedKernel) else a[i],
+        state,
+        is_leaf=lambda a: isinstance(a, PreparedKernel),
+    )

@@ -9,8 +9,14 @@ class ApiError(Exception):
     `code` is OpenAI's optional machine-readable code (e.g. "model_not_found", "context_length_exceeded").
     """
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
 

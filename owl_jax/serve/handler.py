@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import socket
 import time
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -20,8 +19,10 @@ CHAT_PATH = "/v1/chat/completions"
 GET_PATHS = ("/", "/index.html", "/health", "/v1/models")
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 # Only the page's own inline script and style, images from data:/blob: URLs, requests to this server.
-PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
-            "connect-src 'self'; base-uri 'none'; form-action 'none'")
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'"
+)
 
 
 def encode_json(obj: Any) -> bytes:
@@ -70,9 +71,13 @@ class Handler(BaseHTTPRequestHandler):
                 self._chat()
             elif path.startswith("/v1/models/"):
                 self._require(method, "GET")
-                if path[len("/v1/models/"):] != self.server.model_name:
-                    raise ApiError(404, f"the model {path[len('/v1/models/'):]!r} does not exist; this server "
-                                        f"serves {self.server.model_name!r}", code="model_not_found")
+                if path[len("/v1/models/") :] != self.server.model_name:
+                    raise ApiError(
+                        404,
+                        f"the model {path[len('/v1/models/') :]!r} does not exist; this server "
+                        f"serves {self.server.model_name!r}",
+                        code="model_not_found",
+                    )
                 self._send_json(200, self.server.model_card())
             elif path in GET_PATHS:
                 self._require(method, "GET")
@@ -81,11 +86,18 @@ class Handler(BaseHTTPRequestHandler):
                 elif path == "/v1/models":
                     self._send_json(200, self.server.models())
                 else:
-                    self._send(200, INDEX_HTML.encode("utf-8"), "text/html; charset=utf-8",
-                               {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"})
+                    self._send(
+                        200,
+                        INDEX_HTML.encode("utf-8"),
+                        "text/html; charset=utf-8",
+                        {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"},
+                    )
             else:
-                raise ApiError(404, f"no such endpoint: {method} {path}; see GET /v1/models, "
-                                    f"POST {CHAT_PATH}, GET /health and GET /", code="not_found")
+                raise ApiError(
+                    404,
+                    f"no such endpoint: {method} {path}; see GET /v1/models, POST {CHAT_PATH}, GET /health and GET /",
+                    code="not_found",
+                )
         except ApiError as e:
             self._send_error(e)
         except CLIENT_GONE:
@@ -116,8 +128,9 @@ class Handler(BaseHTTPRequestHandler):
             raise self._too_large(length)
         # A cross-site page can send text/plain without a CORS preflight; JSON needs one, which we refuse.
         if self.headers.get_content_type() != "application/json":
-            raise ApiError(415, f"send the request as Content-Type: application/json (got "
-                                f"{self.headers.get('Content-Type')!r})")
+            raise ApiError(
+                415, f"send the request as Content-Type: application/json (got {self.headers.get('Content-Type')!r})"
+            )
         data = self.rfile.read(length)
         self._unread = 0
         if len(data) < length:
@@ -129,9 +142,12 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
     def _too_large(self, length: int) -> ApiError:
-        return ApiError(413, f"the request body is {length} bytes, more than the server's limit of "
-                             f"{self.server.max_body_bytes} bytes (--max-body-mb); send smaller images",
-                        code="request_too_large")
+        return ApiError(
+            413,
+            f"the request body is {length} bytes, more than the server's limit of "
+            f"{self.server.max_body_bytes} bytes (--max-body-mb); send smaller images",
+            code="request_too_large",
+        )
 
     def handle_expect_100(self) -> bool:
         """Refuse an oversized body before the client sends it (`Expect: 100-continue`, as curl does)."""
@@ -156,12 +172,24 @@ class Handler(BaseHTTPRequestHandler):
             if kind == "done":
                 break
             pieces.append(value)
-        self._send_json(200, {
-            "id": job.label, "object": "chat.completion", "created": int(time.time()),
-            "model": self.server.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": None, "finish_reason": value.finish_reason}],
-            "usage": _usage(value)})
+        self._send_json(
+            200,
+            {
+                "id": job.label,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.server.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces)},
+                        "logprobs": None,
+                        "finish_reason": value.finish_reason,
+                    }
+                ],
+                "usage": _usage(value),
+            },
+        )
 
     def _stream(self, request: Any, job: Any) -> None:
         # Wait for the first event before answering, so a failure before any text still gets a real status.
@@ -171,9 +199,13 @@ class Handler(BaseHTTPRequestHandler):
         created = int(time.time())
 
         def chunk(delta: dict, finish: Any = None) -> dict:
-            return {"id": job.label, "object": "chat.completion.chunk", "created": created,
-                    "model": self.server.model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return {
+                "id": job.label,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.server.model_name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
 
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -257,7 +289,7 @@ class Handler(BaseHTTPRequestHandler):
                 if not data:
                     break
                 remaining -= len(data)
-        except (OSError, socket.timeout):
+        except (TimeoutError, OSError):
             pass
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -271,5 +303,8 @@ class _MethodNotAllowed(ApiError):
 
 
 def _usage(result: Any) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }

@@ -15,7 +15,7 @@ import binascii
 import io
 import os
 import urllib.parse
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -31,7 +31,7 @@ def decode_data_url(url: str, name: str = "image") -> bytes:
     header, sep, payload = url.partition(",")
     if not sep:
         raise _bad(f"{name}: malformed data URL: no ',' between its header and its payload")
-    params = header[len("data:"):].split(";")
+    params = header[len("data:") :].split(";")
     if "base64" not in (p.strip().lower() for p in params[1:]):
         raise _bad(f"{name}: data URLs must be base64-encoded (data:image/png;base64,...)")
     mime = params[0].strip().lower()
@@ -55,19 +55,23 @@ def local_path(url: str, name: str = "image") -> str:
     return url
 
 
-def open_image(source: Union[bytes, str], max_pixels: int, name: str = "image") -> Image.Image:
+def open_image(source: bytes | str, max_pixels: int, name: str = "image") -> Image.Image:
     """Decode `source` (encoded bytes, or a file path) into an RGB image.
 
     Raises ApiError 413 when the header says the image has more than `max_pixels` pixels (checked before
     decoding), 400 when it cannot be read or decoded.
     """
-    stream: Union[BinaryIO, str] = io.BytesIO(source) if isinstance(source, bytes) else source
+    stream: BinaryIO | str = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with Image.open(stream) as im:
             # Image.open parses only the header: refuse oversized images before their pixels are decoded.
             if im.width * im.height > max_pixels:
-                raise ApiError(413, f"{name} is {im.width}x{im.height} = {im.width * im.height} pixels, more than "
-                                    f"the server's limit of {max_pixels}", code="image_too_large")
+                raise ApiError(
+                    413,
+                    f"{name} is {im.width}x{im.height} = {im.width * im.height} pixels, more than "
+                    f"the server's limit of {max_pixels}",
+                    code="image_too_large",
+                )
             return im.convert("RGB")
     except Image.DecompressionBombError as e:  # PIL's own, looser limit tripped inside Image.open
         raise ApiError(413, f"{name} is too large: {e}", code="image_too_large") from None
@@ -85,12 +89,15 @@ def load_image_url(url: str, *, allow_local_files: bool, max_pixels: int, name: 
     if scheme == "data":
         return open_image(decode_data_url(url, name), max_pixels, name)
     if scheme in ("http", "https", "ftp"):
-        raise _bad(f"{name}: this server does not fetch {scheme} URLs; send the image inline as a "
-                   "data:image/...;base64 URL")
+        raise _bad(
+            f"{name}: this server does not fetch {scheme} URLs; send the image inline as a data:image/...;base64 URL"
+        )
     # Windows drive letters ("C:\...") look like a one-letter scheme; anything else unknown is refused.
     if scheme not in ("", "file") and not (len(scheme) == 1 and os.name == "nt"):
         raise _bad(f"{name}: unsupported URL scheme {scheme!r}; send a data:image/...;base64 URL")
     if not allow_local_files:
-        raise _bad(f"{name}: reading local files is disabled; send the image as a data: URL or start the server "
-                   "with --allow-local-files")
+        raise _bad(
+            f"{name}: reading local files is disabled; send the image as a data: URL or start the server "
+            "with --allow-local-files"
+        )
     return open_image(local_path(url, name), max_pixels, name)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
 
@@ -45,8 +46,9 @@ def _content_parts(content: Any, where: str) -> list[dict]:
         return [{"type": "text", "text": content}]
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         return content
-    raise _bad(f"{where}.content must be a string or a list of content parts, got {type(content).__name__}",
-               f"{where}.content")
+    raise _bad(
+        f"{where}.content must be a string or a list of content parts, got {type(content).__name__}", f"{where}.content"
+    )
 
 
 def _image_url(part: dict, where: str) -> str:
@@ -54,7 +56,7 @@ def _image_url(part: dict, where: str) -> str:
     if isinstance(value, dict):  # the OpenAI form {"url": ..., "detail": ...}
         value = value.get("url")
     if not isinstance(value, str) or not value:
-        raise _bad(f"{where}.image_url must be a URL string or {{\"url\": ...}}", f"{where}.image_url")
+        raise _bad(f'{where}.image_url must be a URL string or {{"url": ...}}', f"{where}.image_url")
     return value
 
 
@@ -79,16 +81,19 @@ def _split_message(message: Any, where: str) -> tuple[str, str, list[str]]:
                 raise _bad(f"{where}: only user messages may contain images", f"{where}.content")
             urls.append(_image_url(part, f"{where}.content[{j}]"))
         else:
-            raise _bad(f"{where}.content[{j}] has unsupported type {kind!r}; use 'text' or 'image_url'",
-                       f"{where}.content")
+            raise _bad(
+                f"{where}.content[{j}] has unsupported type {kind!r}; use 'text' or 'image_url'", f"{where}.content"
+            )
     text = "\n".join(t.strip() for t in texts if t.strip())
     if IMAGE_MARKER in text:
-        raise _bad(f"{where} contains the text {IMAGE_MARKER!r}, which is reserved for images; send images as "
-                   "image_url parts", f"{where}.content")
+        raise _bad(
+            f"{where} contains the text {IMAGE_MARKER!r}, which is reserved for images; send images as image_url parts",
+            f"{where}.content",
+        )
     return role, text, urls
 
 
-def parse_messages(messages: Any) -> tuple[str, list[tuple[list[str], str, Optional[str]]]]:
+def parse_messages(messages: Any) -> tuple[str, list[tuple[list[str], str, str | None]]]:
     """`(system sentence, turns)` where each turn is `(image urls, question, answer or None)`."""
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list of messages", "messages")
@@ -132,20 +137,22 @@ def _number(body: dict, key: str, default: Any, kind: type, check: Callable[[Any
     return kind(value)
 
 
-def parse_options(body: dict, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-                  bos_token_id: int) -> tuple[GenerationConfig, bool, bool, bool]:
+def parse_options(
+    body: dict, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int, bos_token_id: int
+) -> tuple[GenerationConfig, bool, bool, bool]:
     """`(config, stream, include_usage, max_tokens_given)` from a request body.
 
     `temperature` 0 decodes greedily (top_p/top_k are then ignored); without `seed` sampling draws a random one.
     """
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     limit = max_new_tokens
-    tokens = _number(body, key, None, int, lambda v: 1 <= v <= limit, f"an integer from 1 to {limit} (the "
-                     "server's --max-new-tokens)")
+    tokens = _number(
+        body, key, None, int, lambda v: 1 <= v <= limit, f"an integer from 1 to {limit} (the server's --max-new-tokens)"
+    )
     temperature = _number(body, "temperature", 1.0, float, lambda v: v >= 0, "a number >= 0")
     top_p = _number(body, "top_p", 1.0, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = _number(body, "top_k", 0, int, lambda v: v >= 0, "an integer >= 0 (0: no top-k)")
-    seed = _number(body, "seed", None, int, lambda v: 0 <= v < 2 ** 63, "a non-negative integer")
+    seed = _number(body, "seed", None, int, lambda v: 0 <= v < 2**63, "a non-negative integer")
     _number(body, "n", 1, int, lambda v: v == 1, "1 (one choice per request)")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -157,16 +164,31 @@ def parse_options(body: dict, *, max_new_tokens: int, eos_token_id: int, pad_tok
         raise _bad("'stop' sequences are not supported by this server", "stop")
     sample = temperature > 0
     if seed is None:
-        seed = random.SystemRandom().randrange(2 ** 31) if sample else 0
-    config = GenerationConfig(max_new_tokens=tokens or max_new_tokens, do_sample=sample,
-                              temperature=temperature if sample else 1.0, top_k=top_k if sample else 0,
-                              top_p=top_p if sample else 1.0, seed=seed, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, bos_token_id=bos_token_id)
+        seed = random.SystemRandom().randrange(2**31) if sample else 0
+    config = GenerationConfig(
+        max_new_tokens=tokens or max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else 1.0,
+        top_k=top_k if sample else 0,
+        top_p=top_p if sample else 1.0,
+        seed=seed,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+    )
     return config, stream, bool(options.get("include_usage")), tokens is not None
 
 
-def parse_chat_request(body: Any, *, model_name: str, load_image: Callable[[str, str], Image.Image],
-                       max_new_tokens: int, eos_token_id: int, pad_token_id: int, bos_token_id: int) -> ChatRequest:
+def parse_chat_request(
+    body: Any,
+    *,
+    model_name: str,
+    load_image: Callable[[str, str], Image.Image],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    bos_token_id: int,
+) -> ChatRequest:
     """Validate a `/v1/chat/completions` body; ApiError for anything the server cannot serve.
 
     Args:
@@ -176,12 +198,20 @@ def parse_chat_request(body: Any, *, model_name: str, load_image: Callable[[str,
         raise _bad("the request body must be a JSON object")
     model = body.get("model")
     if model is not None and model != model_name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
-                       code="model_not_found", param="model")
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist; this server serves {model_name!r}",
+            code="model_not_found",
+            param="model",
+        )
     system, turns = parse_messages(body.get("messages"))
     config, stream, include_usage, given = parse_options(
-        body, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id)
+        body,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+    )
     images, layout = [], []
     for urls, question, answer in turns:
         for url in urls:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from http.server import ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -43,10 +43,19 @@ class OwlServer(ThreadingHTTPServer):
 
     daemon_threads = True  # a slow client never blocks shutdown
 
-    def __init__(self, address: tuple[str, int], model: Any, processor: Any, *, generator: Optional[Generator] = None,
-                 model_name: str = DEFAULT_MODEL_NAME, allow_local_files: bool = False,
-                 max_body_bytes: int = 20 * 2 ** 20, max_image_pixels: Optional[int] = None,
-                 max_new_tokens: int = 512):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        model: Any,
+        processor: Any,
+        *,
+        generator: Generator | None = None,
+        model_name: str = DEFAULT_MODEL_NAME,
+        allow_local_files: bool = False,
+        max_body_bytes: int = 20 * 2**20,
+        max_image_pixels: int | None = None,
+        max_new_tokens: int = 512,
+    ):
         if processor is None:
             raise ValueError("the server needs the model's processor (a checkpoint folder with tokenizer.model)")
         if max_new_tokens < 1 or max_body_bytes < 1:
@@ -87,29 +96,44 @@ class OwlServer(ThreadingHTTPServer):
 
     def load_image(self, url: str, name: str):
         """An `image_url` → RGB image under this server's rules (ApiError otherwise)."""
-        return load_image_url(url, allow_local_files=self.allow_local_files, max_pixels=self.max_image_pixels,
-                              name=name)
+        return load_image_url(
+            url, allow_local_files=self.allow_local_files, max_pixels=self.max_image_pixels, name=name
+        )
 
     def prepare(self, body: Any) -> tuple[Any, Job]:
         """Validate a chat-completion body and build its `Job` (ApiError for requests that cannot be served)."""
         p = self.processor
-        request = parse_chat_request(body, model_name=self.model_name, load_image=self.load_image,
-                                     max_new_tokens=self.max_new_tokens, eos_token_id=p.eos_token_id,
-                                     pad_token_id=p.pad_token_id, bos_token_id=p.bos_token_id)
+        request = parse_chat_request(
+            body,
+            model_name=self.model_name,
+            load_image=self.load_image,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=p.eos_token_id,
+            pad_token_id=p.pad_token_id,
+            bos_token_id=p.bos_token_id,
+        )
         with self.tokenizer_lock:
             ids = p.encode_prompt(request.prompt)
         room = self.context_length - len(ids)
         config = request.config
         if room < 1 or (request.max_tokens_given and config.max_new_tokens > room):
             want = f" + {config.max_new_tokens} max_tokens" if request.max_tokens_given else ""
-            raise ApiError(400, f"the conversation is {len(ids)} tokens ({len(request.images)} images of "
-                                f"{p.image_tokens} tokens each){want}, more than the model's context of "
-                                f"{self.context_length} tokens; shorten it or lower max_tokens",
-                           code="context_length_exceeded", param="messages")
+            raise ApiError(
+                400,
+                f"the conversation is {len(ids)} tokens ({len(request.images)} images of "
+                f"{p.image_tokens} tokens each){want}, more than the model's context of "
+                f"{self.context_length} tokens; shorten it or lower max_tokens",
+                code="context_length_exceeded",
+                param="messages",
+            )
         if config.max_new_tokens > room:  # the server's default length, shortened to fit the context
             config = dataclasses.replace(config, max_new_tokens=room)
-        job = Job(np.asarray([ids], np.int32), p.preprocess_images(request.images), config,
-                  label=f"chatcmpl-{uuid.uuid4().hex[:24]}")
+        job = Job(
+            np.asarray([ids], np.int32),
+            p.preprocess_images(request.images),
+            config,
+            label=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        )
         return request, job
 
     def models(self) -> dict:
@@ -131,4 +155,3 @@ def make_server(model: Any, processor: Any, *, host: str = "127.0.0.1", port: in
     Call `serve_forever()` (e.g. in a thread), then `shutdown()` and `server_close()` to stop.
     """
     return OwlServer((host, port), model, processor, **options)
-

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class TextStream:
         # nothing more is sent until the text continues what was sent, so the pieces always add up.
         if not text.startswith(self.text):
             return ""
-        new, self.text = text[len(self.text):], text
+        new, self.text = text[len(self.text) :], text
         return new
 
 
@@ -73,7 +73,7 @@ class Job:
     pixel_values: np.ndarray
     config: GenerationConfig
     label: str = ""  # names the request in the log
-    events: "queue.Queue[tuple[str, object]]" = dataclasses.field(default_factory=queue.Queue)
+    events: queue.Queue[tuple[str, object]] = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
@@ -92,8 +92,8 @@ class ModelWorker(threading.Thread):
     def __init__(self, generator: Generator, decode: Callable[[list[int]], str]):
         super().__init__(name="owl-model-worker", daemon=True)
         self.generator, self.decode = generator, decode
-        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self.current: Optional[Job] = None
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.current: Job | None = None
         self._stopping = threading.Event()
 
     def submit(self, job: Job) -> None:
@@ -166,7 +166,14 @@ class ModelWorker(threading.Thread):
         seconds = time.perf_counter() - start
         tokens = out.tokens[0]
         result = Result("stop" if out.finished[0] else "length", int(out.prompt_lengths[0]), len(tokens))
-        log.info("%s: %d prompt tokens, %d images, %d new tokens in %.2f s (%.1f tokens/s), finish %s", job.label,
-                 result.prompt_tokens, len(job.pixel_values), result.completion_tokens, seconds,
-                 result.completion_tokens / max(seconds, 1e-9), result.finish_reason)
+        log.info(
+            "%s: %d prompt tokens, %d images, %d new tokens in %.2f s (%.1f tokens/s), finish %s",
+            job.label,
+            result.prompt_tokens,
+            len(job.pixel_values),
+            result.completion_tokens,
+            seconds,
+            result.completion_tokens / max(seconds, 1e-9),
+            result.finish_reason,
+        )
         job.events.put(("done", result))

@@ -22,8 +22,11 @@ def maybe_initialize() -> bool:
         return True
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:
-        jax.distributed.initialize(coordinator_address=address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
         return True
     workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if any(os.environ.get(k) for k in _CLUSTER_HINTS if k != "TPU_WORKER_HOSTNAMES") or "," in workers:

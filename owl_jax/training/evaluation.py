@@ -8,7 +8,8 @@ held-out set, or the released task type).
 from __future__ import annotations
 
 import collections
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -28,11 +29,12 @@ def majority_baseline(examples: Sequence[Example]) -> dict[str, float]:
 def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n, i = jax.process_count(), jax.process_index()
     rows = next(iter(batch.values())).shape[0] // n
-    return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+    return {k: v[i * rows : (i + 1) * rows] for k, v in batch.items()}
 
 
-def evaluate(trainer: Any, params: Any, batches: Sequence[dict[str, np.ndarray]],
-             examples: Sequence[Example]) -> dict[str, Any]:
+def evaluate(
+    trainer: Any, params: Any, batches: Sequence[dict[str, np.ndarray]], examples: Sequence[Example]
+) -> dict[str, Any]:
     """Accuracy per group and overall, and the mean answer-token loss, on every held-out example."""
     correct, loss_sum, tokens = [], 0.0, 0.0
     for batch in batches:
@@ -46,8 +48,12 @@ def evaluate(trainer: Any, params: Any, batches: Sequence[dict[str, np.ndarray]]
     for example, hit in zip(examples, hits):
         groups[example.source].append(bool(hit))
     accuracy = {g: float(np.mean(v)) for g, v in sorted(groups.items())}
-    return {"accuracy": accuracy, "overall": float(np.mean(hits)) if len(hits) else 0.0,
-            "count": {g: len(v) for g, v in groups.items()}, "loss": loss_sum / max(tokens, 1.0)}
+    return {
+        "accuracy": accuracy,
+        "overall": float(np.mean(hits)) if len(hits) else 0.0,
+        "count": {g: len(v) for g, v in groups.items()},
+        "loss": loss_sum / max(tokens, 1.0),
+    }
 
 
 def format_table(baseline: dict[str, float], results: dict[str, dict[str, float]]) -> str:

@@ -19,8 +19,16 @@ from __future__ import annotations
 from owl_jax.config import OwlConfig
 
 # Dense bf16 peak per chip, FLOP/s, by `jax.Device.device_kind` substring.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6": 918e12,
+}
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -40,28 +48,51 @@ def tower_matmul_params(cfg: OwlConfig) -> dict[str, int]:
     MLP, `visual_fc`), `abstractor_kv` the key/value weights applied to queries and image features alike.
     """
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
-    patch = v.num_channels * v.patch_size ** 2 * v.hidden_size
-    vision = v.num_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-    abstractor = a.num_layers * (2 * a.hidden_size ** 2 + 3 * a.hidden_size * a.intermediate_size) \
-        + a.hidden_size * t.hidden_size
+    patch = v.num_channels * v.patch_size**2 * v.hidden_size
+    vision = v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    abstractor = (
+        a.num_layers * (2 * a.hidden_size**2 + 3 * a.hidden_size * a.intermediate_size) + a.hidden_size * t.hidden_size
+    )
     abstractor_kv = a.num_layers * 2 * a.encoder_hidden_size * a.hidden_size
     kv = t.num_kv_heads * t.head_dim
-    llm = t.num_layers * (2 * t.hidden_size ** 2 + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size)
+    llm = t.num_layers * (2 * t.hidden_size**2 + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size)
     llm += t.hidden_size * t.vocab_size
     lora = 0
     if cfg.lora is not None:  # r·(in + out) per adapted LLaMA projection, chosen by the adapter's own rule
-        shapes = {"self_attn.q_proj": (t.hidden_size, t.hidden_size), "self_attn.k_proj": (t.hidden_size, kv),
-                  "self_attn.v_proj": (t.hidden_size, kv), "self_attn.o_proj": (t.hidden_size, t.hidden_size),
-                  "mlp.gate_proj": (t.hidden_size, t.intermediate_size),
-                  "mlp.up_proj": (t.hidden_size, t.intermediate_size),
-                  "mlp.down_proj": (t.intermediate_size, t.hidden_size)}
-        lora = sum(t.num_layers * cfg.lora.rank * (fan_in + fan_out) for name, (fan_in, fan_out) in shapes.items()
-                   if cfg.lora.matches(f"language_model.model.layers.0.{name}"))
-    return {"patch": patch, "vision": vision, "abstractor": abstractor, "abstractor_kv": abstractor_kv, "llm": llm, "lora": lora}
+        shapes = {
+            "self_attn.q_proj": (t.hidden_size, t.hidden_size),
+            "self_attn.k_proj": (t.hidden_size, kv),
+            "self_attn.v_proj": (t.hidden_size, kv),
+            "self_attn.o_proj": (t.hidden_size, t.hidden_size),
+            "mlp.gate_proj": (t.hidden_size, t.intermediate_size),
+            "mlp.up_proj": (t.hidden_size, t.intermediate_size),
+            "mlp.down_proj": (t.intermediate_size, t.hidden_size),
+        }
+        lora = sum(
+            t.num_layers * cfg.lora.rank * (fan_in + fan_out)
+            for name, (fan_in, fan_out) in shapes.items()
+            if cfg.lora.matches(f"language_model.model.layers.0.{name}")
+        )
+    return {
+        "patch": patch,
+        "vision": vision,
+        "abstractor": abstractor,
+        "abstractor_kv": abstractor_kv,
+        "llm": llm,
+        "lora": lora,
+    }
 
 
-def train_step_flops(cfg: OwlConfig, stage: str, *, rows: int, seq_len: int, images: int,
-                     train_abstractor: bool = True, causal_half: bool = True) -> float:
+def train_step_flops(
+    cfg: OwlConfig,
+    stage: str,
+    *,
+    rows: int,
+    seq_len: int,
+    images: int,
+    train_abstractor: bool = True,
+    causal_half: bool = True,
+) -> float:
     """FLOPs of one optimizer step over `rows` sequences of `seq_len` tokens with `images` images in all
     (every image slot the step encodes, padding slots included: they are computed like the others).
 
@@ -71,7 +102,9 @@ def train_step_flops(cfg: OwlConfig, stage: str, *, rows: int, seq_len: int, ima
     n = tower_matmul_params(cfg)
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
     vision_trains = stage in ("stage1", "joint_pretrain")
-    abstractor_trains = stage in ("stage1", "joint_pretrain") or (stage in ("stage2", "stage2_full") and train_abstractor)
+    abstractor_trains = stage in ("stage1", "joint_pretrain") or (
+        stage in ("stage2", "stage2_full") and train_abstractor
+    )
     llm_trains = stage in ("stage2_full", "text_pretrain", "joint_pretrain")
     lora_trains = stage == "stage2" and cfg.lora is not None
     # Gradients reach a tower's input when something upstream of it trains; its weights' forward FLOPs are
@@ -94,10 +127,9 @@ def train_step_flops(cfg: OwlConfig, stage: str, *, rows: int, seq_len: int, ima
     a_abs = 3 if (abstractor_trains or grads_reach_abstractor) else 1
     a_llm = 3 if (llm_trains or lora_trains or grads_reach_llm) else 1
     attention = {
-        "vision": 4 * v.num_layers * images * v.num_positions ** 2 * v.hidden_size * a_vision,
+        "vision": 4 * v.num_layers * images * v.num_positions**2 * v.hidden_size * a_vision,
         "abstractor": 4 * a.num_layers * queries * (cfg.num_query_tokens + v.num_positions) * a.hidden_size * a_abs,
-        "llm": (0.5 if causal_half else 1.0) * 4 * t.num_layers * rows * seq_len ** 2 * t.num_heads * t.head_dim
-        * a_llm,
+        "llm": (0.5 if causal_half else 1.0) * 4 * t.num_layers * rows * seq_len**2 * t.num_heads * t.head_dim * a_llm,
     }
     return float(flops + sum(attention.values()))
 
@@ -107,11 +139,16 @@ def forward_flops(cfg: OwlConfig, *, rows: int, seq_len: int, images: int, causa
     n = tower_matmul_params(cfg)
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
     tokens_v, queries = images * v.num_positions, images * cfg.num_query_tokens
-    flops = 2 * (n["patch"] * images * (v.num_positions - 1) + n["vision"] * tokens_v + n["abstractor"] * queries + n["abstractor_kv"] * (queries + tokens_v)
-                 + n["llm"] * rows * seq_len)
-    flops += 4 * v.num_layers * images * v.num_positions ** 2 * v.hidden_size
+    flops = 2 * (
+        n["patch"] * images * (v.num_positions - 1)
+        + n["vision"] * tokens_v
+        + n["abstractor"] * queries
+        + n["abstractor_kv"] * (queries + tokens_v)
+        + n["llm"] * rows * seq_len
+    )
+    flops += 4 * v.num_layers * images * v.num_positions**2 * v.hidden_size
     flops += 4 * a.num_layers * queries * (cfg.num_query_tokens + v.num_positions) * a.hidden_size
-    flops += (0.5 if causal_half else 1.0) * 4 * t.num_layers * rows * seq_len ** 2 * t.num_heads * t.head_dim
+    flops += (0.5 if causal_half else 1.0) * 4 * t.num_layers * rows * seq_len**2 * t.num_heads * t.head_dim
     return float(flops)
 
 
@@ -132,8 +169,13 @@ def jaxpr_matmul_flops(jaxpr) -> float:
             total += 2.0 * np.prod(lhs, dtype=np.float64) * np.prod(free_rhs, dtype=np.float64)
             continue
         subs = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")]
-        subs += [b for v in eqn.params.values() if isinstance(v, (tuple, list)) for b in v
-                 if hasattr(b, "eqns") or hasattr(getattr(b, "jaxpr", None), "eqns")]
+        subs += [
+            b
+            for v in eqn.params.values()
+            if isinstance(v, (tuple, list))
+            for b in v
+            if hasattr(b, "eqns") or hasattr(getattr(b, "jaxpr", None), "eqns")
+        ]
         if not subs:
             continue
         counts = [jaxpr_matmul_flops(sub) for sub in subs]

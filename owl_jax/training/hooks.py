@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 
 @dataclasses.dataclass(frozen=True)

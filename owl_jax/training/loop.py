@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -47,8 +48,10 @@ class _StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step boundary
         self.signal = signum
         if jax.process_index() == 0:
-            print(f"\nsignal {signum}: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
-                  file=sys.stderr)
+            print(
+                f"\nsignal {signum}: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
 
     def request(self, signum: int) -> None:
         """Stop at the next step boundary as if `signum` had arrived (a hook's stop request)."""
@@ -80,18 +83,36 @@ def _progress(total: int, start: int, name: str):
     return tqdm(total=total, initial=start, desc=name, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
 
-def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir: str, tokenizer: str,
-              init_params: Callable[[], Any], data_cfg: Any, checkpoint_cfg: Any, log_cfg: Any,
-              config_dict: dict, seed: int, eval_paths: list[str] | None = None,
-              peak_flops_per_device: float = 0.0, hooks: TrainerHooks | None = None) -> StageResult:
+def run_stage(
+    name: str,
+    stage: Any,
+    trainer: Trainer,
+    *,
+    workdir: str,
+    data_dir: str,
+    tokenizer: str,
+    init_params: Callable[[], Any],
+    data_cfg: Any,
+    checkpoint_cfg: Any,
+    log_cfg: Any,
+    config_dict: dict,
+    seed: int,
+    eval_paths: list[str] | None = None,
+    peak_flops_per_device: float = 0.0,
+    hooks: TrainerHooks | None = None,
+) -> StageResult:
     """Train one stage to `stage.steps` optimizer steps (resuming if possible) and evaluate it.
 
     `hooks.step_end` runs after each step once its checkpoint save has started (see `owl_jax.training.hooks`).
     """
     stage_dir = os.path.join(workdir, name)
     cfg = trainer.model_cfg
-    ckpt = StageCheckpoints(os.path.join(stage_dir, "checkpoints"), every=checkpoint_cfg.every,
-                            keep=checkpoint_cfg.keep, async_save=checkpoint_cfg.async_save)
+    ckpt = StageCheckpoints(
+        os.path.join(stage_dir, "checkpoints"),
+        every=checkpoint_cfg.every,
+        keep=checkpoint_cfg.keep,
+        async_save=checkpoint_cfg.async_save,
+    )
     latest = ckpt.latest_step()
     data_state = None
     if latest is not None:
@@ -101,25 +122,44 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
     start = int(state.step)
 
     max_images = stage.data.max_images or data_cfg.max_images
-    spec = PipelineSpec(seq_len=data_cfg.seq_len, max_images=max_images, image_size=cfg.vision.image_size,
-                        image_tokens=cfg.image_tokens, augment=data_cfg.augment, drop_images=stage.data.drop_images)
+    spec = PipelineSpec(
+        seq_len=data_cfg.seq_len,
+        max_images=max_images,
+        image_size=cfg.vision.image_size,
+        image_tokens=cfg.image_tokens,
+        augment=data_cfg.augment,
+        drop_images=stage.data.drop_images,
+    )
     transform = ExampleTransform(spec, tokenizer)
     procs = jax.process_count()
     if stage.batch_size % (procs * stage.grad_accum):
-        raise ValueError(f"{name}: batch_size {stage.batch_size} must be a multiple of processes ({procs}) × "
-                         f"grad_accum ({stage.grad_accum})")
+        raise ValueError(
+            f"{name}: batch_size {stage.batch_size} must be a multiple of processes ({procs}) × "
+            f"grad_accum ({stage.grad_accum})"
+        )
     sources = [[os.path.join(data_dir, p) for p in group] for group in stage.data.sources]
-    batches = training_batches(sources, transform, batch_size=stage.batch_size, seed=seed,
-                               process_index=jax.process_index(), process_count=procs)
+    batches = training_batches(
+        sources,
+        transform,
+        batch_size=stage.batch_size,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=procs,
+    )
     iterator = iter(batches)
     if data_state:
         iterator.set_state(data_state)
 
     writer = MetricsWriter(os.path.join(stage_dir, "logs"), tensorboard=log_cfg.tensorboard)
     images_per_step = stage.batch_size * max_images
-    flops = train_step_flops(cfg, stage.kind, rows=stage.batch_size, seq_len=data_cfg.seq_len,
-                             images=0 if stage.data.drop_images else images_per_step,
-                             train_abstractor=stage.train_abstractor)
+    flops = train_step_flops(
+        cfg,
+        stage.kind,
+        rows=stage.batch_size,
+        seq_len=data_cfg.seq_len,
+        images=0 if stage.data.drop_images else images_per_step,
+        train_abstractor=stage.train_abstractor,
+    )
     peak = peak_flops_per_device or peak_flops(jax.devices()[0].device_kind)
     skipped = np.zeros(len(SKIP_REASONS), np.int64)
     rows_seen = 0
@@ -147,27 +187,39 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
                 values["skipped_rows"] = int(skipped[1:].sum())
                 writer.write(done, values)
                 if bar is not None:
-                    bar.set_postfix_str(f"loss {values['loss']:.3f} lr {values['lr']:.2e} "
-                                        f"tok/s {values['tokens_per_s']:.0f} "
-                                        + (f"MFU {values['mfu']:.1%}" if peak else "MFU n/a"), refresh=False)
+                    bar.set_postfix_str(
+                        f"loss {values['loss']:.3f} lr {values['lr']:.2e} "
+                        f"tok/s {values['tokens_per_s']:.0f} " + (f"MFU {values['mfu']:.1%}" if peak else "MFU n/a"),
+                        refresh=False,
+                    )
                 window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
             if bar is not None:
                 bar.update(1)
             if stage.eval_every and done % stage.eval_every == 0 and done != stage.steps and eval_paths:
                 result = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg.max_images)
-                writer.write(done, {"loss": result["loss"], "overall": result["overall"],
-                                    **{f"accuracy/{g}": a for g, a in result["accuracy"].items()}}, prefix="eval")
+                writer.write(
+                    done,
+                    {
+                        "loss": result["loss"],
+                        "overall": result["overall"],
+                        **{f"accuracy/{g}": a for g, a in result["accuracy"].items()},
+                    },
+                    prefix="eval",
+                )
             ckpt.save(done, state.checkpointed(), iterator.get_state(), config_dict)
             if hooks is not None:
-                hooks.step_end(StepInfo(stage=name, step=done, total_steps=stage.steps, metrics=values,
-                                         _stop=STOP.request))
+                hooks.step_end(
+                    StepInfo(stage=name, step=done, total_steps=stage.steps, metrics=values, _stop=STOP.request)
+                )
             if STOP.requested():
                 ckpt.save(done, state.checkpointed(), iterator.get_state(), config_dict, force=True)
                 ckpt.wait()
                 if bar is not None:
                     bar.close()
-                print(f"\n{name}: stop requested (signal {STOP.signal}); saved step {done} to {ckpt.directory}",
-                      file=sys.stderr)
+                print(
+                    f"\n{name}: stop requested (signal {STOP.signal}); saved step {done} to {ckpt.directory}",
+                    file=sys.stderr,
+                )
                 raise SystemExit(128 + (STOP.signal or 15))
         if ckpt.latest_step() != stage.steps:
             ckpt.save(stage.steps, state.checkpointed(), iterator.get_state(), config_dict, force=True)
@@ -185,18 +237,27 @@ def run_stage(name: str, stage: Any, trainer: Trainer, *, workdir: str, data_dir
     if eval_paths:
         evaluation = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg.max_images)
         writer = MetricsWriter(os.path.join(stage_dir, "logs"), tensorboard=log_cfg.tensorboard)
-        writer.write(stage.steps, {"loss": evaluation["loss"], "overall": evaluation["overall"],
-                                   **{f"accuracy/{g}": a for g, a in evaluation["accuracy"].items()}}, prefix="eval")
+        writer.write(
+            stage.steps,
+            {
+                "loss": evaluation["loss"],
+                "overall": evaluation["overall"],
+                **{f"accuracy/{g}": a for g, a in evaluation["accuracy"].items()},
+            },
+            prefix="eval",
+        )
         writer.close()
     ckpt.close()
     return StageResult(state.params, evaluation, stage.steps)
 
 
-def _evaluate(trainer: Trainer, params: Any, paths: list[str], transform: ExampleTransform, batch_size: int,
-              max_images: int):
-    eval_transform = ExampleTransform(dataclasses.replace(transform.spec, augment=False, drop_images=False,
-                                                          max_images=max_images),
-                                      transform.tokenizer_path)
+def _evaluate(
+    trainer: Trainer, params: Any, paths: list[str], transform: ExampleTransform, batch_size: int, max_images: int
+):
+    eval_transform = ExampleTransform(
+        dataclasses.replace(transform.spec, augment=False, drop_images=False, max_images=max_images),
+        transform.tokenizer_path,
+    )
     batches, examples = evaluation_rows(paths, eval_transform, batch_size=batch_size)
     return evaluate(trainer, params, batches, examples)
 
@@ -205,5 +266,7 @@ def _check_skips(skipped: np.ndarray, rows: int, max_fraction: float, name: str)
     bad = int(skipped[1:].sum())
     if rows >= 100 and bad > max_fraction * rows:
         reasons = ", ".join(f"{SKIP_REASONS[i]}: {int(n)}" for i, n in enumerate(skipped) if i and n)
-        raise SkippedRecordsError(f"{name}: {bad} of {rows} rows were unusable ({reasons}), more than "
-                                  f"max_skip_fraction={max_fraction}; fix the data or raise the threshold")
+        raise SkippedRecordsError(
+            f"{name}: {bad} of {rows} rows were unusable ({reasons}), more than "
+            f"max_skip_fraction={max_fraction}; fix the data or raise the threshold"
+        )

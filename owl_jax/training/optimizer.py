@@ -64,13 +64,23 @@ def decay_mask(labels: dict[Path, str]) -> dict[Path, bool]:
 
 def learning_rate_schedule(peak: float, *, warmup_steps: int, total_steps: int, end_lr: float = 0.0) -> optax.Schedule:
     """Linear warmup from 0 to `peak`, then cosine decay to `end_lr` at `total_steps`."""
-    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
-                                              end_value=end_lr)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=end_lr
+    )
 
 
-def make_optimizer(labels: Any, decay: Any, *, schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-6, weight_decay: float = 0.0, clip_norm: float | None = 1.0,
-                   max_consecutive_nonfinite: int = 5) -> optax.GradientTransformation:
+def make_optimizer(
+    labels: Any,
+    decay: Any,
+    *,
+    schedule: optax.Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = 1.0,
+    max_consecutive_nonfinite: int = 5,
+) -> optax.GradientTransformation:
     """Clipped AdamW on the "train" leaves, nothing on the "frozen" ones, non-finite steps skipped.
 
     Args:

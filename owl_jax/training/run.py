@@ -36,8 +36,13 @@ def model_config(config: ConfigDict) -> OwlConfig:
     m = config.model
     numerics = Numerics(**{k: v for k, v in m.get("numerics", {}).items()})
     numerics = numerics.replace(attention=m.get("attention_impl", numerics.attention))
-    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
-                   numerics=numerics)
+    runtime = dict(
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        scan_layers=m.scan_layers,
+        remat_policy=m.remat_policy,
+        numerics=numerics,
+    )
     if m.init == "random":
         return OwlConfig.from_hf_config(m.arch.to_dict(), **runtime)
     if m.init == "checkpoint":
@@ -54,8 +59,10 @@ def first_params(config: ConfigDict, cfg: OwlConfig) -> dict[tuple, Any]:
     m = config.model
     if m.init == "random":
         model = _random_model(cfg.replace(lora=None), config.seed)
-        return {tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-                for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        return {
+            tuple(str(k) for k in p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        }
     if m.init == "checkpoint":
         from owl_jax.checkpoint import load_checkpoint
 
@@ -63,8 +70,9 @@ def first_params(config: ConfigDict, cfg: OwlConfig) -> dict[tuple, Any]:
         return loaded.leaves
     from owl_jax.checkpoint import init_from_towers
 
-    _, leaves = init_from_towers(m.clip, m.llama, num_query_tokens=m.num_query_tokens, dtype=cfg.param_dtype,
-                                 seed=config.seed)
+    _, leaves = init_from_towers(
+        m.clip, m.llama, num_query_tokens=m.num_query_tokens, dtype=cfg.param_dtype, seed=config.seed
+    )
     return leaves
 
 
@@ -103,13 +111,21 @@ def prepare_synthetic(data_dir: str, syn: ConfigDict) -> None:
         from owl_jax.data.prepare import prepare
         from owl_jax.data.synthetic import generate
 
-        generated = generate(os.path.join(data_dir, "synthetic"), seed=syn.seed, image_size=syn.image_size,
-                             n_captions=syn.n_captions, n_multimodal=syn.n_multimodal, n_text=syn.n_text,
-                             n_eval_per_type=syn.n_eval_per_type)
-        for fmt, source, name in [("captions", generated.captions, "captions"),
-                                  ("mplug_jsonl", generated.instruct_multimodal, "instruct_multimodal"),
-                                  ("mplug_jsonl", generated.instruct_text, "instruct_text"),
-                                  ("mplug_jsonl", generated.eval, "eval")]:
+        generated = generate(
+            os.path.join(data_dir, "synthetic"),
+            seed=syn.seed,
+            image_size=syn.image_size,
+            n_captions=syn.n_captions,
+            n_multimodal=syn.n_multimodal,
+            n_text=syn.n_text,
+            n_eval_per_type=syn.n_eval_per_type,
+        )
+        for fmt, source, name in [
+            ("captions", generated.captions, "captions"),
+            ("mplug_jsonl", generated.instruct_multimodal, "instruct_multimodal"),
+            ("mplug_jsonl", generated.instruct_text, "instruct_text"),
+            ("mplug_jsonl", generated.eval, "eval"),
+        ]:
             prepare(fmt, [str(source)], os.path.join(data_dir, name), overwrite=True, progress=False)
         with open(marker, "w") as f:
             json.dump(wanted, f)
@@ -135,8 +151,9 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
     stages = [s.strip() for s in config.run.split(",") if s.strip()]
     unknown = [s for s in stages if s not in config.stages]
     if not stages or unknown:
-        raise ValueError(f"config.run={config.run!r}: stages {unknown or '(none)'} are not in config.stages "
-                         f"({list(config.stages)})")
+        raise ValueError(
+            f"config.run={config.run!r}: stages {unknown or '(none)'} are not in config.stages ({list(config.stages)})"
+        )
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -147,30 +164,57 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
         stage = config.stages[name]
         lora = None
         if stage.lora.rank:
-            lora = LoRAConfig(rank=stage.lora.rank, alpha=stage.lora.alpha, dropout=stage.lora.dropout,
-                              target_modules=stage.lora.targets)
+            lora = LoRAConfig(
+                rank=stage.lora.rank,
+                alpha=stage.lora.alpha,
+                dropout=stage.lora.dropout,
+                target_modules=stage.lora.targets,
+            )
         cfg = base_cfg.replace(lora=lora)
-        trainer = Trainer(cfg, stage=stage.kind, mesh=mesh, optim=stage.optim, total_steps=stage.steps,
-                          grad_accum=stage.grad_accum, train_abstractor=stage.train_abstractor,
-                          frozen_dtype=stage.frozen_dtype, loss_chunk=stage.get("loss_chunk", 0),
-                          prepare_frozen=_prepare_frozen(name, stage.get("prepare_frozen", "auto")))
+        trainer = Trainer(
+            cfg,
+            stage=stage.kind,
+            mesh=mesh,
+            optim=stage.optim,
+            total_steps=stage.steps,
+            grad_accum=stage.grad_accum,
+            train_abstractor=stage.train_abstractor,
+            frozen_dtype=stage.frozen_dtype,
+            loss_chunk=stage.get("loss_chunk", 0),
+            prepare_frozen=_prepare_frozen(name, stage.get("prepare_frozen", "auto")),
+        )
         carried = params
 
         def init_params(carried=carried, cfg=cfg):
             flat = flatten(carried) if carried is not None else first_params(config, cfg)
             return adapt_params(flat, cfg, previous_lora if carried is not None else None, config.seed)
 
-        result = run_stage(name, stage, trainer, workdir=workdir, data_dir=data_dir, tokenizer=tokenizer,
-                           init_params=init_params, data_cfg=config.data, checkpoint_cfg=config.checkpoint,
-                           log_cfg=config.log, config_dict=json.loads(json.dumps(config.to_dict(), default=str)),
-                           seed=config.seed, eval_paths=eval_paths, peak_flops_per_device=config.peak_flops,
-                           hooks=hooks)
+        result = run_stage(
+            name,
+            stage,
+            trainer,
+            workdir=workdir,
+            data_dir=data_dir,
+            tokenizer=tokenizer,
+            init_params=init_params,
+            data_cfg=config.data,
+            checkpoint_cfg=config.checkpoint,
+            log_cfg=config.log,
+            config_dict=json.loads(json.dumps(config.to_dict(), default=str)),
+            seed=config.seed,
+            eval_paths=eval_paths,
+            peak_flops_per_device=config.peak_flops,
+            hooks=hooks,
+        )
         params, previous_lora = result.params, lora
         evaluations[name] = result.evaluation
         _save_model(os.path.join(workdir, name, "model"), params, cfg, tokenizer)
         if result.evaluation and jax.process_index() == 0:
-            print(f"{name}: held-out answer accuracy {result.evaluation['overall']:.1%}, "
-                  f"answer loss {result.evaluation['loss']:.3f}", file=sys.stderr)
+            print(
+                f"{name}: held-out answer accuracy {result.evaluation['overall']:.1%}, "
+                f"answer loss {result.evaluation['loss']:.3f}",
+                file=sys.stderr,
+            )
     if eval_paths and jax.process_index() == 0:
         _report(eval_paths, evaluations, workdir)
     return evaluations

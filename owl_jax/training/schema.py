@@ -12,22 +12,37 @@ from ml_collections import ConfigDict
 
 
 def optim_config(**overrides) -> ConfigDict:
-    c = ConfigDict(dict(lr=1e-4, end_lr=0.0, warmup_steps=100, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0,
-                        clip_norm=1.0))
+    c = ConfigDict(
+        dict(lr=1e-4, end_lr=0.0, warmup_steps=100, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, clip_norm=1.0)
+    )
     c.update(overrides)
     return c
 
 
-def lora_config(rank: int = 0, alpha: float = 32.0, dropout: float = 0.05,
-                targets: str = r".*language_model.*\.(q_proj|v_proj)") -> ConfigDict:
+def lora_config(
+    rank: int = 0, alpha: float = 32.0, dropout: float = 0.05, targets: str = r".*language_model.*\.(q_proj|v_proj)"
+) -> ConfigDict:
     """rank 0 means no adapters."""
     return ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets))
 
 
-def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: ConfigDict,
-                 grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
-                 lora: ConfigDict | None = None, drop_images: bool = False, max_images: int = 0,
-                 eval_every: int = 0, loss_chunk: int = 256, prepare_frozen: str = "auto") -> ConfigDict:
+def stage_config(
+    kind: str,
+    *,
+    steps: int,
+    batch_size: int,
+    sources,
+    optim: ConfigDict,
+    grad_accum: int = 1,
+    train_abstractor: bool = True,
+    frozen_dtype: str = "",
+    lora: ConfigDict | None = None,
+    drop_images: bool = False,
+    max_images: int = 0,
+    eval_every: int = 0,
+    loss_chunk: int = 256,
+    prepare_frozen: str = "auto",
+) -> ConfigDict:
     """One stage.
 
     Args:
@@ -45,12 +60,24 @@ def stage_config(kind: str, *, steps: int, batch_size: int, sources, optim: Conf
         the compute dtype with transposed copies, made once per run (see `Trainer`); "auto" does it for
         bf16/fp16 compute on CPUs.
     """
-    return ConfigDict(dict(kind=kind, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-                           train_abstractor=train_abstractor, frozen_dtype=frozen_dtype, loss_chunk=loss_chunk,
-                           prepare_frozen=prepare_frozen,
-                           lora=lora if lora is not None else lora_config(), optim=optim, eval_every=eval_every,
-                           data=ConfigDict(dict(sources=tuple(tuple(group) for group in sources),
-                                                drop_images=drop_images, max_images=max_images))))
+    return ConfigDict(
+        dict(
+            kind=kind,
+            steps=steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            train_abstractor=train_abstractor,
+            frozen_dtype=frozen_dtype,
+            loss_chunk=loss_chunk,
+            prepare_frozen=prepare_frozen,
+            lora=lora if lora is not None else lora_config(),
+            optim=optim,
+            eval_every=eval_every,
+            data=ConfigDict(
+                dict(sources=tuple(tuple(group) for group in sources), drop_images=drop_images, max_images=max_images)
+            ),
+        )
+    )
 
 
 def base_config() -> ConfigDict:
@@ -59,16 +86,26 @@ def base_config() -> ConfigDict:
     c.seed = 0
     c.run = ""
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.model = ConfigDict(dict(
-        init="checkpoint",  # "checkpoint" (HF or converted folder) | "towers" (CLIP + LLaMA) | "random" (arch)
-        checkpoint="", clip="", llama="", num_query_tokens=64,
-        arch=ConfigDict(),  # MplugOwlConfig-layout dict, for init="random"
-        dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none", attention_impl="auto"))
+    c.model = ConfigDict(
+        dict(
+            init="checkpoint",  # "checkpoint" (HF or converted folder) | "towers" (CLIP + LLaMA) | "random" (arch)
+            checkpoint="",
+            clip="",
+            llama="",
+            num_query_tokens=64,
+            arch=ConfigDict(),  # MplugOwlConfig-layout dict, for init="random"
+            dtype="float32",
+            param_dtype="float32",
+            scan_layers=True,
+            remat_policy="none",
+            attention_impl="auto",
+        )
+    )
     c.tokenizer = ""  # tokenizer.model; default: the one beside the checkpoint
-    c.data = ConfigDict(dict(dir="", seq_len=512, max_images=1, augment=True, max_skip_fraction=0.01,
-                             eval=()))
-    c.synthetic = ConfigDict(dict(enabled=False, seed=0, image_size=64, n_captions=2000, n_multimodal=3000,
-                                  n_text=1000, n_eval_per_type=100))
+    c.data = ConfigDict(dict(dir="", seq_len=512, max_images=1, augment=True, max_skip_fraction=0.01, eval=()))
+    c.synthetic = ConfigDict(
+        dict(enabled=False, seed=0, image_size=64, n_captions=2000, n_multimodal=3000, n_text=1000, n_eval_per_type=100)
+    )
     c.stages = ConfigDict()
     c.checkpoint = ConfigDict(dict(every=500, keep=3, async_save=True))
     c.log = ConfigDict(dict(every=10, tensorboard=True))

@@ -14,7 +14,8 @@ tokens gives loss 0 and zero gradients.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,12 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from owl_jax import ops
 from owl_jax.checkpoint import abstract_model, assemble, flat_shardings, flatten, nest
 from owl_jax.config import OwlConfig
-from owl_jax import ops
+from owl_jax.modeling.loss import chunked_next_token_loss_sums, next_token_loss_sums
 from owl_jax.ops.bits import HalfBits
 from owl_jax.ops.numerics import half_as_bits
-from owl_jax.modeling.loss import chunked_next_token_loss_sums, next_token_loss_sums
 from owl_jax.sharding import use_mesh
 from owl_jax.training.optimizer import FROZEN, TRAIN, decay_mask, labels_for, learning_rate_schedule, make_optimizer
 
@@ -47,7 +48,7 @@ class TrainState:
     # nested like `params`, or None. Derived from `params`; checkpoints leave it out.
     prepared: Any = None
 
-    def checkpointed(self) -> "TrainState":
+    def checkpointed(self) -> TrainState:
         """What a checkpoint keeps: everything but the derived `prepared`."""
         return self.replace(prepared=None)
 
@@ -86,10 +87,22 @@ class Trainer:
         costs one compute-dtype copy of those kernels and their transposes in memory.
     """
 
-    def __init__(self, model_cfg: OwlConfig, *, stage: str, mesh: Mesh, optim: Any, total_steps: int,
-                 grad_accum: int = 1, train_abstractor: bool = True, frozen_dtype: str = "",
-                 max_consecutive_nonfinite: int = 5, loss_chunk: int = 0, right_padded: bool = True,
-                 prepare_frozen: bool | None = None):
+    def __init__(
+        self,
+        model_cfg: OwlConfig,
+        *,
+        stage: str,
+        mesh: Mesh,
+        optim: Any,
+        total_steps: int,
+        grad_accum: int = 1,
+        train_abstractor: bool = True,
+        frozen_dtype: str = "",
+        max_consecutive_nonfinite: int = 5,
+        loss_chunk: int = 0,
+        right_padded: bool = True,
+        prepare_frozen: bool | None = None,
+    ):
         if loss_chunk < 0:
             raise ValueError(f"loss_chunk must be >= 0, got {loss_chunk}")
         self.loss_chunk = int(loss_chunk)
@@ -100,12 +113,20 @@ class Trainer:
         flat_labels = labels_for(list(shapes), stage, train_abstractor=train_abstractor)
         self.labels = nest(flat_labels)
         self.frozen_dtype = frozen_dtype
-        self.schedule = learning_rate_schedule(optim["lr"], warmup_steps=optim["warmup_steps"],
-                                               total_steps=total_steps, end_lr=optim.get("end_lr", 0.0))
-        self.tx = make_optimizer(self.labels, nest(decay_mask(flat_labels)), schedule=self.schedule,
-                                 b1=optim["b1"], b2=optim["b2"], eps=optim["eps"],
-                                 weight_decay=optim["weight_decay"], clip_norm=optim.get("clip_norm"),
-                                 max_consecutive_nonfinite=max_consecutive_nonfinite)
+        self.schedule = learning_rate_schedule(
+            optim["lr"], warmup_steps=optim["warmup_steps"], total_steps=total_steps, end_lr=optim.get("end_lr", 0.0)
+        )
+        self.tx = make_optimizer(
+            self.labels,
+            nest(decay_mask(flat_labels)),
+            schedule=self.schedule,
+            b1=optim["b1"],
+            b2=optim["b2"],
+            eps=optim["eps"],
+            weight_decay=optim["weight_decay"],
+            clip_norm=optim.get("clip_norm"),
+            max_consecutive_nonfinite=max_consecutive_nonfinite,
+        )
         self.param_shardings = nest(flat_shardings(self.abstract, mesh))
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
         self.replicated = NamedSharding(mesh, PartitionSpec())
@@ -113,12 +134,19 @@ class Trainer:
         if prepare_frozen is None:
             prepare_frozen = ops.is_half(model_cfg.dtype) and ops.resolve(model_cfg.numerics).matmul == "cpu"
         # Gradients pass through a frozen tower when anything closer to the input trains.
-        first = min((TOWERS.index(p[0]) for p, l in flat_labels.items() if l == TRAIN and p[0] in TOWERS),
-                    default=len(TOWERS))
-        self.prepared_paths = tuple(p for p, l in flat_labels.items() if prepare_frozen and l == FROZEN
-                                    and p[-1] == "kernel" and p[0] in TOWERS and TOWERS.index(p[0]) >= first)
-        self.num_trainable = sum(int(np.prod(shapes[p].shape)) for p, l in flat_labels.items() if l == TRAIN)
-        self.num_frozen = sum(int(np.prod(shapes[p].shape)) for p, l in flat_labels.items() if l == FROZEN)
+        trained_towers = [TOWERS.index(p[0]) for p, label in flat_labels.items() if label == TRAIN and p[0] in TOWERS]
+        first = min(trained_towers, default=len(TOWERS))
+        self.prepared_paths = tuple(
+            p
+            for p, label in flat_labels.items()
+            if prepare_frozen
+            and label == FROZEN
+            and p[-1] == "kernel"
+            and p[0] in TOWERS
+            and TOWERS.index(p[0]) >= first
+        )
+        self.num_trainable = sum(int(np.prod(shapes[p].shape)) for p, label in flat_labels.items() if label == TRAIN)
+        self.num_frozen = sum(int(np.prod(shapes[p].shape)) for p, label in flat_labels.items() if label == FROZEN)
         self._train_step: Callable | None = None
         self._eval_step: Callable | None = None
 
@@ -171,10 +199,13 @@ class Trainer:
             drop = lambda s: NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))  # noqa: E731
             return ops.PreparedKernel((drop(w),) * flat[p].shape[0], (drop(w_t),) * flat[p].shape[0])
 
-        fn = jax.jit(lambda ws: {p: ops.prepare_kernel(w, dtype, per_layer=per_layer[p],
-                                                       scanned=numerics if scanned[p] else None)
-                                 for p, w in ws.items()},
-                     out_shardings={p: sharding(p) for p in self.prepared_paths})
+        fn = jax.jit(
+            lambda ws: {
+                p: ops.prepare_kernel(w, dtype, per_layer=per_layer[p], scanned=numerics if scanned[p] else None)
+                for p, w in ws.items()
+            },
+            out_shardings={p: sharding(p) for p in self.prepared_paths},
+        )
         with use_mesh(self.mesh):
             prepared = fn({p: flat[p] for p in self.prepared_paths})
         return state.replace(prepared=nest(prepared))
@@ -186,13 +217,21 @@ class Trainer:
         def spec(path, var):
             value = var.get_value() if hasattr(var, "get_value") else var.value
             frozen = self.frozen_dtype and flat_labels[path] == FROZEN
-            return jax.ShapeDtypeStruct(value.shape, jnp.dtype(self.frozen_dtype) if frozen else value.dtype,
-                                        sharding=flat_sh[path])
+            return jax.ShapeDtypeStruct(
+                value.shape, jnp.dtype(self.frozen_dtype) if frozen else value.dtype, sharding=flat_sh[path]
+            )
 
-        params = nest({p: spec(p, v) for p, v in
-                       ((tuple(str(k) for k in path), var) for path, var in nnx.to_flat_state(self.abstract))})
-        opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                 jax.eval_shape(self.tx.init, params), self._opt_shardings(params))
+        params = nest(
+            {
+                p: spec(p, v)
+                for p, v in ((tuple(str(k) for k in path), var) for path, var in nnx.to_flat_state(self.abstract))
+            }
+        )
+        opt_state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            jax.eval_shape(self.tx.init, params),
+            self._opt_shardings(params),
+        )
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.replicated)
         return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated), params, opt_state, rng)
 
@@ -208,21 +247,36 @@ class Trainer:
         # dtype where it uses them, so no full-precision copy of a frozen tower is made.
         return assemble(self.graphdef, self.abstract, flatten(params))
 
-    def logits(self, params: dict, batch: Batch, dropout_key: jax.Array | None, *, model: nnx.Module | None = None,
-               return_hidden: bool = False) -> jax.Array:
+    def logits(
+        self,
+        params: dict,
+        batch: Batch,
+        dropout_key: jax.Array | None,
+        *,
+        model: nnx.Module | None = None,
+        return_hidden: bool = False,
+    ) -> jax.Array:
         b, m = batch["image_mask"].shape
         pixels = batch["pixel_values"].reshape(b * m, *batch["pixel_values"].shape[2:])
         model = model if model is not None else self.model(params)
-        return model.forward(pixels, batch["input_ids"], batch["attention_mask"], images_per_row=m,
-                             dropout_key=dropout_key, return_hidden=return_hidden, right_padded=self.right_padded)
+        return model.forward(
+            pixels,
+            batch["input_ids"],
+            batch["attention_mask"],
+            images_per_row=m,
+            dropout_key=dropout_key,
+            return_hidden=return_hidden,
+            right_padded=self.right_padded,
+        )
 
     def loss_sums(self, params: dict, batch: Batch, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         mask = batch["loss_mask"] * (batch["skipped"] == 0)[:, None]
         if self.loss_chunk and self.loss_chunk < batch["input_ids"].shape[1] - 1:
             model = self.model(params)
             hidden = self.logits(params, batch, dropout_key, model=model, return_hidden=True)
-            return chunked_next_token_loss_sums(hidden, model.language_model.logits, batch["input_ids"], mask,
-                                                chunk=self.loss_chunk)
+            return chunked_next_token_loss_sums(
+                hidden, model.language_model.logits, batch["input_ids"], mask, chunk=self.loss_chunk
+            )
         return next_token_loss_sums(self.logits(params, batch, dropout_key), batch["input_ids"], mask)
 
     # -- steps ------------------------------------------------------------------------------------
@@ -256,8 +310,13 @@ class Trainer:
         updates, opt_state = self.tx.update(full_grads, state.opt_state, state.params)
         new_trainable = optax.apply_updates(trainable, split_params(updates, self.labels)[0])
         new_state = state.replace(step=state.step + 1, params=merge_params(new_trainable, frozen), opt_state=opt_state)
-        metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
-                   "lr": self.schedule(state.step), "nonfinite_steps": opt_state.total_notfinite}
+        metrics = {
+            "loss": total / denom,
+            "tokens": count,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": self.schedule(state.step),
+            "nonfinite_steps": opt_state.total_notfinite,
+        }
         return new_state, metrics
 
     def jitted_step(self, state: TrainState, batch: Batch) -> Callable:
@@ -266,9 +325,13 @@ class Trainer:
         if self._train_step is None:
             state_shardings = jax.tree.map(lambda x: x.sharding, state)
             batch_shardings = {k: self.batch_sharding for k in batch}
-            self._train_step = jax.jit(self._step, in_shardings=(state_shardings, batch_shardings),
-                                       out_shardings=(state_shardings, self.replicated), donate_argnums=0,
-                                       compiler_options=self.compiler_options)
+            self._train_step = jax.jit(
+                self._step,
+                in_shardings=(state_shardings, batch_shardings),
+                out_shardings=(state_shardings, self.replicated),
+                donate_argnums=0,
+                compiler_options=self.compiler_options,
+            )
         return self._train_step
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -284,15 +347,22 @@ class Trainer:
         mask = (batch["loss_mask"] * (batch["skipped"] == 0)[:, None]) > 0
         hit = (jnp.argmax(logits[:, :-1], axis=-1) == targets) | ~mask
         total, count = next_token_loss_sums(logits, batch["input_ids"], mask)
-        return {"row_correct": jnp.all(hit, axis=1) & mask.any(axis=1), "row_tokens": mask.sum(axis=1),
-                "loss_sum": total, "tokens": count}
+        return {
+            "row_correct": jnp.all(hit, axis=1) & mask.any(axis=1),
+            "row_tokens": mask.sum(axis=1),
+            "loss_sum": total,
+            "tokens": count,
+        }
 
     def eval_step(self, params: dict, batch: Batch) -> dict[str, jax.Array]:
         """Teacher-forced answers of a batch: per-row exact match of every answer token, and loss sums."""
         if self._eval_step is None:
             param_shardings = jax.tree.map(lambda x: x.sharding, params)
-            self._eval_step = jax.jit(self._eval, in_shardings=(param_shardings, {k: self.batch_sharding for k in batch}),
-                                      compiler_options=self.compiler_options)
+            self._eval_step = jax.jit(
+                self._eval,
+                in_shardings=(param_shardings, {k: self.batch_sharding for k in batch}),
+                compiler_options=self.compiler_options,
+            )
         with use_mesh(self.mesh):
             return self._eval_step(params, batch)
 
@@ -303,6 +373,8 @@ class Trainer:
             rises = (np.diff(np.asarray(local["attention_mask"], np.int64), axis=1) > 0).any(axis=1)
             if rises.any():
                 rows = np.nonzero(rises)[0]
-                raise ValueError(f"rows {rows[:8].tolist()} of attention_mask are not right-padded (a 0 before a 1); "
-                                 "build the Trainer with right_padded=False for other padding")
+                raise ValueError(
+                    f"rows {rows[:8].tolist()} of attention_mask are not right-padded (a 0 before a 1); "
+                    "build the Trainer with right_padded=False for other padding"
+                )
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}

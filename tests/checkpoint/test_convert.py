@@ -11,8 +11,15 @@ import pytest
 import torch
 
 import owl_jax
-from owl_jax.checkpoint import (CheckpointError, CheckpointMismatchError, UnsafeCheckpointError, export_checkpoint,
-                                import_checkpoint, open_tensor_file, weight_files)
+from owl_jax.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    UnsafeCheckpointError,
+    export_checkpoint,
+    import_checkpoint,
+    open_tensor_file,
+    weight_files,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ATOL = 1e-4
@@ -35,8 +42,11 @@ def torch_state(path) -> dict:
 def _raw(value) -> tuple[str, tuple, bytes]:
     """(dtype name, shape, bytes) of a torch tensor or numpy array."""
     if isinstance(value, torch.Tensor):
-        return (str(value.dtype).replace("torch.", ""), tuple(value.shape),
-                value.contiguous().view(torch.uint8).numpy().tobytes())
+        return (
+            str(value.dtype).replace("torch.", ""),
+            tuple(value.shape),
+            value.contiguous().view(torch.uint8).numpy().tobytes(),
+        )
     return str(value.dtype), tuple(value.shape), np.ascontiguousarray(value).view(np.uint8).tobytes()
 
 
@@ -60,7 +70,8 @@ def test_round_trip_is_bit_exact(source, fmt, fixture_dir, tmp_path):
     assert_bit_identical(original, read_all(out))
     # the original config.json is kept as it was
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads(
-        (fixture_dir / source / "config.json").read_text())
+        (fixture_dir / source / "config.json").read_text()
+    )
 
 
 def test_export_is_loadable_with_strict_key_check_and_shapes(fixture_dir, tmp_path):
@@ -80,15 +91,20 @@ def test_export_is_loadable_with_strict_key_check_and_shapes(fixture_dir, tmp_pa
 
 
 def test_lora_adapter_round_trip_is_bit_exact(fixture_dir, tmp_path):
-    import_checkpoint(str(fixture_dir / "checkpoint"), str(tmp_path / "conv"), lora=str(fixture_dir / "lora-adapter"),
-                      show_progress=False)
+    import_checkpoint(
+        str(fixture_dir / "checkpoint"),
+        str(tmp_path / "conv"),
+        lora=str(fixture_dir / "lora-adapter"),
+        show_progress=False,
+    )
     meta = json.loads((tmp_path / "conv" / "owl_jax.json").read_text())
     assert meta["lora"]["r"] == 4 and meta["lora"]["lora_alpha"] == 16
     export_checkpoint(str(tmp_path / "conv"), str(tmp_path / "hf"), fmt="bin", show_progress=False)
     assert_bit_identical(torch_state(fixture_dir / "checkpoint" / "pytorch_model.bin"), read_all(tmp_path / "hf"))
     adapter = tmp_path / "hf" / "adapter"
-    assert_bit_identical(torch_state(fixture_dir / "lora-adapter" / "adapter_model.bin"),
-                         torch_state(adapter / "adapter_model.bin"))
+    assert_bit_identical(
+        torch_state(fixture_dir / "lora-adapter" / "adapter_model.bin"), torch_state(adapter / "adapter_model.bin")
+    )
     config = json.loads((adapter / "adapter_config.json").read_text())
     original = json.loads((fixture_dir / "lora-adapter" / "adapter_config.json").read_text())
     for field in ("r", "lora_alpha", "target_modules", "peft_type"):
@@ -96,8 +112,13 @@ def test_lora_adapter_round_trip_is_bit_exact(fixture_dir, tmp_path):
 
 
 def test_merged_export_equals_w_plus_scaled_ba(fixture_dir, tmp_path):
-    import_checkpoint(str(fixture_dir / "checkpoint"), str(tmp_path / "conv"), dtype="float32",
-                      lora=str(fixture_dir / "lora-adapter"), show_progress=False)
+    import_checkpoint(
+        str(fixture_dir / "checkpoint"),
+        str(tmp_path / "conv"),
+        dtype="float32",
+        lora=str(fixture_dir / "lora-adapter"),
+        show_progress=False,
+    )
     export_checkpoint(str(tmp_path / "conv"), str(tmp_path / "hf"), merge_lora=True, show_progress=False)
     assert not (tmp_path / "hf" / "adapter").exists()
     merged = read_all(tmp_path / "hf")
@@ -105,7 +126,7 @@ def test_merged_export_equals_w_plus_scaled_ba(fixture_dir, tmp_path):
     adapter = torch_state(fixture_dir / "lora-adapter" / "adapter_model.bin")
     prefix = "base_model.model."
     for key in [k for k in adapter if k.endswith("lora_A.weight")]:
-        module = key[len(prefix):-len(".lora_A.weight")]
+        module = key[len(prefix) : -len(".lora_A.weight")]
         a, b = adapter[key].double(), adapter[key.replace("lora_A", "lora_B")].double()
         expected = base[module + ".weight"].double() + (16 / 4) * (b @ a)
         np.testing.assert_allclose(merged[module + ".weight"], expected.numpy(), atol=1e-6, rtol=0)
@@ -115,8 +136,13 @@ def test_merged_export_equals_w_plus_scaled_ba(fixture_dir, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_converted_folder_loads_with_parity(dtype, fixture_dir, tmp_path, reference):
-    import_checkpoint(str(fixture_dir / "checkpoint-sharded"), str(tmp_path / "conv"), dtype=dtype,
-                      lora=str(fixture_dir / "lora-adapter"), show_progress=False)
+    import_checkpoint(
+        str(fixture_dir / "checkpoint-sharded"),
+        str(tmp_path / "conv"),
+        dtype=dtype,
+        lora=str(fixture_dir / "lora-adapter"),
+        show_progress=False,
+    )
     model, processor = owl_jax.from_pretrained(tmp_path / "conv", show_progress=False)
     assert processor is None  # the fixture's checkpoint folder has no tokenizer.model
     logits = model(reference["pixel_values"], reference["input_ids"], reference["attention_mask"])
@@ -125,20 +151,24 @@ def test_converted_folder_loads_with_parity(dtype, fixture_dir, tmp_path, refere
 
 
 def test_cli_import_export(fixture_dir, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, str(REPO / "convert_weights.py"), *a], capture_output=True,
-                                    text=True, cwd=tmp_path)
+    run = lambda *a: subprocess.run(
+        [sys.executable, str(REPO / "convert_weights.py"), *a], capture_output=True, text=True, cwd=tmp_path
+    )
     r = run("import", str(fixture_dir / "checkpoint"), "conv", "--dtype", "float32", "--quiet")
     assert r.returncode == 0, r.stderr
     r = run("export", "conv", "hf", "--format", "bin", "--dtype", "bfloat16", "--quiet")
     assert r.returncode == 0, r.stderr
-    assert_bit_identical(torch_state(fixture_dir / "checkpoint" / "pytorch_model.bin"),
-                         torch_state(tmp_path / "hf" / "pytorch_model.bin"))
+    assert_bit_identical(
+        torch_state(fixture_dir / "checkpoint" / "pytorch_model.bin"),
+        torch_state(tmp_path / "hf" / "pytorch_model.bin"),
+    )
     r = run("import", str(fixture_dir / "checkpoint"), "conv", "--quiet")
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear error, and nothing left behind that looks complete.
+
 
 def _import_fails(src, tmp_path, match, error=CheckpointError, **kwargs):
     out = tmp_path / "out"
@@ -189,8 +219,11 @@ def test_truncated_shard_names_the_file(fmt, fixture_copy, fixture_dir, tmp_path
         src = fixture_copy("checkpoint-sharded")
     else:
         import_checkpoint(str(fixture_dir / "checkpoint"), str(tmp_path / "conv"), show_progress=False)
-        src = pathlib.Path(export_checkpoint(str(tmp_path / "conv"), str(tmp_path / "st"), max_shard_bytes=600_000,
-                                             show_progress=False))
+        src = pathlib.Path(
+            export_checkpoint(
+                str(tmp_path / "conv"), str(tmp_path / "st"), max_shard_bytes=600_000, show_progress=False
+            )
+        )
     shard = sorted(p for p in src.iterdir() if p.name.endswith(("-of-00002.bin", "-of-00003.safetensors")))[-1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) * 2 // 3])
@@ -224,8 +257,13 @@ def test_lora_adapter_that_does_not_match(fixture_copy, fixture_dir, tmp_path):
     key = "base_model.model.language_model.model.layers.1.self_attn.v_proj.lora_B.weight"
     state.pop(key)
     torch.save(state, adapter / "adapter_model.bin")
-    _import_fails(fixture_dir / "checkpoint", tmp_path, "missing keys: language_model.model.layers.1.self_attn.v_proj",
-                  CheckpointMismatchError, lora=str(adapter))
+    _import_fails(
+        fixture_dir / "checkpoint",
+        tmp_path,
+        "missing keys: language_model.model.layers.1.self_attn.v_proj",
+        CheckpointMismatchError,
+        lora=str(adapter),
+    )
 
 
 def test_existing_output_is_kept_unless_overwrite(fixture_dir, tmp_path):
@@ -242,8 +280,7 @@ def test_existing_output_is_kept_unless_overwrite(fixture_dir, tmp_path):
 def test_sharded_safetensors_folder_loads_with_parity(fixture_dir, tmp_path, reference):
     """from_pretrained also reads the safetensors layout (shards + index) that export writes."""
     import_checkpoint(str(fixture_dir / "checkpoint"), str(tmp_path / "conv"), show_progress=False)
-    out = export_checkpoint(str(tmp_path / "conv"), str(tmp_path / "st"), max_shard_bytes=500_000,
-                            show_progress=False)
+    out = export_checkpoint(str(tmp_path / "conv"), str(tmp_path / "st"), max_shard_bytes=500_000, show_progress=False)
     assert (tmp_path / "st" / "model.safetensors.index.json").exists()
     model, _ = owl_jax.from_pretrained(out, show_progress=False)
     logits = model(reference["pixel_values"], reference["input_ids"], reference["attention_mask"])

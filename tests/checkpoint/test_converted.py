@@ -9,8 +9,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from owl_jax.checkpoint import (PendingLeaf, abstract_model, converted, import_checkpoint, leaf_shapes,
-                                load_converted_leaves, nest, save_converted)
+from owl_jax.checkpoint import (
+    PendingLeaf,
+    abstract_model,
+    converted,
+    import_checkpoint,
+    leaf_shapes,
+    load_converted_leaves,
+    nest,
+    save_converted,
+)
 from owl_jax.config import OwlConfig
 
 HF_CONFIG = {"note": "kept as given"}
@@ -18,9 +26,11 @@ HF_CONFIG = {"note": "kept as given"}
 
 def _leaves(seed=0):
     rng = np.random.RandomState(seed)
-    return {("a", "w"): rng.randn(4, 8).astype(np.float32),
-            ("a", "b"): rng.randn(8).astype(ml_dtypes.bfloat16),
-            ("c",): rng.randn(3, 2, 5).astype(np.float32)}
+    return {
+        ("a", "w"): rng.randn(4, 8).astype(np.float32),
+        ("a", "b"): rng.randn(8).astype(ml_dtypes.bfloat16),
+        ("c",): rng.randn(3, 2, 5).astype(np.float32),
+    }
 
 
 def _shapes(leaves):
@@ -43,6 +53,7 @@ def test_pending_leaves_are_read_in_turn(tmp_path, monkeypatch):
             alive.append((path, weakref.ref(array)))
             produced.append(path)
             return array
+
         return produce
 
     pending = {p: PendingLeaf(v.shape, v.dtype, producer(p)) for p, v in expected.items()}
@@ -66,7 +77,8 @@ def test_folder_written_by_orbax_alone_loads_the_same(tmp_path):
     handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
     registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, handler))
     ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)).save(
-        str(params), args=ocp.args.PyTreeSave(nest(leaves)), force=True)
+        str(params), args=ocp.args.PyTreeSave(nest(leaves)), force=True
+    )
     assert (params / "_METADATA").read_text() == (tmp_path / "new" / converted.PARAMS_DIR / "_METADATA").read_text()
     for folder in ("old", "new"):
         on_device = load_converted_leaves(str(tmp_path / folder), _shapes(leaves))
@@ -87,8 +99,12 @@ def test_a_failing_leaf_leaves_no_folder(tmp_path):
 
 def test_restore_goes_largest_first_in_groups(monkeypatch):
     monkeypatch.setattr(converted, "_RESTORE_GROUP_BYTES", 100)
-    target = {("s",): jax.ShapeDtypeStruct((10,), np.float32), ("l",): jax.ShapeDtypeStruct((50,), np.float32),
-              ("m",): jax.ShapeDtypeStruct((20,), np.float32), ("t",): jax.ShapeDtypeStruct((5,), np.float32)}
+    target = {
+        ("s",): jax.ShapeDtypeStruct((10,), np.float32),
+        ("l",): jax.ShapeDtypeStruct((50,), np.float32),
+        ("m",): jax.ShapeDtypeStruct((20,), np.float32),
+        ("t",): jax.ShapeDtypeStruct((5,), np.float32),
+    }
     assert converted._restore_groups(target) == [[("l",)], [("m",)], [("s",), ("t",)]]
 
 

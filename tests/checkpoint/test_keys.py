@@ -5,12 +5,11 @@ import re
 
 import pytest
 
+from helpers import FIXTURE
 from owl_jax.checkpoint import abstract_model, leaf_shapes, owl_targets
 from owl_jax.checkpoint.keys import abstractor, clip, hf_llama, llama, owl_linear_modules, vision
 from owl_jax.checkpoint.keys.targets import LINEAR_BIAS, module_rules
 from owl_jax.config import LoRAConfig, OwlConfig
-
-from helpers import FIXTURE
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -27,8 +26,9 @@ def test_every_declared_module_has_a_kind(table):
 
 def test_released_targets_cover_every_parameter_once(cfg):
     for with_lora in (False, True):
-        model_cfg = cfg.replace(lora=LoRAConfig(rank=2, alpha=4, target_modules=r".*\.(q_proj|v_proj|fc1)")
-                                if with_lora else None)
+        model_cfg = cfg.replace(
+            lora=LoRAConfig(rank=2, alpha=4, target_modules=r".*\.(q_proj|v_proj|fc1)") if with_lora else None
+        )
         shapes = leaf_shapes(abstract_model(model_cfg)[1])
         targets = owl_targets(model_cfg, shapes)
         keys = [t.hf_key for t in targets]
@@ -57,7 +57,7 @@ def test_released_keys_are_the_module_names_plus_suffixes(cfg):
 def test_hf_llama_is_the_released_table_without_its_prefix(cfg):
     released = {r.path: r.hf_key for r in llama.rules()}
     hf = {r.path: r.hf_key for r in hf_llama.rules()}
-    assert hf == {p: k[len("language_model."):] for p, k in released.items()}
+    assert hf == {p: k[len("language_model.") :] for p, k in released.items()}
     assert "lm_head.weight" not in {r.hf_key for r in hf_llama.rules(tie_word_embeddings=True)}
 
 

@@ -12,20 +12,38 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-
-from owl_jax.checkpoint import (CheckpointMismatchError, abstract_model, assemble, config_from_towers,  # noqa: E402
-                                init_from_towers, leaf_shapes)
+from owl_jax.checkpoint import (
+    CheckpointMismatchError,
+    abstract_model,
+    assemble,
+    config_from_towers,  # noqa: E402
+    init_from_towers,
+    leaf_shapes,
+)
 from owl_jax.config import AbstractorConfig  # noqa: E402
 
 TOL = 1e-5
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
-              patch_size=14, hidden_act="quick_gelu")
-LLAMA = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=48)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=14,
+    hidden_act="quick_gelu",
+)
+LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+)
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -58,8 +76,9 @@ class Towers:
 def towers(tmp_path_factory) -> Towers:
     root = tmp_path_factory.mktemp("towers")
     torch.manual_seed(0)
-    clip = _perturb(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION,
-                                                                               attn_implementation="eager")), 1)
+    clip = _perturb(
+        transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION, attn_implementation="eager")), 1
+    )
     clip.save_pretrained(root / "clip")
     llama = _perturb(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA, attn_implementation="eager")), 2)
     # Older checkpoints carry RoPE buffers; they must be skipped, not reported.
@@ -126,10 +145,25 @@ def test_leaves_cover_the_model(imported):
 
 def test_full_clip_model_imports(towers, tmp_path):
     torch.manual_seed(3)
-    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=10, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    full = _perturb(transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=text, vision_config=VISION, projection_dim=8, attn_implementation="eager")), 4)
+    text = dict(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=10,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    full = _perturb(
+        transformers.CLIPModel(
+            transformers.CLIPConfig(
+                text_config=text, vision_config=VISION, projection_dim=8, attn_implementation="eager"
+            )
+        ),
+        4,
+    )
     full.save_pretrained(tmp_path)
     # Older CLIP checkpoints also hold `position_ids` buffers: ignored like the text tower.
     weights = load_file(tmp_path / "model.safetensors")
@@ -159,17 +193,33 @@ def _rewrite_llama(src, dst, change) -> None:
     torch.save(state, dst / "pytorch_model.bin")
 
 
-@pytest.mark.parametrize("tower, key, change", [
-    ("clip", "encoder.layers.1.self_attn.k_proj.bias", lambda w: w.pop("encoder.layers.1.self_attn.k_proj.bias")),
-    ("clip", "encoder.layers.2.mlp.fc1.bias", lambda w: w.update({"encoder.layers.2.mlp.fc1.bias": np.ones(64, np.float32)})),
-    ("clip", "embeddings.position_embedding.weight",
-     lambda w: w.update({"embeddings.position_embedding.weight": np.ones((6, 32), np.float32)})),
-    ("llama", "lm_head.weight", lambda s: s.pop("lm_head.weight")),
-    ("llama", "model.layers.0.self_attn.k_proj.weight",
-     lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.ones(32, 32)})),
-    ("llama", "model.layers.0.self_attn.q_proj.lora_A.weight",
-     lambda s: s.update({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32)})),
-])
+@pytest.mark.parametrize(
+    "tower, key, change",
+    [
+        ("clip", "encoder.layers.1.self_attn.k_proj.bias", lambda w: w.pop("encoder.layers.1.self_attn.k_proj.bias")),
+        (
+            "clip",
+            "encoder.layers.2.mlp.fc1.bias",
+            lambda w: w.update({"encoder.layers.2.mlp.fc1.bias": np.ones(64, np.float32)}),
+        ),
+        (
+            "clip",
+            "embeddings.position_embedding.weight",
+            lambda w: w.update({"embeddings.position_embedding.weight": np.ones((6, 32), np.float32)}),
+        ),
+        ("llama", "lm_head.weight", lambda s: s.pop("lm_head.weight")),
+        (
+            "llama",
+            "model.layers.0.self_attn.k_proj.weight",
+            lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.ones(32, 32)}),
+        ),
+        (
+            "llama",
+            "model.layers.0.self_attn.q_proj.lora_A.weight",
+            lambda s: s.update({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32)}),
+        ),
+    ],
+)
 def test_mismatched_tower_checkpoint_is_refused(towers, tmp_path, tower, key, change):
     clip_dir, llama_dir = towers.clip_dir, towers.llama_dir
     if tower == "clip":
@@ -206,9 +256,17 @@ def test_dtype_casts_every_leaf(towers):
 
 
 def test_config_for_clip_large_and_llama_7b():
-    clip = {"model_type": "clip", "vision_config": {"hidden_size": 1024, "intermediate_size": 4096,
-                                                    "num_hidden_layers": 24, "num_attention_heads": 16,
-                                                    "patch_size": 14, "projection_dim": 768}}
+    clip = {
+        "model_type": "clip",
+        "vision_config": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "patch_size": 14,
+            "projection_dim": 768,
+        },
+    }
     llama = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32}
     cfg = config_from_towers(clip, llama, dtype="bfloat16")
     assert cfg.abstractor == AbstractorConfig()
@@ -227,9 +285,24 @@ def test_cli_init_writes_a_loadable_model(towers, tmp_path):
     import owl_jax
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, str(repo / "convert_weights.py"), "init", str(tmp_path / "fresh"),
-                             "--clip", str(towers.clip_dir), "--llama", str(towers.llama_dir),
-                             "--num-query-tokens", "4", "--seed", "3"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "convert_weights.py"),
+            "init",
+            str(tmp_path / "fresh"),
+            "--clip",
+            str(towers.clip_dir),
+            "--llama",
+            str(towers.llama_dir),
+            "--num-query-tokens",
+            "4",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "tensors" in result.stderr  # the progress bar counts tensors (and bytes)
     model, _ = owl_jax.from_pretrained(tmp_path / "fresh", show_progress=False)

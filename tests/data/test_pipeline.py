@@ -12,8 +12,7 @@ from owl_jax.data.pipeline import SKIP_REASONS, ExampleTransform, PipelineSpec, 
 from owl_jax.data.prompts import SYSTEM, templated_text
 from owl_jax.data.records import Example, write_shards
 
-TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "mplug_owl_tiny",
-                         "tokenizer.model")
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "mplug_owl_tiny", "tokenizer.model")
 
 
 def png(color=(200, 30, 30), size=(20, 16)) -> bytes:
@@ -34,7 +33,7 @@ def test_answers_and_their_eos_are_the_only_targets():
     targets = ids[1:][t.loss_mask[: len(ids) - 1] > 0]
     assert list(targets) == fake_encode("ab") + [2] + fake_encode("c") + [2]
     assert list(ids[:1]) == [1] and (ids == IMAGE_ID).sum() == 3 and t.num_images == 1
-    assert not t.truncated and (t.input_ids[len(ids):] == 0).all()
+    assert not t.truncated and (t.input_ids[len(ids) :] == 0).all()
 
 
 def test_truncation_never_cuts_an_image_run():
@@ -61,13 +60,16 @@ def test_row_shapes_and_pixels(transform):
     assert row["loss_mask"].sum() > 0 and (row["input_ids"] == IMAGE_ID).sum() == 3
 
 
-@pytest.mark.parametrize("record, reason", [
-    (b"\x05\x00\x00\x00{bad json", 1),
-    (Example(turns=[("q", "a")], images=[b"not an image at all"], task="multimodal").to_bytes(), 2),
-    (Example(turns=[("q", "a")], images=[png(), png(), png()], task="multimodal").to_bytes(), 4),
-    (Example(turns=[], images=[png()], task="multimodal").to_bytes(), 1),
-    (Example(turns=[("q " * 200, "a")], task="text").to_bytes(), 3),
-])
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        (b"\x05\x00\x00\x00{bad json", 1),
+        (Example(turns=[("q", "a")], images=[b"not an image at all"], task="multimodal").to_bytes(), 2),
+        (Example(turns=[("q", "a")], images=[png(), png(), png()], task="multimodal").to_bytes(), 4),
+        (Example(turns=[], images=[png()], task="multimodal").to_bytes(), 1),
+        (Example(turns=[("q " * 200, "a")], task="text").to_bytes(), 3),
+    ],
+)
 def test_unusable_records_become_masked_rows_with_a_reason(transform, record, reason):
     """Corrupt image, too many images, malformed record, empty conversation, over-long prompt."""
     row = transform(record)
@@ -76,16 +78,25 @@ def test_unusable_records_become_masked_rows_with_a_reason(transform, record, re
 
 
 def _dataset(tmp_path, name, n, task="multimodal"):
-    examples = [Example(turns=[(f"question {i}", f"answer {i}")], images=[png((i * 7 % 255, 20, 30))] if task != "text"
-                        else [], task=task, id=str(i)) for i in range(n)]
+    examples = [
+        Example(
+            turns=[(f"question {i}", f"answer {i}")],
+            images=[png((i * 7 % 255, 20, 30))] if task != "text" else [],
+            task=task,
+            id=str(i),
+        )
+        for i in range(n)
+    ]
     return write_shards(examples, str(tmp_path / name), examples_per_shard=7)[0].rsplit("-", 3)[0]
 
 
 def test_processes_share_one_global_order(tmp_path, transform):
     prefix = _dataset(tmp_path, "mm", 20)
     single = iter(training_batches([[prefix]], transform, batch_size=4, seed=3))
-    parts = [iter(training_batches([[prefix]], transform, batch_size=4, seed=3, process_index=p, process_count=2))
-             for p in range(2)]
+    parts = [
+        iter(training_batches([[prefix]], transform, batch_size=4, seed=3, process_index=p, process_count=2))
+        for p in range(2)
+    ]
     for _ in range(6):
         expected = next(single)["input_ids"]
         got = np.concatenate([next(it)["input_ids"] for it in parts])

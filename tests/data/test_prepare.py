@@ -57,8 +57,11 @@ def images(tmp_path):
     """Three small images on disk: red.png, green.jpg, blue.png."""
     folder = tmp_path / "images"
     folder.mkdir()
-    return {"red": save_image(folder, "red.png", "red"), "green": save_image(folder, "green.jpg", "green", "JPEG"),
-            "blue": save_image(folder, "blue.png", "blue")}
+    return {
+        "red": save_image(folder, "red.png", "red"),
+        "green": save_image(folder, "green.jpg", "green", "JPEG"),
+        "blue": save_image(folder, "blue.png", "blue"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -66,14 +69,22 @@ def images(tmp_path):
 
 def test_mplug_jsonl(tmp_path, images):
     rows = [
-        {"image": ["red.png"], "text": f"{SYSTEM}\nHuman: <image>\nHuman: What color?\nAI: Red.",
-         "task_type": "llava_sft"},
-        {"image": ["red.png", "green.jpg"],
-         "text": f"{SYSTEM}\nHuman: <image>\nHuman: <image>\nHuman: Compare them.\nAI: Red vs green.\n",
-         "task_type": "llava_sft"},
+        {
+            "image": ["red.png"],
+            "text": f"{SYSTEM}\nHuman: <image>\nHuman: What color?\nAI: Red.",
+            "task_type": "llava_sft",
+        },
+        {
+            "image": ["red.png", "green.jpg"],
+            "text": f"{SYSTEM}\nHuman: <image>\nHuman: <image>\nHuman: Compare them.\nAI: Red vs green.\n",
+            "task_type": "llava_sft",
+        },
         {"text": f"{SYSTEM}\nHuman: Write a list.\nAI: 1. one\n2. two\n", "task_type": "gpt4instruct_sft"},
-        {"image": [], "text": f"{SYSTEM}\nHuman: Hi\nAI: Hello!\nHuman: How are you?\nAI: Fine.\n\nThanks.",
-         "task_type": "sharegpt_chat_sft"},
+        {
+            "image": [],
+            "text": f"{SYSTEM}\nHuman: Hi\nAI: Hello!\nHuman: How are you?\nAI: Fine.\n\nThanks.",
+            "task_type": "sharegpt_chat_sft",
+        },
     ]
     path = write_jsonl(tmp_path / "images" / "instruct.jsonl", rows)
     report, got, prefix = run(tmp_path, "mplug_jsonl", [path])
@@ -99,15 +110,29 @@ def test_parse_mplug_text_edge_cases():
 
 def test_llava(tmp_path, images):
     items = [
-        {"id": "a1", "image": "red.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "Red."},
-            {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]},
-        {"id": "a2", "image": "blue.png", "conversations": [
-            {"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "A blue square."}]},
+        {
+            "id": "a1",
+            "image": "red.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is it?"},
+                {"from": "gpt", "value": "Red."},
+                {"from": "human", "value": "Sure?"},
+                {"from": "gpt", "value": "Yes."},
+            ],
+        },
+        {
+            "id": "a2",
+            "image": "blue.png",
+            "conversations": [
+                {"from": "human", "value": "Describe.\n<image>"},
+                {"from": "gpt", "value": "A blue square."},
+            ],
+        },
         {"id": "t1", "conversations": [{"from": "human", "value": "No image here"}, {"from": "gpt", "value": "Ok."}]},
     ]
-    report, got, _ = run(tmp_path, "llava", [write_json(tmp_path / "llava.json", items)],
-                         image_root=str(tmp_path / "images"))
+    report, got, _ = run(
+        tmp_path, "llava", [write_json(tmp_path / "llava.json", items)], image_root=str(tmp_path / "images")
+    )
     assert [(e.id, e.turns, e.images, e.task) for e in got] == [
         ("a1", [("What color is it?", "Red."), ("Sure?", "Yes.")], [images["red"]], "multimodal"),
         ("a2", [("Describe.", "A blue square.")], [images["blue"]], "multimodal"),
@@ -116,33 +141,57 @@ def test_llava(tmp_path, images):
 
 
 def test_alpaca(tmp_path):
-    items = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-             {"instruction": "Name a color.", "input": "", "output": "Blue."}]
+    items = [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Name a color.", "input": "", "output": "Blue."},
+    ]
     _, got, _ = run(tmp_path, "alpaca", [write_json(tmp_path / "alpaca.json", items)])
     assert [(e.turns, e.images, e.task) for e in got] == [
-        ([("Add the numbers.\n2 and 3", "5")], [], "text"), ([("Name a color.", "Blue.")], [], "text")]
+        ([("Add the numbers.\n2 and 3", "5")], [], "text"),
+        ([("Name a color.", "Blue.")], [], "text"),
+    ]
 
 
 def test_sharegpt(tmp_path):
     items = [
-        {"id": "s1", "conversations": [
-            {"from": "system", "value": "be nice"}, {"from": "human", "value": "Hi"},
-            {"from": "gpt", "value": "Hello"}, {"from": "user", "value": "Bye"}, {"from": "chatgpt", "value": "Bye!"},
-            {"from": "human", "value": "unanswered"}]},
-        {"id": "s2", "conversations": [{"from": "gpt", "value": "greeting first"}, {"from": "user", "value": "Q"},
-                                       {"from": "assistant", "value": "A"}]},
+        {
+            "id": "s1",
+            "conversations": [
+                {"from": "system", "value": "be nice"},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello"},
+                {"from": "user", "value": "Bye"},
+                {"from": "chatgpt", "value": "Bye!"},
+                {"from": "human", "value": "unanswered"},
+            ],
+        },
+        {
+            "id": "s2",
+            "conversations": [
+                {"from": "gpt", "value": "greeting first"},
+                {"from": "user", "value": "Q"},
+                {"from": "assistant", "value": "A"},
+            ],
+        },
     ]
     report, got, _ = run(tmp_path, "sharegpt", [write_json(tmp_path / "sharegpt.json", items)])
     assert [(e.id, e.turns, e.task) for e in got] == [
-        ("s1", [("Hi", "Hello"), ("Bye", "Bye!")], "text"), ("s2", [("Q", "A")], "text")]
+        ("s1", [("Hi", "Hello"), ("Bye", "Bye!")], "text"),
+        ("s2", [("Q", "A")], "text"),
+    ]
     assert report.num_skipped == 0
 
 
 def test_captions_jsonl_and_csv(tmp_path, images):
     folder = tmp_path / "images"
-    jsonl = write_jsonl(folder / "caps.jsonl", [{"image": "red.png", "caption": "a red square"},
-                                                {"file_name": "green.jpg", "text": "a green square"},
-                                                {"image": "blue.png", "caption": ["blue one", "blue two"]}])
+    jsonl = write_jsonl(
+        folder / "caps.jsonl",
+        [
+            {"image": "red.png", "caption": "a red square"},
+            {"file_name": "green.jpg", "text": "a green square"},
+            {"image": "blue.png", "caption": ["blue one", "blue two"]},
+        ],
+    )
     with open(folder / "caps.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["filepath", "caption"])
@@ -176,7 +225,8 @@ def test_webdataset(tmp_path):
     report, got, prefix = run(tmp_path, "webdataset", [tmp_path], max_skip_fraction=0.5)
     assert [(e.id, e.turns, e.images, e.task) for e in got] == [
         ("00000.tar:000000001", [("", "a red square")], [red], "caption"),
-        ("00000.tar:000000002", [("", "caption from json")], [green], "caption")]
+        ("00000.tar:000000002", [("", "caption from json")], [green], "caption"),
+    ]
     assert report.skipped == {"missing_image": 1}
 
 
@@ -185,14 +235,22 @@ def test_tfds_captions(tmp_path):
 
     # Unregistered, as for a CLI user: tfds.data_source then reads the dataset from its files in data_dir.
     with tfds.core.registered.skip_registration():
+
         class OwlPrepareTinyCaptions(tfds.core.GeneratorBasedBuilder):
             VERSION = tfds.core.Version("1.0.0")
 
             def _info(self):
-                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text(),
-                    "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
-                    "pixels": tfds.features.Tensor(shape=(4, 6, 3), dtype=np.uint8)}))
+                return tfds.core.DatasetInfo(
+                    builder=self,
+                    features=tfds.features.FeaturesDict(
+                        {
+                            "image": tfds.features.Image(shape=(None, None, 3)),
+                            "caption": tfds.features.Text(),
+                            "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+                            "pixels": tfds.features.Tensor(shape=(4, 6, 3), dtype=np.uint8),
+                        }
+                    ),
+                )
 
             def _split_generators(self, dl_manager):
                 return {"train": self._generate_examples()}
@@ -200,35 +258,53 @@ def test_tfds_captions(tmp_path):
             def _generate_examples(self):
                 # Encoded bytes: encoding arrays would need TensorFlow, which is not installed.
                 for i, color in enumerate(["red", "blue"]):
-                    yield i, {"image": image_bytes(color), "caption": f"a {color} square",
-                              "captions": {"text": [f"{color} {j}" for j in range(i + 1)]},
-                              "pixels": np.asarray(Image.open(io.BytesIO(image_bytes(color))))}
+                    yield (
+                        i,
+                        {
+                            "image": image_bytes(color),
+                            "caption": f"a {color} square",
+                            "captions": {"text": [f"{color} {j}" for j in range(i + 1)]},
+                            "pixels": np.asarray(Image.open(io.BytesIO(image_bytes(color)))),
+                        },
+                    )
 
     data_dir = str(tmp_path / "tfds")
     OwlPrepareTinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
     report, got, _ = run(tmp_path, "tfds", [], tfds_name="owl_prepare_tiny_captions", data_dir=data_dir)
     assert [(e.turns, e.images, e.task) for e in got] == [
         ([("", "a red square")], [image_bytes("red")], "caption"),
-        ([("", "a blue square")], [image_bytes("blue")], "caption")]
+        ([("", "a blue square")], [image_bytes("blue")], "caption"),
+    ]
     assert report.inputs == ["tfds:owl_prepare_tiny_captions/train"]
 
-    _, got, _ = run(tmp_path / "nested", "tfds", [], tfds_name="owl_prepare_tiny_captions", data_dir=data_dir,
-                    caption_key="captions/text")
+    _, got, _ = run(
+        tmp_path / "nested",
+        "tfds",
+        [],
+        tfds_name="owl_prepare_tiny_captions",
+        data_dir=data_dir,
+        caption_key="captions/text",
+    )
     assert [(e.id, e.turns[0][1]) for e in got] == [
-        ("owl_prepare_tiny_captions/0", "red 0"), ("owl_prepare_tiny_captions/1#0", "blue 0"),
-        ("owl_prepare_tiny_captions/1#1", "blue 1")]
+        ("owl_prepare_tiny_captions/0", "red 0"),
+        ("owl_prepare_tiny_captions/1#0", "blue 0"),
+        ("owl_prepare_tiny_captions/1#1", "blue 1"),
+    ]
 
     # A decoded uint8 array (not an Image feature) is stored as a PNG of the same pixels.
-    _, got, _ = run(tmp_path / "array", "tfds", [], tfds_name="owl_prepare_tiny_captions", data_dir=data_dir,
-                    image_key="pixels")
+    _, got, _ = run(
+        tmp_path / "array", "tfds", [], tfds_name="owl_prepare_tiny_captions", data_dir=data_dir, image_key="pixels"
+    )
     assert [np.asarray(Image.open(io.BytesIO(e.images[0]))).tolist() for e in got] == [
-        np.asarray(Image.open(io.BytesIO(image_bytes(c)))).tolist() for c in ("red", "blue")]
+        np.asarray(Image.open(io.BytesIO(image_bytes(c)))).tolist() for c in ("red", "blue")
+    ]
 
 
 def test_shards_and_limit(tmp_path):
     items = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(7)]
-    report, got, prefix = run(tmp_path, "alpaca", [write_json(tmp_path / "a.json", items)], examples_per_shard=2,
-                              limit=5)
+    report, got, prefix = run(
+        tmp_path, "alpaca", [write_json(tmp_path / "a.json", items)], examples_per_shard=2, limit=5
+    )
     assert [e.turns[0][1] for e in got] == ["a0", "a1", "a2", "a3", "a4"]
     assert len(report.shards) == 3 and manifest(prefix)["shards"][2] == "data-00002-of-00003.array_record"
     with pytest.raises(prep.PrepareError, match="--overwrite"):
@@ -248,25 +324,32 @@ def assert_skipped(prefix, reason, item_suffix):
 
 
 def good_and_bad_llava(tmp_path, bad_image):
-    good = [{"id": f"g{i}", "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
-                                                                  {"from": "gpt", "value": "A"}]} for i in range(3)]
-    bad = {"id": "bad", "image": bad_image, "conversations": [{"from": "human", "value": "Q"},
-                                                              {"from": "gpt", "value": "A"}]}
+    good = [
+        {
+            "id": f"g{i}",
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+        }
+        for i in range(3)
+    ]
+    bad = {
+        "id": "bad",
+        "image": bad_image,
+        "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+    }
     return write_json(tmp_path / "images" / "llava.json", good[:1] + [bad] + good[1:])
 
 
 def test_corrupt_image_is_skipped(tmp_path, images):
     (tmp_path / "images" / "corrupt.jpg").write_bytes(np.random.default_rng(0).bytes(500))
-    report, got, prefix = run(tmp_path, "llava", [good_and_bad_llava(tmp_path, "corrupt.jpg")],
-                              max_skip_fraction=0.5)
+    report, got, prefix = run(tmp_path, "llava", [good_and_bad_llava(tmp_path, "corrupt.jpg")], max_skip_fraction=0.5)
     assert [e.id for e in got] == ["g0", "g1", "g2"]
     assert_skipped(prefix, "corrupt_image", "llava.json[1]")
     assert "corrupt.jpg" in manifest(prefix)["skipped_examples"][0]["detail"]
 
 
 def test_missing_image_is_skipped(tmp_path, images):
-    report, got, prefix = run(tmp_path, "llava", [good_and_bad_llava(tmp_path, "nowhere.jpg")],
-                              max_skip_fraction=0.5)
+    report, got, prefix = run(tmp_path, "llava", [good_and_bad_llava(tmp_path, "nowhere.jpg")], max_skip_fraction=0.5)
     assert [e.id for e in got] == ["g0", "g1", "g2"]
     assert_skipped(prefix, "missing_image", "llava.json[1]")
 
@@ -278,16 +361,20 @@ def test_decompression_bomb_is_skipped():
 
 
 def test_malformed_jsonl_line_is_skipped(tmp_path):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"text": f"{SYSTEM}\nHuman: q\nAI: a"}, '{"text": "unterminated',
-                                              {"text": f"{SYSTEM}\nHuman: q2\nAI: a2"}])
+    path = write_jsonl(
+        tmp_path / "x.jsonl",
+        [{"text": f"{SYSTEM}\nHuman: q\nAI: a"}, '{"text": "unterminated', {"text": f"{SYSTEM}\nHuman: q2\nAI: a2"}],
+    )
     report, got, prefix = run(tmp_path, "mplug_jsonl", [path], max_skip_fraction=0.5)
     assert [e.turns for e in got] == [[("q", "a")], [("q2", "a2")]]
     assert_skipped(prefix, "malformed_json", "x.jsonl:2")
 
 
 def test_empty_conversation_is_skipped(tmp_path):
-    items = [{"id": "ok", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
-             {"id": "empty", "conversations": []}]
+    items = [
+        {"id": "ok", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {"id": "empty", "conversations": []},
+    ]
     report, got, prefix = run(tmp_path, "sharegpt", [write_json(tmp_path / "s.json", items)], max_skip_fraction=0.5)
     assert [e.id for e in got] == ["ok"]
     assert_skipped(prefix, "empty_conversation", "s.json[1]")
@@ -301,9 +388,17 @@ def test_empty_answer_is_skipped(tmp_path):
 
 
 def test_non_alternating_sharegpt_is_skipped(tmp_path):
-    items = [{"id": "ok", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
-             {"id": "twice", "conversations": [{"from": "human", "value": "Q1"}, {"from": "human", "value": "Q2"},
-                                               {"from": "gpt", "value": "A"}]}]
+    items = [
+        {"id": "ok", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {
+            "id": "twice",
+            "conversations": [
+                {"from": "human", "value": "Q1"},
+                {"from": "human", "value": "Q2"},
+                {"from": "gpt", "value": "A"},
+            ],
+        },
+    ]
     report, got, prefix = run(tmp_path, "sharegpt", [write_json(tmp_path / "s.json", items)], max_skip_fraction=0.5)
     assert [e.id for e in got] == ["ok"]
     assert_skipped(prefix, "non_alternating", "s.json[1]")
@@ -348,14 +443,14 @@ def test_truncated_tar_keeps_what_was_read(tmp_path):
         members = tar.getmembers()  # [0.png, 0.txt, 1.png, 1.txt, 2.png, 2.txt, ...]
 
     # An interrupted download cut inside a header: tarfile alone would take that as a normal end.
-    (tmp_path / "a.tar").write_bytes(data[:members[5].offset + 100])
+    (tmp_path / "a.tar").write_bytes(data[: members[5].offset + 100])
     report, got, prefix = run(tmp_path / "a", "webdataset", [tmp_path / "a.tar"], max_skip_fraction=0.7)
     assert [e.turns[0][1] for e in got] == ["caption 0", "caption 1"]
     # Sample 2 lost its caption; the archive as a whole is reported truncated.
     assert report.skipped == {"missing_caption": 1, "truncated_archive": 1}
 
     # Cut inside a member's data.
-    (tmp_path / "b.tar").write_bytes(data[:members[4].offset_data + 10])
+    (tmp_path / "b.tar").write_bytes(data[: members[4].offset_data + 10])
     report, got, prefix = run(tmp_path / "b", "webdataset", [tmp_path / "b.tar"], max_skip_fraction=0.7)
     assert [e.turns[0][1] for e in got] == ["caption 0", "caption 1"] and report.skipped == {"truncated_archive": 1}
 
@@ -365,8 +460,17 @@ def test_cli(tmp_path, capsys):
     path = write_json(tmp_path / "a.json", items)
     prefix = tmp_path / "cli" / "data"
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "owl_jax.data.prepare", "--format", "alpaca", "--input", str(path),
-           "--output", str(prefix)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "owl_jax.data.prepare",
+        "--format",
+        "alpaca",
+        "--input",
+        str(path),
+        "--output",
+        str(prefix),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "prepared 2 examples (text 2)" in done.stdout and "prepare alpaca" in done.stderr  # summary, progress bar

@@ -54,8 +54,10 @@ def test_matches_released_processor(processor, spec, reference):
 def test_fixture_prompts_follow_template(spec):
     p0, p1, p2 = spec["prompts"]
     assert build_prompt("What is drawn in the upper left corner of this picture?", num_images=1) == p0
-    assert build_prompt([("How many circles can you count, and which colour is the largest one?", None)],
-                        num_images=2) == p1
+    assert (
+        build_prompt([("How many circles can you count, and which colour is the largest one?", None)], num_images=2)
+        == p1
+    )
     assert build_prompt("Compare the two pictures: which one has more straight lines?") == p2
 
 
@@ -108,7 +110,7 @@ def test_adjacent_images_rejected(processor):
     ids = processor.encode_prompt("<image>\n<image>")
     assert ids[0] == processor.bos_token_id
     assert ids.count(IMAGE_TOKEN_ID) == 2 * TOKENS_PER_IMAGE
-    assert ids[1:1 + TOKENS_PER_IMAGE] == [IMAGE_TOKEN_ID] * TOKENS_PER_IMAGE
+    assert ids[1 : 1 + TOKENS_PER_IMAGE] == [IMAGE_TOKEN_ID] * TOKENS_PER_IMAGE
     assert ids[-TOKENS_PER_IMAGE:] == [IMAGE_TOKEN_ID] * TOKENS_PER_IMAGE
 
 
@@ -170,8 +172,9 @@ def test_image_input_kinds_agree(processor, spec):
     np.testing.assert_array_equal(from_path, from_array)
     # Grayscale arrays become RGB like the PIL conversion does.
     gray = arr[..., 0].copy()
-    np.testing.assert_array_equal(processor.preprocess_images([gray]),
-                                  processor.preprocess_images([Image.fromarray(gray)]))
+    np.testing.assert_array_equal(
+        processor.preprocess_images([gray]), processor.preprocess_images([Image.fromarray(gray)])
+    )
 
 
 def test_bad_images_rejected(processor, tmp_path, spec):
@@ -192,8 +195,10 @@ def test_image_marker_constant():
     assert IMAGE_MARKER == "<image>" and count_images("<image>\n<image> x") == 2
 
 
-@pytest.mark.parametrize("text", ["a</s>b <s> c", "<unk>", "  leading", "x\n\ny", "AI: ", "é 東京 12345",
-                                  "trailing  ", "tabs\tand\u00a0nbsp"])
+@pytest.mark.parametrize(
+    "text",
+    ["a</s>b <s> c", "<unk>", "  leading", "x\n\ny", "AI: ", "é 東京 12345", "trailing  ", "tabs\tand\u00a0nbsp"],
+)
 def test_chunks_encode_like_plain_sentencepiece(processor, text):
     """The released tokenizer (built directly from tokenizer.model) is SentencePiece's own encode, with
     no special-token splitting; each chunk gets the dummy prefix."""

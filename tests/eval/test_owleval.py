@@ -16,8 +16,8 @@ from helpers import FIXTURE
 from owl_jax.data.prompts import build_prompt
 from owl_jax.eval import judge
 from owl_jax.eval.owleval import Question, answer_owleval, conversations, load_questions
-from owl_jax.inference.session import ChatSession
 from owl_jax.inference.generate import GenerationConfig, Generator
+from owl_jax.inference.session import ChatSession
 
 # (question_id, image, question, ability, category): one conversation of three turns on 2.png, one of two on
 # 4.jpg, and two questions asked alone; abilities a-f all appear.
@@ -43,8 +43,12 @@ def make_owleval(folder, questions=QUESTIONS):
         Image.fromarray(pixels).save(folder / "cases" / name)
     with open(folder / "questions.jsonl", "w") as f:
         for qid, image, question, ability, category in questions:
-            f.write(json.dumps({"image": image, "question_id": qid, "question": question, "ability": ability,
-                                "category": category}) + "\n")
+            f.write(
+                json.dumps(
+                    {"image": image, "question_id": qid, "question": question, "ability": ability, "category": category}
+                )
+                + "\n"
+            )
     return folder
 
 
@@ -73,11 +77,13 @@ CFG = GenerationConfig(max_new_tokens=8)
 @pytest.fixture(scope="module")
 def answers(owl, owleval_dir):
     model, processor, gen = owl
-    return answer_owleval(model, processor, owleval_dir, config=CFG, model_id="tiny", generator=gen,
-                          show_progress=False)
+    return answer_owleval(
+        model, processor, owleval_dir, config=CFG, model_id="tiny", generator=gen, show_progress=False
+    )
 
 
 # ------------------------------------------------------------------------------------------------ runner
+
 
 def test_grouping(owleval_dir):
     groups = conversations(load_questions(owleval_dir))
@@ -90,7 +96,9 @@ def test_grouping(owleval_dir):
 def test_bad_questions_name_file_and_line(tmp_path):
     folder = make_owleval(tmp_path / "o", QUESTIONS[:2])
     with open(folder / "questions.jsonl", "a") as f:
-        f.write('{"image": "1.png", "question_id": 3, "question": "q", "ability": "a,z", "category": ["single_turn"]}\n')
+        f.write(
+            '{"image": "1.png", "question_id": 3, "question": "q", "ability": "a,z", "category": ["single_turn"]}\n'
+        )
     with pytest.raises(ValueError, match=r"questions.jsonl:3: ability"):
         load_questions(folder)
     (folder / "questions.jsonl").write_text('{"image": "1.png"\n')
@@ -104,7 +112,7 @@ def test_bad_questions_name_file_and_line(tmp_path):
 
 def test_runner_format_order_and_count(answers):
     assert [r["question_id"] for r in answers] == [q[0] for q in QUESTIONS]
-    for row, (qid, image, question, _, _) in zip(answers, QUESTIONS):
+    for row, (_, image, question, _, _) in zip(answers, QUESTIONS):
         assert list(row) == FIELDS
         assert (row["image"], row["question"], row["model_id"]) == (image, question, "tiny")
         assert isinstance(row["answer"], str)
@@ -130,8 +138,9 @@ def test_multi_turn_answers_equal_a_fresh_conversation(owl, owleval_dir, answers
 
 def test_limit_and_skip(owl, owleval_dir, answers):
     model, processor, gen = owl
-    run = lambda **kw: answer_owleval(model, processor, owleval_dir, config=CFG, model_id="tiny", generator=gen,
-                                      show_progress=False, **kw)
+    run = lambda **kw: answer_owleval(
+        model, processor, owleval_dir, config=CFG, model_id="tiny", generator=gen, show_progress=False, **kw
+    )
     assert run(limit=3) == answers[:3]  # a conversation cut short keeps its first turns' answers
     # A conversation with a turn missing is answered again in full; complete ones are skipped.
     assert [r["question_id"] for r in run(skip={1, 2, 3, 5, 6, 7})] == [2, 3, 4]
@@ -142,8 +151,9 @@ def test_limit_and_skip(owl, owleval_dir, answers):
 
 def test_sampling_seeded_per_question_and_long_conversations(owl, owleval_dir):
     model, processor, gen = owl
-    run = lambda config, **kw: answer_owleval(model, processor, owleval_dir, config=config, generator=gen,
-                                              show_progress=False, **kw)
+    run = lambda config, **kw: answer_owleval(
+        model, processor, owleval_dir, config=config, generator=gen, show_progress=False, **kw
+    )
     sampled = GenerationConfig(max_new_tokens=6, do_sample=True, top_k=5, seed=3)
     full = run(sampled)
     assert run(sampled, skip={1, 2, 3, 4, 6, 7}) == [full[4]]  # an answer does not depend on what else ran
@@ -155,29 +165,72 @@ def test_sampling_seeded_per_question_and_long_conversations(owl, owleval_dir):
 
 def test_runner_cli_resume(owl, owleval_dir, checkpoint, tmp_path):
     model, processor, gen = owl
-    expected = answer_owleval(model, processor, owleval_dir, config=GenerationConfig(max_new_tokens=4),
-                              model_id="tiny", generator=gen, show_progress=False)
+    expected = answer_owleval(
+        model,
+        processor,
+        owleval_dir,
+        config=GenerationConfig(max_new_tokens=4),
+        model_id="tiny",
+        generator=gen,
+        show_progress=False,
+    )
     out = tmp_path / "answers.jsonl"
     kept = {"image": "1.png", "question_id": 1, "question": QUESTIONS[0][2], "answer": "kept", "model_id": "tiny"}
     stale = dict(kept, question_id=3, image="2.png", answer="stale")  # its conversation is incomplete: redone
     out.write_text(json.dumps(stale) + "\n" + json.dumps(kept) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "owl_jax.eval.owleval", "--checkpoint", str(checkpoint),
-                           "--owleval", str(owleval_dir), "--out", str(out), "--max-new-tokens", "4",
-                           "--model-id", "tiny", "--resume", "--quiet"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "owl_jax.eval.owleval",
+            "--checkpoint",
+            str(checkpoint),
+            "--owleval",
+            str(owleval_dir),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--model-id",
+            "tiny",
+            "--resume",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [kept] + expected[1:]
     assert "6 questions answered, 7 answers" in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "owl_jax.eval.owleval", "--checkpoint", str(checkpoint),
-                          "--owleval", str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "owl_jax.eval.owleval",
+            "--checkpoint",
+            str(checkpoint),
+            "--owleval",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "questions.jsonl does not exist" in bad.stderr
 
 
 # ------------------------------------------------------------------------------------------------ judge
 
-KEYWORD_GRADES = {"GOOD": "The answer is right.\nGrade: A", "FINE": "**B**", "MEH": "Grade: C",
-                  "BAD": "Off topic.\n\n**Grade:** D"}
+KEYWORD_GRADES = {
+    "GOOD": "The answer is right.\nGrade: A",
+    "FINE": "**B**",
+    "MEH": "Grade: C",
+    "BAD": "Off topic.\n\n**Grade:** D",
+}
 # The graded model's answers: question_id -> keyword, so the fake judge's grade is known in advance.
 ANSWER_KEYWORDS = {1: "GOOD", 2: "FINE", 3: "MEH", 4: "BAD", 5: "GOOD", 6: "GOOD", 7: "FINE"}
 
@@ -235,22 +288,46 @@ def answer_files(tmp_path):
         with open(path, "w") as f:
             for qid, image, question, _, _ in QUESTIONS:
                 keyword = ANSWER_KEYWORDS[qid] if model_id == "m1" else "BAD"
-                f.write(json.dumps({"image": image, "question_id": qid, "question": question,
-                                    "answer": f"{prefix} {keyword} answer {qid}", "model_id": model_id}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "image": image,
+                            "question_id": qid,
+                            "question": question,
+                            "answer": f"{prefix} {keyword} answer {qid}",
+                            "model_id": model_id,
+                        }
+                    )
+                    + "\n"
+                )
         paths.append(path)
     return paths
 
 
 def grade(files, owleval_dir, url, model, **kw):
-    return judge.grade_answers(files, owleval_dir, judge_url=url, judge_model=model, backoff=0.01,
-                               show_progress=False, **kw)
+    return judge.grade_answers(
+        files, owleval_dir, judge_url=url, judge_model=model, backoff=0.01, show_progress=False, **kw
+    )
 
 
 def test_parse_grade():
-    for reply, expected in [("Grade: B", "B"), ("B", "B"), ("**B**", "B"), ("(C).", "C"), ("**Grade:** D", "D"),
-                            ("Fine.\nfinal grade is A", "A"), ("A. Correct.", "A"), ("Grade: A\nNo, Grade: C", "C"),
-                            ("Looks fine.\n\n**A**", "A"), ("Rating - C", "C"), ("A cat sits here.", None),
-                            ("I cannot decide.", None), ("", None), (None, None), ("grade: a bit high", None)]:
+    for reply, expected in [
+        ("Grade: B", "B"),
+        ("B", "B"),
+        ("**B**", "B"),
+        ("(C).", "C"),
+        ("**Grade:** D", "D"),
+        ("Fine.\nfinal grade is A", "A"),
+        ("A. Correct.", "A"),
+        ("Grade: A\nNo, Grade: C", "C"),
+        ("Looks fine.\n\n**A**", "A"),
+        ("Rating - C", "C"),
+        ("A cat sits here.", None),
+        ("I cannot decide.", None),
+        ("", None),
+        (None, None),
+        ("grade: a bit high", None),
+    ]:
         assert judge.parse_grade(reply) == expected, reply
 
 
@@ -262,12 +339,21 @@ def test_well_behaved_judge_tables(fake_judge, owleval_dir, answer_files):
     assert {g["grade"] for g in grades[7:]} == {"D"} and all(g["error"] is None for g in grades)
     assert len(server.requests) == 14 and all(r["temperature"] == 0 for r in server.requests)
     # The image travels as a data URL; the third turn of a conversation sees the two before it.
-    q4 = next(r for r in server.requests if "Spell the second word." in r["messages"][1]["content"][-1]["text"]
-              and "ok " in r["messages"][1]["content"][-1]["text"])
+    q4 = next(
+        r
+        for r in server.requests
+        if "Spell the second word." in r["messages"][1]["content"][-1]["text"]
+        and "ok " in r["messages"][1]["content"][-1]["text"]
+    )
     assert q4["messages"][1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
     text = q4["messages"][1]["content"][-1]["text"]
-    assert text.index("Read the text") < text.index("ok FINE answer 2") < text.index("Why is it funny?") \
-        < text.index("ok MEH answer 3") < text.index("[Answer to grade]\nok BAD answer 4")
+    assert (
+        text.index("Read the text")
+        < text.index("ok FINE answer 2")
+        < text.index("Why is it funny?")
+        < text.index("ok MEH answer 3")
+        < text.index("[Answer to grade]\nok BAD answer 4")
+    )
 
     tables = judge.summarize(grades)
     m1 = tables["models"]["m1"]
@@ -275,8 +361,14 @@ def test_well_behaved_judge_tables(fake_judge, owleval_dir, answer_files):
     assert m1["category"]["multi_turn"]["counts"] == {"A": 1, "B": 2, "C": 1, "D": 1, "?": 0}
     assert m1["category"]["single_turn"]["percent"]["A"] == 75.0
     assert m1["category"]["multi_turn"]["percent"]["B"] == 40.0
-    expected = {"a": (7, 500 / 7, 2.0), "b": (4, 75.0, 2.25), "c": (2, 50.0, 1.0), "d": (2, 100.0, 3.0),
-                "e": (2, 50.0, 1.5), "f": (3, 100 / 3, 1.0)}
+    expected = {
+        "a": (7, 500 / 7, 2.0),
+        "b": (4, 75.0, 2.25),
+        "c": (2, 50.0, 1.0),
+        "d": (2, 100.0, 3.0),
+        "e": (2, 50.0, 1.5),
+        "f": (3, 100 / 3, 1.0),
+    }
     for letter, (n, share, mean) in expected.items():
         s = m1["ability"][letter]
         assert (s["n"], s["graded"], s["unparseable"]) == (n, n, 0)
@@ -330,17 +422,53 @@ def test_bad_answer_file_names_line(owleval_dir, tmp_path):
 def test_judge_cli(fake_judge, owleval_dir, answer_files, tmp_path):
     server, url = fake_judge
     out = tmp_path / "grades.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "owl_jax.eval.judge", "--answers", *map(str, answer_files),
-                           "--owleval", str(owleval_dir), "--judge-url", url, "--judge-model", "good",
-                           "--out", str(out), "--quiet", "--no-judge-sees-images"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "owl_jax.eval.judge",
+            "--answers",
+            *map(str, answer_files),
+            "--owleval",
+            str(owleval_dir),
+            "--judge-url",
+            url,
+            "--judge-model",
+            "good",
+            "--out",
+            str(out),
+            "--quiet",
+            "--no-judge-sees-images",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 14 and rows[0]["grade"] == "A" and rows[0]["answers_file"] == "m1.jsonl"
     lines = proc.stdout.splitlines()
     assert any(line.startswith("m1") and "3 (75.0%)" in line for line in lines)
     assert any(line.startswith("mPLUG-Owl 7B (paper, human)") and "32 (64.0%)" in line for line in lines)
-    down = subprocess.run([sys.executable, "-m", "owl_jax.eval.judge", "--answers", str(answer_files[0]),
-                           "--owleval", str(owleval_dir), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model",
-                           "x", "--retries", "0", "--quiet"], capture_output=True, text=True, timeout=120)
+    down = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "owl_jax.eval.judge",
+            "--answers",
+            str(answer_files[0]),
+            "--owleval",
+            str(owleval_dir),
+            "--judge-url",
+            "http://127.0.0.1:9/v1",
+            "--judge-model",
+            "x",
+            "--retries",
+            "0",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert down.returncode == 1 and "no grade for m1 question 1" in down.stderr

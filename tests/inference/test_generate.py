@@ -11,9 +11,9 @@ from PIL import Image
 
 import owl_jax
 from helpers import FIXTURE, load_fixture_model
-from owl_jax.inference.session import ChatSession
 from owl_jax.inference.generate import GenerationConfig, Generator, round_up
 from owl_jax.inference.sampling import banned_ngram_tokens
+from owl_jax.inference.session import ChatSession
 from owl_jax.sharding import make_mesh
 
 GREEDY = GenerationConfig(max_new_tokens=12, min_new_tokens=12)  # the fixture's generate() call
@@ -50,8 +50,10 @@ def test_bf16_batched_generation_runs_and_matches_rows_alone(reference, unstack_
     ids, mask, px = reference["input_ids"], reference["attention_mask"], reference["pixel_values"]
     n0, n1 = int(mask[0].sum()), int(mask[1].sum())
     both = gen.generate(ids[:2], mask[:2], px[:3], GREEDY).tokens
-    alone = [gen.generate(ids[:1, :n0], None, px[:1], GREEDY).tokens[0],
-             gen.generate(ids[1:2, :n1], None, px[1:3], GREEDY).tokens[0]]
+    alone = [
+        gen.generate(ids[:1, :n0], None, px[:1], GREEDY).tokens[0],
+        gen.generate(ids[1:2, :n1], None, px[1:3], GREEDY).tokens[0],
+    ]
     assert [len(t) for t in both] == [GREEDY.max_new_tokens] * 2
     assert both == alone
 
@@ -86,8 +88,9 @@ def test_no_recompilation_across_steps_and_lengths(reference):
     gen = Generator(load_fixture_model("checkpoint"), prompt_bucket=64, cache_bucket=128)
     ids, px = reference["input_ids"], reference["pixel_values"]
     config = GenerationConfig(max_new_tokens=10, min_new_tokens=10)
-    sizes = lambda: np.array([gen.prefill._cache_size(), gen.first_select._cache_size(),
-                              gen.decode_chunk_fn._cache_size()])
+    sizes = lambda: np.array(
+        [gen.prefill._cache_size(), gen.first_select._cache_size(), gen.decode_chunk_fn._cache_size()]
+    )
     before = sizes()
     calls = []
     gen.generate(ids[:1, :50], None, px[:1], config, stream=lambda step, tokens, done: calls.append(step))
@@ -116,10 +119,15 @@ def test_decode_chunks_change_no_token_and_no_cache_slot(reference, unstack_laye
         both = gen.generate(*batch, stop)
         ids, mask, px = alone
         p = round_up(n0, gen.prompt_bucket)  # generate()'s steps, by hand, to see the cache they leave
-        logits, cache, key_valid = gen.prefill(gen.graphdef, gen.state, *_left_padded(ids, mask, p),
-                                               gen.encode_images(px), round_up(p + 9, gen.cache_bucket))
+        logits, cache, key_valid = gen.prefill(
+            gen.graphdef,
+            gen.state,
+            *_left_padded(ids, mask, p),
+            gen.encode_images(px),
+            round_up(p + 9, gen.cache_bucket),
+        )
         tokens, finished, cache, key_valid = gen.decode_loop(logits, cache, key_valid, np.array([n0]), p, stop)
-        assert tokens == [probe[:k + 1]] and finished.tolist() == [True]
+        assert tokens == [probe[: k + 1]] and finished.tolist() == [True]
         assert int(np.asarray(key_valid).sum()) == n0 + k  # the prompt and steps 0..k-1 fed, not the EOS
         results.append((both.tokens, both.finished, [np.asarray(a) for a in jax.tree.leaves(cache)]))
     for other in results[1:]:
@@ -132,7 +140,7 @@ def _left_padded(ids, mask, width):
     lengths = mask.sum(axis=1)
     left_ids, left_mask = np.zeros((len(ids), width), np.int32), np.zeros((len(ids), width), np.int32)
     for row, n in enumerate(lengths):
-        left_ids[row, width - n:], left_mask[row, width - n:] = ids[row, :n], 1
+        left_ids[row, width - n :], left_mask[row, width - n :] = ids[row, :n], 1
     return jnp.asarray(left_ids), jnp.asarray(left_mask)
 
 
@@ -153,7 +161,9 @@ def test_decode_dispatches_once_per_chunk_and_streams_every_token(reference):
     assert calls == [16, 16]  # steps 1-9 in one chunk, then a queued chunk that runs none
     gen, calls = counted(decode_chunk=16, stream_interval=0)  # a stream that wants every token at once
     streamed = []
-    assert gen.generate(ids, None, px, config, stream=lambda s, t, f: streamed.append((s, int(t[0])))).tokens == expected
+    assert (
+        gen.generate(ids, None, px, config, stream=lambda s, t, f: streamed.append((s, int(t[0])))).tokens == expected
+    )
     assert calls == [1] * 10 and streamed == list(enumerate(expected[0]))
     gen, calls = counted(decode_chunk=4, stream_interval=60)  # a patient stream: chunks grow to the cap
     streamed = []
@@ -171,15 +181,22 @@ def test_stops_at_eos_and_pads_finished_rows(generator, reference):
 
 def test_sampling_options(generator, reference):
     ids, px = reference["input_ids"][:1, :61], reference["pixel_values"][:1]
-    top1 = generator.generate(ids, None, px, GenerationConfig(max_new_tokens=12, min_new_tokens=12, do_sample=True,
-                                                               top_k=1, seed=3)).tokens[0]
+    top1 = generator.generate(
+        ids, None, px, GenerationConfig(max_new_tokens=12, min_new_tokens=12, do_sample=True, top_k=1, seed=3)
+    ).tokens[0]
     assert top1 == reference["greedy_0"][1:].tolist()  # top-k 1 is greedy
-    runs = {tuple(generator.generate(ids, None, px, GenerationConfig(max_new_tokens=8, do_sample=True, top_p=0.9,
-                                                                     temperature=1.5, seed=s)).tokens[0])
-            for s in range(4)}
+    runs = {
+        tuple(
+            generator.generate(
+                ids, None, px, GenerationConfig(max_new_tokens=8, do_sample=True, top_p=0.9, temperature=1.5, seed=s)
+            ).tokens[0]
+        )
+        for s in range(4)
+    }
     assert len(runs) > 1  # sampling varies with the seed
-    no_repeat = generator.generate(ids, None, px, GenerationConfig(max_new_tokens=12, min_new_tokens=12,
-                                                                   no_repeat_ngram_size=2)).tokens[0]
+    no_repeat = generator.generate(
+        ids, None, px, GenerationConfig(max_new_tokens=12, min_new_tokens=12, no_repeat_ngram_size=2)
+    ).tokens[0]
     bigrams = list(zip([1] + no_repeat, no_repeat))
     assert len(bigrams) == len(set(bigrams))
     # the greedy output repeats the bigram (59, 627); the processor must have changed something
@@ -217,12 +234,20 @@ def test_chat_turn_after_an_eos_stop_equals_reencoding(model_and_processor):
     step by then), then a second turn: it equals generating from the re-encoded conversation."""
     model, processor = model_and_processor
     gen = Generator(model)
-    question, a, b = "What is drawn here?", Image.open(FIXTURE / "images" / "a.png"), Image.open(FIXTURE / "images" / "b.png")
+    question, a, b = (
+        "What is drawn here?",
+        Image.open(FIXTURE / "images" / "a.png"),
+        Image.open(FIXTURE / "images" / "b.png"),
+    )
     probe = ChatSession(gen, processor, max_length=512, config=GenerationConfig(max_new_tokens=10, min_new_tokens=10))
     probe.ask(question, [a])
     inputs = processor([probe.prompt[: probe.prompt.rindex("AI: ") + len("AI: ")]], images=[a])
-    plain = gen.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                         GenerationConfig(max_new_tokens=10, min_new_tokens=10)).tokens[0]
+    plain = gen.generate(
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        GenerationConfig(max_new_tokens=10, min_new_tokens=10),
+    ).tokens[0]
     k = next(i for i in range(2, 9) if plain[i] not in plain[:i])  # a token first produced at step k
     config = GenerationConfig(max_new_tokens=10, eos_token_id=plain[k])
     session = ChatSession(gen, processor, max_length=512, config=config)
@@ -238,8 +263,9 @@ def test_chat_turn_after_an_eos_stop_equals_reencoding(model_and_processor):
 def test_unstacked_layers_reproduce_the_released_greedy(reference, fuse):
     gen = Generator(load_fixture_model("checkpoint"), unstack_layers=True, fuse_projections=fuse)
     assert (gen.state[2] is not None) == fuse  # the q/k/v and gate/up kernels concatenated per layer
-    out = gen.generate(reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3],
-                       GREEDY)
+    out = gen.generate(
+        reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3], GREEDY
+    )
     assert out.tokens == [reference["greedy_0"][1:].tolist(), reference["greedy_1"][1:].tolist()]
     # The generator holds no stacked LLM layer weights of its own, and its KV cache is one buffer per layer.
     sizes = [a.size for a in jax.tree.leaves(gen.state[0]["language_model"]["layers"])]
@@ -256,7 +282,8 @@ def test_sharded_generation_matches(reference, unstack_layers):
     mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
     model, _ = owl_jax.from_pretrained(FIXTURE / "checkpoint", mesh=mesh, show_progress=False)
     out = Generator(model, mesh=mesh, unstack_layers=unstack_layers).generate(
-        reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3], GREEDY)
+        reference["input_ids"][:2], reference["attention_mask"][:2], reference["pixel_values"][:3], GREEDY
+    )
     assert out.tokens == [reference["greedy_0"][1:].tolist(), reference["greedy_1"][1:].tolist()]
 
 
@@ -264,8 +291,13 @@ def _chat(folder, *args, stdin=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "owl_jax.cli.chat", "--checkpoint", str(folder),
-                           "--max-new-tokens", "6", *args], input=stdin, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "owl_jax.cli.chat", "--checkpoint", str(folder), "--max-new-tokens", "6", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_chat_cli_one_shot_and_repl(model_and_processor, tmp_path):
@@ -288,13 +320,20 @@ def test_chat_cli_one_shot_and_repl(model_and_processor, tmp_path):
 
 def test_compiler_options_reach_the_compiled_steps(reference):
     gen = Generator(load_fixture_model("checkpoint"), compiler_options={"xla_cpu_enable_fast_math": False})
-    out = gen.generate(reference["input_ids"][:1], reference["attention_mask"][:1], reference["pixel_values"][:1],
-                       dataclasses.replace(GREEDY, max_new_tokens=4, min_new_tokens=4))
+    out = gen.generate(
+        reference["input_ids"][:1],
+        reference["attention_mask"][:1],
+        reference["pixel_values"][:1],
+        dataclasses.replace(GREEDY, max_new_tokens=4, min_new_tokens=4),
+    )
     assert out.tokens == [reference["greedy_0"][1:5].tolist()]
     with pytest.raises(Exception, match="no_such_option"):
         Generator(load_fixture_model("checkpoint"), compiler_options={"no_such_option": True}).generate(
-            reference["input_ids"][:1], reference["attention_mask"][:1], reference["pixel_values"][:1],
-            dataclasses.replace(GREEDY, max_new_tokens=2, min_new_tokens=2))
+            reference["input_ids"][:1],
+            reference["attention_mask"][:1],
+            reference["pixel_values"][:1],
+            dataclasses.replace(GREEDY, max_new_tokens=2, min_new_tokens=2),
+        )
 
 
 def test_unstacked_generation_with_unmerged_adapters_matches_stacked(reference):

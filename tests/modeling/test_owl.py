@@ -62,7 +62,7 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(reference):
     np.testing.assert_allclose(hidden, full[:, :prefill], atol=1e-5, rtol=0)
     step = jax.jit(lambda e, p, m, c, i: lm(e, p, m, cache=c, cache_index=i))
     for t in range(prefill, length):
-        hidden, cache = step(embeds[:, t:t + 1], positions[:, t:t + 1], (slots <= t)[None, None], cache, t)
+        hidden, cache = step(embeds[:, t : t + 1], positions[:, t : t + 1], (slots <= t)[None, None], cache, t)
         np.testing.assert_allclose(hidden[:, 0], full[:, t], atol=1e-5, rtol=0)
 
 

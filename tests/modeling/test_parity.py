@@ -13,10 +13,12 @@ LOSS_ATOL = 1e-5
 @pytest.mark.parametrize("folder", ["checkpoint", "checkpoint-sharded"])
 def test_float32_parity(folder, reference, loss_mask):
     model = load_fixture_model(folder)
-    np.testing.assert_allclose(model.vision_features(reference["pixel_values"]),
-                               reference["vision_last_hidden_state"], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(model.encode_images(reference["pixel_values"]), reference["abstractor_output"],
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        model.vision_features(reference["pixel_values"]), reference["vision_last_hidden_state"], atol=ATOL, rtol=0
+    )
+    np.testing.assert_allclose(
+        model.encode_images(reference["pixel_values"]), reference["abstractor_output"], atol=ATOL, rtol=0
+    )
     logits = model(reference["pixel_values"], reference["input_ids"], reference["attention_mask"])
     assert logits.dtype == np.float32 and logits.shape == reference["logits"].shape
     np.testing.assert_allclose(logits, reference["logits"], atol=ATOL, rtol=0)
@@ -55,8 +57,9 @@ BF16_MAX, BF16_MEAN = 0.1, 0.02
 def test_bfloat16_compute_within_documented_tolerance(param_dtype, fixture_dir, reference):
     import owl_jax
 
-    model, _ = owl_jax.from_pretrained(fixture_dir / "checkpoint", dtype="bfloat16", param_dtype=param_dtype,
-                                       show_progress=False)
+    model, _ = owl_jax.from_pretrained(
+        fixture_dir / "checkpoint", dtype="bfloat16", param_dtype=param_dtype, show_progress=False
+    )
     assert model.language_model.layers.q_proj.kernel[...].dtype == np.dtype(param_dtype)
     logits = np.asarray(model(reference["pixel_values"], reference["input_ids"], reference["attention_mask"]))
     assert logits.dtype == np.float32
@@ -68,7 +71,7 @@ def test_bfloat16_compute_within_documented_tolerance(param_dtype, fixture_dir, 
 def test_text_only_batch_matches_reference_row(reference):
     model = load_fixture_model("checkpoint")
     row = 2  # the text-only prompt
-    logits = model(None, reference["input_ids"][row:row + 1], reference["attention_mask"][row:row + 1])
+    logits = model(None, reference["input_ids"][row : row + 1], reference["attention_mask"][row : row + 1])
     np.testing.assert_allclose(logits[0], reference["logits"][row], atol=ATOL, rtol=0)
 
 
@@ -112,8 +115,8 @@ def test_attention_jax_path_with_grouped_heads_and_masks():
     k = jax.random.normal(keys[1], (2, 7, 2, 8))  # 3 query heads per key/value head
     v = jax.random.normal(keys[2], (2, 7, 2, 8))
     mask = jnp.tril(jnp.ones((5, 7), bool), k=2)[None] & (jnp.arange(7) < jnp.array([[7], [4]]))[:, None, :]
-    ref = ops.attention(q, k, v, scale=8 ** -0.5, mask=mask, numerics=Numerics(attention="xla"))
-    out = ops.attention(q, k, v, scale=8 ** -0.5, mask=mask, numerics=Numerics(attention="jax"))
+    ref = ops.attention(q, k, v, scale=8**-0.5, mask=mask, numerics=Numerics(attention="xla"))
+    out = ops.attention(q, k, v, scale=8**-0.5, mask=mask, numerics=Numerics(attention="jax"))
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
     assert ops.attention(q, k, v, scale=1.0, numerics=Numerics(attention="auto")).shape == q.shape  # xla off a GPU
     if jax.default_backend() != "gpu":

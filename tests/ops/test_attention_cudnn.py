@@ -1,6 +1,6 @@
 """cuDNN fused attention against the XLA reference, where a GPU is present (skipped elsewhere).
 
-Run on a GPU machine with `JAX_PLATFORMS=cuda python -m pytest -q tests/test_gpu_attention.py`.
+Run on a GPU machine with `JAX_PLATFORMS=cuda python -m pytest -q tests/ops/test_attention_cudnn.py`.
 """
 
 import jax
@@ -35,9 +35,16 @@ def test_cudnn_matches_the_reference_forward_and_backward(b, lq, lk, h, dh, caus
 
     def run(impl, dtype):
         def f(q, k, v):
-            out = ops.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=dh ** -0.5,
-                                        is_causal=causal, numerics=Numerics(attention=impl))
+            out = ops.attention(
+                q.astype(dtype),
+                k.astype(dtype),
+                v.astype(dtype),
+                scale=dh**-0.5,
+                is_causal=causal,
+                numerics=Numerics(attention=impl),
+            )
             return jnp.sum(out.astype(jnp.float32) * cot), out
+
         (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         return out, grads
 
@@ -63,8 +70,10 @@ def test_fixture_model_loss_is_the_same_with_cudnn(reference, loss_mask):
     for impl in ("xla", "cudnn"):
         model = load_fixture_model("checkpoint", dtype="bfloat16", attention_impl=impl)
         logits = jax.jit(lambda p, i, m: model.forward(p, i, m, right_padded=True))(
-            jnp.asarray(reference["pixel_values"]), jnp.asarray(reference["input_ids"]),
-            jnp.asarray(reference["attention_mask"]))
+            jnp.asarray(reference["pixel_values"]),
+            jnp.asarray(reference["input_ids"]),
+            jnp.asarray(reference["attention_mask"]),
+        )
         losses[impl] = float(masked_next_token_loss(logits, reference["input_ids"], loss_mask))
     assert abs(losses["cudnn"] - losses["xla"]) < 1e-2 * abs(losses["xla"])
     assert abs(losses["cudnn"] - float(reference["loss"])) < 3e-2 * abs(float(reference["loss"]))

@@ -42,8 +42,18 @@ def test_values_and_gradients_match_autodiff(case, transposed_copies):
     full_mask = reference._with_causal(mask, lq, lk) if causal else mask
 
     def written(q, k, v):
-        return reference.reference_attention(q, k, v, scale=0.3, mask=mask, dropout_rate=0.0, dropout_key=None,
-                                             numerics=numerics, is_causal=causal, causal_block=block)
+        return reference.reference_attention(
+            q,
+            k,
+            v,
+            scale=0.3,
+            mask=mask,
+            dropout_rate=0.0,
+            dropout_key=None,
+            numerics=numerics,
+            is_causal=causal,
+            causal_block=block,
+        )
 
     def plain(q, k, v):
         return reference._autodiff_attention(q, k, v, scale=0.3, mask=full_mask, dropout_rate=0.0, dropout_key=None)

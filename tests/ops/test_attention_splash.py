@@ -56,12 +56,18 @@ def test_splash_leaves_what_it_cannot_take_to_the_reference():
     """257 tokens (the ViT) and explicit masks run the reference path under "splash"; "auto" picks splash
     only on a TPU."""
     q, k, v = inputs(length=257)
-    np.testing.assert_allclose(ops.attention(q, k, v, scale=0.2, numerics=Numerics(attention="splash")),
-                               ops.attention(q, k, v, scale=0.2, numerics=Numerics(attention="xla")), atol=1e-6)
+    np.testing.assert_allclose(
+        ops.attention(q, k, v, scale=0.2, numerics=Numerics(attention="splash")),
+        ops.attention(q, k, v, scale=0.2, numerics=Numerics(attention="xla")),
+        atol=1e-6,
+    )
     q, k, v = inputs(length=128)
     mask = jnp.ones((2, 128, 128), bool).at[1, :, 100:].set(False)
-    np.testing.assert_allclose(ops.attention(q, k, v, scale=0.2, mask=mask, numerics=Numerics(attention="splash")),
-                               ops.attention(q, k, v, scale=0.2, mask=mask, numerics=Numerics(attention="xla")), atol=1e-6)
+    np.testing.assert_allclose(
+        ops.attention(q, k, v, scale=0.2, mask=mask, numerics=Numerics(attention="splash")),
+        ops.attention(q, k, v, scale=0.2, mask=mask, numerics=Numerics(attention="xla")),
+        atol=1e-6,
+    )
     expected = "splash" if jax.default_backend() == "tpu" else "xla"
     assert resolve_implementation("auto", jnp.float32, dropout=False, lengths=(256, 256)) == expected
     assert resolve_implementation("auto", jnp.float32, dropout=False, lengths=(257, 257)) == "xla"
@@ -70,9 +76,7 @@ def test_splash_leaves_what_it_cannot_take_to_the_reference():
 def test_stage2_steps_with_splash_equal_the_reference():
     """LoRA train steps on 128-token rows: LLaMA's causal attention through splash (the ViT and abstractor
     stay on the reference) gives the reference's losses and parameters."""
-    from helpers import (OPTIM, assert_same_steps, one_device_mesh, run_steps, tiny_batch, tiny_config,
-                                    tiny_params)
-
+    from helpers import OPTIM, assert_same_steps, one_device_mesh, run_steps, tiny_batch, tiny_config, tiny_params
     from owl_jax.config import LoRAConfig
     from owl_jax.training.run import adapt_params
     from owl_jax.training.trainer import Trainer

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import OPTIM, one_device_mesh, tiny_batch, tiny_config, tiny_params
 from owl_jax import ops
 from owl_jax.checkpoint import flatten
 from owl_jax.config import LoRAConfig, Numerics
@@ -18,7 +19,6 @@ from owl_jax.ops.bits import HalfBits
 from owl_jax.sharding import use_mesh
 from owl_jax.training.run import adapt_params
 from owl_jax.training.trainer import Trainer
-from helpers import OPTIM, one_device_mesh, tiny_batch, tiny_config, tiny_params
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU code paths")
 CPU = Numerics(matmul="cpu", half_as_bits="on", hoist_invariants="off")
@@ -49,7 +49,7 @@ def test_swiglu_matches_float32_autodiff():
     for got, want in zip(grads, ref):
         assert got.dtype == jnp.bfloat16
         # float32 math rounded once to bf16: within one bf16 step of the float32 gradient
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2 ** -8, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2**-8, atol=1e-6)
 
 
 def _compiled_step(trainer, params) -> tuple[str, dict]:
@@ -69,11 +69,15 @@ def test_scanned_bf16_stacks_are_not_converted_to_float32(bits):
     stacks = {tuple(k.w.shape) for p, k in prepared.items() if "layers" in p}
     assert stacks
     assert all(isinstance(k.w, HalfBits) == bits for p, k in prepared.items() if "layers" in p)
-    converted = {s for s in stacks if re.search(r"= f32\[%s\]\S* (?:convert|fusion)\(" % ",".join(map(str, s)), hlo)}
+    converted = {s for s in stacks if re.search(rf"= f32\[{','.join(map(str, s))}\]\S* (?:convert|fusion)\(", hlo)}
     assert (converted == set()) == bits, converted
     if bits:  # the backward pass reads the transposed stacks the scan was given: no stacked copies of them
         shapes = stacks | {tuple(k.w_t.shape) for p, k in prepared.items() if "layers" in p}
-        copied = {s for s in shapes if re.search(r"= u16\[%s\]\S* (?:fusion|dynamic-update-slice)\(" % ",".join(map(str, s)), hlo)}
+        copied = {
+            s
+            for s in shapes
+            if re.search(rf"= u16\[{','.join(map(str, s))}\]\S* (?:fusion|dynamic-update-slice)\(", hlo)
+        }
         assert not copied, copied
 
 
@@ -101,7 +105,7 @@ def test_float32_matmul_gradients_match_autodiff(shape):
 def _float32_copies(fn, *args, shape) -> int:
     """How many instructions of the compiled `fn` make a float32 array of `shape` (a whole-operand conversion)."""
     text = jax.jit(fn).lower(*args).compile().as_text()
-    return len(re.findall(r"= f32\[%s\]\S* (?:convert|fusion)\(" % ",".join(map(str, shape)), text))
+    return len(re.findall(rf"= f32\[{','.join(map(str, shape))}\]\S* (?:convert|fusion)\(", text))
 
 
 def test_one_row_bf16_products_and_embedding_lookups_convert_no_weight():
@@ -112,8 +116,9 @@ def test_one_row_bf16_products_and_embedding_lookups_convert_no_weight():
     x = jnp.asarray(rng.normal(size=(1, 1, 64)), jnp.bfloat16)
     mm = lambda x, w: matmul_f32(x, w, jnp.bfloat16)  # noqa: E731
     assert _float32_copies(mm, x, w, shape=(64, 96)) == 0
-    assert _float32_copies(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32), x, w,
-                           shape=(64, 96)) >= 1  # what the one-row path avoids
+    assert (
+        _float32_copies(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32), x, w, shape=(64, 96)) >= 1
+    )  # what the one-row path avoids
     want = np.asarray(x, np.float32)[0] @ np.asarray(w, np.float32)  # bf16 products are exact in float32
     np.testing.assert_allclose(np.asarray(mm(x, w))[0], want, rtol=1e-5, atol=1e-5)
     two = jnp.concatenate([x, x + 1], axis=1)
@@ -125,9 +130,11 @@ def test_one_row_bf16_products_and_embedding_lookups_convert_no_weight():
     assert _float32_copies(take_rows, table, ids, shape=(50, 64)) == 0
     assert _float32_copies(lambda t, i: jnp.take(t, i, axis=0), table, ids, shape=(50, 64)) >= 1
     np.testing.assert_array_equal(np.asarray(take_rows(table, ids)), np.asarray(table[ids]))
-    loss = lambda take: (lambda t: (take(t, ids).astype(jnp.float32) ** 2).sum())
-    np.testing.assert_array_equal(np.asarray(jax.grad(loss(take_rows))(table)),
-                                  np.asarray(jax.grad(loss(lambda t, i: jnp.take(t, i, axis=0)))(table)))
+    loss = lambda take: lambda t: (take(t, ids).astype(jnp.float32) ** 2).sum()
+    np.testing.assert_array_equal(
+        np.asarray(jax.grad(loss(take_rows))(table)),
+        np.asarray(jax.grad(loss(lambda t, i: jnp.take(t, i, axis=0)))(table)),
+    )
 
 
 @pytest.mark.parametrize("hoist", ["on", "off"])
@@ -142,8 +149,9 @@ def test_scanned_bf16_forward_slices_the_weights_in_the_loop(hoist):
     cfg = tiny_config(dtype="bfloat16", param_dtype="bfloat16", numerics=CPU.replace(hoist_invariants=hoist))
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, hidden_size=256, intermediate_size=768, num_layers=6))
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Owl(cfg, rngs=nnx.Rngs(0))))
-    stacked = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)
-                                                                             .language_model.layers)))
+    stacked = sum(
+        a.size * a.dtype.itemsize for a in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state).language_model.layers))
+    )
 
     def forward(state, ids):
         return nnx.merge(graphdef, state).forward(None, ids)

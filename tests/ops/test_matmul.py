@@ -36,6 +36,7 @@ def test_matmul_gradients_in_every_compute_dtype(dtype, transposed_copies):
     np.testing.assert_allclose(ours[1], dw, rtol=tol, atol=tol * np.abs(dw).max())
     np.testing.assert_allclose(matmul_f32(x, w, dt), xr @ wr, rtol=1e-5, atol=1e-4)
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(matmul_f32(x, w, dt) * g), argnums=(0, 1)))(x, w)
-    operand_dtypes = {str(v.aval.dtype) for eqn in all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"
-                      for v in eqn.invars}
+    operand_dtypes = {
+        str(v.aval.dtype) for eqn in all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "dot_general" for v in eqn.invars
+    }
     assert operand_dtypes == {dtype}

@@ -41,8 +41,10 @@ def data_url(path_or_bytes, mime="image/png") -> str:
 
 
 def user(text, *urls):
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-            + [{"type": "text", "text": text}]}
+    return {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +74,9 @@ def stop(server, thread):
 def server(model_and_processor):
     model, processor, _ = model_and_processor
     # a.png (1292x1296) fits under the pixel limit, a 1500x1500 image does not; a.png's request fits the body limit.
-    srv, thread = start(model, processor, model_name=NAME, max_new_tokens=MAX_NEW, max_body_bytes=2 ** 21,
-                        max_image_pixels=2_000_000)
+    srv, thread = start(
+        model, processor, model_name=NAME, max_new_tokens=MAX_NEW, max_body_bytes=2**21, max_image_pixels=2_000_000
+    )
     yield srv
     stop(srv, thread)
 
@@ -83,8 +86,12 @@ def expected(model_and_processor):
     """`expected(turns, images, system)` → the greedy answer of `Generator.generate` for that conversation."""
     model, processor, _ = model_and_processor
     generator = Generator(model)
-    config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_id=processor.eos_token_id,
-                              pad_token_id=processor.pad_token_id, bos_token_id=processor.bos_token_id)
+    config = GenerationConfig(
+        max_new_tokens=MAX_NEW,
+        eos_token_id=processor.eos_token_id,
+        pad_token_id=processor.pad_token_id,
+        bos_token_id=processor.bos_token_id,
+    )
     cache = {}
 
     def answer(turns, images=(), system=SYSTEM):
@@ -113,15 +120,18 @@ def request(server, method, path, body=None, headers=None, raw=None):
 
 
 def chat(server, messages, **options):
-    status, _, body = request(server, "POST", "/v1/chat/completions", {"messages": messages, "temperature": 0, **options})
+    status, _, body = request(
+        server, "POST", "/v1/chat/completions", {"messages": messages, "temperature": 0, **options}
+    )
     assert status == 200, body
     return json.loads(body)
 
 
 def chat_stream(server, messages, **options):
     """The parsed `data:` payloads of a streamed completion (the final "[DONE]" kept as a string)."""
-    status, headers, body = request(server, "POST", "/v1/chat/completions",
-                                    {"messages": messages, "temperature": 0, "stream": True, **options})
+    status, headers, body = request(
+        server, "POST", "/v1/chat/completions", {"messages": messages, "temperature": 0, "stream": True, **options}
+    )
     assert status == 200, body
     assert headers["Content-Type"].startswith("text/event-stream")
     events = body.decode("utf-8").split("\n\n")
@@ -129,7 +139,7 @@ def chat_stream(server, messages, **options):
     payloads = []
     for event in events[:-1]:
         assert event.startswith("data: "), event
-        data = event[len("data: "):]
+        data = event[len("data: ") :]
         payloads.append(data if data == "[DONE]" else json.loads(data))
     return payloads
 
@@ -179,20 +189,26 @@ def test_streaming_adds_up_to_the_completion(server):
 def test_multi_turn_conversation_uses_the_template(server, expected):
     system = "You describe pictures."
     first = expected([(1, QUESTION, None)], [IMAGE_A], system)
-    messages = [{"role": "system", "content": system},
-                {"role": "user", "content": [{"type": "image_url", "image_url": data_url(IMAGE_A)}]},  # plain string
-                {"role": "user", "content": QUESTION},  # merged with the image message into one turn
-                {"role": "assistant", "content": first},
-                user("And this one?", data_url(IMAGE_B))]
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": [{"type": "image_url", "image_url": data_url(IMAGE_A)}]},  # plain string
+        {"role": "user", "content": QUESTION},  # merged with the image message into one turn
+        {"role": "assistant", "content": first},
+        user("And this one?", data_url(IMAGE_B)),
+    ]
     out = chat(server, messages)
     turns = [(1, QUESTION, first), (1, "And this one?", None)]
     assert out["choices"][0]["message"]["content"] == expected(turns, [IMAGE_A, IMAGE_B], system)
 
 
 def test_concurrent_requests_are_not_mixed(server, expected):
-    jobs = {"a": ([user(QUESTION, data_url(IMAGE_A))], expected([(1, QUESTION, None)], [IMAGE_A])),
-            "b": ([user("Which colour is the largest circle?", data_url(IMAGE_B))],
-                  expected([(1, "Which colour is the largest circle?", None)], [IMAGE_B]))}
+    jobs = {
+        "a": ([user(QUESTION, data_url(IMAGE_A))], expected([(1, QUESTION, None)], [IMAGE_A])),
+        "b": (
+            [user("Which colour is the largest circle?", data_url(IMAGE_B))],
+            expected([(1, "Which colour is the largest circle?", None)], [IMAGE_B]),
+        ),
+    }
     results, barrier = {}, threading.Barrier(4)
 
     def run(key, streamed):
@@ -238,10 +254,14 @@ def test_models_health_and_page(server):
 # ---------------------------------------------------------------------------------------- bad requests
 def png_claiming(width, height) -> bytes:
     """A valid PNG header for a width×height RGB image, followed by almost no pixel data."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def png_bytes(width, height) -> bytes:
@@ -256,25 +276,49 @@ def test_bad_requests(server):
     error_of(post(None, raw=b'{"messages": [}'), 400)
     error_of(post(None, raw=b"\xff\xfe not json"), 400)
     error_of(post({"messages": hi}, headers={"Content-Type": "text/plain"}), 415)
-    for messages in (None, [], "hi", [{"role": "robot", "content": "hi"}], [{"role": "user"}],
-                     [{"role": "user", "content": [{"type": "audio"}]}], hi + [{"role": "assistant", "content": "x"}],
-                     [{"role": "user", "content": "a <image> b"}]):
+    for messages in (
+        None,
+        [],
+        "hi",
+        [{"role": "robot", "content": "hi"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": [{"type": "audio"}]}],
+        hi + [{"role": "assistant", "content": "x"}],
+        [{"role": "user", "content": "a <image> b"}],
+    ):
         error_of(post({"messages": messages}), 400)
     assert error_of(post({"messages": hi, "model": "gpt-4"}), 404)["code"] == "model_not_found"
     assert chat(server, hi, model=NAME)["model"] == NAME
-    for options in ({"temperature": -1}, {"temperature": "hot"}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2},
-                    {"max_tokens": MAX_NEW + 1}, {"stream": "yes"}, {"stop": ["\n"]}):
+    for options in (
+        {"temperature": -1},
+        {"temperature": "hot"},
+        {"top_p": 0},
+        {"max_tokens": 0},
+        {"n": 2},
+        {"max_tokens": MAX_NEW + 1},
+        {"stream": "yes"},
+        {"stop": ["\n"]},
+    ):
         error_of(post({"messages": hi, **options}), 400)
     image = lambda url: {"messages": [user("What?", url)]}
-    for url in ("data:image/png;base64,@@not-base64@@", "data:image/png,rawbytes", "data:image/png;base64",
-                data_url(b"not an image at all"), data_url(png_bytes(8, 8), "text/html"), "https://example.com/a.png",
-                str(IMAGE_A), "file://" + str(IMAGE_A)):
+    for url in (
+        "data:image/png;base64,@@not-base64@@",
+        "data:image/png,rawbytes",
+        "data:image/png;base64",
+        data_url(b"not an image at all"),
+        data_url(png_bytes(8, 8), "text/html"),
+        "https://example.com/a.png",
+        str(IMAGE_A),
+        "file://" + str(IMAGE_A),
+    ):
         assert "image" in error_of(post(image(url)), 400)["message"].lower()
     # Too many pixels: a 1-kB file whose header claims 30000x30000, and a real image over the server's limit.
     assert error_of(post(image(data_url(png_claiming(30000, 30000)))), 413)["code"] == "image_too_large"
     assert error_of(post(image(data_url(png_bytes(1500, 1500)))), 413)["code"] == "image_too_large"
     long_text = " ".join(["word"] * 2500)  # more tokens than the tiny model's 2048 positions
-    assert error_of(post({"messages": [{"role": "user", "content": long_text}]}), 400)["code"] == "context_length_exceeded"
+    assert (
+        error_of(post({"messages": [{"role": "user", "content": long_text}]}), 400)["code"] == "context_length_exceeded"
+    )
     error_of(request(server, "GET", "/nothing-here"), 404)
     status, headers, _ = request(server, "GET", "/v1/chat/completions")
     assert status == 405 and headers["Allow"] == "POST"
@@ -287,23 +331,26 @@ def test_body_over_the_limit_is_refused_before_reading(server):
     conn = http.client.HTTPConnection(host, port, timeout=30)
     conn.putrequest("POST", "/v1/chat/completions")  # announce 1 GB but send nothing: the answer must not wait for it
     conn.putheader("Content-Type", "application/json")
-    conn.putheader("Content-Length", str(2 ** 30))
+    conn.putheader("Content-Length", str(2**30))
     conn.endheaders()
     response = conn.getresponse()
     assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
     conn.close()
     # A client that sends its whole (too large) body first still gets the 413, not a reset connection.
-    body = json.dumps({"messages": [user("What?", data_url(b"\0" * (3 * 2 ** 20)))]}).encode()
+    body = json.dumps({"messages": [user("What?", data_url(b"\0" * (3 * 2**20)))]}).encode()
     error_of(request(server, "POST", "/v1/chat/completions", raw=body), 413)
 
 
 def test_local_files_only_when_allowed(server, model_and_processor, expected):
     messages = [user(QUESTION, str(IMAGE_A))]
-    assert "--allow-local-files" in error_of(request(server, "POST", "/v1/chat/completions",
-                                                     {"messages": messages}), 400)["message"]
+    assert (
+        "--allow-local-files"
+        in error_of(request(server, "POST", "/v1/chat/completions", {"messages": messages}), 400)["message"]
+    )
     model, processor, _ = model_and_processor
-    local, thread = start(model, processor, model_name=NAME, max_new_tokens=MAX_NEW, allow_local_files=True,
-                          generator=server.generator)
+    local, thread = start(
+        model, processor, model_name=NAME, max_new_tokens=MAX_NEW, allow_local_files=True, generator=server.generator
+    )
     try:
         want = expected([(1, QUESTION, None)], [IMAGE_A])
         assert chat(local, messages)["choices"][0]["message"]["content"] == want
@@ -318,8 +365,11 @@ def test_text_stream_holds_back_partial_characters_and_trailing_space():
     pieces = {5: "▁Caf", 6: "é", 7: "\n", 8: "<0xE2>", 9: "<0x82>", 10: "<0xAC>", 2: "</s>"}
 
     def decode(ids):  # a toy SentencePiece: "▁" is a space, <0x..> pieces are UTF-8 bytes, text stripped at start
-        out = b"".join(bytes([int(pieces[i][3:5], 16)]) if pieces[i].startswith("<0x") else
-                       pieces[i].replace("▁", " ").encode() for i in ids if i != 2)
+        out = b"".join(
+            bytes([int(pieces[i][3:5], 16)]) if pieces[i].startswith("<0x") else pieces[i].replace("▁", " ").encode()
+            for i in ids
+            if i != 2
+        )
         return out.decode("utf-8", errors="replace").lstrip(" ")
 
     stream = TextStream(decode, eos_token_id=2)
@@ -333,10 +383,18 @@ def test_text_stream_holds_back_partial_characters_and_trailing_space():
 # ----------------------------------------------------------------------------------------------- CLI
 def test_cli_serves_and_stops_on_sigterm(model_and_processor):
     folder = model_and_processor[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(owl_jax.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "owl_jax.serve", "--checkpoint", str(folder), "--port", "0",
-                             "--max-new-tokens", "4"], stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(pathlib.Path(owl_jax.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "owl_jax.serve", "--checkpoint", str(folder), "--port", "0", "--max-new-tokens", "4"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         url, deadline = None, time.monotonic() + 120
         while url is None and time.monotonic() < deadline:
@@ -344,7 +402,7 @@ def test_cli_serves_and_stops_on_sigterm(model_and_processor):
             assert line, "the server exited before it was ready"
             if " on http://" in line:
                 url = line.split(" on ", 1)[1].split()[0]
-        host, port = url[len("http://"):].rsplit(":", 1)
+        host, port = url[len("http://") :].rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         conn.request("GET", "/v1/models")
         assert json.loads(conn.getresponse().read())["data"][0]["id"] == folder.name
@@ -359,9 +417,17 @@ def test_cli_serves_and_stops_on_sigterm(model_and_processor):
 
 
 # ------------------------------------------------------------------------------------------- browser
-CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage")
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
 
 
 def _browser_or_skip(tmp_path):
@@ -380,8 +446,10 @@ def _browser_or_skip(tmp_path):
     chromium = find("chromium", "chromium-browser", "google-chrome")
     driver_path = find("chromedriver")
     if chromium is None or driver_path is None:
-        skip("the browser test needs Chromium and chromedriver on PATH (Debian: apt-get install chromium "
-                    "chromium-driver)")
+        skip(
+            "the browser test needs Chromium and chromedriver on PATH (Debian: apt-get install chromium "
+            "chromium-driver)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in (*CHROMIUM_ARGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
@@ -405,7 +473,8 @@ def test_web_page_chat_in_headless_chromium(server, expected, tmp_path):
             browser.find_element(By.ID, "send").click()
             n = len(browser.find_elements(By.CSS_SELECTOR, "#messages .user"))
             WebDriverWait(browser, 30).until(
-                lambda b: len(b.find_elements(By.CSS_SELECTOR, '#messages .assistant[data-done="true"]')) == n)
+                lambda b: len(b.find_elements(By.CSS_SELECTOR, '#messages .assistant[data-done="true"]')) == n
+            )
             bubble = browser.find_elements(By.CSS_SELECTOR, "#messages .assistant")[-1]
             assert "error" not in bubble.get_attribute("class").split(), browser.find_element(By.ID, "error").text
             # Each streamed piece is appended as its own text node: more than one means it arrived in pieces.

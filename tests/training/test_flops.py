@@ -4,37 +4,51 @@ import jax
 import numpy as np
 import pytest
 
-from owl_jax.config import LoRAConfig
-from owl_jax.training.run import adapt_params
-from owl_jax.training.flops import forward_flops, jaxpr_matmul_flops, train_step_flops
-from owl_jax.training.trainer import Trainer
 from helpers import OPTIM, one_device_mesh, tiny_batch, tiny_config, tiny_params
+from owl_jax.config import LoRAConfig
+from owl_jax.training.flops import forward_flops, jaxpr_matmul_flops, train_step_flops
+from owl_jax.training.run import adapt_params
+from owl_jax.training.trainer import Trainer
 
 ROWS, LENGTH, SLOTS = 4, 16, 2
 
 
-@pytest.mark.parametrize("stage,lora,train_abstractor", [
-    ("stage1", None, True),
-    ("stage2", LoRAConfig(rank=4, alpha=8, dropout=0.0), True),
-    ("stage2", LoRAConfig(rank=4, alpha=8, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                         "gate_proj", "up_proj", "down_proj")), False),
-    ("stage2_full", None, True),
-    ("text_pretrain", None, True),
-])
+@pytest.mark.parametrize(
+    "stage,lora,train_abstractor",
+    [
+        ("stage1", None, True),
+        ("stage2", LoRAConfig(rank=4, alpha=8, dropout=0.0), True),
+        (
+            "stage2",
+            LoRAConfig(
+                rank=4,
+                alpha=8,
+                dropout=0.0,
+                target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            ),
+            False,
+        ),
+        ("stage2_full", None, True),
+        ("text_pretrain", None, True),
+    ],
+)
 def test_train_step_flops_match_the_traced_matmuls(stage, lora, train_abstractor):
     cfg = tiny_config(lora=lora)
-    trainer = Trainer(cfg, stage=stage, mesh=one_device_mesh(), optim=OPTIM, total_steps=3,
-                      train_abstractor=train_abstractor)
+    trainer = Trainer(
+        cfg, stage=stage, mesh=one_device_mesh(), optim=OPTIM, total_steps=3, train_abstractor=train_abstractor
+    )
     state = trainer.init_state(adapt_params(tiny_params(cfg), cfg, None, seed=0), seed=0)
     batch = trainer.global_batch(tiny_batch(rows=ROWS, length=LENGTH, slots=SLOTS))
     traced = jaxpr_matmul_flops(jax.make_jaxpr(trainer._step)(state, batch))
     # Every image slot is encoded (static shapes), and at 16 tokens (one causal block of the reference
     # attention) the reference path computes the full square.
-    counted = train_step_flops(cfg, stage, rows=ROWS, seq_len=LENGTH, images=ROWS * SLOTS,
-                               train_abstractor=train_abstractor, causal_half=False)
+    counted = train_step_flops(
+        cfg, stage, rows=ROWS, seq_len=LENGTH, images=ROWS * SLOTS, train_abstractor=train_abstractor, causal_half=False
+    )
     assert counted == pytest.approx(traced, rel=0.01)
-    halved = train_step_flops(cfg, stage, rows=ROWS, seq_len=LENGTH, images=ROWS * SLOTS,
-                              train_abstractor=train_abstractor)
+    halved = train_step_flops(
+        cfg, stage, rows=ROWS, seq_len=LENGTH, images=ROWS * SLOTS, train_abstractor=train_abstractor
+    )
     assert halved < counted  # the MFU convention counts causal attention once
 
 

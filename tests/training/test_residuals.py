@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import OPTIM, one_device_mesh, tiny_batch, tiny_params
 from owl_jax.config import AbstractorConfig, LoRAConfig, Numerics, OwlConfig, TextConfig, VisionConfig
 from owl_jax.sharding import use_mesh
 from owl_jax.training.run import adapt_params
 from owl_jax.training.trainer import Trainer
-from helpers import OPTIM, one_device_mesh, tiny_batch, tiny_params
 
 # Distinct widths per tower (and a third LLaMA layer), so each residual's origin shows in its shape.
 TEXT_MLP, ABSTRACTOR_MLP = 40, 28
@@ -16,13 +16,24 @@ TEXT_MLP, ABSTRACTOR_MLP = 40, 28
 
 def _config(stage: str, numerics: Numerics) -> OwlConfig:
     cfg = OwlConfig(
-        vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=32,
-                            patch_size=16),
-        abstractor=AbstractorConfig(hidden_size=16, intermediate_size=ABSTRACTOR_MLP, num_layers=2, num_heads=2,
-                                    encoder_hidden_size=16, attention_dropout=0.0),
-        text=TextConfig(vocab_size=64, hidden_size=24, intermediate_size=TEXT_MLP, num_layers=3, num_heads=2,
-                        num_kv_heads=2),
-        num_query_tokens=2, dtype="bfloat16", numerics=numerics)
+        vision=VisionConfig(
+            hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=32, patch_size=16
+        ),
+        abstractor=AbstractorConfig(
+            hidden_size=16,
+            intermediate_size=ABSTRACTOR_MLP,
+            num_layers=2,
+            num_heads=2,
+            encoder_hidden_size=16,
+            attention_dropout=0.0,
+        ),
+        text=TextConfig(
+            vocab_size=64, hidden_size=24, intermediate_size=TEXT_MLP, num_layers=3, num_heads=2, num_kv_heads=2
+        ),
+        num_query_tokens=2,
+        dtype="bfloat16",
+        numerics=numerics,
+    )
     return cfg.replace(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0)) if stage == "stage2" else cfg
 
 
@@ -30,7 +41,7 @@ def _stacked_outputs(jaxpr, out: list) -> list:
     """The stacked (per-iteration) outputs of every scan in `jaxpr`, nested ones included."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan":
-            out.extend(v.aval for v in eqn.outvars[eqn.params["num_carry"]:])
+            out.extend(v.aval for v in eqn.outvars[eqn.params["num_carry"] :])
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)
@@ -48,8 +59,9 @@ def test_scanned_bf16_step_keeps_half_precision_inputs_only(stage, accelerator):
     # the routes of GPUs and TPUs, traced here, or the CPU's
     numerics = Numerics(matmul="xla", half_as_bits="off") if accelerator else Numerics(matmul="cpu", half_as_bits="on")
     cfg = _config(stage, numerics)
-    trainer = Trainer(cfg, stage=stage, mesh=one_device_mesh(), optim=OPTIM, total_steps=10,
-                      prepare_frozen=not accelerator)
+    trainer = Trainer(
+        cfg, stage=stage, mesh=one_device_mesh(), optim=OPTIM, total_steps=10, prepare_frozen=not accelerator
+    )
     state = trainer.init_state(adapt_params(tiny_params(cfg), cfg, None, seed=0), seed=0)
     batch = trainer.global_batch(tiny_batch())
     with use_mesh(trainer.mesh):

@@ -22,13 +22,20 @@ STEPS = 24
 
 
 def train_cmd(workdir, *overrides, script=REPO / "train.py"):
-    return [sys.executable, str(script), f"--config={CONFIG}", f"--config.workdir={workdir}",
-            "--config.run=stage1", "--config.data.eval=()", f"--config.stages.stage1.steps={STEPS}", *overrides]
+    return [
+        sys.executable,
+        str(script),
+        f"--config={CONFIG}",
+        f"--config.workdir={workdir}",
+        "--config.run=stage1",
+        "--config.data.eval=()",
+        f"--config.stages.stage1.steps={STEPS}",
+        *overrides,
+    ]
 
 
 def env(devices: int = 1, **extra) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                **extra)
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
 
 
 def losses(workdir, stage="stage1") -> dict[int, float]:
@@ -50,23 +57,33 @@ def checkpoint_steps(workdir, stage="stage1") -> list[int]:
 def cache(tmp_path_factory) -> dict:
     """JAX's persistent compilation cache, shared by every run of this module: most of them compile the same
     programs (the resumed runs those of the runs they resume), which is most of a tiny run's time."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, cache):
     """The tiny synthetic data, generated and prepared once for every run of this module."""
     root = tmp_path_factory.mktemp("tiny")
-    subprocess.run(train_cmd(root / "prep", "--config.stages.stage1.steps=1", "--config.checkpoint.every=1000"),
-                   check=True, env=env(**cache), capture_output=True, cwd=root)
+    subprocess.run(
+        train_cmd(root / "prep", "--config.stages.stage1.steps=1", "--config.checkpoint.every=1000"),
+        check=True,
+        env=env(**cache),
+        capture_output=True,
+        cwd=root,
+    )
     return root / "prep" / "data"
 
 
 @pytest.fixture(scope="module")
 def reference(data_dir, cache, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
-    subprocess.run(train_cmd(workdir, f"--config.data.dir={data_dir}"), check=True, env=env(**cache), capture_output=True)
+    subprocess.run(
+        train_cmd(workdir, f"--config.data.dir={data_dir}"), check=True, env=env(**cache), capture_output=True
+    )
     result = losses(workdir)
     assert sorted(result) == list(range(1, STEPS + 1))
     return result
@@ -74,8 +91,11 @@ def reference(data_dir, cache, tmp_path_factory):
 
 def test_kill_9_mid_run_resumes_to_identical_losses(data_dir, reference, cache, tmp_path):
     args = train_cmd(tmp_path, f"--config.data.dir={data_dir}")
-    crashed = subprocess.run(train_cmd(tmp_path, f"--config.data.dir={data_dir}", "--kill_at_step=4", script=FAULTY),
-                             env=env(**cache), capture_output=True)
+    crashed = subprocess.run(
+        train_cmd(tmp_path, f"--config.data.dir={data_dir}", "--kill_at_step=4", script=FAULTY),
+        env=env(**cache),
+        capture_output=True,
+    )
     assert crashed.returncode == -signal.SIGKILL
     # the save of step 4 was started asynchronously just before the kill: step 2 is complete, 4 may be
     # (Orbax also keeps the run's first step)
@@ -119,11 +139,27 @@ def test_two_processes_match_one(data_dir, reference, cache, tmp_path):
         port = _free_port()
         # No periodic saves (every 2 steps in the tiny config): each costs both processes a synchronised
         # checkpoint, a third of this test's time; the preemption saves still happen.
-        procs = [subprocess.Popen(train_cmd(multi, f"--config.data.dir={data_dir}", "--config.checkpoint.every=1000",
-                                            f"--stop_at_step={stop}", script=FAULTY),
-                                  env=env(devices=2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                          JAX_PROCESS_ID=str(i), **cache),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                train_cmd(
+                    multi,
+                    f"--config.data.dir={data_dir}",
+                    "--config.checkpoint.every=1000",
+                    f"--stop_at_step={stop}",
+                    script=FAULTY,
+                ),
+                env=env(
+                    devices=2,
+                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                    JAX_NUM_PROCESSES="2",
+                    JAX_PROCESS_ID=str(i),
+                    **cache,
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for i in range(2)
+        ]
         for p in procs:
             _, err = p.communicate(timeout=300)
             assert p.returncode == 128 + signal.SIGTERM, err.decode()[-3000:]

@@ -3,13 +3,12 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from helpers import OPTIM, assert_same_steps, one_device_mesh, run_steps, tiny_batch, tiny_config, tiny_params
 from owl_jax import ops
 from owl_jax.checkpoint import flatten, nest
-from owl_jax.ops.bits import HalfBits, from_bits
 from owl_jax.config import LoRAConfig
+from owl_jax.ops.bits import HalfBits, from_bits
 from owl_jax.training.run import adapt_params
 from owl_jax.training.trainer import Trainer
 
@@ -20,7 +19,7 @@ def moment_paths(opt_state) -> set:
     for path, _ in jax.tree_util.tree_leaves_with_path(opt_state):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         if "mu" in keys:
-            paths.add(tuple(keys[keys.index("mu") + 1:]))
+            paths.add(tuple(keys[keys.index("mu") + 1 :]))
     return paths
 
 
@@ -39,8 +38,9 @@ def test_stage1_trains_vision_and_abstractor_only():
 @pytest.mark.parametrize("train_abstractor", [True, False])
 def test_stage2_trains_lora_and_optionally_the_abstractor(train_abstractor):
     cfg = tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0))
-    trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10,
-                      train_abstractor=train_abstractor)
+    trainer = Trainer(
+        cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10, train_abstractor=train_abstractor
+    )
     params = adapt_params(tiny_params(cfg), cfg, None, seed=0)
     state, before, after, _ = run_steps(trainer, params)
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
@@ -81,8 +81,7 @@ def test_batch_without_answer_tokens_gives_zero_loss_and_gradient():
 
 def test_frozen_weights_can_be_held_in_bfloat16():
     cfg = tiny_config()
-    trainer = Trainer(cfg, stage="stage1", mesh=one_device_mesh(), optim=OPTIM, total_steps=10,
-                      frozen_dtype="bfloat16")
+    trainer = Trainer(cfg, stage="stage1", mesh=one_device_mesh(), optim=OPTIM, total_steps=10, frozen_dtype="bfloat16")
     state, before, after, losses = run_steps(trainer, nest(tiny_params(cfg)), steps=2)
     dtypes = {p: v.dtype for p, v in after.items()}
     assert all(dtypes[p] == np.dtype("bfloat16") for p in dtypes if p[0] == "language_model")
@@ -134,9 +133,16 @@ def test_right_padded_batches_take_the_causal_path_with_the_same_steps():
         batch["loss_mask"] *= batch["attention_mask"][:, 1:]
         return batch
 
-    runs = [run_steps(Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10,
-                              right_padded=right_padded), params, batch=right_padded_batch)
-            for right_padded in (False, True)]
+    runs = [
+        run_steps(
+            Trainer(
+                cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10, right_padded=right_padded
+            ),
+            params,
+            batch=right_padded_batch,
+        )
+        for right_padded in (False, True)
+    ]
     assert_same_steps(runs[1], runs[0], atol=1e-6)
     trainer = Trainer(cfg, stage="stage2", mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
     left = tiny_batch()
@@ -155,7 +161,9 @@ def test_prepared_frozen_kernels_give_the_same_half_precision_steps(stage, scan)
     # On by default for bf16 on the CPU; LLaMA's kernels only: gradients pass through the frozen LLM in
     # both stages, never through stage 2's frozen ViT (nothing before it trains).
     assert not plain.prepared_paths
-    assert set(prepared.prepared_paths) == {p for p in flatten(params) if p[0] == "language_model" and p[-1] == "kernel"}
+    assert set(prepared.prepared_paths) == {
+        p for p in flatten(params) if p[0] == "language_model" and p[-1] == "kernel"
+    }
     run = run_steps(prepared, params)
     ref = run_steps(plain, params)
     assert ref[0].prepared is None
@@ -179,8 +187,12 @@ def test_prepared_kernels_stay_out_of_checkpoints_and_come_back_on_resume(tmp_pa
 
     cfg = tiny_config().replace(dtype="bfloat16")
     trainer = Trainer(cfg, stage="stage1", mesh=one_device_mesh(), optim=OPTIM, total_steps=10)
-    assert Trainer(cfg.replace(dtype="float32"), stage="stage1", mesh=one_device_mesh(), optim=OPTIM,
-                   total_steps=10).prepared_paths == ()  # float32 needs no transposed copies
+    assert (
+        Trainer(
+            cfg.replace(dtype="float32"), stage="stage1", mesh=one_device_mesh(), optim=OPTIM, total_steps=10
+        ).prepared_paths
+        == ()
+    )  # float32 needs no transposed copies
     state = trainer.init_state(nest(tiny_params(cfg)), seed=0)
     state, _ = trainer.train_step(state, trainer.global_batch(tiny_batch(seed=0)))
     ckpt = StageCheckpoints(str(tmp_path / "ckpt"), every=1, keep=1, async_save=False)

@@ -4,13 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from owl_jax.ops.bits import HalfBits
-from owl_jax.checkpoint import flatten, nest
+from helpers import OPTIM, tiny_batch, tiny_config, tiny_params
+from owl_jax.checkpoint import flatten
 from owl_jax.config import LoRAConfig
+from owl_jax.ops.bits import HalfBits
 from owl_jax.sharding import make_mesh
 from owl_jax.training.run import adapt_params
 from owl_jax.training.trainer import Trainer
-from helpers import OPTIM, tiny_batch, tiny_config, tiny_params
 
 # A smaller step than the other tests: some gradients are zero up to rounding (a key bias cannot change a
 # softmax), and Adam scales such noise up to about lr/1000 per step whatever the mesh.
@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) d
 STAGES = {"stage1": tiny_config(), "stage2": tiny_config(lora=LoRAConfig(rank=2, alpha=8, dropout=0.0))}
 
 
-def train(stage: str, mesh, dtype: str = "float32", prepare_frozen: bool | None = None,
-          scan: bool = True) -> tuple[list[float], dict]:
+def train(
+    stage: str, mesh, dtype: str = "float32", prepare_frozen: bool | None = None, scan: bool = True
+) -> tuple[list[float], dict]:
     cfg = STAGES[stage].replace(dtype=dtype, scan_layers=scan)
     params = adapt_params(tiny_params(cfg), cfg, None, seed=0)
     trainer = Trainer(cfg, stage=stage, mesh=mesh, optim=OPTIM, total_steps=10, prepare_frozen=prepare_frozen)

@@ -11,7 +11,8 @@ The machinery they share (`KeyRule`, `KeyTarget`, the transforms) is in `targets
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from owl_jax.checkpoint.keys import abstractor, llama, vision
 from owl_jax.checkpoint.keys.llama import is_rotary_buffer, rotary_buffers
@@ -26,8 +27,11 @@ def owl_rules(cfg: OwlConfig, *, lora_modules: Iterable[str] = ()) -> list[KeyRu
     """The released layout's key table for this config: ViT, abstractor, LLaMA (with adapters' keys for the
     linear layers in `lora_modules`, full Flax module paths)."""
     lora_modules = tuple(lora_modules)
-    return (vision.rules(lora_modules=lora_modules) + abstractor.rules(lora_modules=lora_modules)
-            + llama.rules(tie_word_embeddings=cfg.text.tie_word_embeddings, lora_modules=lora_modules))
+    return (
+        vision.rules(lora_modules=lora_modules)
+        + abstractor.rules(lora_modules=lora_modules)
+        + llama.rules(tie_word_embeddings=cfg.text.tie_word_embeddings, lora_modules=lora_modules)
+    )
 
 
 def lora_module_paths(shapes: Iterable[Path]) -> tuple[str, ...]:
@@ -35,8 +39,9 @@ def lora_module_paths(shapes: Iterable[Path]) -> tuple[str, ...]:
     return tuple(sorted("/".join(p[:-1]) for p in shapes if p[-1] == "lora_a"))
 
 
-def owl_targets(cfg: OwlConfig, shapes: Shapes, *, include_base: bool = True,
-                include_lora: bool = True) -> list[KeyTarget]:
+def owl_targets(
+    cfg: OwlConfig, shapes: Shapes, *, include_base: bool = True, include_lora: bool = True
+) -> list[KeyTarget]:
     """Every HF key of the released layout for this config, in checkpoint order (tower by tower, layer by layer).
 
     Args:
@@ -47,10 +52,14 @@ def owl_targets(cfg: OwlConfig, shapes: Shapes, *, include_base: bool = True,
     rules = owl_rules(cfg, lora_modules=lora_module_paths(shapes) if include_lora else ())
     is_lora = lambda r: r.path[-1] in ("lora_a", "lora_b")
     rules = [r for r in rules if (include_lora if is_lora(r) else include_base)]
-    layers = {vision.TOWER: cfg.vision.num_layers, abstractor.TOWER: cfg.abstractor.num_layers,
-              llama.TOWER: cfg.text.num_layers}
-    targets = expand(rules, shapes, lambda path: layers[path[0]], patch=(cfg.vision.num_channels,
-                                                                         cfg.vision.patch_size))
+    layers = {
+        vision.TOWER: cfg.vision.num_layers,
+        abstractor.TOWER: cfg.abstractor.num_layers,
+        llama.TOWER: cfg.text.num_layers,
+    }
+    targets = expand(
+        rules, shapes, lambda path: layers[path[0]], patch=(cfg.vision.num_channels, cfg.vision.patch_size)
+    )
     return sorted(targets, key=lambda t: (_ORDER[t.path[0]], -1 if t.layer is None else t.layer))
 
 
@@ -62,5 +71,14 @@ def owl_linear_modules() -> dict[str, str]:
     return out
 
 
-__all__ = ["KeyRule", "KeyTarget", "is_rotary_buffer", "lora_module_paths", "owl_linear_modules", "owl_rules",
-           "owl_targets", "rotary_buffers", "transpose_into"]
+__all__ = [
+    "KeyRule",
+    "KeyTarget",
+    "is_rotary_buffer",
+    "lora_module_paths",
+    "owl_linear_modules",
+    "owl_rules",
+    "owl_targets",
+    "rotary_buffers",
+    "transpose_into",
+]

@@ -6,7 +6,7 @@ top-level `query_tokens`); this table only says what kind each module is.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from owl_jax.checkpoint.keys.targets import LINEAR_BIAS, NORM_BIAS, TENSOR, KeyRule, module_rules
 from owl_jax.modeling.abstractor import HF_MODULES

@@ -51,13 +51,15 @@ RULES = tuple(KeyRule(("vision_model",) + tuple(p.split("/")), k, t, part) for p
 
 # Tensors the ViT does not use: CLIP's text tower and contrastive head, and `position_ids` buffers
 # (older transformers saved them; they always hold arange(T)).
-IGNORED = re.compile(r"text_model\..*|visual_projection\.weight|text_projection\.weight|logit_scale"
-                     r"|(.*\.)?position_ids")
+IGNORED = re.compile(
+    r"text_model\..*|visual_projection\.weight|text_projection\.weight|logit_scale"
+    r"|(.*\.)?position_ids"
+)
 
 
 def strip_prefix(key: str) -> str:
     """A CLIP file key as the table lists it (without `vision_model.`)."""
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+    return key[len(PREFIX) :] if key.startswith(PREFIX) else key
 
 
 def targets(vision: VisionConfig, shapes: Shapes) -> list[KeyTarget]:
@@ -72,5 +74,6 @@ def targets(vision: VisionConfig, shapes: Shapes) -> list[KeyTarget]:
       `(D, 3D)` / `(3D,)` leaf), `class_embedding` `(D,)`, `position_embedding.weight` `(T, D)`,
       `patch_embedding.weight` `(D, C, p, p)`.
     """
-    return expand(RULES, shapes, vision.num_layers, patch=(vision.num_channels, vision.patch_size),
-                  num_heads=vision.num_heads)
+    return expand(
+        RULES, shapes, vision.num_layers, patch=(vision.num_channels, vision.patch_size), num_heads=vision.num_heads
+    )

@@ -25,7 +25,7 @@ def rules(*, tie_word_embeddings: bool = False) -> list[KeyRule]:
     for rule in llama.rules(tie_word_embeddings=tie_word_embeddings):
         if not rule.hf_key.startswith(PREFIX):
             raise KeyError(f"released LLaMA key {rule.hf_key!r} does not start with {PREFIX!r}")
-        out.append(dataclasses.replace(rule, hf_key=rule.hf_key[len(PREFIX):]))
+        out.append(dataclasses.replace(rule, hf_key=rule.hf_key[len(PREFIX) :]))
     return out
 
 

@@ -10,7 +10,7 @@ computed as the released code computes them, because that code loads with `stric
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -56,6 +56,6 @@ def rotary_buffers(text: TextConfig) -> Iterator[tuple[str, np.ndarray]]:
 
         inv = (1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))).numpy()
     except ImportError:
-        inv = (1.0 / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+        inv = 1.0 / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
     for i in range(text.num_layers):
         yield ROTARY_INV_FREQ.format(i=i), inv.astype(np.float32)

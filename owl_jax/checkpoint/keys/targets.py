@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -56,8 +56,13 @@ class KeyRule:
         return "{i}" in self.hf_key
 
 
-def module_rules(tower: str, hf_modules: Mapping[str, str], kinds: Mapping[str, Mapping[str, tuple[str, str]]], *,
-                 lora_modules: Sequence[str] = ()) -> list[KeyRule]:
+def module_rules(
+    tower: str,
+    hf_modules: Mapping[str, str],
+    kinds: Mapping[str, Mapping[str, tuple[str, str]]],
+    *,
+    lora_modules: Sequence[str] = (),
+) -> list[KeyRule]:
     """The table of one tower from its module names and their kinds.
 
     Args:
@@ -70,8 +75,10 @@ def module_rules(tower: str, hf_modules: Mapping[str, str], kinds: Mapping[str, 
       The rules in `hf_modules` order, each module's leaves in kind order (its adapters last).
     """
     if set(kinds) != set(hf_modules):
-        raise KeyError(f"{tower}: modules without a kind {sorted(set(hf_modules) - set(kinds))}, kinds without a "
-                       f"module name {sorted(set(kinds) - set(hf_modules))}")
+        raise KeyError(
+            f"{tower}: modules without a kind {sorted(set(hf_modules) - set(kinds))}, kinds without a "
+            f"module name {sorted(set(kinds) - set(hf_modules))}"
+        )
     rules = []
     for module, hf in hf_modules.items():
         base = (tower,) + tuple(module.split("/"))
@@ -85,8 +92,9 @@ def module_rules(tower: str, hf_modules: Mapping[str, str], kinds: Mapping[str, 
     return rules
 
 
-def linear_modules(tower: str, hf_modules: Mapping[str, str],
-                   kinds: Mapping[str, Mapping[str, tuple[str, str]]]) -> dict[str, str]:
+def linear_modules(
+    tower: str, hf_modules: Mapping[str, str], kinds: Mapping[str, Mapping[str, tuple[str, str]]]
+) -> dict[str, str]:
     """Full Flax module path → HF module name of every linear layer of one tower."""
     return {f"{tower}/{m}": hf_modules[m] for m in hf_modules if kinds[m] in LINEAR_KINDS}
 
@@ -153,7 +161,7 @@ class KeyTarget:
 
 _TILE = 256
 _SAME_SIZE_INTS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-_PARALLEL_BYTES = 16 * 2 ** 20
+_PARALLEL_BYTES = 16 * 2**20
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -161,7 +169,7 @@ def _transpose_tiles(src: np.ndarray, dst: np.ndarray) -> None:
     rows, cols = src.shape
     for i in range(0, rows, _TILE):
         for j in range(0, cols, _TILE):
-            dst[j:j + _TILE, i:i + _TILE] = src[i:i + _TILE, j:j + _TILE].T
+            dst[j : j + _TILE, i : i + _TILE] = src[i : i + _TILE, j : j + _TILE].T
 
 
 def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
@@ -185,7 +193,9 @@ def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(workers, thread_name_prefix="owl-transpose")
     step = -(-s.shape[0] // workers // _TILE) * _TILE
-    for future in [_POOL.submit(_transpose_tiles, s[i:i + step], d[:, i:i + step]) for i in range(0, s.shape[0], step)]:
+    for future in [
+        _POOL.submit(_transpose_tiles, s[i : i + step], d[:, i : i + step]) for i in range(0, s.shape[0], step)
+    ]:
         future.result()
 
 
@@ -210,8 +220,14 @@ def hf_shape_of(transform: str, piece: tuple[int, ...], *, patch: tuple[int, int
     raise ValueError(f"unknown transform {transform!r}")
 
 
-def expand(rules: Sequence[KeyRule], shapes: Shapes, num_layers: int | Callable[[Path], int], *,
-           patch: tuple[int, int] = (0, 0), num_heads: int = 0) -> list[KeyTarget]:
+def expand(
+    rules: Sequence[KeyRule],
+    shapes: Shapes,
+    num_layers: int | Callable[[Path], int],
+    *,
+    patch: tuple[int, int] = (0, 0),
+    num_heads: int = 0,
+) -> list[KeyTarget]:
     """One `KeyTarget` per HF tensor of `rules` for a model with leaves `shapes`.
 
     Args:
@@ -233,8 +249,10 @@ def expand(rules: Sequence[KeyRule], shapes: Shapes, num_layers: int | Callable[
         heads = num_heads if rule.transform == QKV_PART else 0
         if rule.stacked:
             n = num_layers(rule.path) if callable(num_layers) else num_layers
-            targets.extend(KeyTarget(rule.hf_key.format(i=i), rule.path, i, rule.transform, hf_shape, rule.part, heads)
-                           for i in range(n))
+            targets.extend(
+                KeyTarget(rule.hf_key.format(i=i), rule.path, i, rule.transform, hf_shape, rule.part, heads)
+                for i in range(n)
+            )
         else:
             targets.append(KeyTarget(rule.hf_key, rule.path, None, rule.transform, hf_shape, rule.part, heads))
     return targets

@@ -6,7 +6,7 @@ module is (which `.weight`/`.bias` tensors it has and how they are laid out).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from owl_jax.checkpoint.keys.targets import LINEAR_BIAS, NORM_BIAS, PATCH_CONV, TENSOR, KeyRule, module_rules
 from owl_jax.modeling.vision import HF_MODULES

@@ -11,11 +11,23 @@ import io
 import json
 import os
 import tarfile
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-from owl_jax.data.sources.common import (ImageProblem, Outcome, Skip, SourceError, build, check_image_bytes,
-                                         clean_turns, guarded, iter_jsonl, load_images, require_file, text_list,
-                                         turn_problem)
+from owl_jax.data.sources.common import (
+    ImageProblem,
+    Outcome,
+    Skip,
+    SourceError,
+    build,
+    check_image_bytes,
+    clean_turns,
+    guarded,
+    iter_jsonl,
+    load_images,
+    require_file,
+    text_list,
+    turn_problem,
+)
 
 IMAGE_KEYS = ("image", "filepath", "file_name")
 CAPTION_KEYS = ("caption", "text")
@@ -61,8 +73,10 @@ def _csv_rows(path: str) -> Iterator[tuple[str, str, dict]]:
         reader = csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
         columns = reader.fieldnames or []
         if not any(k in columns for k in IMAGE_KEYS) or not any(k in columns for k in CAPTION_KEYS):
-            raise SourceError(f"{path}: the header needs an image column (one of {', '.join(IMAGE_KEYS)}) and a "
-                              f"caption column (one of {', '.join(CAPTION_KEYS)}); it has {columns}")
+            raise SourceError(
+                f"{path}: the header needs an image column (one of {', '.join(IMAGE_KEYS)}) and a "
+                f"caption column (one of {', '.join(CAPTION_KEYS)}); it has {columns}"
+            )
         # Line numbers count the header as line 1, so they match what an editor shows.
         for lineno, row in enumerate(reader, start=2):
             yield f"{path}:{lineno}", f"{name}:{lineno}", row
@@ -121,8 +135,12 @@ def webdataset(paths: Sequence[str] | str) -> Iterator[Outcome]:
             yield Skip("truncated_archive", tar_path, f"{tar_path}: stopped reading ({type(e).__name__}: {e})")
             continue
         if not _tar_has_end_marker(tar_path):
-            yield Skip("truncated_archive", tar_path, f"{tar_path}: no end-of-archive marker; the file was cut short "
-                                                      f"and samples after its last complete header were lost")
+            yield Skip(
+                "truncated_archive",
+                tar_path,
+                f"{tar_path}: no end-of-archive marker; the file was cut short "
+                f"and samples after its last complete header were lost",
+            )
 
 
 def _tar_has_end_marker(tar_path: str) -> bool:
@@ -203,8 +221,10 @@ def _png(array: object, item: str) -> bytes:
 
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
-        raise ImageProblem("corrupt_image", f"{item}: cannot encode an array of shape {array.shape} and dtype "
-                                            f"{array.dtype} as an image")
+        raise ImageProblem(
+            "corrupt_image",
+            f"{item}: cannot encode an array of shape {array.shape} and dtype {array.dtype} as an image",
+        )
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     buffer = io.BytesIO()
@@ -212,8 +232,9 @@ def _png(array: object, item: str) -> bytes:
     return buffer.getvalue()
 
 
-def tfds_captions(name: str, split: str = "train", data_dir: str | None = None, image_key: str = "image",
-                  caption_key: str = "caption") -> Iterator[Outcome]:
+def tfds_captions(
+    name: str, split: str = "train", data_dir: str | None = None, image_key: str = "image", caption_key: str = "caption"
+) -> Iterator[Outcome]:
     """Caption examples from a TFDS dataset already prepared in ArrayRecord format.
 
     Read through `tfds.data_source` (random access over ArrayRecord, no TensorFlow) with downloading turned
@@ -230,9 +251,10 @@ def tfds_captions(name: str, split: str = "train", data_dir: str | None = None, 
         features = source.dataset_info.features
     except Exception as e:  # tfds raises assorted types for a dataset that is absent or not prepared
         first_line = str(e).strip().split("\n", 1)[0]  # tfds appends a list of every dataset it knows
-        raise SourceError(f"cannot open TFDS dataset {name!r} split {split!r} in {data_dir or 'the default data_dir'}"
-                          f" ({type(e).__name__}: {first_line}); it must already be prepared in ArrayRecord format"
-                          ) from None
+        raise SourceError(
+            f"cannot open TFDS dataset {name!r} split {split!r} in {data_dir or 'the default data_dir'}"
+            f" ({type(e).__name__}: {first_line}); it must already be prepared in ArrayRecord format"
+        ) from None
     try:
         image_feature = _lookup(features, image_key)
         _lookup(features, caption_key)

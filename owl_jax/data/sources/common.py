@@ -12,7 +12,7 @@ import io
 import json
 import os
 import warnings
-from typing import Callable, Iterator, Sequence, Union
+from collections.abc import Callable, Iterator, Sequence
 
 from owl_jax.data.prompts import IMAGE_MARKER
 from owl_jax.data.records import Example, RecordError
@@ -42,7 +42,7 @@ class Skip:
     detail: str = ""
 
 
-Outcome = Union[Example, Skip]
+Outcome = Example | Skip
 
 
 class ImageProblem(Exception):
@@ -74,8 +74,9 @@ def check_image_bytes(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS
                 if width <= 0 or height <= 0:
                     raise ImageProblem("corrupt_image", f"{what}: image has size {width}x{height}")
                 if width * height > max_pixels:
-                    raise ImageProblem("image_too_large", f"{what}: {width}x{height} pixels exceeds the "
-                                                          f"{max_pixels}-pixel limit")
+                    raise ImageProblem(
+                        "image_too_large", f"{what}: {width}x{height} pixels exceeds the {max_pixels}-pixel limit"
+                    )
                 im.verify()
     except ImageProblem:
         raise
@@ -149,8 +150,7 @@ def turn_problem(turns: Sequence[tuple[str, str]], item: str) -> Skip | None:
     return None
 
 
-def build(turns: list[tuple[str, str]], images: list[bytes], task: str, *, id: str, source: str,
-          item: str) -> Outcome:
+def build(turns: list[tuple[str, str]], images: list[bytes], task: str, *, id: str, source: str, item: str) -> Outcome:
     """The validated `Example`, or a `Skip` carrying `Example.validate`'s complaint."""
     try:
         return Example(turns=turns, images=images, task=task, id=id, source=source).validate()

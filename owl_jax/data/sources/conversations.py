@@ -7,18 +7,36 @@ separators when a prompt is built from the turns.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from owl_jax.data.prompts import AI, HUMAN, IMAGE_MARKER
-from owl_jax.data.sources.common import (Outcome, Skip, build, clean_turns, guarded, iter_jsonl, load_images,
-                                         load_json_list, turn_problem)
+from owl_jax.data.sources.common import (
+    Outcome,
+    Skip,
+    build,
+    clean_turns,
+    guarded,
+    iter_jsonl,
+    load_images,
+    load_json_list,
+    turn_problem,
+)
 
 _HUMAN_SEP = "\n" + HUMAN
 _AI_SEP = "\n" + AI.rstrip()  # "\nAI:"; the space after it may be missing or be a newline (code answers)
 
 # Speaker names seen in ShareGPT/Vicuna/LLaVA dumps, mapped to the two template roles; None = ignored.
-ROLES = {"human": "human", "user": "human", "gpt": "ai", "assistant": "ai", "chatgpt": "ai", "bing": "ai",
-         "bard": "ai", "model": "ai", "system": None}
+ROLES = {
+    "human": "human",
+    "user": "human",
+    "gpt": "ai",
+    "assistant": "ai",
+    "chatgpt": "ai",
+    "bing": "ai",
+    "bard": "ai",
+    "model": "ai",
+    "system": None,
+}
 
 
 class TemplateError(ValueError):
@@ -38,12 +56,12 @@ def parse_mplug_text(text: str) -> tuple[int, list[tuple[str, str]]]:
     """
     text = text.replace("\r\n", "\n")
     if text.startswith(HUMAN):
-        rest = text[len(HUMAN):]
+        rest = text[len(HUMAN) :]
     else:
         start = text.find(_HUMAN_SEP)
         if start < 0:
             raise TemplateError(f"no {HUMAN.strip()!r} line in the conversation")
-        rest = text[start + len(_HUMAN_SEP):]
+        rest = text[start + len(_HUMAN_SEP) :]
     segments = rest.split(_HUMAN_SEP)
     num_images = 0
     while segments and segments[0].strip() == IMAGE_MARKER:
@@ -53,7 +71,7 @@ def parse_mplug_text(text: str) -> tuple[int, list[tuple[str, str]]]:
     for i, segment in enumerate(segments):
         cut = segment.find(_AI_SEP)
         if cut >= 0:
-            question, answer = segment[:cut], segment[cut + len(_AI_SEP):]
+            question, answer = segment[:cut], segment[cut + len(_AI_SEP) :]
         elif AI in segment:
             question, answer = segment.split(AI, 1)
         else:
@@ -153,7 +171,9 @@ def llava_json(path: str, image_root: str | None = None) -> Iterator[Outcome]:
     item with an image but no marker is accepted (the image goes first either way), while markers without
     an image, or more than one marker, are skipped as "image_count_mismatch".
     """
-    yield from _json_list_items(path, lambda obj, item, example_id: _llava_item(obj, item, example_id, path, image_root))
+    yield from _json_list_items(
+        path, lambda obj, item, example_id: _llava_item(obj, item, example_id, path, image_root)
+    )
 
 
 def _llava_item(obj: object, item: str, fallback_id: str, path: str, image_root: str | None) -> Iterator[Outcome]:
@@ -173,7 +193,7 @@ def _llava_item(obj: object, item: str, fallback_id: str, path: str, image_root:
         # The marker normally opens the first question; strip it from whichever question holds it.
         at = next((i for i, (q, _) in enumerate(turns) if IMAGE_MARKER in q), None)
         if at is not None:
-            turns = turns[:at] + [(_strip_image_marker(turns[at][0]), turns[at][1])] + turns[at + 1:]
+            turns = turns[:at] + [(_strip_image_marker(turns[at][0]), turns[at][1])] + turns[at + 1 :]
     turns = clean_turns(turns)
     problem = turn_problem(turns, item)
     if problem:
@@ -236,4 +256,3 @@ def _sharegpt_item(obj: object, item: str, fallback_id: str) -> Iterator[Outcome
     turns = clean_turns(turns)
     example_id = str(obj["id"]) if obj.get("id") is not None else fallback_id
     yield turn_problem(turns, item) or build(turns, [], "text", id=example_id, source="sharegpt", item=item)
-
