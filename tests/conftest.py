@@ -1,4 +1,11 @@
-"""Shared test setup: 8 fake CPU devices for sharding tests, the reference fixture as pytest fixtures."""
+"""Shared test setup: 8 fake CPU devices for sharding tests, the reference fixture as pytest fixtures, and
+XLA's optimizations off where compiling dominates.
+
+The tests of training, data, checkpoints, serving and evaluation run tiny models whose programs take far
+longer to compile than to run, and each compares results computed under one setting, so they compile with
+`jax_disable_most_optimizations` (their subprocesses too). The tests of the numbers against the released
+fixture and of the compiled programs themselves (modeling, ops, inference, sharding) compile as users do.
+"""
 
 import os
 
@@ -6,12 +13,32 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import pathlib  # noqa: E402
 import shutil  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from helpers import FIXTURE  # noqa: E402
+
+QUICK_COMPILE = ("training", "data", "checkpoint", "serve", "eval")  # test folders compiled without optimizations
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compile_quickly_where_compiling_dominates(request):
+    """One setting per test module (its module-scoped fixtures compare against results computed under it)."""
+    if pathlib.Path(str(request.node.fspath)).parent.name not in QUICK_COMPILE:
+        yield
+        return
+    previous = jax.config.read("jax_disable_most_optimizations")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+        jax.config.update("jax_disable_most_optimizations", True)
+        try:
+            yield
+        finally:
+            jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture(scope="session")
