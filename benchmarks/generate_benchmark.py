@@ -259,11 +259,11 @@ def main() -> None:
         print(f"batch {batch}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     device = jax.devices()[0]
     layout = "unstacked" if args.unstack_layers else "unrolled" if args.unrolled else "scanned"
-    layout += f", decode chunks of up to {args.decode_chunk}"
+    layout += f" layers, decode chunks of up to {args.decode_chunk} steps"
     if args.compiler_option:
         layout += ", " + " ".join(args.compiler_option)
     print(
-        f"\nmodel {name} ({args.dtype}, {layout} layers), {device.platform} "
+        f"\nmodel {name} ({args.dtype}, {layout}), {device.platform} "
         f"{device.device_kind} x{jax.device_count()}; prompt {args.prompt_len} tokens with "
         f"{args.images_per_row} image(s) per row, {args.new_tokens} new tokens, median of {args.repeats}\n"
     )
