@@ -1,10 +1,17 @@
 """Shared test setup: 8 fake CPU devices for sharding tests, the reference fixture as pytest fixtures, and
-XLA's optimizations off where compiling dominates.
+compile time kept down: one persistent compilation cache for the session, and XLA's optimizations off
+where compiling dominates.
 
-The tests of training, data, checkpoints, serving and evaluation run tiny models whose programs take far
-longer to compile than to run, and each compares results computed under one setting, so they compile with
-`jax_disable_most_optimizations` (their subprocesses too). The tests of the numbers against the released
-fixture and of the compiled programs themselves (modeling, ops, inference, sharding) compile as users do.
+Many tests compile the same programs (the tiny model's steps, in this process and in the training runs'
+subprocesses), so the session shares JAX's persistent compilation cache, in pytest's temporary folder for
+this run (shared by xdist workers, removed with pytest's old runs). Its key covers the program and the
+compile options, so a cached executable is the one that would have been compiled.
+
+The tests of training, data, checkpoints, serving and evaluation (and any module marked
+`compile_quickly`) run tiny models whose programs take far longer to compile than to run, and each
+compares results computed under one setting, so they compile with `jax_disable_most_optimizations`
+(their subprocesses too). The tests of the numbers against the released fixture and of the compiled
+programs themselves compile as users do.
 """
 
 import os
@@ -25,10 +32,31 @@ from helpers import FIXTURE  # noqa: E402
 QUICK_COMPILE = ("training", "data", "checkpoint", "serve", "eval")  # test folders compiled without optimizations
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _share_compiled_programs(tmp_path_factory):
+    """Every test, and every subprocess it starts, reads and writes one compilation cache."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # one folder above the workers' own
+    cache = str(root / "xla_cache")
+    settings = {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0}
+    previous = {k: getattr(jax.config, k) for k in settings}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in settings.items():
+            patch.setenv(key.upper(), str(value))
+            jax.config.update(key, value)
+        try:
+            yield
+        finally:
+            for key, value in previous.items():
+                jax.config.update(key, value)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _compile_quickly_where_compiling_dominates(request):
     """One setting per test module (its module-scoped fixtures compare against results computed under it)."""
-    if pathlib.Path(str(request.node.fspath)).parent.name not in QUICK_COMPILE:
+    quick = request.node.get_closest_marker("compile_quickly") is not None
+    if not quick and pathlib.Path(str(request.node.fspath)).parent.name not in QUICK_COMPILE:
         yield
         return
     previous = jax.config.read("jax_disable_most_optimizations")

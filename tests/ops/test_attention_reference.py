@@ -11,6 +11,8 @@ from owl_jax.config import Numerics
 from owl_jax.ops import attention_reference as reference
 from owl_jax.training.flops import jaxpr_matmul_flops
 
+pytestmark = pytest.mark.compile_quickly  # compares two computations compiled alike
+
 
 def _inputs(b, lq, lk, h, hkv, d, masked, seed=0):
     rng = np.random.default_rng(seed)

@@ -11,6 +11,8 @@ from owl_jax.config import Numerics
 from owl_jax.ops import resolve_implementation
 from owl_jax.sharding import make_mesh, use_mesh
 
+pytestmark = pytest.mark.compile_quickly  # compares two computations compiled alike
+
 
 def inputs(b=2, length=256, heads=4, kv_heads=4, dh=32, seed=0):
     keys = jax.random.split(jax.random.key(seed), 3)
