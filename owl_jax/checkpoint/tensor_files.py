@@ -168,6 +168,11 @@ class TorchBinFile(TensorFile):
                     return torch.load(path, map_location="cpu", weights_only=True)
                 except pickle.UnpicklingError as e2:
                     raise UnsafeCheckpointError(f"refusing to load {path}: {str(e2).splitlines()[0]}") from None
+                except (EOFError, OSError, ValueError, RuntimeError) as e2:
+                    raise CheckpointError(
+                        f"cannot read {path}: {str(e2).splitlines()[0] or type(e2).__name__} "
+                        "(truncated or corrupt? re-download it)"
+                    ) from None
             raise CheckpointError(
                 f"cannot read {path}: {str(e).splitlines()[0]} (truncated or corrupt? re-download it)"
             ) from None
@@ -211,9 +216,27 @@ def _drop_pages(address: int, nbytes: int) -> None:
 def open_tensor_file(path: str) -> TensorFile:
     if not os.path.isfile(path):
         raise CheckpointError(f"weight file {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"weight file {path} is empty (0 bytes); re-download it")
     if path.endswith(".safetensors"):
         return SafetensorsFile(path)
     return TorchBinFile(path)
+
+
+def _read_weight_map(index_path: str) -> dict[str, str]:
+    """An HF shard index's `weight_map`: tensor key → shard file name, each file inside the index's folder."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a valid shard index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: weight_map is a {type(weight_map).__name__}, not an object")
+    for key, name in weight_map.items():
+        # A shard is a file next to the index: a path that leads elsewhere would read another model's weights.
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+            raise CheckpointError(f"{index_path}: weight_map[{key!r}] = {name!r} is not a file name in this folder")
+    return weight_map
 
 
 def weight_files(
@@ -231,11 +254,7 @@ def weight_files(
     for single_name, index_name in zip(single, index):
         index_path = os.path.join(folder, index_name)
         if os.path.isfile(index_path):
-            try:
-                with open(index_path, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_path} is not a valid shard index ({e})") from None
+            weight_map = _read_weight_map(index_path)
             files = list(dict.fromkeys(weight_map.values()))
             missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
             if missing:
