@@ -110,18 +110,23 @@ def _mplug_item(obj: object, item: str, example_id: str, path: str, image_root: 
     if num_markers != len(images):
         yield Skip("image_count_mismatch", item, f"{num_markers} 'Human: <image>' lines but {len(images)} images")
         return
+    # A `question_type` (held-out sets) names the group an evaluation reports; else the released task type.
+    source = next((obj[k] for k in ("question_type", "task_type") if isinstance(obj.get(k), str)), "mplug_jsonl")
+    yield _example(turns, images, item, path, image_root, id=example_id, source=source)
+
+
+def _example(
+    turns: list[tuple[str, str]], images: list, item: str, path: str, image_root: str | None, *, id: str, source: str
+) -> Outcome:
+    """Cleaned turns and loaded images → the example, or the Skip that says why not."""
     turns = clean_turns(turns)
     problem = turn_problem(turns, item)
     if problem:
-        yield problem
-        return
+        return problem
     loaded = load_images(images, item, image_root=image_root, input_path=path)
     if isinstance(loaded, Skip):
-        yield loaded
-        return
-    # A `question_type` (held-out sets) names the group an evaluation reports; else the released task type.
-    source = next((obj[k] for k in ("question_type", "task_type") if isinstance(obj.get(k), str)), "mplug_jsonl")
-    yield build(turns, loaded, "multimodal" if loaded else "text", id=example_id, source=source, item=item)
+        return loaded
+    return build(turns, loaded, "multimodal" if loaded else "text", id=id, source=source, item=item)
 
 
 def pair_messages(messages: object, item: str) -> list[tuple[str, str]] | Skip:
@@ -194,17 +199,8 @@ def _llava_item(obj: object, item: str, fallback_id: str, path: str, image_root:
         at = next((i for i, (q, _) in enumerate(turns) if IMAGE_MARKER in q), None)
         if at is not None:
             turns = turns[:at] + [(_strip_image_marker(turns[at][0]), turns[at][1])] + turns[at + 1 :]
-    turns = clean_turns(turns)
-    problem = turn_problem(turns, item)
-    if problem:
-        yield problem
-        return
-    loaded = load_images(images, item, image_root=image_root, input_path=path)
-    if isinstance(loaded, Skip):
-        yield loaded
-        return
     example_id = str(obj["id"]) if obj.get("id") is not None else fallback_id
-    yield build(turns, loaded, "multimodal" if loaded else "text", id=example_id, source="llava", item=item)
+    yield _example(turns, images, item, path, image_root, id=example_id, source="llava")
 
 
 def _json_list_items(path: str, handle) -> Iterator[Outcome]:
