@@ -1,13 +1,15 @@
-"""Helpers shared by the tests: the reference fixture, tiny models and batches, jaxpr walking."""
+"""Helpers shared by the tests: the reference fixture, tiny models and batches, jaxpr walking, a tiny OwlEval."""
 
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 
 import jax
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from owl_jax.checkpoint import flatten
 from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
@@ -131,3 +133,35 @@ def assert_same_steps(run, reference, atol: float) -> None:
     np.testing.assert_allclose(losses, ref_losses, rtol=atol)
     for p in ref_params:
         np.testing.assert_allclose(params[p], ref_params[p], atol=atol, rtol=0, err_msg="/".join(p))
+
+
+# (question_id, image, question, ability, category): one conversation of three turns on 2.png, one of two on
+# 4.jpg, and two questions asked alone; abilities a-f all appear.
+QUESTIONS = [
+    (1, "1.png", "What is drawn here?", "a,b", ["single_turn"]),
+    (2, "2.png", "Read the text in the picture.", "a,c", ["single_turn", "multi_turn"]),
+    (3, "2.png", "Why is it funny?", "a,b,e,f", ["multi_turn"]),
+    (4, "2.png", "Spell the second word.", "a,c,f", ["multi_turn"]),
+    (5, "3.png", "Who painted this?", "a,d", ["single_turn"]),
+    (6, "4.jpg", "Which city is this?", "a,b,d", ["single_turn", "multi_turn"]),
+    (7, "4.jpg", "Why do you think so?", "a,b,e,f", ["multi_turn"]),
+]
+
+
+def make_owleval(folder, questions=QUESTIONS):
+    """A tiny OwlEval folder: questions.jsonl and generated images in cases/."""
+    rng = np.random.default_rng(0)
+    (folder / "cases").mkdir(parents=True)
+    for i, name in enumerate(sorted({q[1] for q in questions})):
+        pixels = rng.integers(0, 256, (40 + 10 * i, 60 - 5 * i, 3), dtype=np.uint8)
+        pixels[5:20, 5:30] = (255, 40 * i, 0)  # a solid block so the images differ in more than noise
+        Image.fromarray(pixels).save(folder / "cases" / name)
+    with open(folder / "questions.jsonl", "w") as f:
+        for qid, image, question, ability, category in questions:
+            f.write(
+                json.dumps(
+                    {"image": image, "question_id": qid, "question": question, "ability": ability, "category": category}
+                )
+                + "\n"
+            )
+    return folder
