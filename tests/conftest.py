@@ -7,6 +7,8 @@ subprocesses), so the session shares JAX's persistent compilation cache, in pyte
 this run (shared by xdist workers, removed with pytest's old runs). Its key covers the program and the
 compile options, so a cached executable is the one that would have been compiled.
 
+`--hostile-long` runs the fault campaign (tests marked `hostile`) at its long size; see tests/hostile.py.
+
 The tests of training, data, checkpoints, serving and evaluation (and any module marked
 `compile_quickly`) run tiny models whose programs take far longer to compile than to run, and each
 compares results computed under one setting, so they compile with `jax_disable_most_optimizations`
@@ -27,9 +29,23 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import hostile  # noqa: E402
 from helpers import FIXTURE  # noqa: E402
 
 QUICK_COMPILE = ("training", "data", "checkpoint", "serve", "eval")  # test folders compiled without optimizations
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--hostile-long",
+        action="store_true",
+        help="run the long fault campaign (tests marked `hostile`; also OWL_JAX_HOSTILE_LONG=1)",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--hostile-long", default=False):
+        os.environ[hostile.ENV] = "1"  # read by tests/hostile.py here, in xdist workers and in subprocesses
 
 
 @pytest.fixture(autouse=True, scope="session")
