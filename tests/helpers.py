@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import struct
+import zlib
 
 import jax
 import numpy as np
@@ -165,3 +167,31 @@ def make_owleval(folder, questions=QUESTIONS):
                 + "\n"
             )
     return folder
+
+
+def _png(width: int, height: int, pixel_data: bytes) -> bytes:
+    """A PNG file of a width×height 8-bit RGB image whose IDAT chunk holds `pixel_data` (zlib stream)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixel_data) + chunk(b"IEND", b"")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header for a width×height RGB image, followed by almost no pixel data."""
+    return _png(width, height, zlib.compress(b"\0" * 64))
+
+
+def solid_png(width: int, height: int, color=(200, 30, 30)) -> bytes:
+    """A width×height PNG of one colour, compressed row by row (tiny on disk, large once decoded)."""
+    pack = zlib.compressobj(9)
+    piece = bytes(color) * min(width, 1 << 18)  # rows are compressed in pieces: a row may be 80 million pixels
+
+    def row():
+        yield pack.compress(b"\0")
+        for start in range(0, width, len(piece) // 3):
+            yield pack.compress(piece[: 3 * min(len(piece) // 3, width - start)])
+
+    return _png(width, height, b"".join(b"".join(row()) for _ in range(height)) + pack.flush())

@@ -14,7 +14,6 @@ the configured threshold.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from owl_jax.data.conversation import tokenize_conversation
+from owl_jax.data.images import ImageError, decode_image
 from owl_jax.data.prompts import templated_text
 from owl_jax.data.records import Example, RecordError, find_shards
 
@@ -35,7 +35,6 @@ SKIP_REASONS = {
     3: "no answer tokens after truncation",
     4: "more images than max_images",
 }
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +74,6 @@ def normalize(image: Image.Image) -> np.ndarray:
     """RGB PIL image → `(3, H, W)` float32 with CLIP mean/std (the processor's arithmetic)."""
     x = (np.asarray(image, np.float64) * (1 / 255)).astype(np.float32)
     return ((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
-
-
-def decode_image(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image of {image.width}x{image.height} pixels exceeds the decompression-bomb limit")
-    image.load()
-    return image.convert("RGB")
 
 
 class ExampleTransform:
@@ -128,7 +119,7 @@ class ExampleTransform:
             return self.empty(4)
         try:
             images = [decode_image(b) for b in example.images]
-        except Exception:  # PIL raises many types for truncated/corrupt data
+        except ImageError:  # corrupt, or too large to decode within the budget
             return self.empty(2)
         tokens = tokenize_conversation(
             templated_text(example.turns, len(images)),

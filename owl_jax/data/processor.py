@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+from owl_jax.data.images import ImageBudget, decode_image
 from owl_jax.data.prompts import IMAGE_MARKER, count_images
 
 IMAGE_TOKEN_ID = -1  # placeholder id the model replaces with image embeddings
@@ -73,7 +74,7 @@ class OwlProcessor:
       image_tokens: LLM positions per image (`config.image_tokens` = num_query_tokens + 1; 65 released).
       image_mean, image_std: per-channel normalization (CLIP's by default).
       max_image_pixels: image files with more pixels than this are refused before decoding (decompression
-        bombs); in-memory images are trusted.
+        bombs); in-memory images are trusted. Files follow `owl_jax.data.images.ImageBudget`'s other limits.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class OwlProcessor:
         self.image_size = int(image_size)
         self.image_tokens = int(image_tokens)
         self.max_image_pixels = int(max_image_pixels)
+        self.image_budget = ImageBudget(max_pixels=self.max_image_pixels)
         # float32 like the released CLIP normalization, so the output matches it bit for bit.
         self._mean = np.asarray(image_mean, np.float32).reshape(1, 1, 3)
         self._std = np.asarray(image_std, np.float32).reshape(1, 1, 3)
@@ -172,7 +174,9 @@ class OwlProcessor:
     def load_image(self, image: ImageInput) -> Image.Image:
         """One image as an RGB PIL image: a PIL image, a file path, or a uint8 array (H, W), (H, W, 1|3|4).
 
-        Raises ValueError naming the file for unreadable files and files over `max_image_pixels`.
+        Files are decoded within `image_budget` (`owl_jax.data.images`): exactly when their sides are
+        at most its working side, shrunk while decoding otherwise. Raises ValueError (an ImageError)
+        naming the file for unreadable files and files too large to decode.
         """
         if isinstance(image, Image.Image):
             return image.convert("RGB")
@@ -182,18 +186,7 @@ class OwlProcessor:
                 raise ValueError(f"image arrays must be uint8 (H, W) or (H, W, 1|3|4), got {image.dtype} {image.shape}")
             return Image.fromarray(image[..., 0] if image.ndim == 3 and channels == 1 else image).convert("RGB")
         if isinstance(image, (str, os.PathLike)):
-            path = os.fspath(image)
-            try:
-                with Image.open(path) as im:
-                    # Image.open reads only the header: refuse huge images before their pixels are decoded.
-                    if im.width * im.height > self.max_image_pixels:
-                        raise ValueError(
-                            f"image {path!r} is {im.width}x{im.height}, more than max_image_pixels="
-                            f"{self.max_image_pixels}"
-                        )
-                    return im.convert("RGB")
-            except (OSError, Image.DecompressionBombError, SyntaxError) as e:
-                raise ValueError(f"cannot read image {path!r}: {e}") from e
+            return decode_image(image, self.image_budget, name=f"image {os.fspath(image)!r}")
         raise TypeError(f"unsupported image type {type(image).__name__}; pass a PIL image, a path or a uint8 array")
 
     def preprocess_images(self, images: Sequence[ImageInput]) -> np.ndarray:

@@ -4,21 +4,22 @@
 was started with `--allow-local-files`: otherwise any client could make the server read its files. Network
 URLs are refused: the server never fetches anything.
 
-The pixel count is read from the image header and checked before any pixel is decoded, so a small file
-that claims a huge canvas (a decompression bomb) costs nothing.
+Decoding follows `owl_jax.data.images`: the header is checked before any pixel is decoded, so a small
+file that claims a huge canvas (a decompression bomb) costs nothing, large images are shrunk while they
+decode, and concurrent decodes share one memory budget. Only regular files are read (a FIFO or a device
+named by a client is refused, not waited on).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import urllib.parse
-from typing import BinaryIO
 
 from PIL import Image
 
+from owl_jax.data import images
 from owl_jax.serve.errors import ApiError
 
 
@@ -56,29 +57,19 @@ def local_path(url: str, name: str = "image") -> str:
 
 
 def open_image(source: bytes | str, max_pixels: int, name: str = "image") -> Image.Image:
-    """Decode `source` (encoded bytes, or a file path) into an RGB image.
+    """Decode `source` (encoded bytes, or a file path) into an RGB image, within the decode budget.
 
-    Raises ApiError 413 when the header says the image has more than `max_pixels` pixels (checked before
-    decoding), 400 when it cannot be read or decoded.
+    Raises ApiError 413 when the header says the image is too large to decode (more than `max_pixels`
+    pixels, or more memory than one decode may use; checked before decoding), 400 when it cannot be
+    read or decoded. Concurrent requests share the process's decode memory budget
+    (`owl_jax.data.images`), so simultaneous large images wait for each other.
     """
-    stream: BinaryIO | str = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with Image.open(stream) as im:
-            # Image.open parses only the header: refuse oversized images before their pixels are decoded.
-            if im.width * im.height > max_pixels:
-                raise ApiError(
-                    413,
-                    f"{name} is {im.width}x{im.height} = {im.width * im.height} pixels, more than "
-                    f"the server's limit of {max_pixels}",
-                    code="image_too_large",
-                )
-            return im.convert("RGB")
-    except Image.DecompressionBombError as e:  # PIL's own, looser limit tripped inside Image.open
-        raise ApiError(413, f"{name} is too large: {e}", code="image_too_large") from None
-    except FileNotFoundError:
-        raise _bad(f"{name}: no such file {source!r}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise _bad(f"cannot decode {name}: {e}") from None
+        return images.decode_image(source, images.ImageBudget(max_pixels=max_pixels), name=name)
+    except images.ImageError as e:
+        if e.reason == "too_large":
+            raise ApiError(413, str(e), code="image_too_large") from None
+        raise _bad(str(e)) from None
 
 
 def load_image_url(url: str, *, allow_local_files: bool, max_pixels: int, name: str = "image") -> Image.Image:

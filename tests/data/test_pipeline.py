@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import solid_png
 from owl_jax.data.conversation import IMAGE_ID, tokenize_conversation
 from owl_jax.data.pipeline import SKIP_REASONS, ExampleTransform, PipelineSpec, training_batches
 from owl_jax.data.prompts import SYSTEM, templated_text
@@ -65,6 +66,8 @@ def test_row_shapes_and_pixels(transform):
     [
         (b"\x05\x00\x00\x00{bad json", 1),
         (Example(turns=[("q", "a")], images=[b"not an image at all"], task="multimodal").to_bytes(), 2),
+        # 80,000,000x1: under the pixel limit, but its decode would need gigabytes (refused by the header)
+        (Example(turns=[("q", "a")], images=[solid_png(80_000_000, 1)], task="multimodal").to_bytes(), 2),
         (Example(turns=[("q", "a")], images=[png(), png(), png()], task="multimodal").to_bytes(), 4),
         (Example(turns=[], images=[png()], task="multimodal").to_bytes(), 1),
         (Example(turns=[("q " * 200, "a")], task="text").to_bytes(), 3),

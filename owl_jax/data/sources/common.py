@@ -8,17 +8,16 @@ file, a JSON file that does not parse, a CSV without the needed columns), since 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 
+from owl_jax.data import images
 from owl_jax.data.prompts import IMAGE_MARKER
 from owl_jax.data.records import Example, RecordError
 
 # Above this many pixels an image is treated as a decompression bomb; PIL's own default threshold.
-MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_PIXELS = images.ImageBudget().max_pixels
 # Image files larger than this are refused before being read into memory.
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
@@ -55,35 +54,19 @@ class ImageProblem(Exception):
 
 
 def check_image_bytes(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """Check that `data` is a readable image of sane size without decoding its pixels.
+    """Check that `data` is an image the training pipeline will decode, without decoding its pixels.
+
+    The rule is `owl_jax.data.images.check_image`'s, the one the pipeline, the processor and the server
+    follow, so an image accepted here cannot fail for its size later.
 
     Raises:
       ImageProblem: "corrupt_image" when PIL cannot identify or verify it, "image_too_large" when its
-        pixel count exceeds `max_pixels` (a decompression bomb guard).
+        header claims more than `max_pixels` pixels or more decode memory than the budget allows.
     """
-    from PIL import Image
-
-    if not data:
-        raise ImageProblem("corrupt_image", f"{what}: empty file")
     try:
-        # PIL only warns between 1x and 2x its pixel limit; make that an error too.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                if width <= 0 or height <= 0:
-                    raise ImageProblem("corrupt_image", f"{what}: image has size {width}x{height}")
-                if width * height > max_pixels:
-                    raise ImageProblem(
-                        "image_too_large", f"{what}: {width}x{height} pixels exceeds the {max_pixels}-pixel limit"
-                    )
-                im.verify()
-    except ImageProblem:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageProblem("image_too_large", f"{what}: {e}") from None
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...)
-        raise ImageProblem("corrupt_image", f"{what}: not a readable image ({type(e).__name__}: {e})") from None
+        images.check_image(data, images.ImageBudget(max_pixels=max_pixels), name=what)
+    except images.ImageError as e:
+        raise ImageProblem("image_too_large" if e.reason == "too_large" else "corrupt_image", str(e)) from None
 
 
 def read_image_file(path: str) -> bytes:
