@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (1 with a one-paragraph message on failure)."""
+    """Command-line entry point; returns the exit status (2 with an error message for unusable arguments or data,
+    130 when interrupted)."""
     args = _parser().parse_args(argv)
     tfds_options = {}
     if args.format == "tfds":
@@ -77,9 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             **tfds_options,
         )
-    except (PrepareError, sources.SourceError) as e:
+    except (PrepareError, sources.SourceError, OSError) as e:  # OSError: an output folder that cannot be written
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.output} is as it was before this run", file=sys.stderr)
+        return 130
     print(report.summary())
     return 0
 

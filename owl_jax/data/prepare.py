@@ -7,14 +7,15 @@ writes `data/llava/train-00000-of-0000N.array_record` and `data/llava/train.mani
 what was written, and what was skipped and why). Bad items (a missing or corrupt image, a malformed line,
 an empty or non-alternating conversation) are skipped and counted; if more than `--max-skip-fraction` of
 the items were skipped the run fails and leaves no shards, since that usually means a wrong `--image-root`
-or the wrong `--format` rather than a few bad items.
+or the wrong `--format` rather than a few bad items. The shards and manifest are written under temporary
+names and replace an earlier dataset under the same prefix (`--overwrite`) only once all are complete, so a
+failed or interrupted run leaves that dataset as it was.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import json
 import os
 import sys
@@ -134,23 +135,6 @@ def read_source(
             raise PrepareError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
 
 
-def _existing_outputs(prefix: str) -> list[str]:
-    """Shards, leftover temporary shards and the manifest of an earlier run under `prefix`."""
-    pattern = glob.escape(prefix)
-    found = set(glob.glob(f"{pattern}-*-of-*{records.SHARD_SUFFIX}")) | set(glob.glob(f"{pattern}.tmp-*"))
-    if os.path.exists(prefix + records.MANIFEST_SUFFIX):
-        found.add(prefix + records.MANIFEST_SUFFIX)
-    return sorted(found)
-
-
-def _remove(paths: Sequence[str]) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
 def _check_arguments(
     format: str,
     inputs: Sequence[str],
@@ -219,8 +203,9 @@ def prepare(
       examples_per_shard: shard size.
       max_skip_fraction: the largest allowed fraction of skipped items among all items read.
       limit: stop after writing this many examples.
-      overwrite: replace the shards and manifest of an earlier run under the same prefix (otherwise that
-        is an error, since mixing shards of two runs would silently corrupt the dataset).
+      overwrite: replace the shards and manifest of an earlier run under the same prefix once the new ones
+        are complete (otherwise that is an error, since mixing shards of two runs would silently corrupt the
+        dataset).
       progress: show a progress bar on stderr.
       **tfds_options: for "tfds": `tfds_name` (required), `tfds_split`, `data_dir`, `image_key`,
         `caption_key`.
@@ -230,20 +215,22 @@ def prepare(
 
     Raises:
       PrepareError: bad arguments, existing outputs without `overwrite`, nothing to write, or more than
-        `max_skip_fraction` of the items skipped (then no shards are left behind).
+        `max_skip_fraction` of the items skipped (then no new files are left behind and an earlier dataset
+        is kept, as on any other failure).
       sources.SourceError: an input that cannot be read at all (names the file).
     """
     from tqdm import tqdm
 
     inputs = [os.fspath(p) for p in inputs]
     _check_arguments(format, inputs, examples_per_shard, max_skip_fraction, limit, tfds_options)
-    previous = _existing_outputs(output_prefix)
+    previous = records.dataset_files(output_prefix)
     if previous and not overwrite:
         raise PrepareError(
             f"{output_prefix} already holds a prepared dataset ({len(previous)} files, e.g. "
             f"{previous[0]}); pass --overwrite to replace it"
         )
-    _remove(previous)
+    # The new dataset is written under temporary names and replaces the old one only once it is complete.
+    records.remove_files(records.temporary_files(output_prefix))  # left by a run that was killed
 
     if format == "tfds":
         options = {**TFDS_OPTIONS, **tfds_options}
@@ -263,36 +250,39 @@ def prepare(
                 bar.set_postfix(written=report.written, skipped=sum(tally.skipped.values()), refresh=False)
 
     try:
-        report.shards = records.write_shards(examples(), output_prefix, examples_per_shard=examples_per_shard)
-    except BaseException:
-        # Leave nothing half-written behind (write_shards renames its temporary files only at the end).
-        _remove(_existing_outputs(output_prefix))
-        raise
+        tmp_shards = records.write_temporary_shards(examples(), output_prefix, examples_per_shard=examples_per_shard)
     finally:
         bar.close()
-    tally.finish()
-
-    if report.skip_fraction > max_skip_fraction:
-        _remove(report.shards)
-        raise PrepareError(_too_many_skips(report, max_skip_fraction))
-    if report.written == 0:
-        raise PrepareError(
-            f"no examples found in {', '.join(inputs)}"
-            + (f" (all {report.num_skipped} items skipped: {report.top_reasons()})" if report.num_skipped else "")
+    tmp_manifest = None
+    try:
+        tally.finish()
+        if report.skip_fraction > max_skip_fraction:
+            raise PrepareError(_too_many_skips(report, max_skip_fraction))
+        if report.written == 0:
+            raise PrepareError(
+                f"no examples found in {', '.join(inputs)}"
+                + (f" (all {report.num_skipped} items skipped: {report.top_reasons()})" if report.num_skipped else "")
+            )
+        report.shards = records.shard_paths(output_prefix, len(tmp_shards))
+        tmp_manifest = records.temporary_path(output_prefix, "manifest.json")
+        _write_manifest(
+            report,
+            tmp_manifest,
+            image_root=image_root,
+            limit=limit,
+            examples_per_shard=examples_per_shard,
+            tfds_options=tfds_options,
         )
-    report.manifest = _write_manifest(
-        report,
-        output_prefix,
-        image_root=image_root,
-        limit=limit,
-        examples_per_shard=examples_per_shard,
-        tfds_options=tfds_options,
-    )
+        records.replace_dataset(output_prefix, tmp_shards, tmp_manifest)
+    except BaseException:
+        records.remove_files([*tmp_shards, *([tmp_manifest] if tmp_manifest else [])])
+        raise
+    report.manifest = output_prefix + records.MANIFEST_SUFFIX
     return report
 
 
-def _write_manifest(report: PrepareReport, prefix: str, **settings: Any) -> str:
-    path = prefix + records.MANIFEST_SUFFIX
+def _write_manifest(report: PrepareReport, path: str, **settings: Any) -> None:
+    """Write the manifest to `path` (a temporary name beside the final `{prefix}.manifest.json`)."""
     folder = os.path.dirname(os.path.abspath(path))
     manifest = {
         "format": report.format,
@@ -306,12 +296,10 @@ def _write_manifest(report: PrepareReport, prefix: str, **settings: Any) -> str:
         # Relative, so a dataset folder can be moved or copied elsewhere as a whole.
         "shards": [os.path.relpath(os.path.abspath(p), folder) for p in report.shards],
     }
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    with open(path, "wb") as f:
+        # A file name that is not UTF-8 (kept by Python as lone surrogates) is written as a JSON escape.
+        f.write(text.encode("utf-8", "backslashreplace"))
 
 
 if __name__ == "__main__":  # the same command as `owl-prepare`

@@ -12,6 +12,7 @@ encoding (JPEG/PNG) and are decoded (and checked) when training reads them.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -21,6 +22,9 @@ from collections.abc import Iterable, Iterator, Sequence
 TASKS = ("caption", "multimodal", "text")
 SHARD_SUFFIX = ".array_record"
 MANIFEST_SUFFIX = ".manifest.json"
+# Infixes of the files of a dataset being written, and of the files it replaces while it is moved in place.
+_TMP, _OLD = ".tmp-", ".old-"
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})" + re.escape(SHARD_SUFFIX) + "$")
 
 
 class RecordError(ValueError):
@@ -54,6 +58,11 @@ class Example:
                 raise RecordError(f"example {self.id!r}: turn {i} is not a (human, ai) pair of strings")
             if not turn[1].strip():
                 raise RecordError(f"example {self.id!r}: turn {i} has an empty answer")
+        texts = [(f"turn {i}", text) for i, turn in enumerate(self.turns) for text in turn]
+        for where, text in [("id", self.id), ("source", self.source), *texts]:
+            problem = _unicode_problem(text)
+            if problem:
+                raise RecordError(f"example {self.id!r}: {where} {problem}")
         if self.task == "text" and self.images:
             raise RecordError(f"example {self.id!r}: a text-only example carries {len(self.images)} images")
         if self.task != "text" and not self.images:
@@ -93,15 +102,32 @@ class Example:
             raise RecordError(f"undecodable record ({type(e).__name__}: {e})") from None
 
 
+def _unicode_problem(text: object) -> str | None:
+    """Why `text` cannot be stored as UTF-8 (JSON allows lone surrogates such as "\\ud800"), or None."""
+    if not isinstance(text, str):
+        return f"is a {type(text).__name__}, not text"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode text (a lone surrogate {text[e.start]!r} at character {e.start})"
+    return None
+
+
 def shard_paths(prefix: str, num_shards: int) -> list[str]:
     return [f"{prefix}-{i:05d}-of-{num_shards:05d}{SHARD_SUFFIX}" for i in range(num_shards)]
 
 
-def write_shards(examples: Iterable[Example], prefix: str, *, examples_per_shard: int = 10_000) -> list[str]:
-    """Write serialized examples to ArrayRecord shards `prefix-0000i-of-0000n.array_record`.
+def temporary_path(prefix: str, name: str) -> str:
+    """Where a file of a dataset being written lives until the whole dataset is complete.
 
-    Shards are written under temporary names and renamed once all are complete.
+    These names never look like a dataset's (`find_shards` does not match them).
     """
+    return f"{prefix}{_TMP}{name}"
+
+
+def write_temporary_shards(examples: Iterable[Example], prefix: str, *, examples_per_shard: int = 10_000) -> list[str]:
+    """Write serialized examples to ArrayRecord shards under temporary names; `replace_dataset` moves them
+    in place. On any failure (Ctrl-C included) the temporary shards are removed before the error propagates."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
@@ -113,7 +139,7 @@ def write_shards(examples: Iterable[Example], prefix: str, *, examples_per_shard
             if writer is None or count % examples_per_shard == 0:
                 if writer is not None:
                     writer.close()
-                tmp_paths.append(f"{prefix}.tmp-{len(tmp_paths):05d}{SHARD_SUFFIX}")
+                tmp_paths.append(temporary_path(prefix, f"{len(tmp_paths):05d}{SHARD_SUFFIX}"))
                 writer = ArrayRecordWriter(tmp_paths[-1], "group_size:1")
             writer.write(example.to_bytes())
             count += 1
@@ -123,17 +149,73 @@ def write_shards(examples: Iterable[Example], prefix: str, *, examples_per_shard
     except BaseException:
         if writer is not None:
             writer.close()
-        for path in tmp_paths:
-            if os.path.exists(path):
-                os.remove(path)
+        remove_files(tmp_paths)
         raise
-    final = shard_paths(prefix, len(tmp_paths))
-    for tmp, path in zip(tmp_paths, final):
-        os.replace(tmp, path)
+    return tmp_paths
+
+
+def write_shards(examples: Iterable[Example], prefix: str, *, examples_per_shard: int = 10_000) -> list[str]:
+    """Write serialized examples to ArrayRecord shards `prefix-0000i-of-0000n.array_record`.
+
+    Shards are written under temporary names and replace any earlier shards under `prefix` once all are
+    complete.
+    """
+    return replace_dataset(prefix, write_temporary_shards(examples, prefix, examples_per_shard=examples_per_shard))
+
+
+def dataset_files(prefix: str) -> list[str]:
+    """The shards (of any count) and the manifest of the dataset under `prefix`; not those of other prefixes."""
+    folder, stem = os.path.split(os.path.abspath(prefix))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    found = [
+        os.path.join(os.path.dirname(prefix), n)
+        for n in names
+        if ((m := _SHARD_NAME.match(n)) and m["stem"] == stem) or n == stem + MANIFEST_SUFFIX
+    ]
+    return sorted(found)
+
+
+def temporary_files(prefix: str) -> list[str]:
+    """The temporary shards and manifest a run under `prefix` that was killed left behind."""
+    return sorted(glob.glob(glob.escape(prefix) + _TMP + "*"))
+
+
+def remove_files(paths: Iterable[str]) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def replace_dataset(prefix: str, tmp_shards: Sequence[str], tmp_manifest: str | None = None) -> list[str]:
+    """Move complete temporary shards (and manifest) in place of whatever dataset `prefix` held.
+
+    The old files are first renamed aside (`{prefix}.old-*`), so the folder never holds a mix of two runs that
+    looks complete, and are put back if a rename fails; they are deleted once the new dataset is in place.
+
+    Returns:
+      The final shard paths.
+    """
+    final = shard_paths(prefix, len(tmp_shards))
+    moves = list(zip(tmp_shards, final))
+    if tmp_manifest is not None:
+        moves.append((tmp_manifest, prefix + MANIFEST_SUFFIX))
+    aside = [(path, f"{prefix}{_OLD}{os.path.basename(path)}") for path in dataset_files(prefix)]
+    done: list[tuple[str, str]] = []
+    try:
+        for path, old in aside:
+            os.replace(path, old)
+            done.append((path, old))
+        for tmp, path in moves:
+            os.replace(tmp, path)
+            done.append((tmp, path))
+    except BaseException:
+        for src, dst in reversed(done):  # undo: new files back to their temporary names, old ones back in place
+            os.replace(dst, src)
+        raise
+    remove_files(old for _, old in aside)
     return final
-
-
-_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})" + re.escape(SHARD_SUFFIX) + "$")
 
 
 def find_shards(path_or_prefix: str) -> list[str]:

@@ -478,5 +478,5 @@ def test_cli(tmp_path, capsys):
     # The failure path in-process: a second subprocess would double the test's time (importing jax).
     from owl_jax.cli.prepare import main
 
-    assert main(cmd[3:] + ["--no-progress"]) == 1
+    assert main(cmd[3:] + ["--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
