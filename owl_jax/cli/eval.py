@@ -1,7 +1,8 @@
 """`owl-eval`: OwlEval with a checkpoint, in two steps.
 
     owl-eval answer --checkpoint DIR --owleval OWLEVAL_DIR --out answers.jsonl [--resume] ...
-    owl-eval judge --answers A.jsonl [B.jsonl ...] --owleval OWLEVAL_DIR --judge-url URL --judge-model NAME ...
+    owl-eval judge --answers A.jsonl [B.jsonl ...] --owleval OWLEVAL_DIR --judge-url URL --judge-model NAME \\
+        [--out grades.jsonl [--resume]] ...
 
 `answer` writes the released answer format (`owl_jax.eval.owleval`); `judge` grades answer files A-D with a
 judge model behind an OpenAI-compatible endpoint (`owl_jax.eval.judge`). `python -m owl_jax.eval.owleval` and
@@ -17,8 +18,11 @@ import sys
 import time
 
 from owl_jax.eval import judge, owleval
-from owl_jax.eval.judge import UNPARSEABLE, format_tables, grade_answers, summarize
-from owl_jax.eval.owleval import answer_owleval, load_questions, read_jsonl, write_answers
+from owl_jax.eval.grades import UNPARSEABLE, kept_grades, row_key
+from owl_jax.eval.jsonl import PartialWriter, resume_rows, write_jsonl
+from owl_jax.eval.judge import grade_answers
+from owl_jax.eval.owleval import answer_owleval, load_questions, write_answers
+from owl_jax.eval.tables import format_tables, summarize
 
 
 def _answer_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,28 +41,62 @@ def _answer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed; question q uses seed + q")
     p.add_argument("--model-id", default=None, help="model_id in the output (default: the checkpoint folder's name)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions by question_id")
-    p.add_argument("--resume", action="store_true", help="keep answers already in --out and skip their questions")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep answers already in --out (or left in OUT.partial by an interrupted run) and skip their questions",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to apply")
     p.add_argument("--max-length", type=int, default=None, help="KV-cache positions per conversation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _interrupted(writer: PartialWriter | None, what: str) -> int:
+    """Say what an interrupted run kept and how to finish it; the exit status of a Ctrl-C."""
+    if writer is None:
+        print(f"interrupted: no {what} saved (--out keeps them as they arrive, for --resume)", file=sys.stderr)
+    elif writer.saved:
+        print(
+            f"interrupted: {writer.saved} {what} saved in {writer.path}; run the same command with --resume to finish",
+            file=sys.stderr,
+        )
+    elif writer.carried:  # resumed, nothing new yet: the earlier files are untouched
+        print(f"interrupted before any new {what} were saved; --resume continues later", file=sys.stderr)
+    else:
+        print(f"interrupted before any {what} were saved", file=sys.stderr)
+    return 130
+
+
 def _answer(args: argparse.Namespace) -> int:
-    """Answer the questions, appending each conversation's rows as it finishes; returns the exit status."""
+    """Answer the questions, saving each conversation's rows as it finishes; returns the exit status."""
     if args.limit is not None and args.limit < 1:
         print("error: --limit must be at least 1", file=sys.stderr)
         return 2
-    try:  # fail on a bad folder before spending time on the model
+    try:  # fail on a bad folder or answers file before spending time on the model
         load_questions(args.owleval, check_images=True)
+        earlier = resume_rows(args.out) if args.resume else []
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    done: dict[int, dict] = {}
-    if args.resume and os.path.exists(args.out):
-        done = {row["question_id"]: row for _, row in read_jsonl(args.out) if "question_id" in row}
+    done = {row["question_id"]: row for row in earlier if isinstance(row.get("question_id"), int)}
+    if args.resume:
         print(f"resuming: {len(done)} answers already in {args.out}", file=sys.stderr)
+    # Rows go to OUT.partial as conversations finish, so an interrupted run keeps them for --resume; OUT is
+    # written (sorted, without repeats) once all are in.
+    writer = PartialWriter(args.out, carried=done.values())
+    try:
+        return _answer_with_model(args, done, writer)
+    except KeyboardInterrupt:
+        return _interrupted(writer, "answers")
+    except (OSError, ValueError) as e:  # a checkpoint that cannot be loaded, a case image that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        writer.close()
 
+
+def _answer_with_model(args: argparse.Namespace, done: dict[int, dict], writer: PartialWriter) -> int:
     import owl_jax
     from owl_jax.inference.generate import GenerationConfig
 
@@ -82,29 +120,21 @@ def _answer(args: argparse.Namespace) -> int:
         pad_token_id=processor.pad_token_id,
     )
     model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
-    # Rows are appended as conversations finish, so an interrupted run keeps them for --resume; the file is
-    # rewritten sorted (and without repeats) at the end.
-    with open(args.out, "a" if done else "w", encoding="utf-8") as f:
-
-        def append(rows: list[dict]) -> None:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-
-        rows = answer_owleval(
-            model,
-            processor,
-            args.owleval,
-            config=config,
-            model_id=model_id,
-            max_length=args.max_length,
-            limit=args.limit,
-            skip=done,
-            on_answer=append,
-            show_progress=not args.quiet,
-        )
+    rows = answer_owleval(
+        model,
+        processor,
+        args.owleval,
+        config=config,
+        model_id=model_id,
+        max_length=args.max_length,
+        limit=args.limit,
+        skip=done,
+        on_answer=writer.append,
+        show_progress=not args.quiet,
+    )
     total = len(set(done) | {r["question_id"] for r in rows})
     write_answers(args.out, list(done.values()) + rows)
+    writer.finish()
     print(
         f"{len(rows)} questions answered, {total} answers in {args.out} ({time.perf_counter() - start:.1f} s)",
         file=sys.stderr,
@@ -124,7 +154,14 @@ def _judge_arguments(p: argparse.ArgumentParser) -> None:
         default=True,
         help="send each case image as a data URL (turn off for text-only judges)",
     )
-    p.add_argument("--out", default=None, help="write one grade row per answer here (.jsonl)")
+    p.add_argument(
+        "--out", default=None, help="write one grade row per answer here (.jsonl; OUT.partial while grading)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the grades by this judge model already in --out (or left in OUT.partial by an interrupted run)",
+    )
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=3, help="retries of a failed request")
@@ -136,6 +173,18 @@ def _judge_arguments(p: argparse.ArgumentParser) -> None:
 
 def _judge(args: argparse.Namespace) -> int:
     """Grade the answer files and print the tables; returns the exit status (1: nothing could be graded)."""
+    if args.resume and not args.out:
+        print("error: --resume needs --out (the grades file to continue)", file=sys.stderr)
+        return 2
+    try:
+        earlier = resume_rows(args.out) if args.resume else []
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    done = kept_grades(earlier, args.judge_model)
+    if args.resume:
+        print(f"resuming: {len(done)} grades by {args.judge_model} already in {args.out}", file=sys.stderr)
+    writer = PartialWriter(args.out, carried=earlier) if args.out else None
     try:
         grades = grade_answers(
             args.answers,
@@ -150,14 +199,23 @@ def _judge(args: argparse.Namespace) -> int:
             backoff=args.backoff,
             max_tokens=args.max_tokens,
             show_progress=not args.quiet,
+            done=done,
+            on_grade=None if writer is None else lambda row: writer.append([row]),
         )
+        if writer is not None:  # the complete file, which the tables below are made of
+            write_jsonl(args.out, grades)
+            writer.finish()
+    except KeyboardInterrupt:
+        return _interrupted(writer, "grades")
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            for row in grades:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if writer is not None:
+            writer.close()
+    stale = len(set(done) - {row_key(g) for g in grades})
+    if stale:
+        print(f"note: {stale} earlier grades were of answers no longer in the answer files; left out", file=sys.stderr)
     failed = [g for g in grades if g["grade"] == UNPARSEABLE]
     for g in failed[:5]:
         print(f"no grade for {g['model_id']} question {g['question_id']}: {g['error']}", file=sys.stderr)

@@ -14,10 +14,10 @@ _EXPORTS = {
     "answer_owleval": "owleval",
     "conversations": "owleval",
     "load_questions": "owleval",
-    "read_jsonl": "owleval",
+    "read_jsonl": "jsonl",
     "grade_answers": "judge",
-    "summarize": "judge",
-    "format_tables": "judge",
+    "summarize": "tables",
+    "format_tables": "tables",
     "parse_grade": "judge",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,7 @@
 """Grade OwlEval answers A-D with a judge model behind an OpenAI-compatible `/chat/completions` endpoint.
 
     python -m owl_jax.eval.judge --answers A.jsonl [B.jsonl ...] --owleval OWLEVAL_DIR \
-        --judge-url http://127.0.0.1:8000/v1 --judge-model NAME [--api-key KEY] [--out grades.jsonl] \
+        --judge-url http://127.0.0.1:8000/v1 --judge-model NAME [--api-key KEY] [--out grades.jsonl [--resume]] \
         [--concurrency 4] [--no-judge-sees-images]
 
 The mPLUG-Owl paper graded OwlEval by hand on four levels; the judge gets the same scale (`RUBRIC`), the
@@ -11,38 +11,33 @@ judge is text-only. A reply is parsed for a grade (`parse_grade`); a reply witho
 then recorded as "?"; a request that fails after its retries is recorded as "?" with the error. No grade is
 ever guessed. The tables count a question under every category it lists (the paper's convention: the 20
 questions that open a conversation count as single-turn and as multi-turn).
+
+With `--out`, grades are appended to `OUT.partial` as they arrive and `OUT` is written when all are in; after
+Ctrl-C (or a crash), the same command with `--resume` grades only what is missing: answers without a grade
+by this judge model, or whose text changed since.
 """
 
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import dataclasses
 import functools
 import http.client
 import json
 import os
+import queue
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from owl_jax.eval.owleval import ABILITIES, CATEGORIES, Question, conversations, image_path, load_questions, read_jsonl
-
-SHORT_ABILITIES = {"a": "instruction", "b": "visual", "c": "OCR", "d": "knowledge", "e": "reasoning", "f": "multi-turn"}
-GRADES = ("A", "B", "C", "D")
-UNPARSEABLE = "?"
-SCORES = {"A": 3, "B": 2, "C": 1, "D": 0}
-# Human grades of mPLUG-Owl 7B in the paper (arXiv 2304.14178), for reference beside a judge's grades.
-PAPER = {
-    "mPLUG-Owl 7B (paper, human)": {
-        "single_turn": {"A": 32, "B": 10, "C": 8, "D": 0},
-        "multi_turn": {"A": 31, "B": 8, "C": 13, "D": 0},
-    }
-}
+from owl_jax.eval.grades import GRADES, SCORES, UNPARSEABLE, Key, grade_key  # noqa: F401 (SCORES: offered here too)
+from owl_jax.eval.owleval import Question, conversations, image_path, load_questions, read_jsonl
+from owl_jax.eval.tables import PAPER, SHORT_ABILITIES, format_tables, summarize  # noqa: F401 (offered here too)
 
 RUBRIC = """You grade the answers of an AI assistant that was shown an image and asked about it.
 Give the answer exactly one of four grades:
@@ -144,13 +139,19 @@ class JudgeClient:
 
 
 def _reply_text(body: Any) -> str:
+    """The reply's text; ValueError (retried like a bad body, then a failed grade) naming the field otherwise."""
     try:
         content = body["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         raise ValueError(f"not a chat completion: {str(body)[:200]}") from None
+    if content is None or isinstance(content, str):
+        return content or ""
     if isinstance(content, list):  # some servers return content parts
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content or ""
+        texts = [part.get("text") or "" for part in content if isinstance(part, dict)]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    shown = json.dumps(content)[:100]
+    raise ValueError(f"the reply's choices[0].message.content is {type(content).__name__} {shown}, not text")
 
 
 @functools.lru_cache(maxsize=64)
@@ -229,9 +230,15 @@ def load_answers(paths: Sequence[str | os.PathLike], questions: Sequence[Questio
     return items
 
 
+def item_key(item: Item, judge_model: str) -> Key:
+    """The key (`owl_jax.eval.grades`) of the grade of `item` by `judge_model`."""
+    return grade_key(judge_model, item.model_id, item.source, item.question.question_id, item.answer)
+
+
 def grade_item(client: JudgeClient, item: Item, image_url: str | None) -> dict:
-    """Grade one answer: `{"model_id", "answers_file", "question_id", "image", "category", "ability", "grade",
-    "replies", "error"}` with grade one of A-D or "?" (no grade after one re-ask, or `error` says why)."""
+    """Grade one answer: `{"model_id", "answers_file", "question_id", "image", "category", "ability", "answer",
+    "judge_model", "grade", "replies", "error"}` with grade one of A-D or "?" (no grade after one re-ask, or
+    `error` says why)."""
     messages = build_messages(item, image_url)
     replies: list[str] = []
     grade, error = None, None
@@ -257,6 +264,8 @@ def grade_item(client: JudgeClient, item: Item, image_url: str | None) -> dict:
         "image": q.image,
         "category": list(q.categories),
         "ability": ",".join(q.abilities),
+        "answer": item.answer,
+        "judge_model": client.model,
         "grade": grade or UNPARSEABLE,
         "replies": replies,
         "error": error,
@@ -277,8 +286,14 @@ def grade_answers(
     backoff: float = 1.0,
     max_tokens: int = 512,
     show_progress: bool = True,
+    done: Mapping[Key, dict] | None = None,
+    on_grade: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Grade every answer of `answer_files` (released format) against the questions of `owleval_dir`.
+
+    `done` holds grades of an earlier run by key (`owl_jax.eval.grades.kept_grades`); those answers are not
+    asked again. `on_grade` is called with each new row as it arrives, in this thread (for incremental writes).
+    On Ctrl-C this raises KeyboardInterrupt at once; requests in flight are abandoned.
 
     Returns one row per answer (see `grade_item`), in file order then question_id order.
     """
@@ -288,91 +303,60 @@ def grade_answers(
     items = load_answers(answer_files, questions)
     client = JudgeClient(judge_url, judge_model, api_key, timeout, retries, backoff, max_tokens)
     urls = {q.image: image_data_url(image_path(owleval_dir, q)) for q in questions} if sees_images else {}
-    results: list[dict | None] = [None] * len(items)
-    with (
-        concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool,
-        tqdm(total=len(items), desc="judge", unit="answer", file=sys.stderr, disable=not show_progress) as bar,
-    ):
-        futures = {
-            pool.submit(grade_item, client, item, urls.get(item.question.image)): i for i, item in enumerate(items)
-        }
-        for future in concurrent.futures.as_completed(futures):
-            results[futures[future]] = future.result()
+    done = done or {}
+    results: list[dict | None] = [done.get(item_key(item, judge_model)) for item in items]
+    todo = [i for i, row in enumerate(results) if row is None]
+    with tqdm(
+        total=len(items), initial=len(items) - len(todo), desc="judge", unit="answer", file=sys.stderr,
+        disable=not show_progress,
+    ) as bar:  # fmt: skip
+
+        def finished(j: int, row: dict) -> None:
+            results[todo[j]] = row
+            if on_grade is not None:
+                on_grade(row)
             bar.update(1)
+
+        _in_parallel(
+            lambda item: grade_item(client, item, urls.get(item.question.image)),
+            [items[i] for i in todo],
+            concurrency,
+            finished,
+        )
     return results  # type: ignore[return-value]
 
 
-def summarize(grades: Sequence[dict]) -> dict:
-    """Tables from grade rows, per model in order of appearance.
+def _in_parallel(fn: Callable[[Any], Any], jobs: Sequence[Any], concurrency: int, on_result: Callable) -> None:
+    """`fn(job)` for every job on up to `concurrency` threads; `on_result(index, result)` in this thread as
+    each finishes. The threads are daemons and this thread stops at the first error or Ctrl-C: a thread pool
+    would make the process wait at exit for every request in flight (minutes, with retries)."""
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    for index, job in enumerate(jobs):
+        pending.put((index, job))
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
 
-    Returns `{"models": {model_id: {"category": {cat: {"n", "counts": {A, B, C, D, ?}, "percent": {...}}},
-    "ability": {letter: {"n", "graded", "unparseable", "a_or_b", "mean_score"}}}}, "paper": PAPER}`.
-    Category percentages are of all answers in the category ("?" included, so a row sums to 100); the
-    ability share of A+B (in %) and mean score (A=3 .. D=0) are over graded answers only (None if none).
-    """
-    models: dict[str, dict] = {}
-    for row in grades:
-        m = models.setdefault(
-            row["model_id"],
-            {
-                "category": {c: dict.fromkeys((*GRADES, UNPARSEABLE), 0) for c in CATEGORIES},
-                "ability": {a: [] for a in ABILITIES},
-            },
-        )
-        for c in row["category"]:
-            m["category"][c][row["grade"]] += 1
-        for a in str(row["ability"]).split(","):
-            if a.strip() in m["ability"]:
-                m["ability"][a.strip()].append(row["grade"])
-    out: dict[str, dict] = {}
-    for name, m in models.items():
-        cats = {}
-        for c, counts in m["category"].items():
-            n = sum(counts.values())
-            cats[c] = {"n": n, "counts": counts, "percent": {g: 100 * k / n if n else 0.0 for g, k in counts.items()}}
-        abilities = {}
-        for a, got in m["ability"].items():
-            graded = [g for g in got if g in SCORES]
-            abilities[a] = {
-                "n": len(got),
-                "graded": len(graded),
-                "unparseable": len(got) - len(graded),
-                "a_or_b": 100 * sum(g in ("A", "B") for g in graded) / len(graded) if graded else None,
-                "mean_score": sum(SCORES[g] for g in graded) / len(graded) if graded else None,
-            }
-        out[name] = {"category": cats, "ability": abilities}
-    return {"models": out, "paper": PAPER}
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                index, job = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finished.put((index, fn(job), None))
+            except BaseException as e:  # handed to the main thread
+                finished.put((index, None, e))
 
-
-def format_tables(tables: dict) -> str:
-    """The `summarize` tables as text: one block per category (the paper's row beside), then abilities."""
-    names = list(tables["models"]) + list(tables["paper"])
-    width = max([len(n) for n in names] + [5]) + 2
-    lines = []
-    for c in CATEGORIES:
-        lines.append(f"{c}: count (% of answers; ? = no grade)")
-        lines.append("model".ljust(width) + "n".rjust(4) + "".join(g.rjust(13) for g in (*GRADES, UNPARSEABLE)))
-        rows = [(name, m["category"][c]["counts"]) for name, m in tables["models"].items()]
-        rows += [(name, {**p[c], UNPARSEABLE: None}) for name, p in tables["paper"].items()]
-        for name, counts in rows:
-            n = sum(v for v in counts.values() if v)
-            cells = [
-                "-" if counts[g] is None else f"{counts[g]} ({100 * counts[g] / n if n else 0:.1f}%)"
-                for g in (*GRADES, UNPARSEABLE)
-            ]
-            lines.append(name.ljust(width) + str(n).rjust(4) + "".join(cell.rjust(13) for cell in cells))
-        lines.append("")
-    lines.append("ability: % A+B of graded answers, mean score (A=3 .. D=0), answers [?: no grade]")
-    lines.append("model".ljust(width) + "".join(f"{a} {label}".rjust(22) for a, label in SHORT_ABILITIES.items()))
-    for name, m in tables["models"].items():
-        cells = []
-        for a in ABILITIES:
-            s = m["ability"][a]
-            cell = "-" if s["a_or_b"] is None else f"{s['a_or_b']:.0f}% {s['mean_score']:.2f}"
-            cell += f" n={s['n']}" + (f" ?{s['unparseable']}" if s["unparseable"] else "")
-            cells.append(cell.rjust(22))
-        lines.append(name.ljust(width) + "".join(cells))
-    return "\n".join(lines)
+    for _ in range(min(max(1, concurrency), len(jobs))):
+        threading.Thread(target=work, name="judge", daemon=True).start()
+    try:
+        for _ in range(len(jobs)):
+            index, result, error = finished.get()
+            if error is not None:
+                raise error
+            on_result(index, result)
+    finally:
+        stop.set()
 
 
 if __name__ == "__main__":  # the same command as `owl-eval judge`

@@ -17,12 +17,13 @@ decoded with seed `seed + q`, so an answer does not depend on which other questi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
+
+from owl_jax.eval.jsonl import read_jsonl, write_jsonl
 
 if TYPE_CHECKING:  # the runner imports JAX only when it answers
     from owl_jax.inference.generate import GenerationConfig, Generator
@@ -59,24 +60,6 @@ class Question:
     @property
     def multi_turn(self) -> bool:
         return "multi_turn" in self.categories
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """`(line number, object)` for every non-blank line of a JSON-lines file; ValueError names file:line."""
-    path = os.fspath(path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
-    return rows
 
 
 def load_questions(owleval_dir: str | os.PathLike, *, check_images: bool = False) -> list[Question]:
@@ -263,13 +246,8 @@ def answer_owleval(
 
 def write_answers(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     """Write rows one JSON object a line in question_id order (later rows win on a repeated id), atomically."""
-    path = os.fspath(path)
     merged = {r["question_id"]: r for r in rows}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for qid in sorted(merged):
-            f.write(json.dumps(merged[qid], ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, (merged[qid] for qid in sorted(merged)))
 
 
 if __name__ == "__main__":  # the same command as `owl-eval answer`

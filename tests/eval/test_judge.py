@@ -1,94 +1,14 @@
-"""OwlEval judging: grades, tables and retries against a fake OpenAI-compatible judge server."""
+"""OwlEval judging: grades, tables and retries against a fake OpenAI-compatible judge server (conftest.py)."""
 
-import http.server
 import json
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from helpers import QUESTIONS
 from owl_jax.eval import judge
 from owl_jax.eval.owleval import load_questions
-
-KEYWORD_GRADES = {
-    "GOOD": "The answer is right.\nGrade: A",
-    "FINE": "**B**",
-    "MEH": "Grade: C",
-    "BAD": "Off topic.\n\n**Grade:** D",
-}
-# The graded model's answers: question_id -> keyword, so the fake judge's grade is known in advance.
-ANSWER_KEYWORDS = {1: "GOOD", 2: "FINE", 3: "MEH", 4: "BAD", 5: "GOOD", 6: "GOOD", 7: "FINE"}
-
-
-class FakeJudge(http.server.BaseHTTPRequestHandler):
-    """A `/v1/chat/completions` server whose behaviour is chosen by the requested model name."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        name, messages = body["model"], body["messages"]
-        content = messages[1]["content"]
-        text = content if isinstance(content, str) else content[-1]["text"]
-        answer = text.split("[Answer to grade]\n", 1)[1]
-        reply = next((r for k, r in KEYWORD_GRADES.items() if k in answer), "Grade: D")
-        if name == "garbage":
-            reply = "I like turtles."
-        elif name == "shy":  # no grade at first, a clean one when asked again
-            reply = "B" if len(messages) > 2 else "Hard to say."
-        elif name == "reject":
-            return self._send(400, {"error": {"message": "images are not supported"}})
-        elif name == "flaky" and not self.server.failed_once:
-            self.server.failed_once = True
-            return self._send(500, {"error": {"message": "overloaded"}})
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]})
-
-    def _send(self, code, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture()
-def fake_judge():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    server.requests, server.failed_once = [], False
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture()
-def answer_files(tmp_path):
-    paths = []
-    for model_id, prefix in (("m1", "ok"), ("m2", "other")):
-        path = tmp_path / f"{model_id}.jsonl"
-        with open(path, "w") as f:
-            for qid, image, question, _, _ in QUESTIONS:
-                keyword = ANSWER_KEYWORDS[qid] if model_id == "m1" else "BAD"
-                f.write(
-                    json.dumps(
-                        {
-                            "image": image,
-                            "question_id": qid,
-                            "question": question,
-                            "answer": f"{prefix} {keyword} answer {qid}",
-                            "model_id": model_id,
-                        }
-                    )
-                    + "\n"
-                )
-        paths.append(path)
-    return paths
 
 
 def grade(files, owleval_dir, url, model, **kw):

@@ -9,6 +9,7 @@ import pytest
 
 import owl_jax
 from helpers import FIXTURE, QUESTIONS, make_owleval
+from owl_jax.cli.eval import main
 from owl_jax.data.prompts import build_prompt
 from owl_jax.eval.owleval import Question, answer_owleval, conversations, load_questions
 from owl_jax.inference.generate import GenerationConfig, Generator
@@ -123,7 +124,7 @@ def test_sampling_seeded_per_question_and_long_conversations(owl, owleval_dir):
     assert [r["question_id"] for r in rows] == [q[0] for q in QUESTIONS]
 
 
-def test_runner_cli_resume(owl, owleval_dir, checkpoint, tmp_path):
+def test_runner_cli_resume(owl, owleval_dir, checkpoint, tmp_path, capsys):
     model, processor, gen = owl
     expected = answer_owleval(
         model,
@@ -137,7 +138,8 @@ def test_runner_cli_resume(owl, owleval_dir, checkpoint, tmp_path):
     out = tmp_path / "answers.jsonl"
     kept = {"image": "1.png", "question_id": 1, "question": QUESTIONS[0][2], "answer": "kept", "model_id": "tiny"}
     stale = dict(kept, question_id=3, image="2.png", answer="stale")  # its conversation is incomplete: redone
-    out.write_text(json.dumps(stale) + "\n" + json.dumps(kept) + "\n")
+    cut = json.dumps(dict(kept, question_id=5, image="3.png"))[:30]  # a run killed in the middle of a write
+    out.write_text(json.dumps(stale) + "\n" + json.dumps(kept) + "\n" + cut)
     proc = subprocess.run(
         [
             sys.executable,
@@ -164,6 +166,13 @@ def test_runner_cli_resume(owl, owleval_dir, checkpoint, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [kept] + expected[1:]
     assert "6 questions answered, 7 answers" in proc.stderr
+    assert f"warning: {out}:3: " in proc.stderr and "cut" in proc.stderr
+    # A damaged line before the end is a data error, reported before the model loads.
+    out.write_text("{oops\n" + json.dumps(kept) + "\n")
+    argv = ["answer", "--checkpoint", str(checkpoint), "--owleval", str(owleval_dir), "--out", str(out), "--resume"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}:1: not valid JSON") and err.count("\n") == 1
     bad = subprocess.run(
         [
             sys.executable,
