@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "silu")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn", "splash")  # see owl_jax.ops.attention
 MATMUL_ROUTES = ("auto", "xla", "cpu")  # see owl_jax.ops.matmul
@@ -23,7 +23,7 @@ SWITCHES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
-    """A config that cannot describe a valid mPLUG-Owl model."""
+    """A config that cannot describe a valid mPLUG-Owl model or training run; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,8 +263,8 @@ class OwlConfig:
             (v.hidden_act in _ACTIVATIONS, f"vision hidden_act {v.hidden_act!r} is not one of {_ACTIVATIONS}"),
             (t.hidden_act == "silu", f"text hidden_act {t.hidden_act!r}: LLaMA uses silu"),
             (self.num_query_tokens > 0, f"num_query_tokens must be positive, got {self.num_query_tokens}"),
-            (self.dtype in _DTYPES, f"dtype {self.dtype!r} is not one of {_DTYPES}"),
-            (self.param_dtype in _DTYPES, f"param_dtype {self.param_dtype!r} is not one of {_DTYPES}"),
+            (self.dtype in DTYPES, f"dtype {self.dtype!r} is not one of {DTYPES}"),
+            (self.param_dtype in DTYPES, f"param_dtype {self.param_dtype!r} is not one of {DTYPES}"),
             (self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"),
         ]
         for ok, message in checks:

@@ -22,7 +22,9 @@ from typing import Any
 
 import optax
 
-STAGES = ("stage1", "stage2", "stage2_full", "text_pretrain", "joint_pretrain")
+from owl_jax.training.schema import STAGE_KINDS
+
+STAGES = STAGE_KINDS
 TRAIN, FROZEN = "train", "frozen"
 LORA_LEAVES = ("lora_a", "lora_b")
 NO_DECAY_LEAVES = ("bias", "scale")  # biases and every norm's scale

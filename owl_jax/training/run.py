@@ -14,13 +14,14 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from owl_jax.checkpoint import abstract_model, flatten, leaf_shapes, merge_lora_params, nest, save_converted
-from owl_jax.config import LoRAConfig, Numerics, OwlConfig
-from owl_jax.sharding import make_mesh
+from owl_jax.config import ConfigError, LoRAConfig, Numerics, OwlConfig
+from owl_jax.sharding import ShardingError, make_mesh
 from owl_jax.training import distributed
 from owl_jax.training.evaluation import format_table, majority_baseline
 from owl_jax.training.hooks import TrainerHooks
 from owl_jax.training.loop import STOP, run_stage
 from owl_jax.training.trainer import Trainer
+from owl_jax.training.validation import check_batch_sizes, run_stages, validate
 
 DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "assets", "demo_tokenizer.model")
 
@@ -28,7 +29,7 @@ DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data"
 def _prepare_frozen(stage: str, value: str) -> bool | None:
     choices = {"auto": None, "on": True, "off": False}
     if value not in choices:
-        raise ValueError(f"stages.{stage}.prepare_frozen must be one of {sorted(choices)}, got {value!r}")
+        raise ConfigError(f"stages.{stage}.prepare_frozen must be one of {sorted(choices)}, got {value!r}")
     return choices[value]
 
 
@@ -137,23 +138,25 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
     """Train every stage of `config.run` in order; returns the evaluations by stage.
 
     `hooks` run at fixed points of every stage's loop (`owl_jax.training.hooks`).
+    Raises `ConfigError` for a mistake in `config` before any work (`owl_jax.training.validation`), and
+    `NonFiniteLossError` when a stage's loss stops being finite (before that stage's model is written).
     """
+    validate(config)
     distributed.maybe_initialize()
+    try:
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    except ShardingError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    check_batch_sizes(config, data_parallel=mesh.shape["data"] * mesh.shape["fsdp"], processes=jax.process_count())
+    base_cfg = model_config(config)
     STOP.install()
     workdir = os.path.abspath(config.workdir)
     data_dir = os.path.abspath(config.data.dir or os.path.join(workdir, "data"))
     if config.synthetic.enabled:
         prepare_synthetic(data_dir, config.synthetic)
     tokenizer = config.tokenizer or _tokenizer_beside(config) or DEMO_TOKENIZER
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    base_cfg = model_config(config)
     eval_paths = [os.path.join(data_dir, p) for p in config.data.eval]
-    stages = [s.strip() for s in config.run.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in config.stages]
-    if not stages or unknown:
-        raise ValueError(
-            f"config.run={config.run!r}: stages {unknown or '(none)'} are not in config.stages ({list(config.stages)})"
-        )
+    stages = run_stages(config)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:

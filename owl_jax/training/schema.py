@@ -4,11 +4,18 @@ A run trains the stages named in `run` (comma-separated) in order; each stage st
 stage's parameters, the first from `model` (random, a checkpoint folder, or CLIP + LLaMA towers). Paths of
 datasets are relative to `data.dir` (default `<workdir>/data`). Every field can be overridden on the
 command line: `python train.py --config configs/x.py --config.stages.stage2.steps=100`.
+
+`owl_jax.training.validation` checks a whole config against this schema before any work.
 """
 
 from __future__ import annotations
 
 from ml_collections import ConfigDict
+
+# What a stage's `kind` may be (`owl_jax.training.optimizer.trainable` says what trains in each).
+STAGE_KINDS = ("stage1", "stage2", "stage2_full", "text_pretrain", "joint_pretrain")
+MODEL_INITS = ("random", "checkpoint", "towers")
+PREPARE_FROZEN = ("auto", "on", "off")
 
 
 def optim_config(**overrides) -> ConfigDict:
