@@ -33,6 +33,10 @@ class SkippedRecordsError(RuntimeError):
     """More unusable records than the configured threshold."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """A stage's training loss became NaN or infinite; the run stops before that stage's model is written."""
+
+
 class _StopRequest:
     """Set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary."""
 
@@ -186,6 +190,7 @@ def run_stage(
                     values["mfu"] = flops * window_steps / elapsed / (peak * jax.device_count())
                 values["skipped_rows"] = int(skipped[1:].sum())
                 writer.write(done, values)
+                _check_finite_loss(name, done, values["loss"])  # before this step's checkpoint, and before export
                 if bar is not None:
                     bar.set_postfix_str(
                         f"loss {values['loss']:.3f} lr {values['lr']:.2e} "
@@ -260,6 +265,16 @@ def _evaluate(
     )
     batches, examples = evaluation_rows(paths, eval_transform, batch_size=batch_size)
     return evaluate(trainer, params, batches, examples)
+
+
+def _check_finite_loss(name: str, step: int, loss: float) -> None:
+    """Stop the run when the fetched loss is NaN or infinite (checked where metrics are fetched anyway: every
+    `log.every` steps and at the stage's last step, so always before its final save and export)."""
+    if not np.isfinite(loss):
+        raise NonFiniteLossError(
+            f"{name} step {step}: loss is {loss}; stopping before export — lower stages.{name}.optim.lr or check "
+            "the data (the checkpoints of earlier steps are kept)"
+        )
 
 
 def _check_skips(skipped: np.ndarray, rows: int, max_fraction: float, name: str) -> None:
