@@ -45,8 +45,9 @@ def _fail(message: str, status: int) -> None:
 def run_training(config: Any, train: Callable[[ConfigDict], Any] | None = None) -> None:
     """Check `config`, then train it with `train` (default `owl_jax.training.run.run`).
 
-    A mistake in the config exits with status 2, and a non-finite loss with status 1, each after one line on
-    stderr; the config is checked before JAX loads, so a mistake costs no start-up.
+    A mistake in the config, missing data or too many unusable records exit with status 2, and a
+    non-finite loss with status 1, each after one line on stderr; the config is checked before JAX loads,
+    so a mistake costs no start-up.
     """
     from owl_jax.config import ConfigError
     from owl_jax.training.validation import validate
@@ -59,12 +60,14 @@ def run_training(config: Any, train: Callable[[ConfigDict], Any] | None = None) 
         train(config)
     except ConfigError as e:
         _fail(str(e), 2)
-    except RuntimeError as e:
-        from owl_jax.training.loop import NonFiniteLossError
+    except (FileNotFoundError, RuntimeError) as e:
+        from owl_jax.training.loop import NonFiniteLossError, SkippedRecordsError
 
-        if not isinstance(e, NonFiniteLossError):
-            raise
-        _fail(str(e), 1)
+        if isinstance(e, NonFiniteLossError):
+            _fail(str(e), 1)
+        if isinstance(e, (FileNotFoundError, SkippedRecordsError)):  # data missing, or too much of it unusable
+            _fail(str(e), 2)
+        raise
 
 
 def _train(argv: list[str]) -> None:

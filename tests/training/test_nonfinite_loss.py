@@ -120,3 +120,22 @@ def test_cli_reports_a_nonfinite_loss_in_one_line_with_exit_1(capsys):
         run_training(tiny(), train=diverging)
     assert raised.value.code == 1
     assert capsys.readouterr().err == "error: stage1 step 7: loss is nan; stopping before export\n"
+
+
+@pytest.mark.parametrize("problem", ["missing", "skipped"])
+def test_cli_reports_data_problems_in_one_line_with_exit_2(problem, tmp_path, capsys):
+    from owl_jax.cli.train import run_training
+    from owl_jax.data.records import find_shards
+    from owl_jax.training.loop import _check_skips
+
+    def train(config):
+        if problem == "missing":
+            find_shards(str(tmp_path / "nowhere"))
+        _check_skips(np.array([50, 150]), rows=200, max_fraction=0.5, name="stage1")
+
+    with pytest.raises(SystemExit) as raised:
+        run_training(tiny(), train=train)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert ("nowhere" if problem == "missing" else "150 of 200 rows were unusable") in err
