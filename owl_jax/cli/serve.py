@@ -3,6 +3,11 @@
 
 Binds to 127.0.0.1 unless --host says otherwise: the server has no authentication, so exposing it on a
 network lets anyone there use the model (and, with --allow-local-files, read images from this machine).
+
+SIGTERM or Ctrl-C stops it gracefully: no new connections; requests in flight get --shutdown-grace seconds
+to finish, then are cancelled (a stream ends with an error event and `data: [DONE]`, any other request gets
+a 503); a second signal cancels at once. Exit status: 0 after a shutdown, 1 when the address cannot be
+bound (`cannot listen on HOST:PORT: ...`), 2 for bad arguments or a checkpoint that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -13,13 +18,33 @@ import os
 import sys
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not an integer") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {value}: must be 0 to 65535")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="owl-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--port", type=_port, default=8000, help="port (0: any free port)")
     p.add_argument("--model-name", default=None, help="model id for the API (default: the checkpoint folder's name)")
     p.add_argument(
         "--allow-local-files",
@@ -38,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument(
+        "--backlog", type=int, default=128, help="connections the OS queues before the server accepts them (128)"
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=_non_negative,
+        default=5.0,
+        help="seconds requests in flight get to finish on SIGTERM or Ctrl-C before they are cancelled (5)",
+    )
+    p.add_argument(
         "--unstack-layers",
         action="store_true",
         help="decode from one weight buffer per LLM layer (faster on a GPU; the LLM layers' memory twice)",
@@ -46,50 +80,101 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Load the checkpoint and serve until interrupted (Ctrl-C or SIGTERM)."""
+    """Load the checkpoint and serve until SIGTERM or Ctrl-C; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    if args.max_body_mb <= 0 or args.max_new_tokens < 1 or (args.max_image_pixels or 1) < 1:
-        print("error: --max-body-mb, --max-new-tokens and --max-image-pixels must be positive", file=sys.stderr)
+    if args.max_body_mb <= 0 or args.max_new_tokens < 1 or (args.max_image_pixels or 1) < 1 or args.backlog < 1:
+        print(
+            "error: --max-body-mb, --max-new-tokens, --max-image-pixels and --backlog must be positive",
+            file=sys.stderr,
+        )
         return 2
     import signal
     import threading
 
-    import owl_jax
-    from owl_jax.inference.generate import Generator
-    from owl_jax.serve.server import make_server
-
-    model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
-    if processor is None:
-        print(f"error: {args.checkpoint} has no tokenizer.model", file=sys.stderr)
-        return 2
-    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint)) or "mplug-owl"
-    try:
-        server = make_server(
-            model,
-            processor,
-            host=args.host,
-            port=args.port,
-            model_name=name,
-            generator=Generator(model, unstack_layers=args.unstack_layers),
-            allow_local_files=args.allow_local_files,
-            max_body_bytes=int(args.max_body_mb * 2**20),
-            max_image_pixels=args.max_image_pixels,
-            max_new_tokens=args.max_new_tokens,
-        )
-    except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+    reason = _cannot_bind(args.host, args.port)  # before the slow model load; the real bind comes later
+    if reason is not None:
+        print(f"error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
         return 1
-    # SIGTERM (e.g. from a service manager) stops as cleanly as Ctrl-C; shutdown() must run off this thread.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    logging.getLogger("owl_jax.serve").info("serving %r on %s (chat page at %s/)", name, server.url, server.url)
+    try:
+        import owl_jax
+        from owl_jax.inference.generate import Generator
+        from owl_jax.serve.server import make_server
+
+        try:
+            model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
+        except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+            print(f"error: cannot load the checkpoint {args.checkpoint}: {_one_line(e)}", file=sys.stderr)
+            return 2
+        if processor is None:
+            print(f"error: {args.checkpoint} has no tokenizer.model", file=sys.stderr)
+            return 2
+        name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint)) or "mplug-owl"
+        try:
+            server = make_server(
+                model,
+                processor,
+                host=args.host,
+                port=args.port,
+                model_name=name,
+                generator=Generator(model, unstack_layers=args.unstack_layers),
+                allow_local_files=args.allow_local_files,
+                max_body_bytes=int(args.max_body_mb * 2**20),
+                max_image_pixels=args.max_image_pixels,
+                max_new_tokens=args.max_new_tokens,
+                backlog=args.backlog,
+            )
+        except (OSError, OverflowError) as e:
+            reason = getattr(e, "strerror", None) or _one_line(e)
+            print(f"error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading
+        return 130
+    log = logging.getLogger("owl_jax.serve")
+    stopper: list[threading.Thread] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        # serve_forever returns once stop_serving() has run, which must happen off this (the serving) thread.
+        if stopper:
+            log.info("second %s: cancelling the requests in flight now", signal.Signals(signum).name)
+            server.hurry()
+            return
+        log.info("%s: stopping (up to %.1f s for requests in flight)", signal.Signals(signum).name, args.shutdown_grace)
+        stopper.append(threading.Thread(target=server.stop_serving, name="owl-serve-stop", daemon=True))
+        stopper[0].start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("serving %r on %s (chat page at %s/)", name, server.url, server.url)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.drain(args.shutdown_grace)
     finally:
         server.server_close()
+    log.info("stopped")
     return 0
+
+
+def _cannot_bind(host: str, port: int) -> str | None:
+    """Why the server could not listen on `host:port` (bound as `OwlServer` binds), or None."""
+    import socket
+
+    if port == 0:
+        return None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        return e.strerror or _one_line(e)
+    finally:
+        sock.close()
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 500 else text[:500] + "..."
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
+import select
+import socket
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -18,6 +22,8 @@ log = logging.getLogger("owl_jax.serve")
 CHAT_PATH = "/v1/chat/completions"
 GET_PATHS = ("/", "/index.html", "/health", "/v1/models")
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+DIGITS = re.compile(r"[0-9]{1,30}")  # str.isdigit() also takes "²", which int() refuses
+POLL_INTERVAL = 0.2  # seconds between checks that the client of a running request is still connected
 # Only the page's own inline script and style, images from data:/blob: URLs, requests to this server.
 PAGE_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
@@ -26,8 +32,15 @@ PAGE_CSP = (
 
 
 def encode_json(obj: Any) -> bytes:
-    """Compact UTF-8 JSON (non-ASCII text stays readable)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON (non-ASCII text stays readable; text that is not valid Unicode is \\u-escaped)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: only an ASCII escape can carry it
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+class ClientGone(ConnectionAbortedError):
+    """The client closed its connection while its request was running."""
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -62,10 +75,23 @@ class Handler(BaseHTTPRequestHandler):
         self._handle("OPTIONS")
 
     def _handle(self, method: str) -> None:
+        self.server.request_started()
+        try:
+            self._route(method)
+        finally:
+            self.server.request_finished()
+
+    def _route(self, method: str) -> None:
         length = (self.headers.get("Content-Length") or "0").strip()
-        self._unread = int(length) if length.isdigit() else 0
+        if DIGITS.fullmatch(length):
+            self._unread = int(length)
+        else:  # where the body ends is unknown, and so is where the next request starts
+            self._unread, self.close_connection = 0, True
         path = unquote(urlsplit(self.path).path)
         try:
+            if len(set(self.headers.get_all("Content-Length") or ())) > 1:
+                self.close_connection = True  # where this body ends is ambiguous: so is the next request
+                raise ApiError(400, "the request has several different Content-Length headers")
             if path == CHAT_PATH:
                 self._require(method, "POST")
                 self._chat()
@@ -82,7 +108,10 @@ class Handler(BaseHTTPRequestHandler):
             elif path in GET_PATHS:
                 self._require(method, "GET")
                 if path == "/health":
-                    self._send_json(200, {"status": "ok"})
+                    if self.server.stopping.is_set():
+                        self._send_json(503, {"status": "stopping"})
+                    else:
+                        self._send_json(200, {"status": "ok"})
                 elif path == "/v1/models":
                     self._send_json(200, self.server.models())
                 else:
@@ -121,16 +150,15 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise ApiError(411, "a Content-Length header is required")
-        if not length.strip().isdigit():
-            raise ApiError(400, f"invalid Content-Length {length!r}")
+        if not DIGITS.fullmatch(length.strip()):
+            raise ApiError(400, f"invalid Content-Length {length[:40]!r}")
         length = int(length)
         if length > self.server.max_body_bytes:
             raise self._too_large(length)
         # A cross-site page can send text/plain without a CORS preflight; JSON needs one, which we refuse.
         if self.headers.get_content_type() != "application/json":
-            raise ApiError(
-                415, f"send the request as Content-Type: application/json (got {self.headers.get('Content-Type')!r})"
-            )
+            got = (self.headers.get("Content-Type") or "")[:80] or None
+            raise ApiError(415, f"send the request as Content-Type: application/json (got {got!r})")
         data = self.rfile.read(length)
         self._unread = 0
         if len(data) < length:
@@ -138,8 +166,10 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the request body ended after {len(data)} of {length} bytes")
         try:
             return json.loads(data)
-        except ValueError as e:  # JSONDecodeError and undecodable bytes
+        except ValueError as e:  # JSONDecodeError, undecodable bytes, integers of over 4300 digits
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
 
     def _too_large(self, length: int) -> ApiError:
         return ApiError(
@@ -159,7 +189,10 @@ class Handler(BaseHTTPRequestHandler):
         return super().handle_expect_100()
 
     def _chat(self) -> None:
-        request, job = self.server.prepare(self._read_json())
+        body = self._read_json()
+        if self.server.stopping.is_set():
+            raise ApiError(503, "the server is shutting down", type="server_error")
+        request, job = self.server.prepare(body)
         self.server.worker.submit(job)
         if request.stream:
             self._stream(request, job)
@@ -221,6 +254,7 @@ class Handler(BaseHTTPRequestHandler):
                     self._event(chunk({"content": value}))
                 elif kind == "error":  # headers are gone: report it in the stream, as OpenAI does
                     self._event(value.body())
+                    self.wfile.write(b"data: [DONE]\n\n")
                     return
                 else:
                     self._event(chunk({}, value.finish_reason))
@@ -234,12 +268,44 @@ class Handler(BaseHTTPRequestHandler):
             log.info("%s: client went away during the stream", job.label)
 
     def _next_event(self, job: Any) -> tuple[str, Any]:
+        """The job's next event. While waiting, and every `POLL_INTERVAL` while events keep coming, checks
+        that the client is still connected; if it is gone the job is cancelled and ClientGone raised."""
         while True:
+            now = time.monotonic()
+            if now - self._polled >= POLL_INTERVAL:
+                self._polled = now
+                if self._client_gone():
+                    job.cancelled.set()  # stop generating for nobody
+                    raise ClientGone(f"{job.label}: the client closed the connection")
             try:
-                return job.events.get(timeout=1.0)
+                return job.events.get(timeout=POLL_INTERVAL)
             except queue.Empty:
                 if not self.server.worker.is_alive():
                     return "error", ApiError(503, "the model worker has stopped", type="server_error")
+
+    _polled = 0.0
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed (or reset) its connection: it is readable and reads as EOF.
+
+        A client that half-closes its side after sending the request (HTTP clients do not) counts as gone.
+        Bytes of a pipelined next request do not.
+        """
+        sock = self.connection
+        try:
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(sock, select.POLLIN | select.POLLPRI)
+                ready = bool(poller.poll(0))
+            else:
+                ready = bool(select.select([sock], [], [], 0)[0])
+            if not ready:
+                return False
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return False
+        except (OSError, ValueError):  # reset, or the socket is closed
+            return True
 
     def _event(self, obj: Any) -> None:
         self.wfile.write(b"data: " + encode_json(obj) + b"\n\n")
@@ -247,7 +313,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------------------------------- responses
     def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
-        if self._unread:
+        if self._unread or self.server.stopping.is_set():
             self.close_connection = True  # the rest of the body would be read as the next request
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -290,6 +356,34 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 remaining -= len(data)
         except (TimeoutError, OSError):
+            pass
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own refusals (malformed request line or headers, unsupported method,
+        header lines too long...) as OpenAI-style JSON too."""
+        try:
+            reason = HTTPStatus(code).phrase
+        except ValueError:
+            reason = "error"
+        text = message or reason
+        if explain:
+            text = f"{text}: {explain}"
+        self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":  # an unparsed request line: answer in 1.1
+            self.request_version = self.protocol_version
+        error = ApiError(code, text, type="invalid_request_error" if code < 500 else "server_error")
+        self._unread = 0
+        log.info("%s: %d %s", getattr(self, "requestline", ""), code, text)
+        try:
+            body = encode_json(error.body())
+            self.send_response(code)  # the standard reason phrase: `message` may quote the request line
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if getattr(self, "command", None) != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(body)
+        except CLIENT_GONE:
             pass
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -40,6 +40,37 @@ def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
 
+def _is_text(value: str) -> bool:
+    """Whether `value` is encodable Unicode text (JSON's `\\ud800` escapes decode to lone surrogates, which are not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def find_lone_surrogate(body: Any) -> str | None:
+    """The path (`messages[0].content`) of the first string, or key, in a parsed JSON body that holds a lone
+    surrogate (U+D800-U+DFFF, e.g. from the escape `"\\ud800"`), or None. Walks without recursion."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not _is_text(value):
+                return path or "the request body"
+        elif isinstance(value, dict):
+            items = []
+            for key, item in value.items():
+                name = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and not _is_text(key):
+                    return f"a key of {path}" if path else "a top-level key"
+                items.append((item, name))
+            stack.extend(reversed(items))  # depth first, in document order
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(value))))
+    return None
+
+
 def _content_parts(content: Any, where: str) -> list[dict]:
     """A message's content as a list of parts (a string is one text part)."""
     if isinstance(content, str):
@@ -132,8 +163,14 @@ def _number(body: dict, key: str, default: Any, kind: type, check: Callable[[Any
         return default
     # bool is an int in Python, but `"temperature": true` is a client bug worth reporting.
     ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if ok and kind is float:
+        try:
+            value = float(value)  # an integer of 400 digits does not fit a float: refused below
+        except OverflowError:
+            ok = False
     if not ok or (kind is float and not math.isfinite(value)) or not check(value):
-        raise _bad(f"'{key}' must be {rule}; got {value!r}", key)
+        shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
+        raise _bad(f"'{key}' must be {rule}; got {shown}", key)
     return kind(value)
 
 
@@ -188,14 +225,24 @@ def parse_chat_request(
     eos_token_id: int,
     pad_token_id: int,
     bos_token_id: int,
+    max_images: int | None = None,
 ) -> ChatRequest:
     """Validate a `/v1/chat/completions` body; ApiError for anything the server cannot serve.
 
     Args:
       load_image: `(url, name) → RGB image`, raising ApiError for refused or unreadable images.
+      max_images: the most images a conversation can hold (their tokens must fit the context); more are
+        refused before any is decoded.
     """
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
+    bad_text = find_lone_surrogate(body)
+    if bad_text is not None:
+        raise _bad(
+            f"{bad_text} is not valid Unicode text: it holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+            "escape); send UTF-8 text",
+            bad_text,
+        )
     model = body.get("model")
     if model is not None and model != model_name:
         raise ApiError(
@@ -212,6 +259,14 @@ def parse_chat_request(
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,
     )
+    count = sum(len(urls) for urls, _, _ in turns)
+    if max_images is not None and count > max_images:
+        raise ApiError(
+            400,
+            f"the conversation has {count} images; at most {max_images} fit the model's context",
+            code="context_length_exceeded",
+            param="messages",
+        )
     images, layout = [], []
     for urls, question, answer in turns:
         for url in urls:

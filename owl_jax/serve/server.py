@@ -3,6 +3,11 @@
     server = make_server(model, processor, port=8000)
     server.serve_forever()          # or in a thread; server.shutdown() stops it (from another thread)
 
+Stopping gracefully (`owl-serve` on SIGTERM or Ctrl-C): `stop_serving()` makes `serve_forever` return,
+`drain(grace)` closes the listening socket, lets the running and queued requests finish for up to `grace`
+seconds, cancels the rest (a streamed answer ends with an error event and `data: [DONE]`, any other gets a
+503 JSON error) and waits briefly for those responses to be written.
+
 Endpoints: `POST /v1/chat/completions` (JSON, or server-sent events with `"stream": true`), `GET /v1/models`,
 `GET /health` and `GET /` (a chat page). Handler threads parse, validate and tokenize; one `ModelWorker`
 thread runs the model, one request at a time.
@@ -29,6 +34,9 @@ from owl_jax.serve.worker import Job, ModelWorker
 
 log = logging.getLogger("owl_jax.serve")
 DEFAULT_MODEL_NAME = "mplug-owl"
+# Longer conversations are refused before tokenizing: no text that fits the context is this long (a token
+# stands for a few characters), and tokenizing a 20 MiB body would hold the shared tokenizer for ~30 s.
+PROMPT_CHARS_PER_POSITION = 64
 
 
 class OwlServer(ThreadingHTTPServer):
@@ -42,6 +50,8 @@ class OwlServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True  # a slow client never blocks shutdown
+    request_queue_size = 128  # the listen backlog (the standard library's 5 resets bursts of connections)
+    response_wait = 5.0  # seconds `drain` waits for in-flight responses to be written after cancelling
 
     def __init__(
         self,
@@ -55,11 +65,22 @@ class OwlServer(ThreadingHTTPServer):
         max_body_bytes: int = 20 * 2**20,
         max_image_pixels: int | None = None,
         max_new_tokens: int = 512,
+        backlog: int | None = None,
     ):
         if processor is None:
             raise ValueError("the server needs the model's processor (a checkpoint folder with tokenizer.model)")
         if max_new_tokens < 1 or max_body_bytes < 1:
             raise ValueError("max_new_tokens and max_body_bytes must be positive")
+        if backlog is not None:
+            if backlog < 1:
+                raise ValueError("backlog must be positive")
+            self.request_queue_size = int(backlog)
+        self.stopping = threading.Event()  # set once the server stops taking requests
+        self._hurry = threading.Event()  # cuts the shutdown grace period short
+        self._active = 0  # requests being handled (not idle keep-alive connections)
+        self._active_changed = threading.Condition()
+        self._drain_lock = threading.Lock()
+        self._drained = False
         # The generator first: if building it fails, no socket has been bound yet.
         self.generator = generator or Generator(model)
         super().__init__(address, Handler)
@@ -68,6 +89,8 @@ class OwlServer(ThreadingHTTPServer):
         self.max_body_bytes, self.max_new_tokens = int(max_body_bytes), int(max_new_tokens)
         self.max_image_pixels = int(max_image_pixels or processor.max_image_pixels)
         self.context_length = int(model.config.text.max_position_embeddings)
+        self.vocab_size = int(model.config.text.vocab_size)
+        self.max_prompt_chars = PROMPT_CHARS_PER_POSITION * self.context_length
         self.created = int(time.time())
         # The processor's tokenizer is shared by handler threads (encoding) and the worker (decoding).
         self.tokenizer_lock = threading.Lock()
@@ -80,15 +103,66 @@ class OwlServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def shutdown(self) -> None:
-        """Stop `serve_forever` (call it from another thread) and the model worker."""
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Stop `serve_forever` (call it from another thread), then `drain(grace)`: requests in flight get
+        `grace` seconds to finish, the rest are cancelled, and the model worker stops."""
+        self.stop_serving()
+        self.drain(grace)
+
+    def stop_serving(self) -> None:
+        """Make `serve_forever` return (call it from another thread; it waits for that)."""
+        self.stopping.set()
         super().shutdown()
+
+    def hurry(self) -> None:
+        """Cut a running `drain`'s grace period short (e.g. on a second SIGTERM)."""
+        self._hurry.set()
+
+    def drain(self, grace: float = 0.0) -> bool:
+        """Stop taking requests and finish the ones in flight; returns whether all finished in time.
+
+        Closes the listening socket, refuses new chat requests (503), lets running and queued generations
+        go on for up to `grace` seconds, cancels what is left (streams end with an error event, other
+        requests get a 503) and waits up to `response_wait` seconds for the responses to be written. Call
+        it after `serve_forever` has returned; calling it again does nothing.
+        """
+        with self._drain_lock:
+            if self._drained:
+                return True
+            self._drained = True
+        self.stopping.set()
+        super().server_close()  # new connections are refused from now on
+        pending = self.worker.pending
+        if pending:
+            log.info("stopping: %d requests in flight get up to %.1f s to finish", pending, grace)
+        finished = self.worker.drain(grace, self._hurry)
+        if not finished:
+            log.info("stopping: cancelling %d unfinished requests", self.worker.pending)
         self.worker.stop()
+        deadline = time.monotonic() + self.response_wait
+        with self._active_changed:
+            while self._active and time.monotonic() < deadline:
+                self._active_changed.wait(0.05)
+            if self._active:
+                log.info("stopping: %d responses still unwritten", self._active)
+                finished = False
+        return finished
+
+    def request_started(self) -> None:
+        with self._active_changed:
+            self._active += 1
+
+    def request_finished(self) -> None:
+        with self._active_changed:
+            self._active -= 1
+            self._active_changed.notify_all()
 
     def server_close(self) -> None:
         """Close the listening socket and stop the model worker."""
         super().server_close()
-        self.worker.stop()
+        worker = getattr(self, "worker", None)  # absent when binding the socket failed in __init__
+        if worker is not None:
+            worker.stop()
 
     def _decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
@@ -111,7 +185,17 @@ class OwlServer(ThreadingHTTPServer):
             eos_token_id=p.eos_token_id,
             pad_token_id=p.pad_token_id,
             bos_token_id=p.bos_token_id,
+            max_images=max(0, (self.context_length - 1) // max(1, p.image_tokens)),
         )
+        if len(request.prompt) > self.max_prompt_chars:  # tokenizing megabytes would hold the tokenizer for seconds
+            raise ApiError(
+                400,
+                f"the conversation is {len(request.prompt)} characters; the server takes at most "
+                f"{self.max_prompt_chars} ({PROMPT_CHARS_PER_POSITION} per position of the model's context of "
+                f"{self.context_length})",
+                code="context_length_exceeded",
+                param="messages",
+            )
         with self.tokenizer_lock:
             ids = p.encode_prompt(request.prompt)
         room = self.context_length - len(ids)
@@ -128,6 +212,8 @@ class OwlServer(ThreadingHTTPServer):
             )
         if config.max_new_tokens > room:  # the server's default length, shortened to fit the context
             config = dataclasses.replace(config, max_new_tokens=room)
+        if config.top_k >= self.vocab_size:  # keeps every token: the same as no top-k (and one compiled step)
+            config = dataclasses.replace(config, top_k=0)
         job = Job(
             np.asarray([ids], np.int32),
             p.preprocess_images(request.images),
@@ -150,8 +236,9 @@ def make_server(model: Any, processor: Any, *, host: str = "127.0.0.1", port: in
     Args:
       model, processor: from `owl_jax.from_pretrained`.
       options: `OwlServer` keywords: `model_name`, `allow_local_files`, `max_body_bytes`, `max_image_pixels`
-        (default: the processor's), `max_new_tokens` (default and ceiling of `max_tokens`), `generator`.
+        (default: the processor's), `max_new_tokens` (default and ceiling of `max_tokens`), `generator`,
+        `backlog` (the listen queue, default 128).
 
-    Call `serve_forever()` (e.g. in a thread), then `shutdown()` and `server_close()` to stop.
+    Call `serve_forever()` (e.g. in a thread), then `shutdown(grace)` and `server_close()` to stop.
     """
     return OwlServer((host, port), model, processor, **options)

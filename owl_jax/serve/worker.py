@@ -87,6 +87,10 @@ class ModelWorker(threading.Thread):
     Args:
       generator: the model's generator (only this thread calls it).
       decode: ids → text (the processor's `decode`; the caller serializes it with tokenizer use elsewhere).
+
+    Stopping: `drain(grace)` refuses new jobs and waits up to `grace` seconds for the queued and running
+    ones; `stop()` then cancels what is left (each gets a 503 "the server is shutting down") and ends the
+    thread. A job whose `cancelled` is set while it waits in the queue is dropped without running.
     """
 
     def __init__(self, generator: Generator, decode: Callable[[list[int]], str]):
@@ -95,17 +99,42 @@ class ModelWorker(threading.Thread):
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.current: Job | None = None
         self._stopping = threading.Event()
+        self._closed = False  # no new jobs (draining or stopped)
+        self._pending = 0  # jobs submitted and not yet answered
+        self._idle = threading.Condition()
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        return self._pending
 
     def submit(self, job: Job) -> None:
         """Queue `job`; its events will arrive on `job.events`."""
-        if self._stopping.is_set() or not self.is_alive():
-            raise ApiError(503, "the server is shutting down", type="server_error")
+        with self._idle:
+            if self._closed or self._stopping.is_set() or not self.is_alive():
+                raise ApiError(503, "the server is shutting down", type="server_error")
+            self._pending += 1
         self.jobs.put(job)
+
+    def drain(self, grace: float, interrupt: threading.Event | None = None) -> bool:
+        """Refuse new jobs and wait up to `grace` seconds (less if `interrupt` is set) for the queued and
+        running ones to finish; returns whether they all did."""
+        deadline = time.monotonic() + max(0.0, grace)
+        with self._idle:
+            self._closed = True
+            while self._pending and self.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0 or (interrupt is not None and interrupt.is_set()):
+                    return False
+                self._idle.wait(min(left, 0.1))
+            return True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the running job early, refuse the queued ones and end the thread."""
         if self._stopping.is_set():
             return
+        with self._idle:
+            self._closed = True
         self._stopping.set()
         current = self.current
         if current is not None:
@@ -114,33 +143,48 @@ class ModelWorker(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
 
+    def _answered(self) -> None:
+        with self._idle:
+            self._pending -= 1
+            self._idle.notify_all()
+
+    def _refuse(self, job: Job) -> None:
+        job.events.put(("error", ApiError(503, "the server is shutting down", type="server_error")))
+        self._answered()
+
     def run(self) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
                 break
             if self._stopping.is_set():
-                job.events.put(("error", ApiError(503, "the server is shutting down", type="server_error")))
+                self._refuse(job)
+                continue
+            if job.cancelled.is_set():  # its client went away while it waited
+                log.info("%s cancelled before it started (client gone)", job.label)
+                job.events.put(("error", ApiError(503, "the request was cancelled", type="server_error")))
+                self._answered()
                 continue
             self.current = job
             try:
                 self._run(job)
             finally:
                 self.current = None
+                self._answered()
         while True:  # anything still queued at shutdown gets an answer instead of waiting forever
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 return
             if job is not None:
-                job.events.put(("error", ApiError(503, "the server is shutting down", type="server_error")))
+                self._refuse(job)
 
     def _run(self, job: Job) -> None:
         cfg = job.config
         text = TextStream(self.decode, cfg.eos_token_id)
 
         def on_token(step: int, tokens: np.ndarray, finished: np.ndarray) -> None:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() or self._stopping.is_set():
                 raise _Cancelled
             piece = text.push(int(tokens[0]))
             if piece:
@@ -150,8 +194,10 @@ class ModelWorker(threading.Thread):
         try:
             out = self.generator.generate(job.input_ids, None, job.pixel_values, cfg, stream=on_token)
         except _Cancelled:
-            log.info("%s cancelled (client gone or server stopping)", job.label)
-            job.events.put(("error", ApiError(503, "the request was cancelled", type="server_error")))
+            stopping = self._stopping.is_set()
+            log.info("%s cancelled (%s)", job.label, "server stopping" if stopping else "client gone")
+            why = "the server is shutting down" if stopping else "the request was cancelled"
+            job.events.put(("error", ApiError(503, why, type="server_error")))
             return
         except ValueError as e:  # inputs the model cannot take (validated earlier, so rare)
             job.events.put(("error", ApiError(400, str(e))))

@@ -12,18 +12,16 @@ import os
 import pathlib
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import pytest
 from PIL import Image
 
 import owl_jax
-from helpers import FIXTURE
+from helpers import FIXTURE, png_claiming
 from owl_jax.data.prompts import SYSTEM, build_conversation
 from owl_jax.inference.generate import GenerationConfig, Generator
 from owl_jax.serve import make_server
@@ -252,18 +250,6 @@ def test_models_health_and_page(server):
 
 
 # ---------------------------------------------------------------------------------------- bad requests
-def png_claiming(width, height) -> bytes:
-    """A valid PNG header for a width×height RGB image, followed by almost no pixel data."""
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
-
-
 def png_bytes(width, height) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG")
@@ -382,6 +368,8 @@ def test_text_stream_holds_back_partial_characters_and_trailing_space():
 
 # ----------------------------------------------------------------------------------------------- CLI
 def test_cli_serves_and_stops_on_sigterm(model_and_processor):
+    """`owl-serve` serves; SIGTERM with a stream in flight ends that stream with an error event and [DONE]
+    (after --shutdown-grace) and exits 0 without a traceback."""
     folder = model_and_processor[2]
     env = {
         **os.environ,
@@ -390,7 +378,8 @@ def test_cli_serves_and_stops_on_sigterm(model_and_processor):
         ),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "owl_jax.serve", "--checkpoint", str(folder), "--port", "0", "--max-new-tokens", "4"],
+        [sys.executable, "-m", "owl_jax.serve", "--checkpoint", str(folder), "--port", "0"]
+        + ["--max-new-tokens", "2000", "--shutdown-grace", "0.2"],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -407,8 +396,21 @@ def test_cli_serves_and_stops_on_sigterm(model_and_processor):
         conn.request("GET", "/v1/models")
         assert json.loads(conn.getresponse().read())["data"][0]["id"] == folder.name
         conn.close()
+        # A long sampled answer (seed 3: ~1900 tokens of the tiny model), in flight when SIGTERM comes.
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        request = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "seed": 3, "max_tokens": 2000}
+        conn.request("POST", "/v1/chat/completions", json.dumps(request), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        for _ in range(2):  # the role chunk and the first text
+            assert response.readline().startswith(b"data: {") and response.readline() == b"\n"
         proc.send_signal(signal.SIGTERM)
+        events = [e for e in response.read().decode().split("\n\n") if e]
+        conn.close()
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: ") :])["error"]["message"] == "the server is shutting down"
         assert proc.wait(timeout=60) == 0
+        assert "Traceback" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
