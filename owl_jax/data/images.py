@@ -21,14 +21,16 @@ and whose message names the image.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import functools
 import io
 import math
 import os
 import stat
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from PIL import Image
 
@@ -172,6 +174,30 @@ def shared_limiter(capacity_bytes: int) -> DecodeLimiter:
         return _SHARED_LIMITERS.setdefault(capacity_bytes, DecodeLimiter(capacity_bytes))
 
 
+# Decodes estimated above this hand their freed memory back to the operating system when they finish.
+_TRIM_ABOVE = 32 * 1024 * 1024
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give memory freed by a large decode back to the operating system.
+
+    glibc keeps freed heap memory in the arena of the thread that used it, and PIL allocates images in
+    blocks that land there, so every server thread that once decoded a large image would keep hundreds
+    of megabytes resident. `malloc_trim` returns it; where the C library has none this does nothing.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _open_file(path: str, name: str) -> io.BufferedReader:
     """Open a regular file for reading without blocking on FIFOs or devices (ImageError otherwise)."""
     try:
@@ -267,8 +293,13 @@ def decode_image(
         plan = plan_decode(image, budget, name)
         with limiter.reserve(plan.memory):
             try:
-                image.load()
-                return image.convert("RGB") if plan.reduce == 1 else _reduce_in_strips(image, plan.reduce)
+                try:
+                    image.load()
+                    return image.convert("RGB") if plan.reduce == 1 else _reduce_in_strips(image, plan.reduce)
+                finally:
+                    image.close()  # the full-size pixels go now, while the reservation still counts them
+                    if plan.memory >= _TRIM_ABOVE:
+                        _return_freed_memory()
             except MemoryError:
                 raise ImageError("too_large", f"{name}: out of memory while decoding {plan.size}") from None
             except Exception as e:  # truncated or corrupt pixel data

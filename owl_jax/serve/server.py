@@ -24,6 +24,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from owl_jax.inference.generate import Generator
 from owl_jax.serve.errors import ApiError
@@ -169,10 +170,16 @@ class OwlServer(ThreadingHTTPServer):
             return self.processor.decode(ids)
 
     def load_image(self, url: str, name: str):
-        """An `image_url` → RGB image under this server's rules (ApiError otherwise)."""
-        return load_image_url(
+        """An `image_url` → RGB image of the model's size, under this server's rules (ApiError otherwise).
+
+        Resizing here, as each image is decoded, keeps one decoded image at a time instead of all of a
+        request's; `preprocess_images` then sees images already of its size (which it leaves as they are).
+        """
+        image = load_image_url(
             url, allow_local_files=self.allow_local_files, max_pixels=self.max_image_pixels, name=name
         )
+        size = (self.processor.image_size, self.processor.image_size)
+        return image.resize(size, Image.BICUBIC)
 
     def prepare(self, body: Any) -> tuple[Any, Job]:
         """Validate a chat-completion body and build its `Job` (ApiError for requests that cannot be served)."""
