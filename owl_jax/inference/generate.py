@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from owl_jax import ops
-from owl_jax.inference.sampling import GenerationConfig, select_tokens
+from owl_jax.inference.sampling import DecodeStructure, DecodeValues, GenerationConfig, select_tokens
 from owl_jax.modeling._stack import unstack_layer_states
 from owl_jax.modeling.llama import KVCache, can_fuse_projections
 from owl_jax.modeling.llama import fuse_projections as fuse_layer
@@ -117,18 +117,21 @@ def _decode(graphdef, params, cache, tokens, positions, slot, key_valid):
 
 
 def _decode_select(
-    graphdef, params, cache, key_valid, tokens, positions, slot, history, step, key, finished, cfg: GenerationConfig
+    graphdef, params, cache, key_valid, tokens, positions, slot, history, step, key, finished, structure, values
 ):
     """Feed `tokens` (step `step - 1`'s picks) and pick step `step`'s, all on the device."""
     logits, cache, key_valid = _decode(graphdef, params, cache, tokens, positions, slot, key_valid)
     key, sub = jax.random.split(key)
-    picked = select_tokens(logits, step, history, jnp.full(tokens.shape, step + 1, jnp.int32), sub, cfg)
-    picked = jnp.where(finished, cfg.pad_token_id, picked)
+    history_len = jnp.full(tokens.shape, step + 1, jnp.int32)
+    picked = select_tokens(logits, step, history, history_len, sub, structure, values)
+    picked = jnp.where(finished, structure.pad_token_id, picked)
     history = jax.lax.dynamic_update_slice(history, picked[:, None], (0, step + 1))
-    return picked, finished | (picked == cfg.eos_token_id), history, key, cache, key_valid
+    return picked, finished | (picked == structure.eos_token_id), history, key, cache, key_valid
 
 
-def _decode_chunk(graphdef, params, carry, positions, slot, limit, count, cfg: GenerationConfig, chunk: int):
+def _decode_chunk(
+    graphdef, params, carry, positions, slot, limit, count, values: DecodeValues, structure: DecodeStructure, chunk: int
+):
     """Up to `count` (at most `chunk`) decode steps in one on-device loop, so the host dispatches and reads
     once per chunk rather than once per token.
 
@@ -157,24 +160,25 @@ def _decode_chunk(graphdef, params, carry, positions, slot, limit, count, cfg: G
             step + 1,
             key,
             finished,
-            cfg,
+            structure,
+            values,
         )
         picks = jax.lax.dynamic_update_slice(picks, picked[:, None], (0, i))
         return i + 1, (step + 1, picked, finished, history, key, cache, key_valid), picks
 
-    picks = jnp.full((carry[1].shape[0], chunk), cfg.pad_token_id, jnp.int32)
+    picks = jnp.full((carry[1].shape[0], chunk), structure.pad_token_id, jnp.int32)
     ran, carry, picks = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, picks))
     step, tokens, finished, history, key, cache, key_valid = carry
     return (step, tokens, finished, history, key, _cache_axes(cache), key_valid), picks, ran
 
 
-def _first_select(logits, history, key, cfg: GenerationConfig):
+def _first_select(logits, history, key, structure: DecodeStructure, values: DecodeValues):
     """Step 0's picks from the prefill logits (same processors and key sequence as `_decode_select`)."""
     key, sub = jax.random.split(key)
     b = logits.shape[0]
-    picked = select_tokens(logits, jnp.int32(0), history, jnp.ones((b,), jnp.int32), sub, cfg)
+    picked = select_tokens(logits, jnp.int32(0), history, jnp.ones((b,), jnp.int32), sub, structure, values)
     history = history.at[:, 1].set(picked)
-    return picked, picked == cfg.eos_token_id, history, key
+    return picked, picked == structure.eos_token_id, history, key
 
 
 class Generator:
@@ -238,7 +242,7 @@ class Generator:
         self.decode = jit(_decode, static_argnums=(0,), donate_argnums=(2,))
         self.extend = jit(_extend, static_argnums=(0,), donate_argnums=(2,))
         self.first_select = jit(_first_select, static_argnums=(3,))
-        self.decode_chunk_fn = jit(_decode_chunk, static_argnums=(0, 7, 8), donate_argnums=(2,))
+        self.decode_chunk_fn = jit(_decode_chunk, static_argnums=(0, 8, 9), donate_argnums=(2,))
         self.encode = jit(lambda params, px: _merge(self.graphdef, params)[0].encode_images(px))
 
     def new_cache(self, batch: int, length: int) -> KVCache:
@@ -323,15 +327,17 @@ class Generator:
           the last (which was never fed back).
         """
         b = logits.shape[0]
-        # The compiled steps depend on neither the seed (it only seeds `key`) nor max_new_tokens (the token
-        # history is padded to a bucket), so a server with a seed or length per request compiles them once.
-        static_cfg = dataclasses.replace(cfg, seed=0, max_new_tokens=max(1, cfg.min_new_tokens))
+        # The compiled steps depend only on the options' structure: the seed only seeds `key`, max_new_tokens
+        # is the traced `limit` (the token history is padded to a bucket) and the sampling numbers are traced
+        # values, so a server compiles them once however its requests set those.
+        structure = cfg.structure()
         history = np.zeros((b, round_up(cfg.max_new_tokens + 1, self.cache_bucket)), np.int32)
         history[:, 0] = cfg.bos_token_id
         generated = np.zeros((b, cfg.max_new_tokens), np.int32)
         with self._ctx():
+            values = jax.tree.map(jnp.asarray, cfg.values())
             tokens, done, history, key = self.first_select(
-                logits, jnp.asarray(history), jax.random.key(cfg.seed), static_cfg
+                logits, jnp.asarray(history), jax.random.key(cfg.seed), structure, values
             )
             carry = (jnp.int32(0), tokens, done, history, key, cache, key_valid)
             fixed = (jnp.asarray(positions, jnp.int32), jnp.int32(slot), jnp.int32(cfg.max_new_tokens))
@@ -347,7 +353,7 @@ class Generator:
         while True:
             with self._ctx():
                 carry, picks, ran = self.decode_chunk_fn(
-                    self.graphdef, self.state, carry, *fixed, jnp.int32(count), static_cfg, self.decode_chunk
+                    self.graphdef, self.state, carry, *fixed, jnp.int32(count), values, structure, self.decode_chunk
                 )
             block, n = jax.device_get(pending)
             for column in np.asarray(block)[:, : int(n)].T:

@@ -288,7 +288,7 @@ def test_chat_cli_one_shot_and_repl(model_and_processor, tmp_path):
     assert one_shot.returncode == 0, one_shot.stderr
     assert one_shot.stdout.strip() == expected
     repl = _chat(folder, stdin=f"/image {image}\n{question}\n/reset\n/image missing.png\n/bogus\n/quit\n")
-    assert repl.returncode == 0, repl.stderr
+    assert repl.returncode == 1, repl.stderr  # piped input with a refused line (the missing image) exits 1
     assert repl.stdout.strip() == expected
     assert "missing.png" in repl.stderr and "unknown command /bogus" in repl.stderr
 
