@@ -11,44 +11,59 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from owl_jax.config import AbstractorConfig, ConfigError, OwlConfig, TextConfig, VisionConfig
 
 
-def owl_config_from_hf(source: str | os.PathLike | dict[str, Any], **runtime: Any) -> OwlConfig:
+def owl_config_from_hf(
+    source: str | os.PathLike | dict[str, Any], *, where: str | None = None, **runtime: Any
+) -> OwlConfig:
     """An `OwlConfig` from a released `config.json` (a path, a folder holding one, or the parsed dict);
-    `runtime` sets the run-time fields (`dtype`, `param_dtype`, `scan_layers`, ...)."""
+    `runtime` sets the run-time fields (`dtype`, `param_dtype`, `scan_layers`, ...).
+
+    Every field read is checked (type, range, divisibility) before any model is built: a bad one raises a
+    one-line `ConfigError` naming `where` (default: the file's path, or "config.json" for a dict) and the key,
+    e.g. `config.json: text_config.num_attention_heads must be a positive integer, got 0`.
+    """
+    where = where or where_of(source)
     d = read_json_source(source)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: must hold a JSON object, got {_show(d)}")
     missing = [k for k in ("vision_config", "visual_abstractor_config", "text_config") if k not in d]
     if missing:
         raise ConfigError(
-            f"config is not in the MplugOwlConfig layout: missing {missing}; top-level keys are {sorted(d)[:12]}"
+            f"{where} is not in the MplugOwlConfig layout: missing {missing}; top-level keys are {sorted(d)[:12]}"
         )
-    vc, ac, tc = d["vision_config"], d["visual_abstractor_config"], d["text_config"]
+    top = Fields(d, where)
+    vc, ac, tc = top.section("vision_config"), top.section("visual_abstractor_config"), top.section("text_config")
     if tc.get("model_type", "llama") != "llama":
         raise ConfigError(
-            f"text_config.model_type is {tc.get('model_type')!r}; only LLaMA language models are supported"
+            f"{where}: text_config.model_type is {tc.get('model_type')!r}; only LLaMA language models are supported"
         )
-    vision = vision_config_from_hf(vc)
+    vision = vision_config_from_hf(vc, where=where, prefix="vision_config.")
+    a = Fields(ac, where, "visual_abstractor_config.")
     abstractor = AbstractorConfig(
-        hidden_size=ac.get("hidden_size", 1024),
-        intermediate_size=ac.get("intermediate_size", 2816),
-        num_layers=ac.get("num_hidden_layers", 6),
-        num_heads=ac.get("num_attention_heads", 16),
-        encoder_hidden_size=ac.get("encoder_hidden_size", vision.hidden_size),
-        layer_norm_eps=ac.get("layer_norm_eps", 1e-6),
-        attention_dropout=ac.get("attention_probs_dropout_prob", 0.1),
+        hidden_size=a.size("hidden_size", 1024),
+        intermediate_size=a.size("intermediate_size", 2816),
+        num_layers=a.size("num_hidden_layers", 6, limit=MAX_LAYERS),
+        num_heads=a.size("num_attention_heads", 16),
+        encoder_hidden_size=a.size("encoder_hidden_size", vision.hidden_size),
+        layer_norm_eps=a.positive("layer_norm_eps", 1e-6),
+        attention_dropout=a.probability("attention_probs_dropout_prob", 0.1),
     )
+    a.divisible("hidden_size", abstractor.hidden_size, "num_attention_heads", abstractor.num_heads)
     cfg = OwlConfig(
         vision=vision,
         abstractor=abstractor,
-        text=text_config_from_hf(tc),
-        num_query_tokens=d.get("num_query_tokens", 64),
+        text=text_config_from_hf(tc, where=where, prefix="text_config."),
+        num_query_tokens=top.size("num_query_tokens", 64),
         **runtime,
     )
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def owl_config_to_hf(cfg: OwlConfig) -> dict[str, Any]:
@@ -113,65 +128,189 @@ def owl_config_to_hf(cfg: OwlConfig) -> dict[str, Any]:
     }
 
 
-def vision_config_from_hf(vc: dict[str, Any]) -> VisionConfig:
-    """A vision sub-config: mPLUG-Owl's `vision_config` or an HF `CLIPVisionConfig`."""
-    return VisionConfig(
-        hidden_size=vc.get("hidden_size", 1024),
-        intermediate_size=vc.get("intermediate_size", 4096),
-        num_layers=vc.get("num_hidden_layers", 24),
-        num_heads=vc.get("num_attention_heads", 16),
-        image_size=vc.get("image_size", 224),
-        patch_size=vc.get("patch_size", 14),
-        num_channels=vc.get("num_channels", 3),
-        layer_norm_eps=vc.get("layer_norm_eps", 1e-6),
-        hidden_act=vc.get("hidden_act", "quick_gelu"),
+def vision_config_from_hf(vc: dict[str, Any], *, where: str = "config.json", prefix: str = "") -> VisionConfig:
+    """A vision sub-config: mPLUG-Owl's `vision_config` or an HF `CLIPVisionConfig`; a bad field raises a
+    `ConfigError` naming `where` and `prefix` + the key."""
+    v = Fields(vc, where, prefix)
+    cfg = VisionConfig(
+        hidden_size=v.size("hidden_size", 1024),
+        intermediate_size=v.size("intermediate_size", 4096),
+        num_layers=v.size("num_hidden_layers", 24, limit=MAX_LAYERS),
+        num_heads=v.size("num_attention_heads", 16),
+        image_size=v.size("image_size", 224, limit=MAX_IMAGE_SIZE),
+        patch_size=v.size("patch_size", 14, limit=MAX_IMAGE_SIZE),
+        num_channels=v.size("num_channels", 3, limit=MAX_CHANNELS),
+        layer_norm_eps=v.positive("layer_norm_eps", 1e-6),
+        hidden_act=v.text("hidden_act", "quick_gelu"),
     )
+    v.divisible("hidden_size", cfg.hidden_size, "num_attention_heads", cfg.num_heads)
+    v.divisible("image_size", cfg.image_size, "patch_size", cfg.patch_size)
+    return cfg
 
 
-def text_config_from_hf(tc: dict[str, Any]) -> TextConfig:
-    """A LLaMA config (`text_config` of mPLUG-Owl or a `LlamaForCausalLM` config.json)."""
-    rope_theta = tc.get("rope_theta")
-    rope_params = tc.get("rope_parameters") or {}
+def text_config_from_hf(tc: dict[str, Any], *, where: str = "config.json", prefix: str = "") -> TextConfig:
+    """A LLaMA config (`text_config` of mPLUG-Owl or a `LlamaForCausalLM` config.json); a bad field raises a
+    `ConfigError` naming `where` and `prefix` + the key."""
+    t = Fields(tc, where, prefix)
+    rope_params = t.optional_section("rope_parameters")
+    rope_theta = t.positive("rope_theta", None)
     if rope_theta is None:
-        rope_theta = rope_params.get("rope_theta", 10000.0)
-    scaling = tc.get("rope_scaling")
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or rope_params.get("rope_type", "default")
+        rope_theta = Fields(rope_params, where, prefix + "rope_parameters.").positive("rope_theta", 10000.0)
+    scaling = t.optional_section("rope_scaling")
+    rope_type = scaling.get("rope_type", scaling.get("type")) or rope_params.get("rope_type", "default")
     if rope_type != "default":
-        raise ConfigError(f"rope scaling {rope_type!r} is not supported (mPLUG-Owl uses plain RoPE)")
-    heads = tc.get("num_attention_heads", 32)
+        raise ConfigError(f"{where}: rope scaling {rope_type!r} is not supported (mPLUG-Owl uses plain RoPE)")
     if tc.get("attention_bias") or tc.get("mlp_bias"):
         raise ConfigError(
-            "LLaMA configs with attention_bias/mlp_bias are not supported (mPLUG-Owl's LLaMA has no biases)"
+            f"{where}: LLaMA configs with attention_bias/mlp_bias are not supported (mPLUG-Owl's LLaMA has no biases)"
         )
-    if "head_dim" in tc and tc["head_dim"] is not None and tc["head_dim"] != tc.get("hidden_size", 4096) // heads:
-        raise ConfigError(f"text head_dim {tc['head_dim']} != hidden_size/num_attention_heads; not supported")
+    hidden = t.size("hidden_size", 4096)
+    heads = t.size("num_attention_heads", 32)
+    kv_heads = t.size("num_key_value_heads", None)
+    t.divisible("hidden_size", hidden, "num_attention_heads", heads)
+    head_dim = t.size("head_dim", None)
+    if head_dim is not None and head_dim != hidden // heads:
+        raise ConfigError(
+            f"{where}: {prefix}head_dim {head_dim} != hidden_size/num_attention_heads = {hidden // heads}; "
+            "not supported"
+        )
+    if kv_heads is not None:
+        t.divisible("num_attention_heads", heads, "num_key_value_heads", kv_heads)
     return TextConfig(
-        vocab_size=tc.get("vocab_size", 32000),
-        hidden_size=tc.get("hidden_size", 4096),
-        intermediate_size=tc.get("intermediate_size", 11008),
-        num_layers=tc.get("num_hidden_layers", 32),
+        vocab_size=t.size("vocab_size", 32000),
+        hidden_size=hidden,
+        intermediate_size=t.size("intermediate_size", 11008),
+        num_layers=t.size("num_hidden_layers", 32, limit=MAX_LAYERS),
         num_heads=heads,
-        num_kv_heads=tc.get("num_key_value_heads") or heads,
-        rms_norm_eps=tc.get("rms_norm_eps", 1e-6),
+        num_kv_heads=kv_heads or heads,
+        rms_norm_eps=t.positive("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta),
-        max_position_embeddings=tc.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(tc.get("tie_word_embeddings", False)),
-        hidden_act=tc.get("hidden_act", "silu"),
-        bos_token_id=_first_id(tc.get("bos_token_id"), 1),
-        eos_token_id=_first_id(tc.get("eos_token_id"), 2),
-        pad_token_id=_first_id(tc.get("pad_token_id"), 0),
+        max_position_embeddings=t.size("max_position_embeddings", 2048, limit=2**31 - 1),
+        tie_word_embeddings=t.flag("tie_word_embeddings", False),
+        hidden_act=t.text("hidden_act", "silu"),
+        bos_token_id=t.token_id("bos_token_id", 1),
+        eos_token_id=t.token_id("eos_token_id", 2),
+        pad_token_id=t.token_id("pad_token_id", 0),
     )
 
 
-def _first_id(value: int | Sequence[int] | None, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, (list, tuple)):
-        return int(value[0])
-    return int(value)
+# Bounds no real checkpoint comes near; beyond them a hostile config would make the converter enumerate
+# billions of keys or overflow shape arithmetic before any weight is looked at.
+MAX_SIZE = 2**24
+MAX_LAYERS = 4096
+MAX_IMAGE_SIZE = 2**16
+MAX_CHANNELS = 64
+
+
+def _show(value: Any) -> str:
+    """`value` as config.json spells it (shortened)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Fields:
+    """Typed reads of one (sub-)config dict: a missing key gives its default, a present one must have the
+    right type and range, or a one-line `ConfigError` names `where` and `prefix` + the key."""
+
+    def __init__(self, d: dict[str, Any], where: str, prefix: str = ""):
+        self.d, self.where, self.prefix = d, where, prefix
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.d.get(key, default)
+
+    def fail(self, key: str, what: str, value: Any) -> ConfigError:
+        return ConfigError(f"{self.where}: {self.prefix}{key} must be {what}, got {_show(value)}")
+
+    def section(self, key: str) -> dict[str, Any]:
+        value = self.d.get(key)
+        if not isinstance(value, dict):
+            raise self.fail(key, "an object", value)
+        return value
+
+    def optional_section(self, key: str) -> dict[str, Any]:
+        """An object, or {} when missing or null."""
+        value = self.d.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, "an object or null", value)
+        return value
+
+    def size(self, key: str, default: int | None, *, limit: int = MAX_SIZE) -> int | None:
+        """A positive integer up to `limit`; a missing key (or, when `default` is None, null) gives `default`."""
+        value = self.d.get(key, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise self.fail(key, "a positive integer", value)
+        if value > limit:
+            raise self.fail(key, f"a positive integer no larger than {limit}", value)
+        return value
+
+    def positive(self, key: str, default: float | None) -> float | None:
+        """A positive finite number; a missing key (or, when `default` is None, null) gives `default`."""
+        value = self.d.get(key, default)
+        if value is None and default is None:
+            return None
+        if not _is_number(value) or not 0 < value < float("inf"):
+            raise self.fail(key, "a positive number", value)
+        return value
+
+    def probability(self, key: str, default: float) -> float:
+        value = self.d.get(key, default)
+        if not _is_number(value) or not 0 <= value <= 1:
+            raise self.fail(key, "a number from 0 to 1", value)
+        return value
+
+    def text(self, key: str, default: str) -> str:
+        value = self.d.get(key, default)
+        if not isinstance(value, str):
+            raise self.fail(key, "a string", value)
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.d.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(key, "true or false", value)
+        return value
+
+    def token_id(self, key: str, default: int) -> int:
+        """An integer token id, or a list of them (the first counts); null or missing gives `default`."""
+        value = self.d.get(key)
+        if value is None:
+            return default
+        first = value[0] if isinstance(value, list) and value else value
+        if not isinstance(first, int) or isinstance(first, bool):
+            raise self.fail(key, "an integer token id or a non-empty list of them", value)
+        return first
+
+    def divisible(self, key: str, value: int, by_key: str, by: int) -> None:
+        if value % by:
+            raise ConfigError(
+                f"{self.where}: {self.prefix}{key} {value} is not divisible by {self.prefix}{by_key} {by}"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def where_of(source: str | os.PathLike | dict[str, Any]) -> str:
+    """How errors name the config: its file's path, or "config.json" for a parsed dict."""
+    if isinstance(source, dict):
+        return "config.json"
+    path = os.fspath(source)
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path
 
 
 def read_json_source(source: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """The parsed config: `source` itself when a dict, else the JSON object in the file (or in the folder's
+    `config.json`); anything but a readable JSON object raises `ConfigError` naming the file."""
     if isinstance(source, dict):
         return source
     path = os.fspath(source)
@@ -179,8 +318,16 @@ def read_json_source(source: str | os.PathLike | dict[str, Any]) -> dict[str, An
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json at {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, got {_show(d)}")
+    return d
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).splitlines()
+    return text[0] if text else type(e).__name__

@@ -25,7 +25,12 @@ Parameters travel as flat leaves `{path: array}` (`leaves.py`). The modules, one
 """
 
 from owl_jax.checkpoint.converted import is_converted, load_converted_leaves, save_converted
-from owl_jax.checkpoint.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
+from owl_jax.checkpoint.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    UnsafeCheckpointError,
+)
 from owl_jax.checkpoint.export import export_checkpoint, export_hf, write_peft_adapter
 from owl_jax.checkpoint.keys import owl_targets, rotary_buffers
 from owl_jax.checkpoint.leaves import (
@@ -54,6 +59,7 @@ from owl_jax.checkpoint.towers import (
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "LoRASource",
     "LoadedCheckpoint",
     "Path",

@@ -16,19 +16,23 @@ largest while little else is held.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
 from owl_jax.checkpoint.errors import CheckpointError
-from owl_jax.checkpoint.folders import atomic_folder, copy_side_files
+from owl_jax.checkpoint.folders import atomic_folder, copy_side_files, open_output
 from owl_jax.checkpoint.leaves import Path, PendingLeaf, flatten, largest_first, materialize, nest
-from owl_jax.config import LoRAConfig
+from owl_jax.config import ConfigError, LoRAConfig
 
 META_FILE = "owl_jax.json"
 PARAMS_DIR = "params"
@@ -36,6 +40,8 @@ FORMAT = "owl_jax.params"
 FORMAT_VERSION = 1
 # Leaves up to this size in all are written / restored together (each step has a fixed cost).
 _WRITE_GROUP_BYTES = _RESTORE_GROUP_BYTES = 256 * 2**20
+# The failed writes of the save in progress (`_leaves_in_turn`): the first is raised once all have finished.
+_WRITE_FAILURES: contextvars.ContextVar[list[BaseException]] = contextvars.ContextVar("owl_jax_write_failures")
 
 
 def is_converted(folder: str) -> bool:
@@ -48,10 +54,14 @@ def read_meta(folder: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an owl_jax parameter folder (format={meta.get('format')!r})")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot read {path}: {reason}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} is not an owl_jax parameter folder (format={found!r})")
+    if not isinstance(meta.get("version", 0), int):
+        raise CheckpointError(f"{path}: version must be an integer, got {meta['version']!r}")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {meta['version']}; this owl_jax reads up to {FORMAT_VERSION}. Upgrade owl_jax."
@@ -59,8 +69,18 @@ def read_meta(folder: str) -> dict[str, Any]:
     return meta
 
 
-def lora_config_of(meta: dict[str, Any]) -> LoRAConfig | None:
-    return None if meta.get("lora") is None else LoRAConfig.from_peft_dict(meta["lora"])
+def lora_config_of(meta: dict[str, Any], where: str = META_FILE) -> LoRAConfig | None:
+    """The LoRA config stored in `meta` (None without adapters); a malformed one raises `CheckpointError`
+    naming `where`."""
+    lora = meta.get("lora")
+    if lora is None:
+        return None
+    if not isinstance(lora, dict):
+        raise CheckpointError(f"{where}: lora must be an object (a peft adapter config) or null, got {lora!r:.60}")
+    try:
+        return LoRAConfig.from_peft_dict(lora)
+    except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{where}: lora is not a valid adapter config: {e}") from None
 
 
 def save_converted(
@@ -85,7 +105,7 @@ def save_converted(
     """
     dtypes = sorted({str(np.dtype(v.dtype)) for p, v in leaves.items() if p[-1] not in ("lora_a", "lora_b")})
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+        with open_output(os.path.join(tmp, "config.json")) as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
         copy_side_files(side_files_from, tmp)
         _save_pytree(os.path.join(tmp, PARAMS_DIR), leaves)
@@ -97,7 +117,7 @@ def save_converted(
             "rotary_buffers": rotary_buffers,
             "source": source,
         }
-        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+        with open_output(os.path.join(tmp, META_FILE)) as f:
             json.dump(meta, f, indent=2)
     return os.path.abspath(out_dir)
 
@@ -116,28 +136,59 @@ def _leaves_in_turn() -> Any:
     from orbax.checkpoint import future as ocp_future
 
     base = ocp.type_handlers.NumpyHandler
-    if not hasattr(base, "_background_serialize") or not hasattr(ocp_future, "CommitFutureAwaitingContractedSignals"):
+    if (
+        not hasattr(base, "_background_serialize")
+        or not hasattr(base, "_open_and_write")
+        or not hasattr(ocp_future, "CommitFutureAwaitingContractedSignals")
+    ):
         return None
 
     class LeavesInTurn(base):
+        async def _open_and_write(self, value, tspec, ts_context):
+            # Orbax gathers a group's writes and gives up at the first failure while the others are still
+            # in flight; they then report into a closed event loop (a traceback each). Here every write
+            # finishes, a failure is recorded, and once one has failed no further write starts.
+            failures = _WRITE_FAILURES.get(None)
+            if failures is None:
+                return await super()._open_and_write(value, tspec, ts_context)
+            if failures:
+                return None
+            try:
+                await super()._open_and_write(value, tspec, ts_context)
+            except Exception as e:
+                failures.append(e)
+            return None
+
         async def serialize(self, values, infos, args=None):
             args = list(args or [ocp.SaveArgs()] * len(values))
             groups = _groups([int(v.nbytes) for v in values], _WRITE_GROUP_BYTES)
 
             async def write_all() -> None:
                 # The next group is read (in a worker thread) while the previous one is being written.
+                failures: list[BaseException] = []
+                _WRITE_FAILURES.set(failures)  # seen by the write tasks started below (they copy this context)
                 loop = asyncio.get_running_loop()
                 writing = None
-                for group in groups:
-                    arrays = await loop.run_in_executor(None, lambda g=group: [materialize(values[i]) for i in g])
+                try:
+                    for group in groups:
+                        arrays = await loop.run_in_executor(None, lambda g=group: [materialize(values[i]) for i in g])
+                        if writing is not None:
+                            await writing
+                            if failures:
+                                break
+                        writing = asyncio.ensure_future(
+                            self._background_serialize(arrays, [infos[i] for i in group], [args[i] for i in group])
+                        )
+                        del arrays
                     if writing is not None:
                         await writing
-                    writing = asyncio.ensure_future(
-                        self._background_serialize(arrays, [infos[i] for i in group], [args[i] for i in group])
-                    )
-                    del arrays
-                if writing is not None:
-                    await writing
+                except BaseException:
+                    # A leaf that cannot be read: let the writes in flight finish before the loop closes.
+                    if writing is not None and not writing.done():
+                        await asyncio.gather(writing, return_exceptions=True)
+                    raise
+                if failures:
+                    raise failures[0]
 
             return [ocp_future.CommitFutureAwaitingContractedSignals(write_all(), name="owl_jax_leaves")]
 
@@ -174,7 +225,26 @@ def _save_pytree(path: str, leaves: dict[Path, Any]) -> None:
         )
     except (TypeError, AttributeError):  # an Orbax without these options: its defaults (copying)
         leaves = {p: materialize(v) for p, v in leaves.items()}
-    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options)).save(path, args=ocp.args.PyTreeSave(nest(leaves)))
+    with _orbax_errors_raised_not_logged():
+        ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**options)).save(path, args=ocp.args.PyTreeSave(nest(leaves)))
+
+
+class _DropOrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or "orbax" not in record.pathname
+
+
+@contextlib.contextmanager
+def _orbax_errors_raised_not_logged() -> Iterator[None]:
+    """While saving, Orbax's background threads log each failure with its traceback (ERROR, logger `absl`)
+    before the same error is raised here; the caller reports the raised one, so the logged copies are dropped."""
+    logger = logging.getLogger("absl")
+    drop = _DropOrbaxErrors()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def load_converted_leaves(

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from owl_jax.checkpoint.folders import atomic_folder, copy_side_files
+from owl_jax.checkpoint.folders import atomic_folder, copy_side_files, open_output
 from owl_jax.checkpoint.keys import KeyTarget, owl_targets, rotary_buffers
 from owl_jax.checkpoint.leaves import Path
 from owl_jax.checkpoint.load import load_checkpoint
@@ -68,7 +68,7 @@ def export_hf(
         for key, inv in rotary_buffers(cfg.text):
             tensors.append((key, inv.shape, buffer_dtype, lambda inv=inv, d=buffer_dtype: inv.astype(NUMPY_DTYPES[d])))
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+        with open_output(os.path.join(tmp, "config.json")) as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
         copy_side_files(side_files_from, tmp)
         write_hf_tensors(tmp, tensors, fmt=fmt, max_shard_bytes=max_shard_bytes, show_progress=show_progress)
@@ -95,7 +95,7 @@ def write_peft_adapter(
 ) -> None:
     """A peft adapter folder: `adapter_config.json` + `adapter_model.{safetensors,bin}`."""
     config = dict(lora.to_peft_dict(), base_model_name_or_path=base_model)
-    with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
+    with open_output(os.path.join(folder, "adapter_config.json")) as f:
         json.dump(config, f, indent=2, sort_keys=True)
     tensors = []
     for t in lora_targets:

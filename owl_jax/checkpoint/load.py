@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +27,7 @@ from owl_jax.checkpoint.lora import LoRASource, locate_lora, merge_lora_params
 from owl_jax.checkpoint.released import open_released
 from owl_jax.checkpoint.streaming import KeyInventory, check_keys, keep_on_host, stream_leaves, to_devices
 from owl_jax.config import OwlConfig
+from owl_jax.hf_config import owl_config_from_hf, read_json_source
 
 
 @dataclasses.dataclass
@@ -46,8 +46,7 @@ def _read_hf_config(folder: str) -> dict[str, Any]:
             f"{folder} has no config.json; expected an HF-layout mPLUG-Owl folder or a folder "
             f"written by convert_weights.py"
         )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_source(path)  # a JSON object, or a ConfigError naming the file
 
 
 def _finalizer(cfg: OwlConfig, mesh: jax.sharding.Mesh | None, on_host: bool):
@@ -74,7 +73,7 @@ def open_checkpoint(
     arrays once materialized, whatever `mesh`/`on_host` say), readable while the block runs."""
     path = os.path.abspath(path)
     hf_config = _read_hf_config(path)
-    base_cfg = OwlConfig.from_hf_config(hf_config, **(runtime or {}))
+    base_cfg = owl_config_from_hf(hf_config, where=os.path.join(path, "config.json"), **(runtime or {}))
     lora_source = locate_lora(lora, lora_alpha=lora_alpha) if lora else None
 
     if not converted.is_converted(path):
@@ -85,7 +84,7 @@ def open_checkpoint(
         return
 
     meta = converted.read_meta(path)
-    stored_lora = converted.lora_config_of(meta)
+    stored_lora = converted.lora_config_of(meta, os.path.join(path, converted.META_FILE))
     if stored_lora is not None and lora_source is not None:
         raise CheckpointError(
             f"{path} already holds LoRA adapters; merge them first (export --merge-lora or "

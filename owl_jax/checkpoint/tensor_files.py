@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import pickle
+import warnings
 from typing import Any
 
 import ml_dtypes
@@ -153,13 +154,20 @@ class TorchBinFile(TensorFile):
             self._meta[key] = (tuple(t.shape), dtype_name(t.dtype))
 
     def _load(self, path: str) -> Any:
+        # A damaged pickle also makes torch warn (unknown protocol, deprecated storages, ...) on top of the
+        # error raised: the error alone is reported.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self._load_quietly(path)
+
+    def _load_quietly(self, path: str) -> Any:
         torch = self._torch
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(
                 f"refusing to load {path}: it contains objects other than tensors, and unpickling them could "
-                f"run code ({str(e).splitlines()[0]}). Only load checkpoints you trust; a plain state dict "
+                f"run code ({_first_line(e)}). Only load checkpoints you trust; a plain state dict "
                 f"of tensors loads fine."
             ) from None
         except RuntimeError as e:
@@ -167,17 +175,18 @@ class TorchBinFile(TensorFile):
                 try:
                     return torch.load(path, map_location="cpu", weights_only=True)
                 except pickle.UnpicklingError as e2:
-                    raise UnsafeCheckpointError(f"refusing to load {path}: {str(e2).splitlines()[0]}") from None
-                except (EOFError, OSError, ValueError, RuntimeError) as e2:
+                    raise UnsafeCheckpointError(f"refusing to load {path}: {_first_line(e2)}") from None
+                except Exception as e2:  # whatever a damaged pickle makes the unpickler raise
                     raise CheckpointError(
-                        f"cannot read {path}: {str(e2).splitlines()[0] or type(e2).__name__} "
-                        "(truncated or corrupt? re-download it)"
+                        f"cannot read {path}: {_first_line(e2)} (truncated or corrupt? re-download it)"
                     ) from None
             raise CheckpointError(
-                f"cannot read {path}: {str(e).splitlines()[0]} (truncated or corrupt? re-download it)"
+                f"cannot read {path}: {_first_line(e)} (truncated or corrupt? re-download it)"
             ) from None
-        except (EOFError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read {path}: {e} (truncated or corrupt? re-download it)") from None
+        except Exception as e:  # EOFError, ValueError, KeyError, IndexError, ...: a damaged zip or pickle
+            raise CheckpointError(
+                f"cannot read {path}: {_first_line(e)} (truncated or corrupt? re-download it)"
+            ) from None
 
     def get(self, key: str) -> np.ndarray:
         torch = self._torch
@@ -196,6 +205,15 @@ class TorchBinFile(TensorFile):
 
     def close(self) -> None:
         self._state = {}
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of `e`'s message, with its type when that says more than the message alone."""
+    lines = str(e).splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(e, (KeyError, IndexError, TypeError, AttributeError, EOFError)) or not text:
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text
 
 
 def _drop_pages(address: int, nbytes: int) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from owl_jax.checkpoint.folders import open_output
 from owl_jax.checkpoint.tensor_files import NUMPY_DTYPES, dtype_name
 from owl_jax.progress import progress_bar
 
@@ -81,7 +82,7 @@ def write_safetensors(
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
+    with open_output(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for (key, shape, dtype), array in zip(entries, arrays):
@@ -101,7 +102,8 @@ def write_torch_bin(path: str, entries: list[Entry], arrays: Iterable[np.ndarray
             state[key] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         else:
             state[key] = torch.from_numpy(array)
-    torch.save(state, path)
+    with open_output(path, "wb") as f:  # a Python file: a failed write keeps its OSError (errno) as the cause
+        torch.save(state, f)
 
 
 def _check_planned(key: str, shape: tuple[int, ...], dtype: str, array: np.ndarray) -> None:
@@ -157,6 +159,6 @@ def write_hf_tensors(
             "metadata": {"total_size": total},
             "weight_map": {entries[i][0]: name for name, shard in zip(names, shards) for i in shard},
         }
-        with open(os.path.join(folder, f"{stem}{ext}.index.json"), "w", encoding="utf-8") as f:
+        with open_output(os.path.join(folder, f"{stem}{ext}.index.json")) as f:
             json.dump(index, f, indent=2, sort_keys=True)
     return names

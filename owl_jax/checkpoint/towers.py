@@ -25,7 +25,7 @@ from owl_jax.checkpoint.leaves import Path, abstract_model, leaf_shapes
 from owl_jax.checkpoint.streaming import KeyInventory, check_keys, keep_on_host, stream_leaves
 from owl_jax.checkpoint.tensor_files import weight_files
 from owl_jax.config import AbstractorConfig, ConfigError, OwlConfig, VisionConfig
-from owl_jax.hf_config import read_json_source, text_config_from_hf, vision_config_from_hf
+from owl_jax.hf_config import Fields, read_json_source, text_config_from_hf, vision_config_from_hf, where_of
 from owl_jax.modeling.abstractor import Abstractor
 
 # HF `CLIPVisionConfig` defaults: a CLIP config.json may omit any field equal to them, and they differ
@@ -49,16 +49,21 @@ def clip_vision_config(source: Any) -> VisionConfig:
     `CLIPModel` nests it under `vision_config`; `CLIPVisionModel` is flat.
     """
     d = read_json_source(source)
+    where = where_of(source)
     if d.get("model_type") not in (None, "clip", "clip_vision_model"):
         raise ConfigError(
-            f"{source}: model_type {d.get('model_type')!r} is not a CLIP model (expected 'clip' or 'clip_vision_model')"
+            f"{where}: model_type {d.get('model_type')!r} is not a CLIP model (expected 'clip' or 'clip_vision_model')"
         )
+    prefix = ""
     if "vision_config" in d or "vision_config_dict" in d:
         # Old CLIPModel configs also carry `vision_config_dict`, which wins (as in transformers).
-        vc = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {})}
+        top = Fields(d, where)
+        vc = {**top.optional_section("vision_config"), **top.optional_section("vision_config_dict")}
+        prefix = "vision_config."
     else:
         vc = d
-    return vision_config_from_hf({**_CLIP_VISION_DEFAULTS, **{k: x for k, x in vc.items() if x is not None}})
+    merged = {**_CLIP_VISION_DEFAULTS, **{k: x for k, x in vc.items() if x is not None}}
+    return vision_config_from_hf(merged, where=where, prefix=prefix)
 
 
 def default_abstractor(vision_hidden: int) -> AbstractorConfig:
@@ -99,12 +104,13 @@ def config_from_towers(
     """
     vision = clip_vision_config(clip_dir)
     tc = read_json_source(llama_dir)
+    where = where_of(llama_dir)
     if tc.get("model_type", "llama") != "llama":
-        raise ConfigError(f"{llama_dir}: model_type {tc.get('model_type')!r}; only LLaMA language models are supported")
+        raise ConfigError(f"{where}: model_type {tc.get('model_type')!r}; only LLaMA language models are supported")
     cfg = OwlConfig(
         vision=vision,
         abstractor=abstractor or default_abstractor(vision.hidden_size),
-        text=text_config_from_hf(tc),
+        text=text_config_from_hf(tc, where=where),
         num_query_tokens=num_query_tokens,
         **runtime,
     )

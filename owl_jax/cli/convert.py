@@ -9,13 +9,20 @@ layout and owl_jax.
 layout (sharded, with an index) that the released PyTorch code loads with strict=True; LoRA parameters
 go to `OUT_DIR/adapter` as a peft adapter unless `--merge-lora`. `init` starts a fresh model (stage 1)
 from an HF CLIP vision tower and an HF LLaMA, with a randomly initialised abstractor.
+
+Exit status: 0 done; 2 a bad input or usage (an `error:` line naming the file or key); 1 a fault of the
+environment (`error: cannot write OUT/...: No space left on device`: disk full, read-only, no permission).
+A failed run leaves nothing behind; leftovers of killed runs are removed by the next run into OUT.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import time
+from collections.abc import Iterator
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,53 +72,88 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one conversion; returns the exit status (2 with a one-line message on a bad input)."""
+    """Run one conversion; returns the exit status.
+
+    0: done. 2: a bad input or usage (an unreadable or inconsistent checkpoint or config, an existing
+    output without --overwrite), with a one-line message naming the file or key. 1: a fault of the
+    environment (the output cannot be written: disk full, read-only, no permission; an input cannot be
+    read), with a one-line message naming the path and the OS's reason. Notes (e.g. unfinished outputs of
+    killed runs that were cleaned up) go to stderr as `note: ...` lines.
+    """
     args = _parser().parse_args(argv)
     from owl_jax import checkpoint as convert
-    from owl_jax.checkpoint import CheckpointError, parse_size
+    from owl_jax.checkpoint import CheckpointError, CheckpointWriteError, parse_size
     from owl_jax.config import ConfigError
 
     start = time.perf_counter()
     progress = not args.quiet
-    try:
-        if args.command == "import":
-            out = convert.import_checkpoint(
-                args.hf_dir,
-                args.out_dir,
-                dtype=args.dtype,
-                lora=args.lora,
-                merge_lora=args.merge_lora,
-                lora_alpha=args.lora_alpha,
-                overwrite=args.overwrite,
-                show_progress=progress,
-            )
-        elif args.command == "export":
-            out = convert.export_checkpoint(
-                args.ckpt_dir,
-                args.out_dir,
-                fmt=args.format,
-                dtype=args.dtype,
-                merge_lora=args.merge_lora,
-                max_shard_bytes=args.max_shard_size and parse_size(args.max_shard_size),
-                overwrite=args.overwrite,
-                show_progress=progress,
-            )
-        else:
-            out = convert.init_from_towers_checkpoint(
-                args.clip,
-                args.llama,
-                args.out_dir,
-                num_query_tokens=args.num_query_tokens,
-                dtype=args.dtype,
-                seed=args.seed,
-                overwrite=args.overwrite,
-                show_progress=progress,
-            )
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with _notes_to_stderr():
+        try:
+            out = _run(convert, args, progress, parse_size)
+        except CheckpointWriteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # an input the OS will not let us read (permissions, I/O error, ...)
+            where = f"cannot read {e.filename}: " if getattr(e, "filename", None) else ""
+            print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+            return 1
     print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def _run(convert, args: argparse.Namespace, progress: bool, parse_size) -> str:
+    if args.command == "import":
+        return convert.import_checkpoint(
+            args.hf_dir,
+            args.out_dir,
+            dtype=args.dtype,
+            lora=args.lora,
+            merge_lora=args.merge_lora,
+            lora_alpha=args.lora_alpha,
+            overwrite=args.overwrite,
+            show_progress=progress,
+        )
+    if args.command == "export":
+        return convert.export_checkpoint(
+            args.ckpt_dir,
+            args.out_dir,
+            fmt=args.format,
+            dtype=args.dtype,
+            merge_lora=args.merge_lora,
+            max_shard_bytes=args.max_shard_size and parse_size(args.max_shard_size),
+            overwrite=args.overwrite,
+            show_progress=progress,
+        )
+    return convert.init_from_towers_checkpoint(
+        args.clip,
+        args.llama,
+        args.out_dir,
+        num_query_tokens=args.num_query_tokens,
+        dtype=args.dtype,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        show_progress=progress,
+    )
+
+
+@contextlib.contextmanager
+def _notes_to_stderr() -> Iterator[None]:
+    """The checkpoint package's warnings (logger `owl_jax.checkpoint`) as one `note: ...` line each."""
+    logger = logging.getLogger("owl_jax.checkpoint")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("note: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 if __name__ == "__main__":
