@@ -195,3 +195,23 @@ def solid_png(width: int, height: int, color=(200, 30, 30)) -> bytes:
             yield pack.compress(piece[: 3 * min(len(piece) // 3, width - start)])
 
     return _png(width, height, b"".join(b"".join(row()) for _ in range(height)) + pack.flush())
+
+
+TINY_TRAINING_CONFIG = pathlib.Path(__file__).parent / "training" / "tiny_config.py"
+
+
+def tiny_training_config(**changes):
+    """The tiny two-stage training config (tests/training/tiny_config.py) with `changes` ({"a.b.c": value})."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY_TRAINING_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return config

@@ -16,26 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_TRAINING_CONFIG, tiny_training_config
 from owl_jax.config import ConfigError
 from owl_jax.training import validation
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = Path(__file__).resolve().parent / "tiny_config.py"
-
-
-def tiny(**changes):
-    """The tiny two-stage test config with `changes` ({"a.b.c": value}) applied."""
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for path, value in changes.items():
-        *parents, leaf = path.split(".")
-        node = config
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return config
+TINY = TINY_TRAINING_CONFIG
 
 
 @pytest.mark.parametrize(
@@ -68,11 +54,11 @@ def tiny(**changes):
 )
 def test_bad_values_are_refused_naming_the_field(changes, message):
     with pytest.raises(ConfigError, match=f"^{message}"):
-        validation.validate(tiny(**changes))
+        validation.validate(tiny_training_config(**changes))
 
 
 def test_unknown_field_in_a_config_file_names_the_nearest_valid_one():
-    config = tiny()
+    config = tiny_training_config()
     config.stages.stage1.optim.lrr = 1e-4  # a typo in a config file adds a field silently
     message = "unknown config field stages.stage1.optim.lrr; did you mean stages.stage1.optim.lr?"
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -91,7 +77,7 @@ def test_run_refuses_before_any_work(tmp_path):
 
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(ConfigError, match=r"^stages.stage1.optim.lr=nan"):
-        run(tiny(workdir=str(tmp_path / "w"), **{"stages.stage1.optim.lr": math.nan}))
+        run(tiny_training_config(workdir=str(tmp_path / "w"), **{"stages.stage1.optim.lr": math.nan}))
     assert not (tmp_path / "w").exists() and signal.getsignal(signal.SIGTERM) is handler
 
 
@@ -100,14 +86,16 @@ def test_batch_size_must_split_over_the_data_parallel_devices(tmp_path, capsys):
 
     changes = {"mesh.data": 2, "mesh.tensor": -1, "stages.stage1.batch_size": 3}  # 8 test devices: data 2 × tensor 4
     with pytest.raises(SystemExit) as raised:
-        run_training(tiny(workdir=str(tmp_path / "w"), **changes))  # what `owl-train` runs, in this process
+        run_training(
+            tiny_training_config(workdir=str(tmp_path / "w"), **changes)
+        )  # what `owl-train` runs, in this process
     message = "stages.stage1.batch_size=3 must be divisible by the 2 data-parallel devices (mesh data×fsdp)"
     assert (raised.value.code, capsys.readouterr().err) == (2, f"error: {message}\n")
     assert not (tmp_path / "w").exists()
-    config = tiny(**{"stages.stage2.grad_accum": 4})
+    config = tiny_training_config(**{"stages.stage2.grad_accum": 4})
     with pytest.raises(ConfigError, match=r"^stages.stage2.batch_size=8 must be divisible by grad_accum=4 × the 4 "):
         validation.check_batch_sizes(config, data_parallel=4)
-    validation.check_batch_sizes(tiny(**{"stages.stage2.grad_accum": 2}), data_parallel=4)
+    validation.check_batch_sizes(tiny_training_config(**{"stages.stage2.grad_accum": 2}), data_parallel=4)
 
 
 def owl_train(*args, devices: int = 1, cwd=None) -> subprocess.CompletedProcess:

@@ -5,34 +5,18 @@ The runs go through `run` and the real loop, data pipeline and checkpoints, with
 seconds of compiling to get there; the loop only sees the fetched metrics either way).
 """
 
-import importlib.util
 import json
 import math
 import signal
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import tiny_training_config
 from owl_jax.training import run as run_module
 from owl_jax.training.loop import NonFiniteLossError
 from owl_jax.training.trainer import TrainState
-
-
-def tiny(**changes):
-    """The tiny two-stage test config with `changes` ({"a.b.c": value}) applied."""
-    spec = importlib.util.spec_from_file_location("tiny_config", Path(__file__).resolve().parent / "tiny_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for path, value in changes.items():
-        *parents, leaf = path.split(".")
-        node = config
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return config
 
 
 def fake_trainer(bad_stage: str, bad_from: int, bad_value: float):
@@ -97,7 +81,7 @@ def test_nonfinite_loss_stops_before_export(
     changes = {**steps, "checkpoint.every": 1, "log.every": log_every}
     changes.update({"log.tensorboard": False, "data.dir": data_dir, "data.eval": ()})
     changes.update({"synthetic.n_captions": 16, "synthetic.n_multimodal": 16, "synthetic.n_text": 8})
-    config = tiny(workdir=str(tmp_path), **changes)
+    config = tiny_training_config(workdir=str(tmp_path), **changes)
     with pytest.raises(NonFiniteLossError) as raised:
         run_module.run(config)
     value = "nan" if math.isnan(bad_value) else "inf"
@@ -117,7 +101,7 @@ def test_cli_reports_a_nonfinite_loss_in_one_line_with_exit_1(capsys):
         raise NonFiniteLossError("stage1 step 7: loss is nan; stopping before export")
 
     with pytest.raises(SystemExit) as raised:
-        run_training(tiny(), train=diverging)
+        run_training(tiny_training_config(), train=diverging)
     assert raised.value.code == 1
     assert capsys.readouterr().err == "error: stage1 step 7: loss is nan; stopping before export\n"
 
@@ -134,7 +118,7 @@ def test_cli_reports_data_problems_in_one_line_with_exit_2(problem, tmp_path, ca
         _check_skips(np.array([50, 150]), rows=200, max_fraction=0.5, name="stage1")
 
     with pytest.raises(SystemExit) as raised:
-        run_training(tiny(), train=train)
+        run_training(tiny_training_config(), train=train)
     assert raised.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
