@@ -45,7 +45,8 @@ def _fail(message: str, status: int) -> None:
 def run_training(config: Any, train: Callable[[ConfigDict], Any] | None = None) -> None:
     """Check `config`, then train it with `train` (default `owl_jax.training.run.run`).
 
-    A mistake in the config, missing data or too many unusable records exit with status 2, and a
+    A mistake in the config, missing data, too many unusable records or checkpoints of which none is
+    intact exit with status 2, and a
     non-finite loss with status 1, each after one line on stderr; the config is checked before JAX loads,
     so a mistake costs no start-up.
     """
@@ -61,11 +62,13 @@ def run_training(config: Any, train: Callable[[ConfigDict], Any] | None = None) 
     except ConfigError as e:
         _fail(str(e), 2)
     except (FileNotFoundError, RuntimeError) as e:
+        from owl_jax.training.checkpoints import NoIntactCheckpoint
         from owl_jax.training.loop import NonFiniteLossError, SkippedRecordsError
 
         if isinstance(e, NonFiniteLossError):
             _fail(str(e), 1)
-        if isinstance(e, (FileNotFoundError, SkippedRecordsError)):  # data missing, or too much of it unusable
+        # data missing or too much of it unusable; checkpoints that exist but none intact
+        if isinstance(e, (FileNotFoundError, SkippedRecordsError, NoIntactCheckpoint)):
             _fail(str(e), 2)
         raise
 

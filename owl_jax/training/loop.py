@@ -117,10 +117,10 @@ def run_stage(
         keep=checkpoint_cfg.keep,
         async_save=checkpoint_cfg.async_save,
     )
-    latest = ckpt.latest_step()
+    restored = ckpt.restore_latest(trainer.abstract_state)  # the newest intact checkpoint (see checkpoints.py)
     data_state = None
-    if latest is not None:
-        state, data_state, _ = ckpt.restore(latest, trainer.abstract_state())
+    if restored is not None:
+        state, data_state = restored.state, restored.data
     else:
         state = trainer.init_state(init_params(), seed)
     start = int(state.step)
