@@ -211,12 +211,16 @@ def run_stage(
                     },
                     prefix="eval",
                 )
+            if values is None and ckpt.will_save(done):  # never checkpoint a diverged state unseen
+                _check_finite_loss(name, done, float(metrics["loss"]))
             ckpt.save(done, state.checkpointed(), iterator.get_state(), config_dict)
             if hooks is not None:
                 hooks.step_end(
                     StepInfo(stage=name, step=done, total_steps=stage.steps, metrics=values, _stop=STOP.request)
                 )
             if STOP.requested():
+                if values is None and ckpt.will_save(done, force=True):
+                    _check_finite_loss(name, done, float(metrics["loss"]))
                 ckpt.save(done, state.checkpointed(), iterator.get_state(), config_dict, force=True)
                 ckpt.wait()
                 if bar is not None:
@@ -268,8 +272,9 @@ def _evaluate(
 
 
 def _check_finite_loss(name: str, step: int, loss: float) -> None:
-    """Stop the run when the fetched loss is NaN or infinite (checked where metrics are fetched anyway: every
-    `log.every` steps and at the stage's last step, so always before its final save and export)."""
+    """Stop the run when the loss is NaN or infinite. Checked where metrics are fetched anyway (every
+    `log.every` steps and at the stage's last step, so always before its final save and export), and before
+    every checkpoint save, so a diverged state never pushes the last finite checkpoints out of `keep`."""
     if not np.isfinite(loss):
         raise NonFiniteLossError(
             f"{name} step {step}: loss is {loss}; stopping before export — lower stages.{name}.optim.lr or check "

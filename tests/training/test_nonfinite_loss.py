@@ -67,17 +67,18 @@ def checkpoint_steps(workdir, stage):
 
 
 @pytest.mark.parametrize(
-    "bad_stage, bad_from, bad_value, log_every, stopped_at",
+    "bad_stage, bad_from, bad_value, log_every, stopped_at, last",
     [
-        ("stage1", 2, math.nan, 1, 2),  # caught where the loss is logged
-        ("stage2", 3, math.inf, 100, 3),  # not logged before: caught at the stage's last step, before export
+        ("stage1", 2, math.nan, 1, 2, 3),  # caught where the loss is logged
+        ("stage2", 3, math.inf, 100, 3, 3),  # not logged before: caught at the stage's last step, before export
+        ("stage2", 2, math.nan, 100, 2, 4),  # not logged: caught before its checkpoint would be saved
     ],
 )
 def test_nonfinite_loss_stops_before_export(
-    bad_stage, bad_from, bad_value, log_every, stopped_at, patched, monkeypatch, data_dir, tmp_path
+    bad_stage, bad_from, bad_value, log_every, stopped_at, last, patched, monkeypatch, data_dir, tmp_path
 ):
     monkeypatch.setattr(run_module, "Trainer", fake_trainer(bad_stage, bad_from, bad_value))
-    steps = {"stages.stage1.steps": 3 if bad_stage == "stage1" else 1, "stages.stage2.steps": 3}
+    steps = {"stages.stage1.steps": last if bad_stage == "stage1" else 1, "stages.stage2.steps": last}
     changes = {**steps, "checkpoint.every": 1, "log.every": log_every}
     changes.update({"log.tensorboard": False, "data.dir": data_dir, "data.eval": ()})
     changes.update({"synthetic.n_captions": 16, "synthetic.n_multimodal": 16, "synthetic.n_text": 8})
@@ -90,8 +91,10 @@ def test_nonfinite_loss_stops_before_export(
     assert checkpoint_steps(tmp_path, bad_stage) == list(range(1, stopped_at))  # the finite steps' checkpoints stay
     finished = ["stage1"] if bad_stage == "stage2" else []
     assert patched == [str(tmp_path / s / "model") for s in finished]
-    rows = [json.loads(line) for line in (tmp_path / bad_stage / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == stopped_at and not math.isfinite(rows[-1]["loss"])  # the bad value is logged
+    if log_every == 1 or stopped_at == last:  # where the loss is logged, the bad value is in the log
+        metrics = (tmp_path / bad_stage / "logs" / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in metrics]
+        assert rows[-1]["step"] == stopped_at and not math.isfinite(rows[-1]["loss"])
 
 
 def test_cli_reports_a_nonfinite_loss_in_one_line_with_exit_1(capsys):
