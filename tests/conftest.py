@@ -35,6 +35,15 @@ from helpers import FIXTURE  # noqa: E402
 QUICK_COMPILE = ("training", "data", "checkpoint", "serve", "eval")  # test folders compiled without optimizations
 
 
+# Modules whose training runs in subprocesses take minutes: collected first, so that under
+# `-n 2 --dist loadfile` one worker runs them while the other works through the rest.
+START_FIRST = ("training/test_runs.py", "training/test_trainer_sharding.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.path.as_posix().endswith(START_FIRST))  # a stable sort
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--hostile-long",
