@@ -10,7 +10,6 @@ Content-Length or Content-Type headers. Sizes come from tests/hostile.py (`pytes
 import base64
 import copy
 import http.client
-import io
 import json
 import shutil
 import socket
@@ -20,24 +19,17 @@ import time
 import hypothesis
 import hypothesis.strategies as st
 import pytest
-from PIL import Image
 
 import owl_jax
 from benchmarks import serve_load
-from helpers import FIXTURE
+from helpers import FIXTURE, solid_png
 from hostile import examples
 from owl_jax.serve import make_server
 
 pytestmark = pytest.mark.hostile
 
 
-def _png(width=8, height=8) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (20, 120, 200)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-PNG = _png()
+PNG = solid_png(8, 8, (20, 120, 200))
 PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 NORMAL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
 
