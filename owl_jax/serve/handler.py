@@ -135,8 +135,6 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug: answer 500 rather than dropping the connection
             log.exception("unexpected error handling %s %s", method, path)
             self._send_error(ApiError(500, f"internal server error: {type(e).__name__}", type="server_error"))
-        finally:
-            self._discard_unread_body()
 
     def _require(self, method: str, allowed: str) -> None:
         if method != allowed:
@@ -336,27 +334,6 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(error.status, error.body(), headers)
         except CLIENT_GONE:
             self.close_connection = True
-
-    def _discard_unread_body(self) -> None:
-        """Read and drop what the client still sends of a refused body, so it sees our answer.
-
-        Closing a socket with unread data makes the kernel reset the connection, and a client still
-        sending would get "connection reset" instead of the 413. Bounded in time and bytes.
-        """
-        if not self._unread:
-            return
-        remaining, deadline = self._unread, time.monotonic() + 5.0
-        self._unread = 0
-        self.close_connection = True
-        try:
-            self.connection.settimeout(0.5)
-            while remaining > 0 and time.monotonic() < deadline:
-                data = self.rfile.read1(min(remaining, 1 << 16))
-                if not data:
-                    break
-                remaining -= len(data)
-        except (TimeoutError, OSError):
-            pass
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The standard library's own refusals (malformed request line or headers, unsupported method,

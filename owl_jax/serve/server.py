@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -53,6 +54,7 @@ class OwlServer(ThreadingHTTPServer):
     daemon_threads = True  # a slow client never blocks shutdown
     request_queue_size = 128  # the listen backlog (the standard library's 5 resets bursts of connections)
     response_wait = 5.0  # seconds `drain` waits for in-flight responses to be written after cancelling
+    linger_seconds = 5.0  # how long a closing connection keeps reading what the client still sends
 
     def __init__(
         self,
@@ -157,6 +159,25 @@ class OwlServer(ThreadingHTTPServer):
         with self._active_changed:
             self._active -= 1
             self._active_changed.notify_all()
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        """Close a connection gracefully: send our FIN, then read and drop what the client still sends.
+
+        Closing a socket whose unread input is not empty makes the kernel reset the connection, and the
+        reset can destroy our answer (a 411, 413 or 400 sent before the body was read) before the client
+        reads it. So the server stops writing, drains until the client closes too, for at most
+        `linger_seconds`, and only then closes.
+        """
+        try:
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.linger_seconds
+            while (left := deadline - time.monotonic()) > 0:
+                request.settimeout(left)
+                if not request.recv(1 << 16):
+                    break
+        except OSError:  # reset, timed out, or already closed
+            pass
+        self.close_request(request)
 
     def server_close(self) -> None:
         """Close the listening socket and stop the model worker."""

@@ -321,6 +321,26 @@ def test_odd_numbers_and_nesting_are_400s(server):
     sock.close()
 
 
+@pytest.mark.parametrize(
+    "length_header",
+    ["Transfer-Encoding: chunked", "Content-Length: abc", None, "Content-Length: 99999999999"],
+)
+def test_a_refused_body_still_being_sent_gets_the_answer_not_a_reset(server, length_header):
+    """The server answers before reading the body; closing with it unread must not reset the connection."""
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    head += f"{length_header}\r\n" if length_header else ""
+    sock = socket.create_connection(server.server_address[:2], timeout=30)
+    try:
+        sock.sendall(head.encode() + b"\r\n" + b"[" * 400_000)
+        time.sleep(0.3)  # a slow client: the server has answered and closed its side by now
+        sock.shutdown(socket.SHUT_WR)
+        response = http.client.HTTPResponse(sock, method="POST")
+        response.begin()
+        assert 400 <= response.status < 500 and json.loads(response.read())["error"]["message"]
+    finally:
+        sock.close()
+
+
 def test_megabytes_of_text_are_refused_before_tokenizing(server):
     raw = json.dumps({"messages": [{"role": "user", "content": "word " * 200_000}]}).encode()
     start = time.monotonic()
