@@ -20,6 +20,7 @@ from owl_jax.sharding import make_mesh
 from owl_jax.training.trainer import Trainer
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "mplug_owl_tiny"
+VIDEO_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "mplug_owl_video_tiny"
 
 
 @functools.cache
@@ -215,3 +216,46 @@ def tiny_training_config(**changes):
             node = node[key]
         node[leaf] = value
     return config
+
+
+# ------------------------------------------------------------------------------------------------
+# The BLOOMZ reference fixture (`fixtures/mplug_owl_bloomz_tiny`): its arrays and models loaded once per process.
+BLOOMZ = pathlib.Path(__file__).parent / "fixtures" / "mplug_owl_bloomz_tiny"
+
+
+@functools.cache
+def bloomz_reference() -> dict[str, np.ndarray]:
+    """Every array of `reference.npz` (tests must not modify them)."""
+    with np.load(BLOOMZ / "reference.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def bloomz_loss_mask() -> np.ndarray:
+    """`(3, 101)`: the three masks the released `forward` multiplies into its loss mask."""
+    ref = bloomz_reference()
+    return ref["non_padding_mask"] * ref["non_media_mask"] * ref["prompt_mask"]
+
+
+def bloomz_real_positions() -> np.ndarray:
+    """`(3, 102)` boolean: the positions of real (not padding) tokens."""
+    return bloomz_reference()["attention_mask"].astype(bool)
+
+
+def bloomz_images_of(rows) -> np.ndarray:
+    """The fixture's images of the given prompt rows, in prompt order (row 0: a; row 1: a, b; row 2: none)."""
+    per_row = {0: [0], 1: [1, 2], 2: []}
+    return bloomz_reference()["pixel_values"][[i for r in rows for i in per_row[int(r)]]]
+
+
+@functools.cache
+def load_bloomz_model(folder: str = "checkpoint", lora: str | None = None, merge_lora: bool = False):
+    """The fixture model in float32, loaded once per argument set (tests must not modify it)."""
+    import owl_jax
+
+    model, _ = owl_jax.from_pretrained(
+        BLOOMZ / folder,
+        lora=None if lora is None else BLOOMZ / lora,
+        merge_lora=merge_lora,
+        show_progress=False,
+    )
+    return model
