@@ -7,7 +7,7 @@ the same layers serve training (no cache), prefill and one-token decode steps.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +15,8 @@ from flax import nnx
 
 from owl_jax import ops
 from owl_jax.config import LoRAConfig, Numerics, TextConfig
-from owl_jax.modeling._stack import apply_layers
 from owl_jax.modeling.activations import swiglu
+from owl_jax.modeling.decoder import KVCache, run_decoder, write_cache
 from owl_jax.modeling.linear import Linear
 from owl_jax.modeling.norms import RMSNorm
 from owl_jax.sharding import constrain
@@ -67,33 +67,6 @@ def apply_rope(x: Array, positions: Array, theta: float, *, numerics: Numerics) 
         return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
     return ops.in_float32(rotate, x, numerics=numerics)
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer, S the preallocated length: either stacked, `(layers, B, Hkv, S, Dh)`
-    each, or one `(B, Hkv, S, Dh)` buffer per layer (tuples; `per_layer`), which an unrolled decode step
-    updates in place instead of slicing and restacking the whole cache. Heads come before positions so
-    that attention's batched matmuls read the cache without transposing it."""
-
-    k: Array | tuple[Array, ...]
-    v: Array | tuple[Array, ...]
-
-    @classmethod
-    def zeros(
-        cls, cfg: TextConfig, batch: int, length: int, dtype: str = "float32", *, per_layer: bool = False
-    ) -> KVCache:
-        if per_layer:
-            shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-            return cls(
-                tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            )
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-    @property
-    def per_layer(self) -> bool:
-        return isinstance(self.k, (tuple, list))
 
 
 class LlamaLayer(nnx.Module):
@@ -170,11 +143,7 @@ class LlamaLayer(nnx.Module):
         k = apply_rope(k, positions, self.rope_theta, numerics=self.numerics)
         new_cache = None
         if cache is not None:
-            ck, cv = cache  # (B, Hkv, S, Dh)
-            start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
-            v = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
-            new_cache = (k, v)
+            k, v = new_cache = write_cache(cache, k, v, cache_index)  # (B, Hkv, S, Dh) each
         ctx = ops.attention(
             q,
             k.astype(q.dtype),
@@ -198,10 +167,10 @@ class LlamaLayer(nnx.Module):
 FUSED_PROJECTIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
-def can_fuse_projections(layers: LlamaLayer) -> bool:
-    """Whether the layer's q/k/v and gate/up projections are plain (no adapters, no biases) and so can be
-    concatenated."""
-    return all(
+def can_fuse_projections(layers: nnx.Module) -> bool:
+    """Whether `layers` are LLaMA layers whose q/k/v and gate/up projections are plain (no adapters, no
+    biases) and so can be concatenated (other text towers have nothing to fuse)."""
+    return isinstance(layers, LlamaLayer) and all(
         getattr(layers, name).lora_a is None and getattr(layers, name).bias is None
         for group in FUSED_PROJECTIONS.values()
         for name in group
@@ -306,41 +275,25 @@ class LlamaModel(nnx.Module):
         Returns:
           Final-normed hidden states `(B, L, D)` and the updated cache (None without one).
         """
-        if mask is None and cache is not None:
-            raise ValueError("a KV cache needs an explicit (B, L, S) mask")
-        n = self.cfg.num_layers
-        keys = None if dropout_key is None else jax.random.split(dropout_key, n)
         x = constrain(embeds.astype(self.dtype), ("batch", "length", "act_embed"))
 
-        def body(layer, h, xs):
-            layer_cache, k, layer_fused = xs
-            return layer(h, positions, mask, layer_cache, cache_index, k, fused=layer_fused)
+        def layer_fn(layer, h, layer_cache, key, layer_fused):
+            return layer(h, positions, mask, layer_cache, cache_index, key, fused=layer_fused)
 
-        if fused is not None and (layer_states is None or cache is None or not cache.per_layer):
-            raise ValueError("fused projections need per-layer weights (layer_states) and a per-layer KV cache")
-        if cache is not None and cache.per_layer:
-            if layer_states is None and self.scan_layers:
-                raise ValueError("a per-layer KV cache needs per-layer weights (layer_states) or unscanned layers")
-            xs = [
-                ((cache.k[i], cache.v[i]), None if keys is None else keys[i], None if fused is None else fused[i])
-                for i in range(n)
-            ]
-            x, new = apply_layers(
-                self.layers, x, body, num_layers=n, scan=False, xs=xs, xs_per_layer=True, layer_states=layer_states
-            )
-            return self.norm(x), KVCache(tuple(c[0] for c in new), tuple(c[1] for c in new))
-        xs = (None if cache is None else (cache.k, cache.v), keys, None)
-        x, new = apply_layers(
+        x, cache = run_decoder(
             self.layers,
             x,
-            body,
-            num_layers=n,
+            layer_fn,
+            num_layers=self.cfg.num_layers,
+            cache=cache,
+            mask=mask,
+            dropout_key=dropout_key,
             scan=self.scan_layers,
             remat_policy=self.remat_policy,
-            xs=xs,
             layer_states=layer_states,
+            fused=fused,
         )
-        return self.norm(x), (None if new is None else KVCache(*new))
+        return self.norm(x), cache
 
     def logits(self, hidden: Array) -> Array:
         """`(B, L, D)` → float32 logits `(B, L, V)`."""
