@@ -21,6 +21,7 @@ import jax
 
 from owl_jax.config import ATTENTION_IMPLS, Numerics
 from owl_jax.ops import attention_kernels as kernels
+from owl_jax.ops.attention_bias import biased_attention
 from owl_jax.ops.attention_reference import reference_attention
 from owl_jax.ops.numerics import is_half, platform
 
@@ -62,6 +63,7 @@ def attention(
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
     heads_major_kv: bool = False,
+    bias: Array | None = None,
 ) -> Array:
     """Multi-head attention.
 
@@ -74,10 +76,26 @@ def attention(
       mask: optional `(B, Lq, Lk)` boolean, True where a query may attend to a key.
       is_causal: query i attends to keys j <= i only (with `mask`, both apply); needs Lq == Lk.
       dropout_rate, dropout_key: dropout on the attention probabilities (training only).
+      bias: optional `(B, H, Lk)` float32 added to every query's scaled scores (BLOOM's ALiBi); attention
+        with a bias takes the routes of `attention_bias`.
 
     Returns:
       `(B, Lq, H, Dh)` in `q.dtype`.
     """
+    if bias is not None:
+        return biased_attention(
+            q,
+            k,
+            v,
+            bias,
+            scale=scale,
+            numerics=numerics,
+            mask=mask,
+            is_causal=is_causal,
+            dropout_rate=dropout_rate,
+            dropout_key=dropout_key,
+            heads_major_kv=heads_major_kv,
+        )
     implementation = numerics.attention
     dropout_on = dropout_rate > 0 and dropout_key is not None
     reference = dict(
