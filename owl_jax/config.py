@@ -72,10 +72,21 @@ class AbstractorConfig:
         return self.hidden_size // self.num_heads
 
 
+# The language models f_L can be, and the activation each uses in its MLP.
+TEXT_ACTIVATIONS = {"llama": "silu", "bloom": "bloom_gelu"}
+TEXT_MODEL_TYPES = tuple(TEXT_ACTIVATIONS)
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """f_L: LLaMA (`language_model.*`, HF names)."""
+    """f_L: LLaMA or BLOOM (`language_model.*`, HF names), chosen by `model_type`.
 
+    LLaMA reads `num_kv_heads`, `rms_norm_eps`, `rope_theta`; BLOOM (ALiBi, LayerNorms, fused head-interleaved
+    QKV, MLP width 4 × hidden) reads `layer_norm_eps` and needs `num_kv_heads == num_heads`,
+    `intermediate_size == 4 * hidden_size` and `hidden_act == "bloom_gelu"` (tanh GELU with BLOOM's constants).
+    """
+
+    model_type: str = "llama"
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -90,10 +101,32 @@ class TextConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+    layer_norm_eps: float = 1e-5  # BLOOM's LayerNorms
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """`(ok, message)` for the fields `model_type` constrains; `OwlConfig.validate` raises the first failure."""
+        if self.model_type not in TEXT_MODEL_TYPES:
+            return [(False, f"text model_type {self.model_type!r} is not one of {TEXT_MODEL_TYPES}")]
+        act = TEXT_ACTIVATIONS[self.model_type]
+        name = {"llama": "LLaMA", "bloom": "BLOOM"}[self.model_type]
+        checks = [(self.hidden_act == act, f"text hidden_act {self.hidden_act!r}: {name} uses {act}")]
+        if self.model_type == "llama":
+            even = self.head_dim % 2 == 0
+            return checks + [(even, f"text head_dim {self.head_dim} must be even for rotary embeddings")]
+        return checks + [
+            (
+                self.num_kv_heads == self.num_heads,
+                f"text num_kv_heads {self.num_kv_heads} != num_heads {self.num_heads}: BLOOM has no grouped heads",
+            ),
+            (
+                self.intermediate_size == 4 * self.hidden_size,
+                f"text intermediate_size {self.intermediate_size} != 4 * hidden_size {self.hidden_size} (BLOOM's MLP)",
+            ),
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +243,9 @@ class OwlConfig:
     abstractor: AbstractorConfig = AbstractorConfig()
     text: TextConfig = TextConfig()
     num_query_tokens: int = 64
+    # The video layout (`mplug-owl-llama-7b-video`): a temporal module in every ViT layer, and temporal
+    # queries with their own output projection in the abstractor. Images run the same way in both layouts.
+    video: bool = False
     lora: LoRAConfig | None = None
     # How to run (not part of the checkpoint).
     dtype: str = "float32"  # compute dtype of activations and matmuls
@@ -220,7 +256,7 @@ class OwlConfig:
 
     @property
     def image_tokens(self) -> int:
-        """LLM tokens per image: the abstractor's queries plus `vit_eos`."""
+        """LLM tokens per image (and per video): the abstractor's queries plus `vit_eos`."""
         return self.num_query_tokens + 1
 
     def replace(self, **changes: Any) -> OwlConfig:
@@ -255,14 +291,17 @@ class OwlConfig:
                 t.hidden_size % t.num_heads == 0,
                 f"text hidden_size {t.hidden_size} is not divisible by num_heads {t.num_heads}",
             ),
-            (t.head_dim % 2 == 0, f"text head_dim {t.head_dim} must be even for rotary embeddings"),
+            *t.checks(),
             (
                 t.num_heads % t.num_kv_heads == 0,
                 f"text num_heads {t.num_heads} is not a multiple of num_kv_heads {t.num_kv_heads}",
             ),
             (v.hidden_act in _ACTIVATIONS, f"vision hidden_act {v.hidden_act!r} is not one of {_ACTIVATIONS}"),
-            (t.hidden_act == "silu", f"text hidden_act {t.hidden_act!r}: LLaMA uses silu"),
             (self.num_query_tokens > 0, f"num_query_tokens must be positive, got {self.num_query_tokens}"),
+            (
+                not self.video or v.hidden_size % 2 == 0,
+                f"vision hidden_size {v.hidden_size} must be even in the video layout (temporal width D/2)",
+            ),
             (self.dtype in DTYPES, f"dtype {self.dtype!r} is not one of {DTYPES}"),
             (self.param_dtype in DTYPES, f"param_dtype {self.param_dtype!r} is not one of {DTYPES}"),
             (self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"),

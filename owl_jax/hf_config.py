@@ -4,15 +4,18 @@ The released checkpoints carry a `config.json` with three sub-configs (`vision_c
 `visual_abstractor_config`, `text_config`) and a top-level `num_query_tokens`. `owl_config_from_hf` reads
 exactly that layout (`OwlConfig.from_hf_config`); `owl_config_to_hf` writes it back so that the released
 PyTorch code can load what we export (`OwlConfig.to_hf_config`). The sub-config readers also take the
-standalone HF CLIP and LLaMA configs that `owl-convert init` starts from.
+standalone HF CLIP and LLaMA configs that `owl-convert init` starts from. The video layout's differences
+(`OwlConfig.video`) are in `owl_jax.hf_video_layout`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
+from owl_jax import hf_video_layout
 from owl_jax.config import AbstractorConfig, ConfigError, OwlConfig, TextConfig, VisionConfig
 
 
@@ -37,10 +40,17 @@ def owl_config_from_hf(
         )
     top = Fields(d, where)
     vc, ac, tc = top.section("vision_config"), top.section("visual_abstractor_config"), top.section("text_config")
-    if tc.get("model_type", "llama") != "llama":
+    text_type = tc.get("model_type", "llama")
+    if text_type not in ("llama", "bloom"):
         raise ConfigError(
-            f"{where}: text_config.model_type is {tc.get('model_type')!r}; only LLaMA language models are supported"
+            f"{where}: text_config.model_type is {text_type!r}; only LLaMA and BLOOM language models are supported"
         )
+    read_text = text_config_from_hf
+    if text_type == "bloom":  # hf_bloom reads with this module's `Fields`, so it is imported here
+        from owl_jax import hf_bloom
+
+        d = hf_bloom.without_attribute_map_names(d)  # its top-level "n_layer"/"n_head" strings
+        read_text = hf_bloom.bloom_text_config_from_hf
     vision = vision_config_from_hf(vc, where=where, prefix="vision_config.")
     a = Fields(ac, where, "visual_abstractor_config.")
     abstractor = AbstractorConfig(
@@ -53,11 +63,16 @@ def owl_config_from_hf(
         attention_dropout=a.probability("attention_probs_dropout_prob", 0.1),
     )
     a.divisible("hidden_size", abstractor.hidden_size, "num_attention_heads", abstractor.num_heads)
+    video = hf_video_layout.is_video_layout(d, where)
+    if video:  # the video package widens the SwiGLU (`owl_jax.hf_video_layout`)
+        width = hf_video_layout.video_swiglu_width(abstractor.intermediate_size)
+        abstractor = dataclasses.replace(abstractor, intermediate_size=width)
     cfg = OwlConfig(
         vision=vision,
         abstractor=abstractor,
-        text=text_config_from_hf(tc, where=where, prefix="text_config."),
+        text=read_text(tc, where=where, prefix="text_config."),
         num_query_tokens=top.size("num_query_tokens", 64),
+        video=video,
         **runtime,
     )
     try:
@@ -67,14 +82,14 @@ def owl_config_from_hf(
 
 
 def owl_config_to_hf(cfg: OwlConfig) -> dict[str, Any]:
-    """The `MplugOwlConfig` dict the released code reads (`config.json`)."""
+    """The `MplugOwlConfig` dict the released code reads (`config.json`); the video layout's with `cfg.video`."""
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
-    return {
+    out = {
         "architectures": ["MplugOwlForConditionalGeneration"],
         "model_type": "mplug-owl",
         "num_query_tokens": cfg.num_query_tokens,
         "use_decoder_only_language_model": True,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": t.tie_word_embeddings,
         "initializer_range": 0.02,
         "initializer_factor": 1.0,
         "vision_config": {
@@ -105,7 +120,9 @@ def owl_config_to_hf(cfg: OwlConfig) -> dict[str, Any]:
             "attention_probs_dropout_prob": a.attention_dropout,
             "initializer_range": 0.02,
         },
-        "text_config": {
+        "text_config": _bloom_text_config_to_hf(t)
+        if t.model_type == "bloom"
+        else {
             "model_type": "llama",
             "architectures": ["LlamaForCausalLM"],
             "vocab_size": t.vocab_size,
@@ -126,6 +143,13 @@ def owl_config_to_hf(cfg: OwlConfig) -> dict[str, Any]:
             "use_cache": True,
         },
     }
+    return hf_video_layout.to_video_layout(out, a.intermediate_size) if cfg.video else out
+
+
+def _bloom_text_config_to_hf(t: TextConfig) -> dict[str, Any]:
+    from owl_jax import hf_bloom  # it reads with this module's `Fields`, so it is imported here
+
+    return hf_bloom.bloom_text_config_to_hf(t)
 
 
 def vision_config_from_hf(vc: dict[str, Any], *, where: str = "config.json", prefix: str = "") -> VisionConfig:

@@ -40,7 +40,7 @@ def test_tiny_preset_is_the_fixture_layout(fixture_dir):
         (lambda d: d.pop("vision_config"), "MplugOwlConfig layout"),
         (lambda d: d["text_config"].update(num_attention_heads=5), "not divisible"),
         (lambda d: d["visual_abstractor_config"].update(encoder_hidden_size=32), "encoder_hidden_size"),
-        (lambda d: d["text_config"].update(model_type="bloom"), "only LLaMA"),
+        (lambda d: d["text_config"].update(model_type="gpt_neox"), "only LLaMA and BLOOM"),
         (lambda d: d["text_config"].update(rope_scaling={"type": "linear", "factor": 2.0}), "not supported"),
     ],
 )
