@@ -11,15 +11,15 @@
 Parameters travel as flat leaves `{path: array}` (`leaves.py`). The modules, one idea each:
 
     tensor_files   the tensor-file formats: `.bin` and safetensors, read and written one tensor at a time
-    keys/          one key table per tower (released ViT, abstractor, LLaMA; HF CLIP, HF LLaMA) and the
-                   transforms between a checkpoint tensor and a Flax leaf
+    keys/          one key table per tower (released ViT, abstractor, LLaMA or BLOOM; HF CLIP, HF LLaMA or
+                   BLOOM) and the transforms between a checkpoint tensor and a Flax leaf
     streaming      streaming import: key inventory, strict key checks, leaves read one at a time
     released       a released-layout folder (+ LoRA adapter) → leaves
     load           any supported folder → leaves; `import` (→ converted folder)
     converted      the converted folder: Orbax params + owl_jax.json + config.json + side files
     export         leaves → the released layout (+ a peft adapter)
     lora           LoRA adapters: locating peft adapters / trainer checkpoints, merging
-    towers         a fresh model from HF CLIP + HF LLaMA towers (`init`)
+    towers         a fresh model from HF CLIP + HF LLaMA (or BLOOM) towers (`init`)
     folders        atomic output folders and the side files that travel with the weights
     errors         the error classes
 """

@@ -269,10 +269,7 @@ def load_converted_leaves(
     import orbax.checkpoint as ocp
 
     params_dir = os.path.join(os.path.abspath(folder), PARAMS_DIR)
-    try:
-        stored = flatten(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
-    except Exception as e:  # orbax raises several error types for missing/corrupt metadata
-        raise CheckpointError(f"cannot read the parameter checkpoint in {params_dir}: {e}") from None
+    stored = _stored_metadata(folder)
     missing = sorted("/".join(p) for p in shapes if p not in stored)
     unexpected = sorted("/".join(p) for p in stored if p not in shapes)
     misshaped = sorted(
@@ -315,6 +312,22 @@ def load_converted_leaves(
         for path in group:
             out[path] = place(restored.pop(path)) if host_first else restored.pop(path)
     return out
+
+
+def _stored_metadata(folder: str) -> dict[Path, Any]:
+    """`{path: metadata}` (with `shape` and `dtype`) of the leaves in a converted folder; no tensor is read."""
+    import orbax.checkpoint as ocp
+
+    params_dir = os.path.join(os.path.abspath(folder), PARAMS_DIR)
+    try:
+        return flatten(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
+    except Exception as e:  # orbax raises several error types for missing/corrupt metadata
+        raise CheckpointError(f"cannot read the parameter checkpoint in {params_dir}: {e}") from None
+
+
+def stored_shapes(folder: str) -> dict[Path, tuple[int, ...]]:
+    """`{path: shape}` of the leaves a converted folder holds (from its metadata; no tensor is read)."""
+    return {p: tuple(m.shape) for p, m in _stored_metadata(folder).items()}
 
 
 def _restore_groups(target: dict[Path, jax.ShapeDtypeStruct]) -> list[list[Path]]:

@@ -56,7 +56,7 @@ def export_hf(
     """Write the released HF layout (and, with `lora_targets`, a peft adapter in `OUT_DIR/adapter`).
 
     Args:
-      base_targets: the keys to write (`keys.owl_targets(..., include_lora=False)`).
+      base_targets: the keys to write (`keys.owl_targets(..., include_lora=False, include_copies=True)`).
       leaves: `{path: array}` host or device arrays.
       dtype: output dtype for all tensors; None keeps each leaf's dtype.
       max_shard_bytes: largest shard (default 5 GB for safetensors, 1 GB for `.bin`, which is built in memory).
@@ -137,7 +137,7 @@ def export_checkpoint(
     loaded = load_checkpoint(ckpt_dir, merge_lora=merge_lora, on_host=True, show_progress=show_progress)
     cfg = loaded.config
     shapes = {p: (tuple(v.shape), v.dtype) for p, v in loaded.leaves.items()}
-    base_targets = owl_targets(cfg, shapes, include_lora=False)
+    base_targets = owl_targets(cfg, shapes, include_lora=False, include_copies=True)  # a tied head twice
     lora_targets = owl_targets(cfg, shapes, include_base=False) if cfg.lora is not None else None
     return export_hf(
         out_dir,

@@ -22,6 +22,7 @@ import numpy as np
 from owl_jax.checkpoint import converted
 from owl_jax.checkpoint.errors import CheckpointError
 from owl_jax.checkpoint.keys import owl_targets
+from owl_jax.checkpoint.layout import W1_PATH, with_abstractor_width
 from owl_jax.checkpoint.leaves import Path, abstract_model, flat_shardings, largest_first, leaf_shapes, materialize
 from owl_jax.checkpoint.lora import LoRASource, locate_lora, merge_lora_params
 from owl_jax.checkpoint.released import open_released
@@ -91,6 +92,9 @@ def open_checkpoint(
             f"import --merge-lora) before applying another adapter"
         )
     stored_cfg = base_cfg.replace(lora=stored_lora)
+    if stored_cfg.video:  # the abstractor's SwiGLU width of the weights (`layout.with_abstractor_width`)
+        w1 = converted.stored_shapes(path).get(W1_PATH)
+        stored_cfg = with_abstractor_width(stored_cfg, None if w1 is None else w1[-1])
     shapes = leaf_shapes(abstract_model(stored_cfg)[1])
     rotary = meta.get("rotary_buffers", True)
     needs_host = on_host or lora_source is not None or (merge_lora and stored_lora is not None)

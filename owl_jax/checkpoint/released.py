@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from owl_jax.checkpoint.keys import is_rotary_buffer, owl_targets
+from owl_jax.checkpoint.keys import owl_targets, text_table, tied_copies
+from owl_jax.checkpoint.layout import W1_KEY, check_layout, with_abstractor_width
 from owl_jax.checkpoint.leaves import Path, PendingLeaf, abstract_model, leaf_shapes
 from owl_jax.checkpoint.lora import LoRASource, merge_lora
 from owl_jax.checkpoint.streaming import KeyInventory, LeafReader, check_keys, keep_on_host, stream_leaves
@@ -45,17 +46,20 @@ def open_released(
       `lora_b (out, r)` per layer, stacked like their kernels).
 
     Raises:
-      CheckpointMismatchError: naming every missing, unexpected and mis-shaped key.
+      CheckpointMismatchError: naming every missing, unexpected and mis-shaped key (in one line the video
+        layout's keys, when `cfg` builds the image layout).
     """
+    files, _ = weight_files(hf_dir)
+    inventory = KeyInventory.scan(files).fold_copies(tied_copies(cfg))  # a tied head saved twice: read once
+    check_layout(cfg, inventory.entries, f"checkpoint {hf_dir}")
+    cfg = with_abstractor_width(cfg, inventory.entries[W1_KEY][0][0] if W1_KEY in inventory.entries else None)
     model_cfg = cfg.replace(lora=lora.config if lora is not None else None)
     shapes = leaf_shapes(abstract_model(model_cfg)[1])
-    files, _ = weight_files(hf_dir)
-    inventory = KeyInventory.scan(files)
     base_targets = owl_targets(model_cfg, shapes, include_lora=False)
     check_keys(
         inventory,
         base_targets,
-        ignore=is_rotary_buffer,
+        ignore=text_table(cfg.text).is_rotary_buffer,
         source=f"checkpoint {hf_dir}",
         hint="Is config.json the one these weights were saved with?",
     )

@@ -56,6 +56,25 @@ class KeyInventory:
                     entries[name] = (shape, dtype, path)
         return cls(entries, renames)
 
+    def fold_copies(self, copies: dict[str, str]) -> KeyInventory:
+        """Account for tensors saved twice (a tied head): for each `{key: copy}`, the copy is dropped when
+        `key` is there too (their shapes must agree) and read as `key` when it is there alone. Returns self."""
+        for key, copy in copies.items():
+            if copy not in self.entries:
+                continue
+            if key in self.entries:
+                if self.entries[key][0] != self.entries[copy][0]:
+                    raise CheckpointMismatchError(
+                        f"{copy} {self.entries[copy][0]} should be a copy of {key} {self.entries[key][0]} "
+                        f"(tied embeddings) but their shapes differ"
+                    )
+                del self.entries[copy]
+                self.renames.pop(copy, None)
+            else:
+                self.entries[key] = self.entries.pop(copy)
+                self.renames[key] = self.renames.pop(copy, copy)
+        return self
+
     def dtypes(self) -> collections.Counter:
         return collections.Counter(d for _, d, _ in self.entries.values())
 

@@ -1,10 +1,11 @@
-"""Init from towers: a fresh `Owl` from separate tower checkpoints, the ViT from HF CLIP, LLaMA from HF LLaMA,
-the abstractor random.
+"""Init from towers: a fresh `Owl` from separate tower checkpoints, the ViT from HF CLIP, LLaMA from HF LLaMA
+(or BLOOM from HF BLOOM), the abstractor random.
 
 This is how stage 1 of training starts. The CLIP folder holds a `CLIPVisionModel` or a whole `CLIPModel`
-(its text tower and projections are ignored), the LLaMA folder a `LlamaForCausalLM`; both are checked in
-full and streamed one leaf at a time through the same importer as the released checkpoints
-(`streaming.py`), with the key tables `keys.clip` and `keys.hf_llama`.
+(its text tower and projections are ignored), the language model folder (`llama_dir`) a `LlamaForCausalLM`
+or a `BloomForCausalLM` (its config's `model_type` says which); both are checked in full and streamed one
+leaf at a time through the same importer as the released checkpoints (`streaming.py`), with the key tables
+`keys.clip` and `keys.hf_llama` / `keys.hf_bloom`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import numpy as np
 from flax import nnx
 
 from owl_jax.checkpoint import converted
-from owl_jax.checkpoint.keys import clip, hf_llama
+from owl_jax.checkpoint.keys import clip, hf_bloom, hf_llama
 from owl_jax.checkpoint.leaves import Path, abstract_model, leaf_shapes
 from owl_jax.checkpoint.streaming import KeyInventory, check_keys, keep_on_host, stream_leaves
 from owl_jax.checkpoint.tensor_files import weight_files
-from owl_jax.config import AbstractorConfig, ConfigError, OwlConfig, VisionConfig
+from owl_jax.config import AbstractorConfig, ConfigError, OwlConfig, TextConfig, VisionConfig
+from owl_jax.hf_bloom import bloom_text_config_from_hf
 from owl_jax.hf_config import Fields, read_json_source, text_config_from_hf, vision_config_from_hf, where_of
 from owl_jax.modeling.abstractor import Abstractor
 
@@ -105,16 +107,27 @@ def config_from_towers(
     vision = clip_vision_config(clip_dir)
     tc = read_json_source(llama_dir)
     where = where_of(llama_dir)
-    if tc.get("model_type", "llama") != "llama":
-        raise ConfigError(f"{where}: model_type {tc.get('model_type')!r}; only LLaMA language models are supported")
+    text_type = tc.get("model_type", "llama")
+    if text_type not in ("llama", "bloom"):
+        raise ConfigError(f"{where}: model_type {text_type!r}; only LLaMA and BLOOM language models are supported")
+    read_text = bloom_text_config_from_hf if text_type == "bloom" else text_config_from_hf
     cfg = OwlConfig(
         vision=vision,
         abstractor=abstractor or default_abstractor(vision.hidden_size),
-        text=text_config_from_hf(tc, where=where),
+        text=read_text(tc, where=where),
         num_query_tokens=num_query_tokens,
         **runtime,
     )
     return cfg.validate()
+
+
+def _text_inventory(folder: str, text: TextConfig) -> KeyInventory:
+    """The keys of an HF LLaMA or BLOOM folder as the tower's table lists them (BLOOM: without `transformer.`,
+    a tied `lm_head.weight` read as the embeddings when they are missing, dropped otherwise)."""
+    files = weight_files(folder)[0]
+    if text.model_type == "bloom":
+        return KeyInventory.scan(files, rename=hf_bloom.strip_prefix).fold_copies(hf_bloom.tied_copies(text))
+    return KeyInventory.scan(files)
 
 
 def _on_host() -> contextlib.AbstractContextManager:
@@ -146,7 +159,7 @@ def init_from_towers(
     finalize: Callable[[Path, np.ndarray], Any] = keep_on_host,
     show_progress: bool = True,
 ) -> tuple[OwlConfig, dict[Path, Any]]:
-    """Every parameter of a fresh `Owl`: ViT from `clip_dir`, LLaMA from `llama_dir`, abstractor random.
+    """Every parameter of a fresh `Owl`: ViT from `clip_dir`, LLaMA (or BLOOM) from `llama_dir`, abstractor random.
 
     Both checkpoints are checked in full (missing, unexpected and mis-shaped keys raise
     `CheckpointMismatchError`) before any tensor is read.
@@ -163,14 +176,15 @@ def init_from_towers(
     """
     cfg = config_from_towers(clip_dir, llama_dir, abstractor=abstractor, num_query_tokens=num_query_tokens)
     shapes = leaf_shapes(abstract_model(cfg)[1])
-    vision_targets, text_targets = clip.targets(cfg.vision, shapes), hf_llama.targets(cfg.text, shapes)
+    text_keys, text_name = (hf_bloom, "BLOOM") if cfg.text.model_type == "bloom" else (hf_llama, "LLaMA")
+    vision_targets, text_targets = clip.targets(cfg.vision, shapes), text_keys.targets(cfg.text, shapes)
     covered = {t.path for t in vision_targets + text_targets}
     uncovered = sorted("/".join(p) for p in shapes if p not in covered and p[0] != "abstractor")
     if uncovered:  # the tables above fell behind the model
         raise KeyError(f"the tower key tables fill no checkpoint tensor into {uncovered[:8]}")
 
     clip_inventory = KeyInventory.scan(weight_files(clip_dir)[0], rename=clip.strip_prefix)
-    llama_inventory = KeyInventory.scan(weight_files(llama_dir)[0])
+    llama_inventory = _text_inventory(llama_dir, cfg.text)
     check_keys(
         clip_inventory,
         vision_targets,
@@ -184,8 +198,8 @@ def init_from_towers(
     check_keys(
         llama_inventory,
         text_targets,
-        source=f"LLaMA checkpoint {llama_dir}",
-        ignore=lambda k: hf_llama.IGNORED.fullmatch(k) is not None or (tied and k == "lm_head.weight"),
+        source=f"{text_name} checkpoint {llama_dir}",
+        ignore=lambda k: text_keys.IGNORED.fullmatch(k) is not None or (tied and k == "lm_head.weight"),
         hint="Is config.json the one these weights were saved with?",
     )
 
@@ -195,7 +209,7 @@ def init_from_towers(
     )
     leaves.update(
         stream_leaves(
-            llama_inventory, text_targets, specs, finalize, dtype=dtype, desc="LLaMA", show_progress=show_progress
+            llama_inventory, text_targets, specs, finalize, dtype=dtype, desc=text_name, show_progress=show_progress
         )
     )
     fresh = random_abstractor(cfg, seed=seed, param_dtype=jnp.dtype(dtype or "float32").name)

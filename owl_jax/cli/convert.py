@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="fresh model from HF CLIP and LLaMA checkpoints")
     init.add_argument("out_dir")
     init.add_argument("--clip", required=True, help="HF CLIPVisionModel or CLIPModel folder")
-    init.add_argument("--llama", required=True, help="HF LlamaForCausalLM folder")
+    init.add_argument("--llama", required=True, help="HF LlamaForCausalLM (or BloomForCausalLM) folder")
     init.add_argument("--num-query-tokens", type=int, default=64)
     init.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     init.add_argument("--seed", type=int, default=0, help="seed of the abstractor's random initialisation")

@@ -8,6 +8,10 @@ Per layer (all Linear layers with bias, nothing masked):
     h   = h + w2(ffn_ln(silu(w1(norm2(h))) * w3(norm2(h))))        # norm2 eps 1e-5, ffn_ln eps from config
 
 The output is `visual_fc` of the Q query states with `vit_eos` appended: `(N, Q + 1, D_llm)`.
+
+Videos (the video layout): the learned queries and Q `temporal_query_tokens` (2Q rows) attend to the frame
+tokens of all T frames, flattened frame-major to `(N, T·P, D_v)`; the output is
+`visual_fc(first Q) + temporal_visual_fc(last Q)`, then `vit_eos`: Q + 1 rows, as for an image.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ HF_MODULES = {
     "layers/ffn_ln": HF_LAYER + "output.mlp.ffn_ln",
     "visual_fc": "abstractor.visual_fc",
     "vit_eos": "abstractor.vit_eos",
+}
+# The video layout's additions.
+VIDEO_HF_MODULES = {
+    "temporal_query_tokens": "temporal_query_tokens",
+    "temporal_visual_fc": "abstractor.temporal_visual_fc",
 }
 
 
@@ -104,7 +113,8 @@ class AbstractorLayer(nnx.Module):
 
 
 class Abstractor(nnx.Module):
-    """`query_tokens` + `abstractor.*`: ViT features `(N, T, D_v)` → LLM tokens `(N, Q + 1, D_llm)`."""
+    """`query_tokens` + `abstractor.*`: ViT features `(N, T, D_v)` → LLM tokens `(N, Q + 1, D_llm)`; with
+    `temporal` (the video layout) also `temporal_query_tokens` and `abstractor.temporal_visual_fc`."""
 
     def __init__(
         self,
@@ -119,6 +129,7 @@ class Abstractor(nnx.Module):
         remat_policy: str = "none",
         numerics: Numerics = Numerics(),
         rngs: nnx.Rngs,
+        temporal: bool = False,
     ):
         self.cfg = cfg
         self.dtype = dtype
@@ -126,6 +137,7 @@ class Abstractor(nnx.Module):
         self.scan_layers = scan_layers
         self.remat_policy = remat_policy
         pdt = jnp.dtype(param_dtype)
+        fc = dict(lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs)
         # The released code zero-initialises the queries; identical queries never become different
         # under training, so a fresh model draws them at random (imported checkpoints overwrite this).
         self.query_tokens = nnx.Param(
@@ -136,28 +148,43 @@ class Abstractor(nnx.Module):
             cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs
         )
         self.visual_fc = Linear(
-            cfg.hidden_size,
-            llm_hidden,
-            axes=("vision_embed", "embed"),
-            hf_name=HF_MODULES["visual_fc"],
-            lora=lora,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            numerics=numerics,
-            rngs=rngs,
+            cfg.hidden_size, llm_hidden, axes=("vision_embed", "embed"), hf_name=HF_MODULES["visual_fc"], **fc
         )
         self.vit_eos = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (1, 1, llm_hidden), pdt), axes=(None, None, "embed")
         )
+        if not temporal:
+            self.temporal_query_tokens = self.temporal_visual_fc = None
+        else:
+            self.temporal_query_tokens = nnx.Param(
+                0.02 * jax.random.normal(rngs.params(), (1, num_queries, cfg.hidden_size), pdt),
+                axes=(None, "queries", "vision_embed"),
+            )
+            self.temporal_visual_fc = Linear(
+                cfg.hidden_size,
+                llm_hidden,
+                axes=("vision_embed", "embed"),
+                hf_name=VIDEO_HF_MODULES["temporal_visual_fc"],
+                **fc,
+            )
 
-    def __call__(self, image_features: Array, dropout_key: Array | None = None) -> Array:
-        """ViT features `(N, T, D_v)` → LLM tokens `(N, Q + 1, D_llm)`."""
+    def __call__(self, features: Array, dropout_key: Array | None = None) -> Array:
+        """ViT features → LLM tokens `(N, Q + 1, D_llm)`: images `(N, P, D_v)`, or videos `(N, T, P, D_v)`
+        (T >= 2 uses the temporal queries; T = 1 is an image)."""
         dt = jnp.dtype(self.dtype)
-        n = image_features.shape[0]
-        image = image_features.astype(dt)
-        x = jnp.broadcast_to(self.query_tokens[...].astype(dt), (n, *self.query_tokens.shape[1:]))
+        if features.ndim == 4 and features.shape[1] == 1:
+            features = features[:, 0]
+        video = features.ndim == 4
+        if video and self.temporal_query_tokens is None:
+            raise ValueError(
+                f"video features {tuple(features.shape)} need temporal queries; this abstractor has the image layout"
+            )
+        n, q = features.shape[0], self.query_tokens.shape[1]
+        tokens = features.reshape(n, -1, features.shape[-1]).astype(dt)  # videos: frame-major (N, T·P, D_v)
+        queries = [self.query_tokens[...]] + ([self.temporal_query_tokens[...]] if video else [])
+        x = jnp.concatenate([jnp.broadcast_to(t.astype(dt), (n, *t.shape[1:])) for t in queries], axis=1)
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers + 1)
-        body = lambda layer, h, k: (constrain(layer(h, image, k), ("batch", "length", "act_embed")), None)
+        body = lambda layer, h, k: (constrain(layer(h, tokens, k), ("batch", "length", "act_embed")), None)
         x, _ = apply_layers(
             self.layers,
             x,
@@ -167,6 +194,8 @@ class Abstractor(nnx.Module):
             remat_policy=self.remat_policy,
             xs=None if keys is None else keys[1:],
         )
-        out = self.visual_fc(x, None if keys is None else keys[0])
+        out = self.visual_fc(x[:, :q], None if keys is None else keys[0])
+        if video:
+            out = out + self.temporal_visual_fc(x[:, q:], None if keys is None else jax.random.fold_in(keys[0], 1))
         eos = jnp.broadcast_to(self.vit_eos[...].astype(dt), (n, 1, out.shape[-1]))
         return jnp.concatenate([out, eos], axis=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from owl_jax import ops
 from owl_jax.config import Numerics
@@ -16,6 +17,8 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "silu": jax.nn.silu,
+    # BLOOM's tanh GELU, with its literal constants (sqrt(2/pi) rounded to 0.79788456), in its order
+    "bloom_gelu": lambda x: x * 0.5 * (1.0 + jnp.tanh(0.79788456 * x * (1 + 0.044715 * x * x))),
 }
 
 

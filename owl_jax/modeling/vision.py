@@ -3,6 +3,11 @@
 Differences from HF's CLIP that a port must keep: the pre-LayerNorm sits inside the embeddings, the
 patch convolution has no bias, `query_key_value` orders its outputs `[head, (q, k, v), head_dim]`, and
 the post-LayerNorm is applied to every token (the abstractor reads all of them).
+
+Videos (the video layout, `temporal=True`): the frames of `(B, C, T, S, S)` are folded into the batch
+(row b·T + t) for the embeddings and for every layer's attention, which never crosses frames; before it,
+each layer adds its temporal module's output (`owl_jax.modeling.temporal`), which mixes the frames.
+Images (T = 1) skip the temporal modules, so both layouts give the same image features.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from owl_jax.modeling._stack import apply_layers
 from owl_jax.modeling.activations import activation
 from owl_jax.modeling.linear import Linear
 from owl_jax.modeling.norms import LayerNorm
+from owl_jax.modeling.temporal import HF_MODULES as TEMPORAL_HF_MODULES
+from owl_jax.modeling.temporal import Temporal
 from owl_jax.sharding import constrain
 
 Array = jax.Array
@@ -37,6 +44,8 @@ HF_MODULES = {
     "layers/fc2": HF_LAYER + "mlp.fc2",
     "post_layernorm": "vision_model.post_layernorm",
 }
+# The video layout's temporal module in every layer (`owl_jax.modeling.temporal`).
+VIDEO_HF_MODULES = {f"layers/temporal/{name}": hf for name, hf in TEMPORAL_HF_MODULES.items()}
 
 
 def patchify(pixel_values: Array, patch_size: int) -> Array:
@@ -83,6 +92,7 @@ class VisionLayer(nnx.Module):
         param_dtype: str,
         numerics: Numerics,
         rngs: nnx.Rngs,
+        temporal: bool = False,
     ):
         d, f = cfg.hidden_size, cfg.intermediate_size
         linear = dict(stack=stack, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs)
@@ -98,9 +108,20 @@ class VisionLayer(nnx.Module):
         self.post_attention_layernorm = LayerNorm(d, **norm)
         self.fc1 = Linear(d, f, axes=("vision_embed", "vision_mlp"), hf_name=HF_MODULES["layers/fc1"], **linear)
         self.fc2 = Linear(f, d, axes=("vision_mlp", "vision_embed"), hf_name=HF_MODULES["layers/fc2"], **linear)
+        self.temporal = Temporal(d, **linear) if temporal else None
 
-    def __call__(self, x: Array, key: Array | None) -> Array:
-        """`(N, T, D)` → `(N, T, D)`; `key` drives dropout (None: none)."""
+    def __call__(self, x: Array, key: Array | None, frames: int = 1) -> Array:
+        """`(N, T, D)` → `(N, T, D)`; `key` drives dropout (None: none).
+
+        With `frames = F > 1` the N rows are N/F videos of F consecutive frames, which the temporal module
+        mixes first (`x + temporal(x)`).
+        """
+        if frames > 1:
+            if self.temporal is None:
+                raise ValueError("this ViT has no temporal modules (the image layout); videos need the video layout")
+            tkey, key = (None, None) if key is None else tuple(jax.random.split(key))
+            videos = x.reshape(x.shape[0] // frames, frames, *x.shape[1:])
+            x = x + self.temporal(videos, tkey).reshape(x.shape)
         keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
         n, t, d = x.shape
         h = self.input_layernorm(x)
@@ -115,7 +136,8 @@ class VisionLayer(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """`vision_model.*`: pixels `(N, C, H, W)` → features `(N, 1 + H·W/p², D_v)` after the post-LN."""
+    """`vision_model.*`: pixels `(N, C, H, W)` → features `(N, 1 + H·W/p², D_v)` after the post-LN; with
+    `temporal` (the video layout) also videos `(N, C, T, H, W)` → `(N, T, 1 + H·W/p², D_v)`."""
 
     def __init__(
         self,
@@ -128,6 +150,7 @@ class VisionTower(nnx.Module):
         remat_policy: str = "none",
         numerics: Numerics = Numerics(),
         rngs: nnx.Rngs,
+        temporal: bool = False,
     ):
         self.cfg = cfg
         self.dtype = dtype
@@ -151,32 +174,69 @@ class VisionTower(nnx.Module):
         )
         self.pre_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, numerics=numerics)
         self.layers = VisionLayer(
-            cfg, stack=cfg.num_layers, lora=lora, dtype=dtype, param_dtype=param_dtype, numerics=numerics, rngs=rngs
+            cfg,
+            stack=cfg.num_layers,
+            lora=lora,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            numerics=numerics,
+            rngs=rngs,
+            temporal=temporal,
         )
         self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, numerics=numerics)
 
     def __call__(self, pixel_values: Array, dropout_key: Array | None = None) -> Array:
-        """`(N, C, H, W)` normalised pixels → `(N, 1 + H·W/p², D)` features after the post-LayerNorm."""
-        cfg, dt = self.cfg, jnp.dtype(self.dtype)
-        expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
-        if tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}; this model expects (N, "
-                f"{expected[0]}, {expected[1]}, {expected[2]}) (config image_size={cfg.image_size})"
-            )
-        patches = patchify(pixel_values.astype(dt), cfg.patch_size)  # (N, P, C·p·p)
-        x = ops.matmul(patches, self.patch_embed[...], dtype=dt, numerics=self.numerics)  # (N, P, D)
-        cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (x.shape[0], 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(dt)
-        x = constrain(self.pre_layernorm(x), ("batch", "length", "act_embed"))
+        """Features after the post-LayerNorm: images `(N, C, H, W)` → `(N, 1 + H·W/p², D)`; videos
+        `(N, C, T, H, W)` (T >= 2, video layout) → `(N, T, 1 + H·W/p², D)`."""
+        cfg = self.cfg
+        frames = self.frames_of(pixel_values.shape)
+        video, n = pixel_values.ndim == 5, pixel_values.shape[0]
+        if video:  # fold the frames into the batch: row b·T + t
+            c, _, h, w = pixel_values.shape[1:]
+            pixel_values = pixel_values.transpose(0, 2, 1, 3, 4).reshape(n * frames, c, h, w)
+        x = self.embed(pixel_values)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
         x, _ = apply_layers(
             self.layers,
             x,
-            lambda layer, h, k: (layer(h, k), None),
+            lambda layer, h, k: (layer(h, k, frames), None),
             num_layers=cfg.num_layers,
             scan=self.scan_layers,
             remat_policy=self.remat_policy,
             xs=keys,
         )
-        return self.post_layernorm(x)
+        x = self.post_layernorm(x)
+        return x.reshape(n, frames, *x.shape[1:]) if video else x
+
+    def frames_of(self, shape: tuple[int, ...]) -> int:
+        """Frames per input of an `(N, C, H, W)` (1) or `(N, C, T, H, W)` batch; a one-line `ValueError` for
+        any other shape, for videos with T < 2, and for videos on a ViT without temporal modules."""
+        cfg = self.cfg
+        image = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if len(shape) == 4 and tuple(shape[1:]) == image:
+            return 1
+        if len(shape) == 5 and (shape[1], *shape[3:]) == image:
+            if shape[2] < 2:
+                raise ValueError(
+                    f"video_pixel_values has shape {tuple(shape)}: a video needs at least 2 frames (the released "
+                    f"model fails on 1); pass a single frame as an image (N, C, H, W)"
+                )
+            if self.layers.temporal is None:
+                raise ValueError(
+                    f"video_pixel_values has shape {tuple(shape)} but this model has the image layout (no temporal "
+                    f"modules); load a video checkpoint"
+                )
+            return int(shape[2])
+        raise ValueError(
+            f"pixel_values has shape {tuple(shape)}; this model expects (N, {image[0]}, {image[1]}, {image[2]}) "
+            f"images or (N, {image[0]}, T, {image[1]}, {image[2]}) videos (config image_size={cfg.image_size})"
+        )
+
+    def embed(self, pixel_values: Array) -> Array:
+        """`(N, C, H, W)` → `(N, 1 + H·W/p², D)`: patch embeddings, class token, positions, pre-LayerNorm."""
+        cfg, dt = self.cfg, jnp.dtype(self.dtype)
+        patches = patchify(pixel_values.astype(dt), cfg.patch_size)  # (N, P, C·p·p)
+        x = ops.matmul(patches, self.patch_embed[...], dtype=dt, numerics=self.numerics)  # (N, P, D)
+        cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(dt)
+        return constrain(self.pre_layernorm(x), ("batch", "length", "act_embed"))

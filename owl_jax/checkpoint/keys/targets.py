@@ -6,6 +6,8 @@ layouts:
 - `copy`: the same array;
 - `linear`: PyTorch Linear `(out, in)` ↔ Flax kernel `(in, out)`; LoRA `A (r, in)`, `B (out, r)` likewise;
 - `patch`: Conv2d `(D, C, p, p)` ↔ `(C·p·p, D)` (see `modeling.vision.patchify`);
+- `pointwise`: a 1×1×1 Conv3d `(out, in, 1, 1, 1)` ↔ a Flax kernel `(in, out)` (a per-token linear layer);
+- `time_conv`: a depthwise Conv3d over time `(C, 1, K, 1, 1)` ↔ taps `(K, C)` (`modeling.temporal`);
 - `reshape`: the same data without the Flax leaf's leading unit axes (import only);
 - `qkv_part`: one of separate q/k/v tensors written into a head-interleaved fused leaf (import only).
 
@@ -27,6 +29,9 @@ import numpy as np
 from owl_jax.checkpoint.leaves import Path, Shapes
 
 COPY, LINEAR, PATCH, RESHAPE, QKV_PART = "copy", "linear", "patch", "reshape", "qkv_part"
+POINTWISE, TIME_CONV = "pointwise", "time_conv"
+# Transforms between an HF tensor, read as a matrix of its first axis by the rest, and a transposed Flax leaf.
+_MATRIX = (LINEAR, PATCH, POINTWISE, TIME_CONV)
 
 # Module kinds: each leaf of the module (by its Flax name; "" when the module path is itself the leaf)
 # → (suffix of the HF key after the module name, transform).
@@ -37,9 +42,13 @@ NORM = {"scale": (".weight", COPY)}  # RMSNorm
 TENSOR = {"": ("", COPY)}  # a bare nn.Parameter
 EMBEDDING = {"": (".weight", COPY)}
 PATCH_CONV = {"": (".weight", PATCH)}
-# peft's adapter keys of a linear layer (without peft's `base_model.model.` prefix).
+POINTWISE_CONV_BIAS = {"kernel": (".weight", POINTWISE), "bias": (".bias", COPY)}  # a `Linear` in Flax
+TIME_CONV_BIAS = {"taps": (".weight", TIME_CONV), "bias": (".bias", COPY)}
+# peft's adapter keys of a linear layer (without peft's `base_model.model.` prefix); on a Conv3d, peft's
+# A and B are Conv3d weights too: `(r, in, 1, 1, 1)` and `(out, r, 1, 1, 1)`.
 LORA = {"lora_a": (".lora_A.weight", LINEAR), "lora_b": (".lora_B.weight", LINEAR)}
-LINEAR_KINDS = (LINEAR_BIAS, LINEAR_NO_BIAS)
+LORA_POINTWISE = {"lora_a": (".lora_A.weight", POINTWISE), "lora_b": (".lora_B.weight", POINTWISE)}
+LINEAR_KINDS = (LINEAR_BIAS, LINEAR_NO_BIAS, POINTWISE_CONV_BIAS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +95,7 @@ def module_rules(
         if "/".join(base) in lora_modules:
             if kinds[module] not in LINEAR_KINDS:
                 raise KeyError(f"{'/'.join(base)} is not a linear layer; it cannot carry LoRA adapters")
-            leaves.update(LORA)
+            leaves.update(LORA_POINTWISE if kinds[module] is POINTWISE_CONV_BIAS else LORA)
         for leaf, (suffix, transform) in leaves.items():
             rules.append(KeyRule(base + ((leaf,) if leaf else ()), hf + suffix, transform))
     return rules
@@ -126,7 +135,7 @@ class KeyTarget:
     def write(self, leaf: np.ndarray, hf: np.ndarray) -> None:
         """Convert the HF array to the Flax layout and store it in its part of `leaf` (casting dtype)."""
         view = self.view(leaf)
-        if self.transform in (LINEAR, PATCH):
+        if self.transform in _MATRIX:
             matrix = hf if self.transform == LINEAR else hf.reshape(hf.shape[0], -1)
             transpose_into(view, matrix.astype(view.dtype, copy=False))
         else:
@@ -138,7 +147,7 @@ class KeyTarget:
             return hf
         if self.transform == LINEAR:
             return hf.T
-        if self.transform == PATCH:
+        if self.transform in _MATRIX:
             return hf.reshape(hf.shape[0], -1).T
         if self.transform == RESHAPE:
             return hf.reshape(piece_shape)
@@ -149,10 +158,10 @@ class KeyTarget:
         raise ValueError(f"unknown transform {self.transform!r}")
 
     def to_hf(self, piece: np.ndarray) -> np.ndarray:
-        """Inverse of `to_flax` for the exportable transforms (copy, linear, patch)."""
+        """Inverse of `to_flax` for the exportable transforms (copy, linear, patch, pointwise, time_conv)."""
         if self.transform == COPY:
             return piece
-        if self.transform in (LINEAR, PATCH):
+        if self.transform in _MATRIX:
             out = np.empty(piece.shape[::-1], piece.dtype)
             transpose_into(out, piece)
             return out.reshape(self.hf_shape)
@@ -211,6 +220,10 @@ def hf_shape_of(transform: str, piece: tuple[int, ...], *, patch: tuple[int, int
     if transform == PATCH:
         channels, size = patch
         return (piece[1], channels, size, size)
+    if transform == POINTWISE:  # (in, out) → (out, in, 1, 1, 1)
+        return (piece[1], piece[0], 1, 1, 1)
+    if transform == TIME_CONV:  # taps (K, C) → (C, 1, K, 1, 1)
+        return (piece[1], 1, piece[0], 1, 1)
     if transform == RESHAPE:  # stored without the Flax leaf's leading broadcast axes: (1, 1, D) → (D,)
         while len(piece) > 1 and piece[0] == 1:
             piece = piece[1:]
