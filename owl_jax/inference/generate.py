@@ -29,7 +29,13 @@ from owl_jax.inference.sampling import DecodeStructure, DecodeValues, Generation
 from owl_jax.modeling._stack import unstack_layer_states
 from owl_jax.modeling.llama import KVCache, can_fuse_projections
 from owl_jax.modeling.llama import fuse_projections as fuse_layer
-from owl_jax.modeling.owl import Owl, check_image_placeholders, merge_image_embeddings
+from owl_jax.modeling.owl import (
+    VIDEO_PLACEHOLDER,
+    Owl,
+    check_media_placeholders,
+    merge_image_embeddings,
+    merge_media_embeddings,
+)
 from owl_jax.sharding import constrain, use_mesh
 
 Array = jax.Array
@@ -65,13 +71,15 @@ def _merge(graphdef, params) -> tuple[Owl, dict[str, Any]]:
     return nnx.merge(graphdef, state), {"layer_states": layer_states, "fused": fused}
 
 
-def _prefill(graphdef, params, input_ids, mask, image_embeds, cache_len: int):
+def _prefill(graphdef, params, input_ids, mask, image_embeds, cache_len: int, video_embeds=None):
     """Run left-padded prompts `(B, P)` into a fresh cache of `cache_len` slots; logits of the last slot."""
     model, llm_args = _merge(graphdef, params)
     b, p = input_ids.shape
     embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
     if image_embeds is not None:
         embeds = merge_image_embeddings(embeds, input_ids, image_embeds)
+    if video_embeds is not None:
+        embeds = merge_media_embeddings(embeds, input_ids, video_embeds, placeholder=VIDEO_PLACEHOLDER)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     slots = jnp.arange(cache_len)
     key_valid = jnp.pad(mask > 0, ((0, 0), (0, cache_len - p)))
@@ -244,6 +252,7 @@ class Generator:
         self.first_select = jit(_first_select, static_argnums=(3,))
         self.decode_chunk_fn = jit(_decode_chunk, static_argnums=(0, 8, 9), donate_argnums=(2,))
         self.encode = jit(lambda params, px: _merge(self.graphdef, params)[0].encode_images(px))
+        self.encode_video = jit(lambda params, px: _merge(self.graphdef, params)[0].encode_videos(px))
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         """An empty KV cache in the layout this generator's steps take."""
@@ -260,12 +269,19 @@ class Generator:
         with self._ctx():
             return self.encode(self.state, jnp.asarray(pixel_values))
 
+    def encode_videos(self, video_pixel_values: np.ndarray | None) -> Array | None:
+        if video_pixel_values is None or len(video_pixel_values) == 0:
+            return None
+        with self._ctx():
+            return self.encode_video(self.state, jnp.asarray(video_pixel_values))
+
     def generate(
         self,
         input_ids: np.ndarray,
         attention_mask: np.ndarray | None = None,
         pixel_values: np.ndarray | None = None,
         config: GenerationConfig = GenerationConfig(),
+        video_pixel_values: np.ndarray | None = None,
         *,
         image_embeds: Array | None = None,
         stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
@@ -273,9 +289,10 @@ class Generator:
         """Generate for a batch of right-padded prompts (the processor's output).
 
         Args:
-          input_ids: `(B, L)` with runs of -1 for images, right-padded.
+          input_ids: `(B, L)` with runs of -1 for images and of -2 for videos, right-padded.
           attention_mask: `(B, L)` 1 on real tokens (default: all).
           pixel_values: `(N, C, H, W)` the batch's images in prompt order (or pass `image_embeds`).
+          video_pixel_values: `(M, C, T, H, W)` the batch's videos in prompt order (the video layout).
           stream: called after every step with `(step, tokens (B,), finished (B,))` on the host.
         """
         cfg = config.validate()
@@ -284,10 +301,14 @@ class Generator:
         lengths = mask.sum(axis=1)
         if (lengths == 0).any():
             raise ValueError("every prompt needs at least one token")
+        n_videos = 0 if video_pixel_values is None else len(video_pixel_values)
         if image_embeds is None:
             n_images = 0 if pixel_values is None else len(pixel_values)
-            check_image_placeholders(np.where(mask > 0, ids, 0), n_images, self.model.config.image_tokens)
+            check_media_placeholders(
+                np.where(mask > 0, ids, 0), self.model.config.image_tokens, num_images=n_images, num_videos=n_videos
+            )
             image_embeds = self.encode_images(pixel_values)
+        video_embeds = self.encode_videos(video_pixel_values)
         b = ids.shape[0]
         p = round_up(int(lengths.max()), self.prompt_bucket)
         cache_len = round_up(p + cfg.max_new_tokens, self.cache_bucket)
@@ -300,9 +321,8 @@ class Generator:
             left_ids[row, p - n :] = ids[row, :n]
             left_mask[row, p - n :] = 1
         with self._ctx():
-            logits, cache, key_valid = self.prefill(
-                self.graphdef, self.state, jnp.asarray(left_ids), jnp.asarray(left_mask), image_embeds, cache_len
-            )
+            prompts = (jnp.asarray(left_ids), jnp.asarray(left_mask), image_embeds, cache_len, video_embeds)
+            logits, cache, key_valid = self.prefill(self.graphdef, self.state, *prompts)
         generated, finished, _, _ = self.decode_loop(logits, cache, key_valid, lengths, p, cfg, stream)
         return GenerationOutput(generated, finished.tolist(), lengths.tolist())
 
@@ -383,7 +403,10 @@ def generate(
     input_ids: np.ndarray,
     attention_mask: np.ndarray | None = None,
     pixel_values: np.ndarray | None = None,
+    video_pixel_values: np.ndarray | None = None,
     **options: Any,
 ) -> GenerationOutput:
     """One-off generation (builds a `Generator`; keep one around to reuse its compiled steps)."""
-    return Generator(model).generate(input_ids, attention_mask, pixel_values, GenerationConfig(**options))
+    return Generator(model).generate(
+        input_ids, attention_mask, pixel_values, GenerationConfig(**options), video_pixel_values
+    )
