@@ -45,7 +45,7 @@ def from_pretrained(
       attention_impl: shorthand for `numerics.attention`.
 
     Returns:
-      `(model, processor)`; `processor` is None when the folder holds no `tokenizer.model`.
+      `(model, processor)`; `processor` is None when the folder holds no `tokenizer.model` or `tokenizer.json`.
     """
     path = os.fspath(path)
     param_dtype = param_dtype or dtype
@@ -71,8 +71,9 @@ def from_pretrained(
 
 
 def _processor_for(path: str, config: Any) -> Any:
-    from owl_jax.data.processor import OwlProcessor, find_tokenizer
+    from owl_jax.data.processor import OwlProcessor
+    from owl_jax.data.tokenizer import find_tokenizer_file
 
-    if find_tokenizer(path) is None:
+    if find_tokenizer_file(path) is None:
         return None
     return OwlProcessor.from_pretrained(path, config=config)

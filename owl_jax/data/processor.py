@@ -1,80 +1,77 @@
-"""Prompts + images → model inputs, exactly as the released mPLUG-Owl processor builds them.
+"""Prompts + images (+ videos) → model inputs, exactly as the released mPLUG-Owl processors build them.
 
-Text: BOS, then every stretch of text between `<image>` markers tokenized on its own (so each stretch gets
-SentencePiece's dummy-prefix space, as in the release), every `<image>` replaced by `image_tokens` ids of
-`IMAGE_TOKEN_ID` (-1) that the model overwrites with the abstractor's output, and the batch right-padded
-with eos. Images: an RGB squash to `image_size`² with PIL bicubic, then CLIP's rescale and normalization.
+Text: BOS, then every stretch of text between media markers tokenized on its own without special tokens
+(a SentencePiece stretch gets the dummy-prefix space, as in the release; BLOOM's byte-level BPE has none),
+every `<image>` replaced by `image_tokens` ids of `IMAGE_TOKEN_ID` (-1) and, in the video layout, every
+`<|video|>` by as many ids of `VIDEO_TOKEN_ID` (-2), which the model overwrites with the abstractor's
+output; the batch is right-padded with eos. The tokenizer is the checkpoint's `tokenizer.model` (LLaMA) or
+`tokenizer.json` (BLOOMZ; see `owl_jax.data.tokenizer`); BLOOM prompts start with its `<s>` too, as the
+released processor does although BLOOM itself never adds one.
+
+Two layouts (`LAYOUTS`), from the model config:
+- "image" (the `mplug_owl` package): images squashed to S×S; `<|video|>` is ordinary text.
+- "video" (the `mplug_owl_video` package): images and video frames get CLIP's shortest-edge resize and
+  centre crop (`owl_jax.data.pixels`); videos are sampled and read as `owl_jax.data.video` describes, and
+  the output gains `video_pixel_values` (V, 3, T, S, S).
 
 Deliberate differences, none of which change the released outputs for ordinary prompts and RGB images:
-literal "<s>"/"</s>" in text stay text, back-to-back `<image><image>` is an error (the release silently
-merged them), and images are converted to RGB before resizing (the release resized first).
+literal "<s>"/"</s>" in text stay text, back-to-back identical markers (`<image><image>`) are an error
+(the release silently merged them into one run), images are converted to RGB before resizing (the
+release resized first), and images and videos may be given together (the released video processor
+then dropped the videos).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+from owl_jax.data import video as video_io
 from owl_jax.data.images import ImageBudget, decode_image
-from owl_jax.data.prompts import IMAGE_MARKER, count_images
+from owl_jax.data.pixels import CLIP_MEAN, CLIP_STD, Normalizer, resize
+from owl_jax.data.prompts import IMAGE_MARKER, VIDEO_MARKER, count_images, count_videos
+from owl_jax.data.tokenizer import (
+    FAST_TOKENIZER_FILE,
+    TOKENIZER_FILE,
+    find_tokenizer,
+    find_tokenizer_file,
+    load_tokenizer,
+)
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_TOKEN_ID", "LAYOUTS", "OwlProcessor", "VIDEO_TOKEN_ID", "find_tokenizer"]
 
 IMAGE_TOKEN_ID = -1  # placeholder id the model replaces with image embeddings
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TOKENIZER_FILE = "tokenizer.model"
+VIDEO_TOKEN_ID = -2  # placeholder id the video model replaces with video embeddings
+LAYOUTS = ("image", "video")
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
+VideoInput = str | os.PathLike | np.ndarray
 
 
-class _LegacyLlamaTokenizer(SentencePieceBackend):
-    """The LLaMA SentencePiece model with the legacy (transformers 4.28) encoding the release used.
-
-    transformers 5's `LlamaTokenizer` (tokenizers backend) gives different ids; this plain sentencepiece path
-    gives the released ones. Only decoding is changed: the base class joins pieces as text, which prints
-    byte-fallback pieces (non-Latin text) as `<0xE6>`; sentencepiece itself turns them back into UTF-8.
-    """
-
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        specials = set(self.all_special_tokens)
-        out, run = [], []
-        for token in tokens:
-            if token in specials:
-                # Spacing as the 4.28 slow LLaMA tokenizer: a text run that ends at a special token gets one
-                # space in front of it ("<s> Hi</s>"); this only shows with skip_special_tokens=False.
-                if run:
-                    out.append(" ")
-                out += [self.sp_model.decode_pieces(run), token]
-                run = []
-            else:
-                run.append(token)
-        out.append(self.sp_model.decode_pieces(run))
-        return "".join(out)
-
-
-def find_tokenizer(folder: str | os.PathLike) -> str | None:
-    """Path of the SentencePiece `tokenizer.model` in `folder` (or `folder` itself if it is that file), else None."""
-    folder = os.fspath(folder)
-    if os.path.isfile(folder) and folder.endswith(".model"):
-        return folder
-    path = os.path.join(folder, TOKENIZER_FILE)
-    return path if os.path.isfile(path) else None
+def layout_of(config: Any) -> str:
+    """The processor layout an `OwlConfig` asks for: "video" when `config.video` (the video model), else "image"."""
+    return "video" if getattr(config, "video", False) else "image"
 
 
 class OwlProcessor:
-    """Tokenizer + image preprocessor for mPLUG-Owl.
+    """Tokenizer + image (and video) preprocessor for mPLUG-Owl.
 
     Args:
-      tokenizer_path_or_dir: a SentencePiece `tokenizer.model`, or a folder holding one.
+      tokenizer_path_or_dir: a `tokenizer.model` or `tokenizer.json`, or a folder holding one (see
+        `owl_jax.data.tokenizer.load_tokenizer`).
       image_size: side S of the square images the ViT sees (`config.vision.image_size`).
-      image_tokens: LLM positions per image (`config.image_tokens` = num_query_tokens + 1; 65 released).
+      image_tokens: LLM positions per image and per video (`config.image_tokens` = num_query_tokens + 1;
+        65 released).
       image_mean, image_std: per-channel normalization (CLIP's by default).
       max_image_pixels: image files with more pixels than this are refused before decoding (decompression
         bombs); in-memory images are trusted. Files follow `owl_jax.data.images.ImageBudget`'s other limits.
+      layout: "image" or "video" (`LAYOUTS`; see the module docstring).
+      video_backend: how video files are read: "auto", "decord" or "pyav" (`owl_jax.data.video.read_frames`).
     """
 
     def __init__(
@@ -85,40 +82,44 @@ class OwlProcessor:
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
         max_image_pixels: int = 89_478_485,
+        layout: str = "image",
+        video_backend: str = "auto",
     ):
-        path = find_tokenizer(tokenizer_path_or_dir)
-        if path is None:
-            raise FileNotFoundError(f"no SentencePiece {TOKENIZER_FILE} at {os.fspath(tokenizer_path_or_dir)!r}")
         if image_size <= 0 or image_tokens <= 0:
             raise ValueError(f"image_size and image_tokens must be positive, got {image_size}, {image_tokens}")
-        # split_special_tokens: a literal "</s>" or "<s>" in user text is spelled out as ordinary pieces instead
-        # of becoming a control id, so text cannot end a sequence early or fake a new one. Text without those
-        # strings tokenizes exactly as in the release.
-        self.tokenizer = _LegacyLlamaTokenizer(
-            vocab_file=path, bos_token="<s>", eos_token="</s>", unk_token="<unk>", split_special_tokens=True
-        )
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+        if video_backend not in video_io.BACKENDS:
+            raise ValueError(f"video_backend {video_backend!r} is not one of {video_io.BACKENDS}")
+        self.tokenizer = load_tokenizer(tokenizer_path_or_dir)
+        self._vocab_size = len(self.tokenizer)
         self.image_size = int(image_size)
         self.image_tokens = int(image_tokens)
+        self.layout = layout
+        self.video_backend = video_backend
         self.max_image_pixels = int(max_image_pixels)
         self.image_budget = ImageBudget(max_pixels=self.max_image_pixels)
-        # float32 like the released CLIP normalization, so the output matches it bit for bit.
-        self._mean = np.asarray(image_mean, np.float32).reshape(1, 1, 3)
-        self._std = np.asarray(image_std, np.float32).reshape(1, 1, 3)
+        self.normalize = Normalizer(image_mean, image_std)
+        self._resize = "shortest_edge_crop" if layout == "video" else "squash"
+        self._marker_ids = {IMAGE_MARKER: IMAGE_TOKEN_ID}
+        if layout == "video":
+            self._marker_ids[VIDEO_MARKER] = VIDEO_TOKEN_ID
+        self._split = re.compile("(" + "|".join(map(re.escape, self._marker_ids)) + ")")
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, config: Any = None, **kwargs: Any) -> OwlProcessor:
         """A processor for the checkpoint in `folder`.
 
         Args:
-          folder: holds `tokenizer.model` (FileNotFoundError if it does not).
-          config: an `OwlConfig` giving `image_size` and `image_tokens`. When None and `folder` has a
-            released `config.json`, that is read, so the image token count always matches the weights.
+          folder: holds `tokenizer.model` or `tokenizer.json` (FileNotFoundError if it holds neither).
+          config: an `OwlConfig` giving `image_size`, `image_tokens` and the layout (`layout_of`). When None
+            and `folder` has a released `config.json`, that is read, so the image token count always matches
+            the weights.
           kwargs: passed to the constructor (they override the config).
         """
-        path = find_tokenizer(folder)
-        if path is None:
+        if find_tokenizer_file(folder) is None:
             raise FileNotFoundError(
-                f"{os.fspath(folder)!r} has no {TOKENIZER_FILE}; pass the folder of the "
+                f"{os.fspath(folder)!r} has no {TOKENIZER_FILE} or {FAST_TOKENIZER_FILE}; pass the folder of the "
                 "released checkpoint or the tokenizer file itself"
             )
         if config is None and os.path.isfile(os.path.join(os.fspath(folder), "config.json")):
@@ -128,7 +129,8 @@ class OwlProcessor:
         if config is not None:
             kwargs.setdefault("image_size", config.vision.image_size)
             kwargs.setdefault("image_tokens", config.image_tokens)
-        return cls(path, **kwargs)
+            kwargs.setdefault("layout", layout_of(config))
+        return cls(folder, **kwargs)
 
     # --------------------------------------------------------------------------------------------- text
     @property
@@ -145,25 +147,35 @@ class OwlProcessor:
         return self.tokenizer.eos_token_id
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """Ids of one prompt (length L_i, no padding): BOS, text chunks, and `image_tokens` × -1 per `<image>`."""
-        chunks = prompt.split(IMAGE_MARKER)
+        """Ids of one prompt (length L_i, no padding): BOS, text chunks, and `image_tokens` placeholders per marker."""
         ids = [self.bos_token_id]
-        for i, chunk in enumerate(chunks):
-            if i > 0:
-                ids += [IMAGE_TOKEN_ID] * self.image_tokens
-            if chunk:
-                ids += self.tokenizer.encode(chunk, add_special_tokens=False)
-            elif 0 < i < len(chunks) - 1:
-                # Two images back to back would form one run of -1s that the model cannot split into images.
-                raise ValueError(
-                    f"adjacent {IMAGE_MARKER}{IMAGE_MARKER} markers in prompt {prompt[:80]!r}...: "
-                    "put text (e.g. a newline) between images"
-                )
+        previous = None  # the marker just before, when only empty text separates it from this piece
+        for piece in self._split.split(prompt):
+            if piece in self._marker_ids:
+                if piece == previous:
+                    # Two identical markers back to back would form one run that the model cannot split.
+                    raise ValueError(
+                        f"adjacent {piece}{piece} markers in prompt {prompt[:80]!r}...: put text (e.g. a newline) "
+                        "between them"
+                    )
+                ids += [self._marker_ids[piece]] * self.image_tokens
+                previous = piece
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+                previous = None
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Text of one sequence of ids (shape (L,)); image placeholders (negative ids) are always dropped."""
+        """Text of one sequence of ids (shape (L,)).
+
+        Media placeholders (negative ids) are always dropped. Ids the tokenizer does not have (a model's
+        spare vocabulary rows: BLOOMZ-7b has 250880 rows for 250680 tokens) decode as the unknown token:
+        nothing when special tokens are skipped (the default), `<unk>` otherwise; they are dropped when the
+        tokenizer has no unknown token.
+        """
+        vocab, unk = self._vocab_size, self.tokenizer.unk_token_id
         ids = [int(i) for i in np.asarray(ids).reshape(-1) if i >= 0]
+        ids = [i if i < vocab else unk for i in ids if i < vocab or unk is not None]
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def batch_decode(self, ids: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
@@ -190,18 +202,40 @@ class OwlProcessor:
         raise TypeError(f"unsupported image type {type(image).__name__}; pass a PIL image, a path or a uint8 array")
 
     def preprocess_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """Pixel values (N, 3, S, S) float32 for N images, in order; (0, 3, S, S) for none."""
+        """Pixel values (N, 3, S, S) float32 for N images, in order; (0, 3, S, S) for none.
+
+        The image layout squashes each image to S×S (as the release resizes before its CLIP processor sees
+        the image); the video layout resizes the shortest edge to S and crops the centre.
+        """
         s = self.image_size
         out = np.empty((len(images), 3, s, s), np.float32)
         for n, image in enumerate(images):
-            # A squash to S×S (no crop), as the release resizes before its CLIP processor sees the image.
             # The release resized before converting to RGB; for RGB inputs that is the same, and converting
             # first keeps palette images off PIL's nearest-neighbour path.
-            pixels = np.asarray(self.load_image(image).resize((s, s), Image.BICUBIC))
-            # CLIP's rescale multiplies in float64 then casts; normalizing in float32 matches it exactly.
-            x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
-            out[n] = ((x - self._mean) / self._std).transpose(2, 0, 1)
+            out[n] = self.normalize(resize(self.load_image(image), s, self._resize))
         return out
+
+    # ------------------------------------------------------------------------------------------- videos
+    def preprocess_video(self, video: VideoInput, num_frames: int = 4) -> np.ndarray:
+        """One video → (T, 3, S, S) float32.
+
+        `video` is a file (read with `owl_jax.data.video.read_frames`: T = num_frames frames at 224×224) or
+        the frames already read, a uint8 array (T, H, W, 3) taken as it is (num_frames is then not used).
+        Each frame gets the video layout's CLIP steps. Raises VideoError/ValueError naming the file.
+        """
+        if isinstance(video, np.ndarray):
+            frames = video_io.check_frames(video, name=f"video array of shape {video.shape}")
+        elif isinstance(video, (str, os.PathLike)):
+            frames = video_io.read_frames(video, num_frames, backend=self.video_backend)
+        else:
+            raise TypeError(f"unsupported video type {type(video).__name__}; pass a path or a uint8 (T, H, W, 3) array")
+        s = self.image_size
+        return np.stack([self.normalize(resize(Image.fromarray(f), s, "shortest_edge_crop")) for f in frames])
+
+    def preprocess_videos(self, videos: Sequence[VideoInput], num_frames: int = 4) -> np.ndarray:
+        """Video pixel values (V, 3, T, S, S) float32 for V videos, in order; (0, 3, T, S, S) for none."""
+        per_video = [self.preprocess_video(v, num_frames) for v in videos]
+        return video_io.stack_videos(per_video, num_frames, self.image_size)
 
     # -------------------------------------------------------------------------------------------- batch
     def __call__(
@@ -210,6 +244,9 @@ class OwlProcessor:
         images: ImageInput | Sequence[ImageInput] | None = None,
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
+        *,
+        videos: VideoInput | Sequence[VideoInput] | None = None,
+        num_frames: int = 4,
     ) -> dict[str, np.ndarray]:
         """Model inputs for a batch of B prompts.
 
@@ -219,30 +256,42 @@ class OwlProcessor:
             passed bare). N must equal the total marker count.
           max_length: pad to this length L (ValueError if a prompt is longer: truncating could cut an image).
           pad_to_multiple_of: round L up to a multiple of this (fewer recompilations under jit).
+          videos: (video layout) the V videos for all `<|video|>` markers, in prompt order across the batch:
+            file paths, or uint8 frame arrays (T, H, W, 3). One video may be passed bare.
+          num_frames: T, frames sampled per video file (at least 2).
 
         Returns:
-          `input_ids` (B, L) int32 with -1 at image positions and eos padding on the right,
-          `attention_mask` (B, L) int32 (1 real, 0 padding), `pixel_values` (N, 3, S, S) float32.
+          `input_ids` (B, L) int32 with -1 at image and -2 at video positions and eos padding on the right,
+          `attention_mask` (B, L) int32 (1 real, 0 padding), `pixel_values` (N, 3, S, S) float32, and in
+          the video layout `video_pixel_values` (V, 3, T, S, S) float32.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
-        if images is None:
-            images = []
-        elif isinstance(images, (Image.Image, str, os.PathLike, np.ndarray)) and not (
-            isinstance(images, np.ndarray) and images.ndim == 4
-        ):
-            # One bare image; a 4-D array is a stack (N, H, W, C) and iterates as N images.
-            images = [images]
-        images = list(images)
-        counts = [count_images(p) for p in prompts]
-        if sum(counts) != len(images):
+        images = _as_list(images, (Image.Image, str, os.PathLike, np.ndarray), stack_ndim=4)
+        videos = _as_list(videos, (str, os.PathLike, np.ndarray), stack_ndim=5)
+        if videos and self.layout != "video":
             raise ValueError(
-                f"the prompts have {sum(counts)} {IMAGE_MARKER} markers (per prompt: {counts}) "
-                f"but {len(images)} images were given"
+                f"{len(videos)} videos were given, but this processor serves the image layout; "
+                "load a video checkpoint (its config) or pass layout='video'"
             )
+        media = [(IMAGE_MARKER, "images", count_images, images)]
+        if self.layout == "video":
+            if videos:  # fail before any decoding
+                first = videos[0]
+                video_io.check_num_frames(
+                    num_frames, "video arrays" if isinstance(first, np.ndarray) else f"video {os.fspath(first)!r}"
+                )
+            media.append((VIDEO_MARKER, "videos", count_videos, videos))
+        for marker, what, count, given in media:
+            counts = [count(p) for p in prompts]
+            if sum(counts) != len(given):
+                raise ValueError(
+                    f"the prompts have {sum(counts)} {marker} markers (per prompt: {counts}) "
+                    f"but {len(given)} {what} were given"
+                )
 
         encoded = [self.encode_prompt(p) for p in prompts]
         length = max(len(ids) for ids in encoded)
@@ -257,8 +306,20 @@ class OwlProcessor:
         for b, ids in enumerate(encoded):
             input_ids[b, : len(ids)] = ids
             attention_mask[b, : len(ids)] = 1
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": self.preprocess_images(images),
         }
+        if self.layout == "video":
+            out["video_pixel_values"] = self.preprocess_videos(videos, num_frames)
+        return out
+
+
+def _as_list(items: Any, single: tuple[type, ...], stack_ndim: int) -> list:
+    """`items` as a list: None → [], one bare item → [item]; an array of `stack_ndim` dims is a stack."""
+    if items is None:
+        return []
+    if isinstance(items, single) and not (isinstance(items, np.ndarray) and items.ndim == stack_ndim):
+        return [items]
+    return list(items)
