@@ -1,27 +1,37 @@
-"""`owl-chat`'s refusals: one line and exit status 2 for bad arguments, checkpoints and images; non-UTF-8
-input lines refused one by one. (Answers themselves are tested through `ChatSession` and the server.)"""
+"""`owl-chat`'s refusals: one line and exit status 2 for bad arguments, checkpoints, images and videos;
+non-UTF-8 input lines refused one by one; videos read before the model loads and handed to the session in
+the order they were attached. (Answers themselves are tested through `ChatSession` and the server.)"""
 
 import io
 import sys
 
+import numpy as np
 import pytest
 
-from helpers import FIXTURE
+from helpers import FIXTURE, VIDEO_FIXTURE
 from owl_jax.cli.chat import main
+from owl_jax.data.video import read_frames
+
+VIDEO_A = str(VIDEO_FIXTURE / "videos" / "a.mp4")
 
 
 class FakeSession:
-    """Stands in for `ChatSession` (no model): answers "ok", or raises ValueError for questions with "long"."""
+    """Stands in for `ChatSession` (no model): answers "ok", or raises ValueError for questions with "long".
+
+    `asked` holds `(question, [image or video items])` per question, `kinds` the media kinds in order."""
 
     asked: list = []
+    kinds: list = []
+    options: dict = {}
 
     def __init__(self, generator, processor, **options):
-        pass
+        FakeSession.options = options
 
-    def ask(self, question, images=(), stream=None):
+    def ask(self, question, images=(), *, media=(), stream=None):
         if "long" in question:
             raise ValueError("the conversation needs 9999 positions but the session has 2048")
-        FakeSession.asked.append((question, list(images)))
+        FakeSession.asked.append((question, [*images, *(item for _, item in media)]))
+        FakeSession.kinds.append(["image"] * len(images) + [kind for kind, _ in media])
         stream("ok")
         return "ok"
 
@@ -29,20 +39,32 @@ class FakeSession:
         pass
 
 
-@pytest.fixture()
-def checkpoint(monkeypatch):
-    """A checkpoint path whose loading gives the fixture's processor and no model (nothing is compiled)."""
+def _fake_checkpoint(monkeypatch, processor):
     import owl_jax
     import owl_jax.inference.generate
     import owl_jax.inference.session
-    from owl_jax.data.processor import OwlProcessor
 
-    processor = OwlProcessor(FIXTURE / "tokenizer.model", image_tokens=9)
     monkeypatch.setattr(owl_jax, "from_pretrained", lambda path, **kw: (object(), processor))
     monkeypatch.setattr(owl_jax.inference.generate, "Generator", lambda model, **kw: None)
     monkeypatch.setattr(owl_jax.inference.session, "ChatSession", FakeSession)
-    FakeSession.asked = []
+    FakeSession.asked, FakeSession.kinds = [], []
     return "checkpoint"
+
+
+@pytest.fixture()
+def checkpoint(monkeypatch):
+    """A checkpoint path whose loading gives the fixture's processor and no model (nothing is compiled)."""
+    from owl_jax.data.processor import OwlProcessor
+
+    return _fake_checkpoint(monkeypatch, OwlProcessor(FIXTURE / "tokenizer.model", image_tokens=9))
+
+
+@pytest.fixture()
+def video_checkpoint(monkeypatch):
+    """The same for the video layout: the video fixture's processor, no model."""
+    from owl_jax.data.processor import OwlProcessor
+
+    return _fake_checkpoint(monkeypatch, OwlProcessor(VIDEO_FIXTURE, image_tokens=9, layout="video"))
 
 
 def error_lines(capsys) -> list[str]:
@@ -94,3 +116,58 @@ def test_one_shot_status_follows_the_answer(checkpoint, capsys):
     assert FakeSession.asked == [("what?", [image])] and capsys.readouterr().out == "ok\n"
     assert main(["--checkpoint", checkpoint, "--prompt", "too long"]) == 1
     assert error_lines(capsys) == ["error: the conversation needs 9999 positions but the session has 2048"]
+
+
+# ------------------------------------------------------------------------------------------------ videos
+def test_missing_and_corrupt_videos_are_refused_before_loading(tmp_path, capsys):
+    missing, corrupt = tmp_path / "nope.mp4", tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not really a video" * 50)
+    never_loaded = str(tmp_path / "not-even-loaded")
+    assert main(["--checkpoint", never_loaded, "--video", str(missing), "--prompt", "hi"]) == 2
+    assert error_lines(capsys) == [f"owl-chat: error: cannot read video {str(missing)!r}: no such file"]
+    assert main(["--checkpoint", never_loaded, "--video", VIDEO_A, "--video", str(corrupt), "--prompt", "hi"]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"owl-chat: error: cannot read video {str(corrupt)!r}: not a readable video")
+    assert main(["--checkpoint", never_loaded, "--video", str(tmp_path), "--prompt", "hi"]) == 2
+    assert error_lines(capsys) == [f"owl-chat: error: cannot read video {str(tmp_path)!r}: not a regular file"]
+
+
+@pytest.mark.parametrize("frames", ["1", "two"])
+def test_num_frames_below_two_is_an_argparse_error(frames, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--checkpoint", "unused", "--video", VIDEO_A, "--num-frames", frames, "--prompt", "hi"])
+    assert caught.value.code == 2
+    assert "argument --num-frames: invalid value" in capsys.readouterr().err
+
+
+def test_videos_are_refused_by_an_image_layout_checkpoint(checkpoint, capsys, monkeypatch):
+    assert main(["--checkpoint", checkpoint, "--video", VIDEO_A, "--prompt", "hi"]) == 2
+    assert error_lines(capsys) == [
+        f"owl-chat: error: cannot use video {VIDEO_A!r}: checkpoint is an image-layout checkpoint"
+    ]
+    assert FakeSession.asked == []
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/video {VIDEO_A}\nhi\n"))
+    assert main(["--checkpoint", checkpoint]) == 1  # the refused /video line; the question is still answered
+    assert error_lines(capsys) == [f"error: cannot use video {VIDEO_A!r}: checkpoint is an image-layout checkpoint"]
+    assert FakeSession.asked == [("hi", [])]
+
+
+def test_videos_reach_the_session_in_the_order_attached(video_checkpoint, capsys, monkeypatch):
+    image = str(VIDEO_FIXTURE / "images" / "b.png")
+    args = ["--checkpoint", video_checkpoint, "--num-frames", "3"]
+    assert main([*args, "--image", image, "--video", VIDEO_A, "--prompt", "what?"]) == 0
+    assert FakeSession.options["num_frames"] == 3 and FakeSession.kinds == [["image", "video"]]
+    ((question, (first, frames)),) = FakeSession.asked
+    assert (question, first) == ("what?", image)
+    np.testing.assert_array_equal(frames, read_frames(VIDEO_A, 3))  # read once, before loading, then passed on
+    capsys.readouterr()
+    FakeSession.asked, FakeSession.kinds = [], []
+    lines = f"/video {VIDEO_A}\n/image {image}\n/video missing.mp4\n/video\nfirst\nsecond\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    assert main(args) == 1  # piped input with refused lines exits 1
+    assert FakeSession.kinds == [["video", "image"], []]  # attached to the next question only
+    assert [q for q, _ in FakeSession.asked] == ["first", "second"]
+    assert FakeSession.asked[0][1][0].shape == (3, 224, 224, 3)
+    errors = error_lines(capsys)
+    assert "error: cannot read video 'missing.mp4': no such file" in errors
+    assert "error: cannot read video '': no path given (/video PATH)" in errors

@@ -1,15 +1,22 @@
 """`owl-chat`: chat with a checkpoint in the terminal.
 
-    owl-chat --checkpoint DIR [--image a.jpg ...] [--prompt "..."]
+    owl-chat --checkpoint DIR [--image a.jpg ...] [--video clip.mp4 ... [--num-frames 4]] [--prompt "..."]
 
 Without `--prompt` it is an interactive session (answers stream in as they are decoded; the KV cache is
-kept between turns). Commands: `/image PATH` attaches an image to the next question, `/reset` starts a new
-conversation, `/quit` (or end of input) leaves. With `--prompt` it answers once and exits.
+kept between turns). Commands: `/image PATH` attaches an image to the next question, `/video PATH` a video
+(video checkpoints), `/reset` starts a new conversation, `/quit` (or end of input) leaves. With `--prompt`
+it answers once and exits. A question shows its media in the order they were attached (`--image` files
+before `--video` files).
+
+Videos are read when they are attached (`--num-frames` frames each, sampled as the released video model
+samples them), so an unreadable or corrupt file is refused at once, and before the model loads for
+`--video`. A checkpoint of the image layout refuses videos.
 
 Input lines must be UTF-8: a line that is not is refused with a one-line error and skipped (the session
 goes on). Exit status: 0; 1 when the one-shot answer failed, or when input that is not a terminal had a
-refused line, a refused /image or a failed answer; 2 for bad arguments (argparse's message), a checkpoint
-that cannot be loaded or an --image that cannot be read (one line naming it).
+refused line, a refused /image or /video or a failed answer; 2 for bad arguments (argparse's message), a
+checkpoint that cannot be loaded, an --image or --video that cannot be read, or --video with a checkpoint
+of the image layout (one line naming it).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 PROG = "owl-chat"
+MIN_FRAMES = 2  # owl_jax.data.video.MIN_FRAMES, without importing it before the arguments are checked
 
 
 def _number(kind: type, rule: str, check: Callable[[float], bool]) -> Callable[[str], float]:
@@ -40,8 +48,19 @@ def _number(kind: type, rule: str, check: Callable[[float], bool]) -> Callable[[
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model")
+    p.add_argument(
+        "--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model or tokenizer.json"
+    )
     p.add_argument("--image", action="append", default=[], help="image for the first question (repeatable)")
+    p.add_argument(
+        "--video", action="append", default=[], help="video for the first question (repeatable; video checkpoints)"
+    )
+    p.add_argument(
+        "--num-frames",
+        type=_number(int, f"an integer >= {MIN_FRAMES}", lambda v: v >= MIN_FRAMES),
+        default=4,
+        help="frames sampled from each video (default 4, as the released video model)",
+    )
     p.add_argument("--prompt", default=None, help="answer this one question and exit")
     p.add_argument("--max-new-tokens", type=_number(int, "an integer >= 1", lambda v: v >= 1), default=256)
     p.add_argument(
@@ -89,6 +108,21 @@ def _unreadable(path: str) -> str | None:
     return None
 
 
+def _read_video(path: str, num_frames: int) -> tuple[object | None, str | None]:
+    """`(frames (T, 224, 224, 3) uint8, None)` of a video file, or `(None, why it cannot be read)`."""
+    why = _unreadable(path)
+    if why is not None:
+        return None, why
+    from owl_jax.data.video import read_frames
+
+    name = f"video {path!r}"
+    try:
+        return read_frames(path, num_frames, name=name), None
+    except (ValueError, OSError) as e:  # VideoError is a ValueError
+        text = _one_line(e)
+        return None, text[len(name) :].lstrip(": ") if text.startswith(name) else text
+
+
 def _is_text(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -128,14 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         why = _unreadable(path)
         if why is not None:
             return _fail(f"cannot read image {path!r}: {why}")
+    videos = []
+    for path in args.video:  # read now: a long model load should not end in a refused video
+        frames, why = _read_video(path, args.num_frames)
+        if why is not None:
+            return _fail(f"cannot read video {path!r}: {why}")
+        videos.append(frames)
     try:
-        return _chat(args)
+        return _chat(args, videos)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
 
 
-def _chat(args: argparse.Namespace) -> int:
+def _chat(args: argparse.Namespace, videos: list) -> int:
     import owl_jax
     from owl_jax.inference.generate import GenerationConfig, Generator
     from owl_jax.inference.session import ChatSession
@@ -145,7 +185,10 @@ def _chat(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         return _fail(f"cannot load the checkpoint {args.checkpoint}: {_one_line(e)}")
     if processor is None:
-        return _fail(f"{args.checkpoint} has no tokenizer.model")
+        return _fail(f"{args.checkpoint} has no tokenizer.model or tokenizer.json")
+    video_layout = getattr(processor, "layout", "image") == "video"
+    if args.video and not video_layout:
+        return _fail(f"cannot use video {args.video[0]!r}: {args.checkpoint} is an image-layout checkpoint")
     for path in args.image:  # decodable? (the files exist: checked before loading the model)
         try:
             processor.load_image(path)
@@ -158,28 +201,34 @@ def _chat(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        eos_token_id=processor.eos_token_id,
+        bos_token_id=processor.bos_token_id,
+        pad_token_id=processor.pad_token_id,
     )
     generator = Generator(model, unstack_layers=args.unstack_layers)
-    session = ChatSession(generator, processor, max_length=args.max_length, config=config)
-    images = list(args.image)
+    session = ChatSession(generator, processor, max_length=args.max_length, config=config, num_frames=args.num_frames)
+    media = [("image", path) for path in args.image] + [("video", frames) for frames in videos]
 
     def answer(question: str) -> bool:
-        nonlocal images
+        nonlocal media
         try:
-            session.ask(question, images, stream=lambda piece: print(piece, end="", flush=True))
+            session.ask(question, media=media, stream=lambda piece: print(piece, end="", flush=True))
             return True
         except ValueError as e:
             print(f"\nerror: {_one_line(e)}", file=sys.stderr)
             return False
         finally:
-            images = []
+            media = []
             print(flush=True)
 
     if args.prompt is not None:
         return 0 if answer(args.prompt) else 1
     interactive = sys.stdin.isatty()
     if interactive:
-        print("Ask a question. /image PATH attaches an image, /reset starts over, /quit leaves.", file=sys.stderr)
+        extra = ", /video PATH a video" if video_layout else ""
+        print(
+            f"Ask a question. /image PATH attaches an image{extra}, /reset starts over, /quit leaves.", file=sys.stderr
+        )
     failed = False
     lines = _lines(sys.stdin)
     while True:
@@ -199,7 +248,7 @@ def _chat(args: argparse.Namespace) -> int:
             break
         if line == "/reset":
             session.reset()
-            images = []
+            media = []
             print("(new conversation)", file=sys.stderr)
         elif line.startswith("/image"):
             path = line[len("/image") :].strip()
@@ -213,10 +262,27 @@ def _chat(args: argparse.Namespace) -> int:
                 print(f"error: cannot read image {path!r}: {why}", file=sys.stderr)
                 failed = True
                 continue
-            images.append(path)
+            media.append(("image", path))
             print(f"(image {path} attached to the next question)", file=sys.stderr)
+        elif line.split()[0] == "/video":
+            path = line[len("/video") :].strip()
+            if not video_layout:
+                print(
+                    f"error: cannot use video {path!r}: {args.checkpoint} is an image-layout checkpoint",
+                    file=sys.stderr,
+                )
+                failed = True
+                continue
+            frames, why = _read_video(path, args.num_frames) if path else (None, "no path given (/video PATH)")
+            if why is not None:
+                print(f"error: cannot read video {path!r}: {why}", file=sys.stderr)
+                failed = True
+                continue
+            media.append(("video", frames))
+            print(f"(video {path} attached to the next question)", file=sys.stderr)
         elif line.startswith("/"):
-            print(f"unknown command {line.split()[0]}; use /image PATH, /reset or /quit", file=sys.stderr)
+            commands = "/image PATH, /video PATH" if video_layout else "/image PATH"
+            print(f"unknown command {line.split()[0]}; use {commands}, /reset or /quit", file=sys.stderr)
         else:
             if interactive:
                 print("owl> ", end="", flush=True)
