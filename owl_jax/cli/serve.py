@@ -42,14 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="owl-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model")
+    p.add_argument(
+        "--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model or tokenizer.json"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (0: any free port)")
     p.add_argument("--model-name", default=None, help="model id for the API (default: the checkpoint folder's name)")
     p.add_argument(
         "--allow-local-files",
         action="store_true",
-        help="let image_url name files on this machine (file:// URLs or paths)",
+        help="let image_url and video_url name files on this machine (file:// URLs or paths)",
+    )
+    p.add_argument(
+        "--num-frames", type=int, default=4, help="frames sampled from each video (video checkpoints; default 4)"
     )
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MiB (default 20)")
     p.add_argument(
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     """Load the checkpoint and serve until SIGTERM or Ctrl-C; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    if args.num_frames < 2:
+        print(f"error: --num-frames must be at least 2, got {args.num_frames}", file=sys.stderr)
+        return 2
     if args.max_body_mb <= 0 or args.max_new_tokens < 1 or (args.max_image_pixels or 1) < 1 or args.backlog < 1:
         print(
             "error: --max-body-mb, --max-new-tokens, --max-image-pixels and --backlog must be positive",
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot load the checkpoint {args.checkpoint}: {_one_line(e)}", file=sys.stderr)
             return 2
         if processor is None:
-            print(f"error: {args.checkpoint} has no tokenizer.model", file=sys.stderr)
+            print(f"error: {args.checkpoint} has no tokenizer.model or tokenizer.json", file=sys.stderr)
             return 2
         name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint)) or "mplug-owl"
         try:
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_image_pixels=args.max_image_pixels,
                 max_new_tokens=args.max_new_tokens,
                 backlog=args.backlog,
+                num_frames=args.num_frames,
             )
         except (OSError, OverflowError) as e:
             reason = getattr(e, "strerror", None) or _one_line(e)

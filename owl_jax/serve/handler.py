@@ -24,10 +24,10 @@ GET_PATHS = ("/", "/index.html", "/health", "/v1/models")
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 DIGITS = re.compile(r"[0-9]{1,30}")  # str.isdigit() also takes "²", which int() refuses
 POLL_INTERVAL = 0.2  # seconds between checks that the client of a running request is still connected
-# Only the page's own inline script and style, images from data:/blob: URLs, requests to this server.
+# Only the page's own inline script and style, images and videos from data:/blob: URLs, requests to this server.
 PAGE_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'"
+    "media-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'"
 )
 
 

@@ -3,9 +3,12 @@
 The page keeps the conversation in memory and posts all of it with every question:
 `{"messages": [...], "stream": true, "temperature": T}` plus `"max_tokens": N` when the options set one.
 T comes from `#temperature` (default 0: greedy, so answers are reproducible); each user message is
-`[{"type": "image_url", "image_url": {"url": <data URL of the picked file>}}, {"type": "text", ...}]`.
-The answer streams into a `.assistant` bubble, which gets `data-done="true"` when the stream ends (and
-class `error` if it failed). Element ids used by tests: `image`, `question`, `send`, `messages`.
+`[{"type": "image_url", "image_url": {"url": <data URL of the picked file>}}, {"type": "text", ...}]`,
+with a `{"type": "video_url", "video_url": {"url": ...}}` part after the image when a video was picked.
+The video picker is shown only when `/v1/models` lists "video" in the model's `input_modalities` (a
+video-layout checkpoint). The answer streams into a `.assistant` bubble, which gets `data-done="true"`
+when the stream ends (and class `error` if it failed). Element ids used by tests: `image`, `video`,
+`video-picker`, `question`, `send`, `messages`.
 """
 
 INDEX_HTML = r"""<!doctype html>
@@ -26,7 +29,8 @@ INDEX_HTML = r"""<!doctype html>
   .bubble { max-width: 75%; padding: 8px 12px; border-radius: 12px; white-space: pre-wrap;
             overflow-wrap: anywhere; }
   .user { align-self: flex-end; background: #2f6fde; color: #fff; }
-  .user img { display: block; max-width: 220px; max-height: 220px; border-radius: 8px; margin-bottom: 6px; }
+  .user img, .user video { display: block; max-width: 220px; max-height: 220px; border-radius: 8px;
+                           margin-bottom: 6px; }
   .user.failed { opacity: .55; }
   .assistant { align-self: flex-start; background: #fff; border: 1px solid #dde0e4; min-height: 2.2em; }
   .assistant:not([data-done]) { border-style: dashed; }
@@ -54,6 +58,9 @@ INDEX_HTML = r"""<!doctype html>
     <label>Image <input id="image" type="file" accept="image/*"></label>
     <span id="preview-box" hidden><img id="preview" alt="image for the next question">
       <button id="clear-image" type="button" title="Remove the image">&times;</button></span>
+    <label id="video-picker" hidden>Video <input id="video" type="file" accept="video/*"></label>
+    <span id="video-box" hidden><span id="video-name"></span>
+      <button id="clear-video" type="button" title="Remove the video">&times;</button></span>
     <label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0"></label>
     <label>Max tokens <input id="max-tokens" type="number" min="1" placeholder="default"></label>
   </div>
@@ -65,6 +72,7 @@ INDEX_HTML = r"""<!doctype html>
 const $ = (id) => document.getElementById(id);
 const conversation = [];               // the OpenAI messages of the conversation so far
 let imageReady = Promise.resolve(null); // data URL of the image picked for the next question (or null)
+let videoReady = Promise.resolve(null); // data URL of the video picked for the next question (or null)
 let busy = false;
 
 function showError(message) { $("error").textContent = message; $("error").hidden = false; }
@@ -77,25 +85,49 @@ function clearImage() {
   $("preview-box").hidden = true;
 }
 
-$("image").addEventListener("change", () => {
-  const file = $("image").files[0];
-  if (!file) { clearImage(); return; }
-  // Sending waits on this promise, so a click right after picking still sends the image.
-  imageReady = new Promise((resolve, reject) => {
+function clearVideo() {
+  videoReady = Promise.resolve(null);
+  $("video").value = "";
+  $("video-name").textContent = "";
+  $("video-box").hidden = true;
+}
+
+// A data URL of the file; sending waits on this promise, so a click right after picking still sends it.
+function readFile(file) {
+  return new Promise((resolve, reject) => {
     const reader = new FileReader();
     reader.onload = () => resolve(reader.result);
     reader.onerror = () => reject(new Error("could not read " + file.name));
     reader.readAsDataURL(file);
   });
+}
+
+$("image").addEventListener("change", () => {
+  const file = $("image").files[0];
+  if (!file) { clearImage(); return; }
+  imageReady = readFile(file);
   imageReady.then((url) => { $("preview").src = url; $("preview-box").hidden = false; },
                   (e) => { showError(e.message); clearImage(); });
 });
 $("clear-image").addEventListener("click", clearImage);
+$("video").addEventListener("change", () => {
+  const file = $("video").files[0];
+  if (!file) { clearVideo(); return; }
+  videoReady = readFile(file);
+  videoReady.then(() => { $("video-name").textContent = file.name; $("video-box").hidden = false; },
+                  (e) => { showError(e.message); clearVideo(); });
+});
+$("clear-video").addEventListener("click", clearVideo);
 
-function addBubble(role, text, image) {
+function addBubble(role, text, image, video) {
   const bubble = document.createElement("div");
   bubble.className = "bubble " + role;
   if (image) { const img = document.createElement("img"); img.src = image; img.alt = "sent image"; bubble.append(img); }
+  if (video) {
+    const clip = document.createElement("video");
+    clip.src = video; clip.muted = true; clip.controls = true;
+    bubble.append(clip);
+  }
   if (text) bubble.append(document.createTextNode(text));
   $("messages").append(bubble);
   bubble.scrollIntoView({block: "end"});
@@ -141,19 +173,21 @@ async function send(event) {
   if (event) event.preventDefault();
   if (busy) return;
   const text = $("question").value.trim();
-  let image;
-  try { image = await imageReady; } catch (e) { return; }
-  if (!text && !image) { showError("Type a question or pick an image first."); return; }
+  let image, video;
+  try { [image, video] = await Promise.all([imageReady, videoReady]); } catch (e) { return; }
+  if (!text && !image && !video) { showError("Type a question or pick an image first."); return; }
   hideError();
   busy = true;
   $("send").disabled = true;
   const content = [];
   if (image) content.push({type: "image_url", image_url: {url: image}});
+  if (video) content.push({type: "video_url", video_url: {url: video}});
   if (text) content.push({type: "text", text: text});
   conversation.push({role: "user", content: content});
-  const userBubble = addBubble("user", text, image);
+  const userBubble = addBubble("user", text, image, video);
   $("question").value = "";
   clearImage();
+  clearVideo();
   const bubble = addBubble("assistant", "");
   try {
     const body = {messages: conversation, stream: true, temperature: Number($("temperature").value) || 0};
@@ -191,7 +225,10 @@ $("reset").addEventListener("click", () => {
   hideError();
 });
 fetch("/v1/models").then((r) => r.json()).then((list) => {
-  if (list.data && list.data[0]) $("model").textContent = list.data[0].id;
+  if (list.data && list.data[0]) {
+    $("model").textContent = list.data[0].id;
+    $("video-picker").hidden = !(list.data[0].input_modalities || []).includes("video");
+  }
 }).catch(() => {});
 </script>
 </body>

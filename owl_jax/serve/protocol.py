@@ -1,10 +1,12 @@
-"""OpenAI chat-completion requests → the released mPLUG-Owl template, images and decoding options.
+"""OpenAI chat-completion requests → the released mPLUG-Owl template, images, videos and decoding options.
 
-Messages map onto `build_conversation`: every user message becomes a turn whose images get `Human: <image>`
-lines before its question, the assistant message after it is that turn's answer, and the last message must
-come from the user (its answer is what the model writes). Consecutive messages of one role are merged
-(texts joined by newlines), so a client may send an image and its question as two user messages. System
-messages (before the first user message) replace the template's system sentence.
+Messages map onto `build_conversation`: every user message becomes a turn whose media get `Human: <image>`
+(an `image_url` part) or `Human: <|video|>` (a `video_url` part, for a video-layout model) lines before its
+question, in the order of the parts; the assistant message after it is that turn's answer, and the last
+message must come from the user (its answer is what the model writes). Consecutive messages of one role are
+merged (texts joined by newlines), so a client may send an image and its question as two user messages.
+System messages (before the first user message) replace the template's system sentence. Text may not hold
+the markers themselves: every marker in the prompt has its medium behind it.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ from typing import Any
 
 from PIL import Image
 
-from owl_jax.data.prompts import IMAGE_MARKER, SYSTEM, build_conversation
+from owl_jax.data.prompts import IMAGE_MARKER, SYSTEM, VIDEO_MARKER, build_conversation
 from owl_jax.inference.generate import GenerationConfig
 from owl_jax.serve.errors import ApiError
 
 ROLES = ("system", "user", "assistant")
+MEDIA_PARTS = {"image_url": "image", "video_url": "video"}  # content part type → medium
+MARKERS = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
 
 
 @dataclasses.dataclass
 class ChatRequest:
-    """A validated request: the prompt in the released template, its images in prompt order, and options."""
+    """A validated request: the prompt in the released template, its images and videos (each in prompt
+    order), and options."""
 
     prompt: str
     images: list[Image.Image]
@@ -34,6 +39,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: send a usage chunk before [DONE]
     max_tokens_given: bool  # whether the client chose max_tokens (else the server's default may be shortened)
+    videos: list[Any] = dataclasses.field(default_factory=list)  # what `load_video` returned, per video
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -82,17 +88,21 @@ def _content_parts(content: Any, where: str) -> list[dict]:
     )
 
 
-def _image_url(part: dict, where: str) -> str:
-    value = part.get("image_url")
+def _media_url(part: dict, key: str, where: str) -> str:
+    value = part.get(key)
     if isinstance(value, dict):  # the OpenAI form {"url": ..., "detail": ...}
         value = value.get("url")
     if not isinstance(value, str) or not value:
-        raise _bad(f'{where}.image_url must be a URL string or {{"url": ...}}', f"{where}.image_url")
+        raise _bad(f'{where}.{key} must be a URL string or {{"url": ...}}', f"{where}.{key}")
     return value
 
 
-def _split_message(message: Any, where: str) -> tuple[str, str, list[str]]:
-    """`(role, text, image urls)` of one message."""
+# One medium of a message: (kind "image" or "video", its URL, where it is: "messages[i].content[j]").
+Media = tuple[str, str, str]
+
+
+def _split_message(message: Any, where: str, takes_videos: bool) -> tuple[str, str, list[Media]]:
+    """`(role, text, media)` of one message."""
     if not isinstance(message, dict):
         raise _bad(f"{where} must be an object with 'role' and 'content'", where)
     role = message.get("role")
@@ -100,39 +110,49 @@ def _split_message(message: Any, where: str) -> tuple[str, str, list[str]]:
         raise _bad(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", f"{where}.role")
     if "content" not in message:
         raise _bad(f"{where} has no content", f"{where}.content")
-    texts, urls = [], []
+    texts, media = [], []
     for j, part in enumerate(_content_parts(message["content"], where)):
-        kind = part.get("type")
+        kind, here = part.get("type"), f"{where}.content[{j}]"
         if kind == "text":
             if not isinstance(part.get("text"), str):
-                raise _bad(f"{where}.content[{j}].text must be a string", f"{where}.content")
+                raise _bad(f"{here}.text must be a string", f"{where}.content")
             texts.append(part["text"])
-        elif kind == "image_url":
+        elif kind in MEDIA_PARTS:
+            medium = MEDIA_PARTS[kind]
             if role != "user":
-                raise _bad(f"{where}: only user messages may contain images", f"{where}.content")
-            urls.append(_image_url(part, f"{where}.content[{j}]"))
+                raise _bad(f"{where}: only user messages may contain {medium}s", f"{where}.content")
+            if medium == "video" and not takes_videos:
+                raise _bad(
+                    f"{here} is a video_url part, but this model takes no videos (an image-layout checkpoint); "
+                    "send images, or serve a video checkpoint",
+                    f"{here}.video_url",
+                )
+            media.append((medium, _media_url(part, kind, here), here))
         else:
-            raise _bad(
-                f"{where}.content[{j}] has unsupported type {kind!r}; use 'text' or 'image_url'", f"{where}.content"
-            )
+            parts = "'text', 'image_url' or 'video_url'" if takes_videos else "'text' or 'image_url'"
+            raise _bad(f"{here} has unsupported type {kind!r}; use {parts}", f"{where}.content")
     text = "\n".join(t.strip() for t in texts if t.strip())
-    if IMAGE_MARKER in text:
-        raise _bad(
-            f"{where} contains the text {IMAGE_MARKER!r}, which is reserved for images; send images as image_url parts",
-            f"{where}.content",
-        )
-    return role, text, urls
+    for medium, marker in MARKERS.items():
+        if marker in text and (medium == "image" or takes_videos):
+            raise _bad(
+                f"{where} contains the text {marker!r}, which is reserved for {medium}s; send {medium}s as "
+                f"{medium}_url parts",
+                f"{where}.content",
+            )
+    return role, text, media
 
 
-def parse_messages(messages: Any) -> tuple[str, list[tuple[list[str], str, str | None]]]:
-    """`(system sentence, turns)` where each turn is `(image urls, question, answer or None)`."""
+def parse_messages(messages: Any, takes_videos: bool = False) -> tuple[str, list[tuple[list[Media], str, str | None]]]:
+    """`(system sentence, turns)` where each turn is `(media, question, answer or None)`; `media` are
+    `(kind, url, where)` in order. `takes_videos`: whether `video_url` parts (and the `<|video|>` marker)
+    mean videos; otherwise video parts are refused."""
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list of messages", "messages")
     system: list[str] = []
-    turns: list[list] = []  # [urls, question, answer]
+    turns: list[list] = []  # [media, question, answer]
     previous = None
     for i, message in enumerate(messages):
-        role, text, urls = _split_message(message, f"messages[{i}]")
+        role, text, urls = _split_message(message, f"messages[{i}]", takes_videos)
         if role == "system":
             if turns:
                 raise _bad(f"messages[{i}]: system messages must come before the conversation", "messages")
@@ -152,7 +172,7 @@ def parse_messages(messages: Any) -> tuple[str, list[tuple[list[str], str, str |
         raise _bad("the last message must come from the user (the model answers it)", "messages")
     for i, (urls, question, _) in enumerate(turns):
         if not urls and not question:
-            raise _bad(f"user turn {i} has neither text nor images", "messages")
+            raise _bad(f"user turn {i} has neither text nor media", "messages")
     text = "\n".join(s for s in system if s)
     return (text if system else SYSTEM), [(u, q, a) for u, q, a in turns]
 
@@ -226,13 +246,16 @@ def parse_chat_request(
     pad_token_id: int,
     bos_token_id: int,
     max_images: int | None = None,
+    load_video: Callable[[str, str], Any] | None = None,
 ) -> ChatRequest:
     """Validate a `/v1/chat/completions` body; ApiError for anything the server cannot serve.
 
     Args:
       load_image: `(url, name) → RGB image`, raising ApiError for refused or unreadable images.
-      max_images: the most images a conversation can hold (their tokens must fit the context); more are
-        refused before any is decoded.
+      max_images: the most media (images and videos) a conversation can hold (their tokens must fit the
+        context); more are refused before any is decoded.
+      load_video: `(url, name) → the video` (e.g. its frames), raising ApiError for refused or unreadable
+        videos; None when the model takes no videos (`video_url` parts are then refused).
     """
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
@@ -251,7 +274,7 @@ def parse_chat_request(
             code="model_not_found",
             param="model",
         )
-    system, turns = parse_messages(body.get("messages"))
+    system, turns = parse_messages(body.get("messages"), takes_videos=load_video is not None)
     config, stream, include_usage, given = parse_options(
         body,
         max_new_tokens=max_new_tokens,
@@ -259,21 +282,31 @@ def parse_chat_request(
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,
     )
-    count = sum(len(urls) for urls, _, _ in turns)
-    if max_images is not None and count > max_images:
+    kinds = [kind for media, _, _ in turns for kind, _, _ in media]
+    if max_images is not None and len(kinds) > max_images:
+        videos = kinds.count("video")
+        what = f"{len(kinds) - videos} images and {videos} videos" if videos else f"{len(kinds)} images"
         raise ApiError(
             400,
-            f"the conversation has {count} images; at most {max_images} fit the model's context",
+            f"the conversation has {what}; at most {max_images} fit the model's context",
             code="context_length_exceeded",
             param="messages",
         )
-    images, layout = [], []
-    for urls, question, answer in turns:
-        for url in urls:
-            images.append(load_image(url, f"image {len(images) + 1}"))
-        layout.append((len(urls), question, answer))
+    loaded: dict[str, list] = {"image": [], "video": []}
+    layout = []
+    for media, question, answer in turns:
+        for kind, url, where in media:
+            n = len(loaded[kind]) + 1
+            name = f"image {n}" if kind == "image" else f"video {n} ({where})"
+            try:
+                loaded[kind].append((load_image if kind == "image" else load_video)(url, name))
+            except ApiError as e:
+                if e.param is None:
+                    e.param = f"{where}.{kind}_url"
+                raise
+        layout.append(([MARKERS[kind] for kind, _, _ in media], question, answer))
     try:
         prompt = build_conversation(layout, system)
     except ValueError as e:  # e.g. an "<image>" marker in the system text
         raise _bad(str(e), "messages") from None
-    return ChatRequest(prompt, images, config, stream, include_usage, given)
+    return ChatRequest(prompt, loaded["image"], config, stream, include_usage, given, loaded["video"])

@@ -27,11 +27,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from owl_jax.data import video
+from owl_jax.data.pixels import resize
 from owl_jax.inference.generate import Generator
 from owl_jax.serve.errors import ApiError
 from owl_jax.serve.handler import Handler
 from owl_jax.serve.images import load_image_url
 from owl_jax.serve.protocol import parse_chat_request
+from owl_jax.serve.videos import load_video_url
 from owl_jax.serve.worker import Job, ModelWorker
 
 log = logging.getLogger("owl_jax.serve")
@@ -46,9 +49,12 @@ class OwlServer(ThreadingHTTPServer):
 
     Attributes:
       model_name: the id `/v1/models` lists and requests may name.
-      allow_local_files: whether `image_url` may name files on this machine.
-      max_body_bytes, max_image_pixels, max_new_tokens: the limits requests are checked against.
+      allow_local_files: whether `image_url` and `video_url` may name files on this machine.
+      max_body_bytes, max_image_pixels, max_new_tokens: the limits requests are checked against (video
+        frames larger than `max_image_pixels` are refused too).
       context_length: prompt + answer tokens the model takes (`max_position_embeddings`).
+      takes_videos: whether the model is the video layout (requests may then hold `video_url` parts).
+      num_frames: frames sampled from each video.
     """
 
     daemon_threads = True  # a slow client never blocks shutdown
@@ -69,9 +75,13 @@ class OwlServer(ThreadingHTTPServer):
         max_image_pixels: int | None = None,
         max_new_tokens: int = 512,
         backlog: int | None = None,
+        num_frames: int = 4,
     ):
         if processor is None:
-            raise ValueError("the server needs the model's processor (a checkpoint folder with tokenizer.model)")
+            raise ValueError(
+                "the server needs the model's processor (a checkpoint folder with tokenizer.model or tokenizer.json)"
+            )
+        video.check_num_frames(num_frames, "the server")
         if max_new_tokens < 1 or max_body_bytes < 1:
             raise ValueError("max_new_tokens and max_body_bytes must be positive")
         if backlog is not None:
@@ -94,6 +104,10 @@ class OwlServer(ThreadingHTTPServer):
         self.context_length = int(model.config.text.max_position_embeddings)
         self.vocab_size = int(model.config.text.vocab_size)
         self.max_prompt_chars = PROMPT_CHARS_PER_POSITION * self.context_length
+        self.takes_videos = getattr(processor, "layout", "image") == "video" and bool(model.config.video)
+        self.num_frames = int(num_frames)
+        # The processor's resize: the image layout squashes to S×S, the video layout crops the shortest edge.
+        self.image_resize = "shortest_edge_crop" if getattr(processor, "layout", "image") == "video" else "squash"
         self.created = int(time.time())
         # The processor's tokenizer is shared by handler threads (encoding) and the worker (decoding).
         self.tokenizer_lock = threading.Lock()
@@ -190,17 +204,29 @@ class OwlServer(ThreadingHTTPServer):
         with self.tokenizer_lock:
             return self.processor.decode(ids)
 
-    def load_image(self, url: str, name: str):
+    def load_image(self, url: str, name: str) -> Image.Image:
         """An `image_url` → RGB image of the model's size, under this server's rules (ApiError otherwise).
 
         Resizing here, as each image is decoded, keeps one decoded image at a time instead of all of a
-        request's; `preprocess_images` then sees images already of its size (which it leaves as they are).
+        request's. The resize is the processor's for the model's layout (`owl_jax.data.pixels`: a squash,
+        or the shortest edge and a centre crop), so `preprocess_images` then sees images already of its
+        size, which it leaves as they are.
         """
         image = load_image_url(
             url, allow_local_files=self.allow_local_files, max_pixels=self.max_image_pixels, name=name
         )
-        size = (self.processor.image_size, self.processor.image_size)
-        return image.resize(size, Image.BICUBIC)
+        return Image.fromarray(resize(image, self.processor.image_size, self.image_resize))
+
+    def load_video(self, url: str, name: str) -> np.ndarray:
+        """A `video_url` → its `num_frames` sampled frames `(T, 224, 224, 3)` uint8 (ApiError otherwise)."""
+        return load_video_url(
+            url,
+            allow_local_files=self.allow_local_files,
+            num_frames=self.num_frames,
+            max_frame_pixels=min(self.max_image_pixels, video.MAX_FRAME_PIXELS),
+            backend=getattr(self.processor, "video_backend", "auto"),
+            name=name,
+        )
 
     def prepare(self, body: Any) -> tuple[Any, Job]:
         """Validate a chat-completion body and build its `Job` (ApiError for requests that cannot be served)."""
@@ -214,6 +240,7 @@ class OwlServer(ThreadingHTTPServer):
             pad_token_id=p.pad_token_id,
             bos_token_id=p.bos_token_id,
             max_images=max(0, (self.context_length - 1) // max(1, p.image_tokens)),
+            load_video=self.load_video if self.takes_videos else None,
         )
         if len(request.prompt) > self.max_prompt_chars:  # tokenizing megabytes would hold the tokenizer for seconds
             raise ApiError(
@@ -230,9 +257,10 @@ class OwlServer(ThreadingHTTPServer):
         config = request.config
         if room < 1 or (request.max_tokens_given and config.max_new_tokens > room):
             want = f" + {config.max_new_tokens} max_tokens" if request.max_tokens_given else ""
+            media = f"{len(request.images)} images" + (f" and {len(request.videos)} videos" if request.videos else "")
             raise ApiError(
                 400,
-                f"the conversation is {len(ids)} tokens ({len(request.images)} images of "
+                f"the conversation is {len(ids)} tokens ({media} of "
                 f"{p.image_tokens} tokens each){want}, more than the model's context of "
                 f"{self.context_length} tokens; shorten it or lower max_tokens",
                 code="context_length_exceeded",
@@ -247,6 +275,7 @@ class OwlServer(ThreadingHTTPServer):
             p.preprocess_images(request.images),
             config,
             label=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            video_pixel_values=p.preprocess_videos(request.videos) if request.videos else None,
         )
         return request, job
 
@@ -255,7 +284,14 @@ class OwlServer(ThreadingHTTPServer):
         return {"object": "list", "data": [self.model_card()]}
 
     def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "owl_jax"}
+        """The model's `/v1/models` entry; `input_modalities` says which content parts requests may hold."""
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "owl_jax",
+            "input_modalities": ["text", "image"] + (["video"] if self.takes_videos else []),
+        }
 
 
 def make_server(model: Any, processor: Any, *, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> OwlServer:
@@ -265,7 +301,7 @@ def make_server(model: Any, processor: Any, *, host: str = "127.0.0.1", port: in
       model, processor: from `owl_jax.from_pretrained`.
       options: `OwlServer` keywords: `model_name`, `allow_local_files`, `max_body_bytes`, `max_image_pixels`
         (default: the processor's), `max_new_tokens` (default and ceiling of `max_tokens`), `generator`,
-        `backlog` (the listen queue, default 128).
+        `backlog` (the listen queue, default 128), `num_frames` (frames per video, default 4).
 
     Call `serve_forever()` (e.g. in a thread), then `shutdown(grace)` and `server_close()` to stop.
     """

@@ -67,7 +67,8 @@ class Result:
 
 @dataclasses.dataclass
 class Job:
-    """One request for the worker: a single prompt's ids `(1, L)`, its images `(N, 3, S, S)` and options."""
+    """One request for the worker: a single prompt's ids `(1, L)`, its images `(N, 3, S, S)`, its videos
+    `(V, 3, T, S, S)` (or None) and options."""
 
     input_ids: np.ndarray
     pixel_values: np.ndarray
@@ -75,6 +76,7 @@ class Job:
     label: str = ""  # names the request in the log
     events: queue.Queue[tuple[str, object]] = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    video_pixel_values: np.ndarray | None = None
 
 
 class _Cancelled(Exception):
@@ -192,7 +194,9 @@ class ModelWorker(threading.Thread):
 
         start = time.perf_counter()
         try:
-            out = self.generator.generate(job.input_ids, None, job.pixel_values, cfg, stream=on_token)
+            out = self.generator.generate(
+                job.input_ids, None, job.pixel_values, cfg, job.video_pixel_values, stream=on_token
+            )
         except _Cancelled:
             stopping = self._stopping.is_set()
             log.info("%s cancelled (%s)", job.label, "server stopping" if stopping else "client gone")
@@ -213,10 +217,11 @@ class ModelWorker(threading.Thread):
         tokens = out.tokens[0]
         result = Result("stop" if out.finished[0] else "length", int(out.prompt_lengths[0]), len(tokens))
         log.info(
-            "%s: %d prompt tokens, %d images, %d new tokens in %.2f s (%.1f tokens/s), finish %s",
+            "%s: %d prompt tokens, %d images, %d videos, %d new tokens in %.2f s (%.1f tokens/s), finish %s",
             job.label,
             result.prompt_tokens,
             len(job.pixel_values),
+            0 if job.video_pixel_values is None else len(job.video_pixel_values),
             result.completion_tokens,
             seconds,
             result.completion_tokens / max(seconds, 1e-9),

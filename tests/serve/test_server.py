@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 import owl_jax
-from helpers import FIXTURE, png_claiming
+from browser import ask_in_page, browser_or_skip
+from helpers import FIXTURE, VIDEO_FIXTURE, png_claiming
 from owl_jax.data.prompts import SYSTEM, build_conversation
 from owl_jax.inference.generate import GenerationConfig, Generator
 from owl_jax.serve import make_server
@@ -312,6 +313,21 @@ def test_bad_requests(server):
     assert chat(server, hi)["choices"][0]["message"]["content"] is not None  # still serving
 
 
+def test_video_parts_are_refused_by_an_image_layout_model(server, expected):
+    card = json.loads(request(server, "GET", f"/v1/models/{NAME}")[2])
+    assert card["input_modalities"] == ["text", "image"]
+    clip = data_url(VIDEO_FIXTURE / "videos" / "a.mp4", "video/mp4")
+    parts = [{"type": "video_url", "video_url": {"url": clip}}, {"type": "text", "text": "What moves?"}]
+    error = error_of(
+        request(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": parts}]}), 400
+    )
+    assert error["param"] == "messages[0].content[0].video_url"
+    assert error["message"].startswith("messages[0].content[0] is a video_url part, but this model takes no videos")
+    # For the image layout "<|video|>" is ordinary text, as in the released image model.
+    answer = chat(server, [{"role": "user", "content": "What is <|video|>?"}])["choices"][0]["message"]["content"]
+    assert answer == expected([(0, "What is <|video|>?", None)])
+
+
 def test_body_over_the_limit_is_refused_before_reading(server):
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=30)
@@ -419,75 +435,17 @@ def test_cli_serves_and_stops_on_sigterm(model_and_processor):
 
 
 # ------------------------------------------------------------------------------------------- browser
-CHROMIUM_ARGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-)
-
-
-def _browser_or_skip(tmp_path):
-    """A headless Chromium driven by Selenium through chromedriver, or a skip saying what is missing
-    (a failure instead when OWL_JAX_REQUIRE_BROWSER=1, as in CI, so the test cannot silently not run)."""
-    if os.environ.get("OWL_JAX_REQUIRE_BROWSER") == "1":
-        skip = lambda why: pytest.fail(why + " (OWL_JAX_REQUIRE_BROWSER=1)")  # noqa: E731
-    else:
-        skip = pytest.skip
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        skip("the browser test needs the Python package selenium (pip install selenium)")
-    find = lambda *names: next((p for n in names for p in [shutil.which(n)] if p), None)
-    chromium = find("chromium", "chromium-browser", "google-chrome")
-    driver_path = find("chromedriver")
-    if chromium is None or driver_path is None:
-        skip(
-            "the browser test needs Chromium and chromedriver on PATH (Debian: apt-get install chromium "
-            "chromium-driver)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in (*CHROMIUM_ARGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(arg)
-    # Naming the driver explicitly keeps Selenium Manager from looking for (or downloading) one.
-    return webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
-
-
 def test_web_page_chat_in_headless_chromium(server, expected, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    browser = _browser_or_skip(tmp_path)
+    browser = browser_or_skip(tmp_path)
     try:
         browser.get(server.url + "/")
-
-        def ask(question, image=None):
-            if image is not None:
-                browser.find_element(By.ID, "image").send_keys(str(image))
-            browser.find_element(By.ID, "question").send_keys(question)
-            browser.find_element(By.ID, "send").click()
-            n = len(browser.find_elements(By.CSS_SELECTOR, "#messages .user"))
-            WebDriverWait(browser, 30).until(
-                lambda b: len(b.find_elements(By.CSS_SELECTOR, '#messages .assistant[data-done="true"]')) == n
-            )
-            bubble = browser.find_elements(By.CSS_SELECTOR, "#messages .assistant")[-1]
-            assert "error" not in bubble.get_attribute("class").split(), browser.find_element(By.ID, "error").text
-            # Each streamed piece is appended as its own text node: more than one means it arrived in pieces.
-            pieces = browser.execute_script("return arguments[0].childNodes.length", bubble)
-            assert pieces > 1, "the answer did not stream in"
-            return bubble.get_attribute("textContent")
-
+        assert not browser.find_element(By.ID, "video-picker").is_displayed()  # an image-layout model
         # The page sends temperature 0 (its default) and no max_tokens: the server's greedy answer.
-        first = ask(QUESTION, IMAGE_A)
+        first = ask_in_page(browser, QUESTION, IMAGE_A)
         assert first and first == expected([(1, QUESTION, None)], [IMAGE_A])
-        second = ask("And the lower right corner?")  # the page keeps the conversation
+        second = ask_in_page(browser, "And the lower right corner?")  # the page keeps the conversation
         assert second == expected([(1, QUESTION, first), (0, "And the lower right corner?", None)], [IMAGE_A])
         assert browser.find_elements(By.CSS_SELECTOR, "#messages .user img")  # the picked image is shown
     finally:

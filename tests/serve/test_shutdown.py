@@ -31,7 +31,7 @@ class FakeGenerator:
         self.calls, self.steps = 0, 0
         self.error = None  # what ended the last generation early (the worker's cancellation)
 
-    def generate(self, input_ids, attention_mask, pixel_values, config, *, stream=None):
+    def generate(self, input_ids, attention_mask, pixel_values, config, video_pixel_values=None, *, stream=None):
         self.calls += 1
         self.started.set()
         try:
