@@ -26,7 +26,9 @@ from owl_jax.eval.tables import format_tables, summarize
 
 
 def _answer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model")
+    p.add_argument(
+        "--checkpoint", required=True, help="HF-layout or converted folder with tokenizer.model or tokenizer.json"
+    )
     p.add_argument("--owleval", required=True, help="folder with questions.jsonl and cases/")
     p.add_argument("--out", required=True, help="answers .jsonl to write")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -105,7 +107,7 @@ def _answer_with_model(args: argparse.Namespace, done: dict[int, dict], writer: 
         args.checkpoint, dtype=args.dtype, lora=args.lora, show_progress=not args.quiet
     )
     if processor is None:
-        print(f"error: {args.checkpoint} has no tokenizer.model", file=sys.stderr)
+        print(f"error: {args.checkpoint} has no tokenizer.model or tokenizer.json", file=sys.stderr)
         return 2
     sample = args.temperature != 0 and (args.top_k > 0 or args.top_p < 1 or args.temperature is not None)
     config = GenerationConfig(

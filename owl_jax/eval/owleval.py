@@ -138,10 +138,7 @@ def conversations(questions: Sequence[Question]) -> list[list[Question]]:
 
 def _ask(session: ChatSession, q: Question, images: list[str], config: GenerationConfig) -> str:
     """One turn; max_new_tokens shrinks to what the session's cache has left (long conversations)."""
-    from owl_jax.data.prompts import build_conversation
-
-    turns = [(t.num_images, t.question, t.answer) for t in session.turns]
-    prompt_len = len(session.processor.encode_prompt(build_conversation(turns + [(len(images), q.question, None)])))
+    prompt_len = len(session.processor.encode_prompt(session.prompt_with(q.question, ["image"] * len(images))))
     room = session.max_length - prompt_len
     if room < 1:
         warnings.warn(
@@ -183,7 +180,7 @@ def answer_owleval(
 
     Args:
       model, processor: from `owl_jax.from_pretrained`.
-      config: decoding options (default: greedy, 512 new tokens).
+      config: decoding options (default: greedy, 512 new tokens, the tokenizer's BOS, EOS and padding).
       model_id: written into every row.
       max_length: KV-cache positions per conversation (default: the LLM's `max_position_embeddings`); a turn
         gets at most what is left of it.
@@ -202,8 +199,13 @@ def answer_owleval(
     from owl_jax.inference.session import ChatSession
 
     if processor is None:
-        raise ValueError("the checkpoint has no tokenizer.model, so there is no processor to encode questions")
-    config = (config or GenerationConfig(max_new_tokens=512)).validate()
+        raise ValueError(
+            "the checkpoint has no tokenizer.model or tokenizer.json, so there is no processor to encode questions"
+        )
+    special = dict(
+        eos_token_id=processor.eos_token_id, bos_token_id=processor.bos_token_id, pad_token_id=processor.pad_token_id
+    )
+    config = (config or GenerationConfig(max_new_tokens=512, **special)).validate()
     questions = load_questions(owleval_dir, check_images=True)
     if limit is not None:
         questions = questions[:limit]
