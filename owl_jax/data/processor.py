@@ -242,11 +242,10 @@ class OwlProcessor:
         self,
         prompts: str | Sequence[str],
         images: ImageInput | Sequence[ImageInput] | None = None,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        *,
         videos: VideoInput | Sequence[VideoInput] | None = None,
         num_frames: int = 4,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Model inputs for a batch of B prompts.
 
@@ -254,11 +253,11 @@ class OwlProcessor:
           prompts: one prompt or B prompts (see `owl_jax.data.prompts.build_prompt`).
           images: the N images for all `<image>` markers, in prompt order across the batch (one image may be
             passed bare). N must equal the total marker count.
-          max_length: pad to this length L (ValueError if a prompt is longer: truncating could cut an image).
-          pad_to_multiple_of: round L up to a multiple of this (fewer recompilations under jit).
           videos: (video layout) the V videos for all `<|video|>` markers, in prompt order across the batch:
             file paths, or uint8 frame arrays (T, H, W, 3). One video may be passed bare.
           num_frames: T, frames sampled per video file (at least 2).
+          max_length: pad to this length L (ValueError if a prompt is longer: truncating could cut an image).
+          pad_to_multiple_of: round L up to a multiple of this (fewer recompilations under jit).
 
         Returns:
           `input_ids` (B, L) int32 with -1 at image and -2 at video positions and eos padding on the right,

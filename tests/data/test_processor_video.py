@@ -58,6 +58,10 @@ def test_matches_released_processor(processor, spec, reference):
     _check_text_and_images(out, reference)
     assert out["video_pixel_values"].shape == reference["video_pixel_values"].shape == (3, 3, 4, 224, 224)
     assert out["video_pixel_values"].dtype == np.float32
+    # the public order: processor(prompts, images=None, videos=None, num_frames=4)
+    positional = processor(spec["prompts"], _media(spec, "images_per_prompt"), _media(spec, "videos_per_prompt"), 4)
+    for key, value in out.items():
+        np.testing.assert_array_equal(positional[key], value)
     assert np.abs(out["video_pixel_values"] - reference["video_pixel_values"]).max() <= 1e-6
 
 
