@@ -62,7 +62,16 @@ def get_config():
         steps=1200,
         batch_size=16,
         sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
-        lora=lora_config(rank=8, alpha=32, dropout=0.0, targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
+        lora=lora_config(
+            rank=8,
+            alpha=32,
+            dropout=0.0,
+            # every attention projection, named per text model: BLOOM fuses q, k, v into query_key_value
+            targets_by_model={
+                "llama": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+                "bloom": r".*language_model.*\.(query_key_value|dense)",
+            },
+        ),
         train_abstractor=True,
         optim=optim_config(lr=4e-3, warmup_steps=30, weight_decay=1e-4),
     )

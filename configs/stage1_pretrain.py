@@ -1,8 +1,9 @@
-"""Stage 1, multimodal pre-training (paper, appendix): ViT + abstractor train, LLaMA frozen.
+"""Stage 1, multimodal pre-training (paper, appendix): ViT + abstractor train, the LLM (LLaMA or BLOOM) frozen.
 
 Image-caption pairs (LAION-400M, COYO-700M, CC, COCO: prepare them with `python -m owl_jax.data.prepare
 --format captions|webdataset|tfds`), 50k steps of 4096 pairs, AdamW β (0.9, 0.98), ε 1e-6, lr 2e-4 cosine,
-warmup 375, weight decay 0.01, max length 512. The model starts from an HF CLIP ViT-L/14 and LLaMA-7B:
+warmup 375, weight decay 0.01, max length 512. The model starts from an HF CLIP ViT-L/14 and LLaMA-7B (or an
+HF BLOOM folder, e.g. BLOOMZ-7b1, as `model.llama`; its tokenizer comes from that folder):
 
     python train.py --config configs/stage1_pretrain.py --config.model.clip=CLIP_DIR --config.model.llama=LLAMA_DIR \\
         --config.data.dir=DATA_DIR --config.mesh.fsdp=-1 --config.mesh.data=1

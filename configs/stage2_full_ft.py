@@ -1,4 +1,4 @@
-"""Stage 2 without LoRA: the LLaMA weights train in full (+ the abstractor), the ViT stays frozen.
+"""Stage 2 without LoRA: the LLM's weights (LLaMA or BLOOM) train in full (+ the abstractor), the ViT stays frozen.
 
 Same data and schedule as `stage2_instruct` (the released `train_it_wo_lora.sh` variant).
 """

@@ -1,4 +1,5 @@
-"""Stage 2, joint instruction tuning (paper, appendix): ViT frozen, LoRA on LLaMA q/v + the abstractor train.
+"""Stage 2, joint instruction tuning (paper, appendix): ViT frozen, LoRA on the LLM's attention + the abstractor
+train. LoRA goes on LLaMA's q/v projections, or on BLOOM's fused `query_key_value` (BLOOMZ checkpoints).
 
 Text-only (Alpaca, ShareGPT/Vicuna, Baize) and multimodal (LLaVA-Instruct 150k) data, half and half per
 step; 2k steps of 256 (128 + 128), AdamW lr 2e-5 cosine, warmup 50, β (0.9, 0.999), ε 1e-6, weight decay
@@ -7,6 +8,9 @@ abstractor; the paper trains it (`--config.stages.stage2.train_abstractor=False`
 
     python train.py --config configs/stage2_instruct.py --config.model.checkpoint=MPLUG_OWL_PT_DIR \\
         --config.data.dir=DATA_DIR
+
+The LoRA targets follow the checkpoint's text model (`--config.stages.stage2.lora.targets_by_model.bloom=...`
+changes BLOOM's; `--config.stages.stage2.lora.targets=...` sets one pattern for every model).
 """
 
 from owl_jax.training.schema import base_config, lora_config, optim_config, stage_config
@@ -23,7 +27,16 @@ def get_config():
         batch_size=256,
         sources=[["text"], ["multimodal"]],
         frozen_dtype="bfloat16",
-        lora=lora_config(rank=8, alpha=32, dropout=0.05),
+        lora=lora_config(
+            rank=8,
+            alpha=32,
+            dropout=0.05,
+            # the released recipe's q/v for LLaMA; its pattern matches nothing in BLOOM, which fuses q, k, v
+            targets_by_model={
+                "llama": r".*language_model.*\.(q_proj|v_proj)",
+                "bloom": r".*language_model.*\.query_key_value",
+            },
+        ),
         train_abstractor=True,
         optim=optim_config(lr=2e-5, warmup_steps=50, b1=0.9, b2=0.999, eps=1e-6, weight_decay=1e-4, clip_norm=1.0),
     )

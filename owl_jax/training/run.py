@@ -20,10 +20,10 @@ from owl_jax.training import distributed
 from owl_jax.training.evaluation import format_table, majority_baseline
 from owl_jax.training.hooks import TrainerHooks
 from owl_jax.training.loop import STOP, run_stage
+from owl_jax.training.lora_targets import stage_loras
+from owl_jax.training.tokenizer_files import RunTokenizer, run_tokenizer
 from owl_jax.training.trainer import Trainer
 from owl_jax.training.validation import check_batch_sizes, run_stages, validate
-
-DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "assets", "demo_tokenizer.model")
 
 
 def _prepare_frozen(stage: str, value: str) -> bool | None:
@@ -138,7 +138,8 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
     """Train every stage of `config.run` in order; returns the evaluations by stage.
 
     `hooks` run at fixed points of every stage's loop (`owl_jax.training.hooks`).
-    Raises `ConfigError` for a mistake in `config` before any work (`owl_jax.training.validation`), and
+    Raises `ConfigError` for a mistake in `config` before any work (`owl_jax.training.validation`; LoRA
+    targets that match no layer of the model, `lora_targets`; no usable tokenizer, `tokenizer_files`), and
     `NonFiniteLossError` when a stage's loss stops being finite (before that stage's model is written).
     """
     validate(config)
@@ -149,12 +150,13 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
         raise ConfigError(f"mesh: {e}") from None
     check_batch_sizes(config, data_parallel=mesh.shape["data"] * mesh.shape["fsdp"], processes=jax.process_count())
     base_cfg = model_config(config)
+    loras = stage_loras(config, base_cfg)
+    tokenizer = run_tokenizer(config, base_cfg)
     STOP.install()
     workdir = os.path.abspath(config.workdir)
     data_dir = os.path.abspath(config.data.dir or os.path.join(workdir, "data"))
     if config.synthetic.enabled:
         prepare_synthetic(data_dir, config.synthetic)
-    tokenizer = config.tokenizer or _tokenizer_beside(config) or DEMO_TOKENIZER
     eval_paths = [os.path.join(data_dir, p) for p in config.data.eval]
     stages = run_stages(config)
     if jax.process_index() == 0:
@@ -165,14 +167,7 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
     params, previous_lora = None, None
     for name in stages:
         stage = config.stages[name]
-        lora = None
-        if stage.lora.rank:
-            lora = LoRAConfig(
-                rank=stage.lora.rank,
-                alpha=stage.lora.alpha,
-                dropout=stage.lora.dropout,
-                target_modules=stage.lora.targets,
-            )
+        lora = loras[name]
         cfg = base_cfg.replace(lora=lora)
         trainer = Trainer(
             cfg,
@@ -198,7 +193,8 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
             trainer,
             workdir=workdir,
             data_dir=data_dir,
-            tokenizer=tokenizer,
+            tokenizer=tokenizer.path,
+            special_ids=(tokenizer.bos_id, tokenizer.eos_id),
             init_params=init_params,
             data_cfg=config.data,
             checkpoint_cfg=config.checkpoint,
@@ -223,22 +219,19 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
     return evaluations
 
 
-def _tokenizer_beside(config: ConfigDict) -> str | None:
-    from owl_jax.data.processor import find_tokenizer
-
-    folder = config.model.checkpoint if config.model.init == "checkpoint" else config.model.llama
-    return find_tokenizer(folder) if folder and os.path.isdir(folder) else None
-
-
-def _save_model(folder: str, params: Any, cfg: OwlConfig, tokenizer: str) -> None:
-    """The stage's final parameters as a converted folder (`from_pretrained` and `export` read it)."""
+def _save_model(folder: str, params: Any, cfg: OwlConfig, tokenizer: RunTokenizer) -> None:
+    """The stage's final parameters as a converted folder (`from_pretrained` and `export` read it), with the
+    run's tokenizer files under their own names (`RunTokenizer.files`)."""
     if jax.process_count() > 1:  # multi-host: the Orbax train checkpoint is the artifact
         return
-    leaves = {p: np.asarray(jax.device_get(v)) for p, v in flatten(params).items()}
-    save_converted(folder, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, overwrite=True)
-    import shutil
+    import tempfile
 
-    shutil.copy(tokenizer, os.path.join(folder, "tokenizer.model"))
+    leaves = {p: np.asarray(jax.device_get(v)) for p, v in flatten(params).items()}
+    with tempfile.TemporaryDirectory(prefix="owl_tokenizer_") as side:
+        tokenizer.copy_into(side)  # written with the weights, inside the folder's atomic write
+        save_converted(
+            folder, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, side_files_from=side, overwrite=True
+        )
 
 
 def _report(eval_paths: list[str], evaluations: dict[str, Any], workdir: str) -> None:

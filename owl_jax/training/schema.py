@@ -26,11 +26,33 @@ def optim_config(**overrides) -> ConfigDict:
     return c
 
 
+# LoRA targets by text model (`TextConfig.model_type`): the released recipe's q/v projections for LLaMA; the
+# fused `query_key_value` for BLOOM, where `q_proj|v_proj` matches nothing. Both keep `language_model` in
+# the pattern: the ViT has `query_key_value` modules too.
+LORA_TARGETS = {
+    "llama": r".*language_model.*\.(q_proj|v_proj)",
+    "bloom": r".*language_model.*\.query_key_value",
+}
+BY_TEXT_MODEL = "auto"  # `lora.targets` value: take the pattern from `lora.targets_by_model`
+
+
 def lora_config(
-    rank: int = 0, alpha: float = 32.0, dropout: float = 0.05, targets: str = r".*language_model.*\.(q_proj|v_proj)"
+    rank: int = 0,
+    alpha: float = 32.0,
+    dropout: float = 0.05,
+    targets: str | tuple[str, ...] = BY_TEXT_MODEL,
+    targets_by_model: dict[str, str | tuple[str, ...]] | None = None,
 ) -> ConfigDict:
-    """rank 0 means no adapters."""
-    return ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets))
+    """A stage's adapters; rank 0 means none.
+
+    Args:
+      targets: the modules that get adapters, whatever the text model: one regular expression matched
+        against each whole HF module name, or a tuple of name suffixes (peft's `target_modules`). "auto"
+        (the default) takes them from `targets_by_model` by the model's `text.model_type`.
+      targets_by_model: `{model_type: targets}`, over `LORA_TARGETS` (which gives the types it leaves out).
+    """
+    by_model = ConfigDict({**LORA_TARGETS, **(targets_by_model or {})})
+    return ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets, targets_by_model=by_model))
 
 
 def stage_config(
@@ -108,7 +130,9 @@ def base_config() -> ConfigDict:
             attention_impl="auto",
         )
     )
-    c.tokenizer = ""  # tokenizer.model; default: the one beside the checkpoint
+    # A tokenizer.model (LLaMA), a tokenizer.json (BLOOM) or a folder holding one; "" takes the one beside
+    # model.checkpoint (model.llama for towers), and the demo tokenizer only for a random LLaMA.
+    c.tokenizer = ""
     c.data = ConfigDict(dict(dir="", seq_len=512, max_images=1, augment=True, max_skip_fraction=0.01, eval=()))
     c.synthetic = ConfigDict(
         dict(enabled=False, seed=0, image_size=64, n_captions=2000, n_multimodal=3000, n_text=1000, n_eval_per_type=100)

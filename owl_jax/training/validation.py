@@ -2,8 +2,9 @@
 
 `validate(config)` raises `ConfigError` naming the first bad field (`stages.stage1.optim.lr=nan must be a
 finite number >= 0`, `unknown config field stages.stage1.optim.lrr; did you mean stages.stage1.optim.lr?`);
-`check_batch_sizes` checks the batch sizes against the mesh. `owl_jax.training.run.run` calls both first,
-and `owl-train` prints what they raise in one line.
+`check_batch_sizes` checks the batch sizes against the mesh, and `lora_targets.stage_loras` each stage's LoRA
+targets against the model (a pattern that matches none of its linear layers). `owl_jax.training.run.run`
+calls them all first, and `owl-train` prints what they raise in one line.
 """
 
 from __future__ import annotations
@@ -11,12 +12,23 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from typing import Any
 
 from ml_collections import ConfigDict
 
-from owl_jax.config import ATTENTION_IMPLS, DTYPES, MATMUL_ROUTES, REMAT_POLICIES, SWITCHES, ConfigError, Numerics
+from owl_jax.config import (
+    ATTENTION_IMPLS,
+    DTYPES,
+    MATMUL_ROUTES,
+    REMAT_POLICIES,
+    SWITCHES,
+    TEXT_MODEL_TYPES,
+    ConfigError,
+    Numerics,
+)
 from owl_jax.training.schema import (
+    BY_TEXT_MODEL,
     MODEL_INITS,
     PREPARE_FROZEN,
     STAGE_KINDS,
@@ -34,6 +46,8 @@ OPTIONAL = frozenset(
         "stages.*.prepare_frozen",
         "stages.*.optim.end_lr",
         "stages.*.optim.clip_norm",
+        "stages.*.lora.targets_by_model",
+        *(f"stages.*.lora.targets_by_model.{t}" for t in TEXT_MODEL_TYPES),
     }
 )
 FREE_FORM = frozenset({"model.arch"})  # the model's own config.json layout, checked when the model is built
@@ -143,12 +157,18 @@ def _check_type(path: str, value: Any, expected: Any) -> None:
     elif isinstance(expected, float):
         ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     elif isinstance(expected, str):
-        ok = isinstance(value, str) or (path.endswith(".lora.targets") and isinstance(value, (tuple, list)))
+        ok = isinstance(value, str) or (_is_lora_targets(path) and isinstance(value, (tuple, list)))
         kind = "a string"
     else:
         ok, kind = isinstance(value, (tuple, list)), "a tuple"
     if not ok:
         raise ConfigError(f"{path}={value!r} must be {kind}")
+
+
+def _is_lora_targets(path: str) -> bool:
+    """Whether `path` names LoRA targets: a regular expression or a tuple of module names."""
+    parts = path.split(".")
+    return parts[-2:] == ["lora", "targets"] or parts[-3:-1] == ["lora", "targets_by_model"]
 
 
 # -- values --------------------------------------------------------------------------------------------
@@ -277,9 +297,9 @@ def _check_stage(config: ConfigDict, name: str) -> None:
     _count(config, f"{p}.lora.rank", 0)
     _real(config, f"{p}.lora.alpha", positive=True)
     _fraction(config, f"{p}.lora.dropout", below_one=True)
-    targets = stage.lora.targets
-    if not targets or not (isinstance(targets, str) or all(isinstance(t, str) and t for t in targets)):
-        raise ConfigError(f"{p}.lora.targets={targets!r} must be a regular expression or a tuple of module names")
+    _lora_targets(f"{p}.lora.targets", stage.lora.targets)
+    for model_type, targets in (stage.lora.get("targets_by_model") or {}).items():
+        _lora_targets(f"{p}.lora.targets_by_model.{model_type}", targets, allow_auto=False)
     if stage.kind == "stage2" and stage.lora.rank == 0:
         raise ConfigError(f"{p}.lora.rank=0: a stage2 stage trains LoRA adapters only; give them a rank >= 1")
     q = f"{p}.optim"
@@ -292,3 +312,16 @@ def _check_stage(config: ConfigDict, name: str) -> None:
     _real(config, f"{q}.eps", positive=True)
     if stage.optim.get("clip_norm") is not None:
         _real(config, f"{q}.clip_norm")
+
+
+def _lora_targets(path: str, targets: Any, *, allow_auto: bool = True) -> None:
+    """LoRA targets: a regular expression that compiles or a tuple of module names (or, where `allow_auto`,
+    "auto": by the text model). Whether they match a layer of the model is `lora_targets.stage_loras`'s."""
+    if not targets or not (isinstance(targets, str) or all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(f"{path}={targets!r} must be a regular expression or a tuple of module names")
+    if not isinstance(targets, str) or (allow_auto and targets == BY_TEXT_MODEL):
+        return
+    try:
+        re.compile(targets)
+    except re.error as e:
+        raise ConfigError(f"{path}={targets!r} is not a regular expression ({e})") from None
