@@ -23,6 +23,7 @@ from PIL import Image
 
 from owl_jax.data.conversation import tokenize_conversation
 from owl_jax.data.images import ImageError, decode_image
+from owl_jax.data.pixels import resize
 from owl_jax.data.prompts import templated_text
 from owl_jax.data.records import Example, RecordError, find_shards
 
@@ -47,6 +48,7 @@ class PipelineSpec:
     min_crop_scale: float = 0.5
     flip: bool = True
     drop_images: bool = False  # train on the conversation text alone (e.g. language-model pretraining)
+    resize: str = "squash"  # un-augmented images: "squash" (image layout) or "shortest_edge_crop" (video layout)
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -139,7 +141,7 @@ class ExampleTransform:
                 if s.flip and rng.random() < 0.5:
                     image = image.transpose(Image.FLIP_LEFT_RIGHT)
             else:
-                image = image.resize((s.image_size, s.image_size), Image.BICUBIC)
+                image = resize(image, s.image_size, s.resize)  # the layout's processor resize
             row["pixel_values"][slot] = normalize(image)
             row["image_mask"][slot] = 1
         row.update(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, loss_mask=tokens.loss_mask)

@@ -96,6 +96,7 @@ def run_stage(
     data_dir: str,
     tokenizer: str,
     init_params: Callable[[], Any],
+    special_ids: tuple[int, int] = (1, 2),
     data_cfg: Any,
     checkpoint_cfg: Any,
     log_cfg: Any,
@@ -107,6 +108,7 @@ def run_stage(
 ) -> StageResult:
     """Train one stage to `stage.steps` optimizer steps (resuming if possible) and evaluate it.
 
+    `tokenizer` is the tokenizer file the rows are tokenized with, `special_ids` its BOS and EOS ids.
     `hooks.step_end` runs after each step once its checkpoint save has started (see `owl_jax.training.hooks`).
     """
     stage_dir = os.path.join(workdir, name)
@@ -133,6 +135,9 @@ def run_stage(
         image_tokens=cfg.image_tokens,
         augment=data_cfg.augment,
         drop_images=stage.data.drop_images,
+        bos_id=special_ids[0],
+        eos_id=special_ids[1],
+        resize="shortest_edge_crop" if cfg.video else "squash",  # as the processor of the model's layout
     )
     transform = ExampleTransform(spec, tokenizer)
     procs = jax.process_count()

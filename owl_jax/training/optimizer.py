@@ -14,6 +14,11 @@ Stages:
 - `text_pretrain`: only the LLaMA weights train;
 - `joint_pretrain`: every tower trains (no adapters): for a model without pretrained towers, a stand-in for
   the pretrained CLIP and LLaMA that stage 1 starts from.
+
+The language model is LLaMA or BLOOM alike (`language_model`, its tied embedding included). In the video
+layout, the parameters only videos use (`VIDEO_ONLY`: the ViT's temporal modules, the temporal queries and
+their projection) train only with `train_temporal`: training batches hold images, which skip them, so they
+would get no gradient, and weight decay alone would shrink them.
 """
 
 from __future__ import annotations
@@ -28,14 +33,27 @@ STAGES = STAGE_KINDS
 TRAIN, FROZEN = "train", "frozen"
 LORA_LEAVES = ("lora_a", "lora_b")
 NO_DECAY_LEAVES = ("bias", "scale")  # biases and every norm's scale
+# Path prefixes of the video layout's parameters that only videos (two frames or more) use.
+VIDEO_ONLY = (
+    ("vision_model", "layers", "temporal"),
+    ("abstractor", "temporal_query_tokens"),
+    ("abstractor", "temporal_visual_fc"),
+)
 
 Path = tuple[str, ...]
 
 
-def trainable(path: Path, stage: str, *, train_abstractor: bool = True) -> bool:
+def video_only(path: Path) -> bool:
+    """Whether the parameter at `path` is one only videos use (`VIDEO_ONLY`)."""
+    return any(path[: len(prefix)] == prefix for prefix in VIDEO_ONLY)
+
+
+def trainable(path: Path, stage: str, *, train_abstractor: bool = True, train_temporal: bool = False) -> bool:
     """Whether the parameter at `path` (e.g. `("language_model", "layers", "q_proj", "lora_a")`) trains."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    if video_only(path) and not train_temporal:
+        return False
     tower, is_lora = path[0], path[-1] in LORA_LEAVES
     if stage == "text_pretrain":
         return tower == "language_model" and not is_lora
@@ -50,8 +68,12 @@ def trainable(path: Path, stage: str, *, train_abstractor: bool = True) -> bool:
     return tower == "language_model" and not is_lora  # stage2_full
 
 
-def labels_for(paths: list[Path], stage: str, *, train_abstractor: bool = True) -> dict[Path, str]:
-    labels = {p: TRAIN if trainable(p, stage, train_abstractor=train_abstractor) else FROZEN for p in paths}
+def labels_for(
+    paths: list[Path], stage: str, *, train_abstractor: bool = True, train_temporal: bool = False
+) -> dict[Path, str]:
+    """`{path: "train" | "frozen"}` (see `trainable`); `ValueError` when nothing would train."""
+    flags = dict(train_abstractor=train_abstractor, train_temporal=train_temporal)
+    labels = {p: TRAIN if trainable(p, stage, **flags) else FROZEN for p in paths}
     if stage == "stage2" and not any(p[-1] in LORA_LEAVES for p in paths):
         raise ValueError("stage2 trains LoRA adapters but the model has none: set the stage's lora config")
     if TRAIN not in labels.values():

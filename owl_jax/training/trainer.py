@@ -85,6 +85,8 @@ class Trainer:
         instead of in every step. None (the default) turns it on where it pays: bf16/fp16 compute on the
         CPU matmul route (`Numerics.matmul`), whose fast GEMMs need physically transposed operands. It
         costs one compute-dtype copy of those kernels and their transposes in memory.
+      train_temporal: train the video layout's video-only parameters (`optimizer.VIDEO_ONLY`); off, as
+        batches hold images, which never reach them.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class Trainer:
         loss_chunk: int = 0,
         right_padded: bool = True,
         prepare_frozen: bool | None = None,
+        train_temporal: bool = False,
     ):
         if loss_chunk < 0:
             raise ValueError(f"loss_chunk must be >= 0, got {loss_chunk}")
@@ -110,7 +113,7 @@ class Trainer:
         self.model_cfg, self.stage, self.mesh, self.grad_accum = model_cfg, stage, mesh, grad_accum
         self.graphdef, self.abstract = abstract_model(model_cfg)
         shapes = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(self.abstract)}
-        flat_labels = labels_for(list(shapes), stage, train_abstractor=train_abstractor)
+        flat_labels = labels_for(list(shapes), stage, train_abstractor=train_abstractor, train_temporal=train_temporal)
         self.labels = nest(flat_labels)
         self.frozen_dtype = frozen_dtype
         self.schedule = learning_rate_schedule(
