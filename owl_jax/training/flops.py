@@ -10,6 +10,14 @@ when gradients flow through them and 1 otherwise. Embedding lookups cost nothing
 In the abstractor, the query, output and MLP weights see the `Q` query tokens, while the key and value
 weights see `Q + T` tokens (K/V = [queries; image features]).
 
+The language model is LLaMA (q, k, v, o, SwiGLU gate/up/down, untied head) or BLOOM (fused `query_key_value`
+3H wide, `dense`, the 4H MLP's two matmuls, head tied to the embedding: still a matmul). LoRA adapters count
+where the stage's pattern puts them in the language model. In the video layout images skip the temporal
+modules and temporal queries, so a training step on images costs what it costs in the image layout;
+`forward_flops` also counts videos: per frame the ViT, and in every ViT layer the temporal module's two
+projections on the patch tokens (its depthwise convolution over time is elementwise, not counted), then the
+abstractor with `2Q` queries over the `T·N` frame tokens and `temporal_visual_fc` on the last `Q`.
+
 `jaxpr_matmul_flops` counts the same thing from the traced program itself (every `dot_general`, inside
 scans times their length), which is how the accounting is tested.
 """
@@ -46,6 +54,9 @@ def tower_matmul_params(cfg: OwlConfig) -> dict[str, int]:
 
     The abstractor is split: `abstractor` holds the weights applied to the query tokens (query, output,
     MLP, `visual_fc`), `abstractor_kv` the key/value weights applied to queries and image features alike.
+    `llm` holds the language model's (LLaMA or BLOOM), `lora` the adapters the stage puts in it (r·(in + out)
+    per adapted layer). The video layout adds `temporal` (each ViT layer's temporal projections, applied to
+    patch tokens) and `temporal_fc` (`temporal_visual_fc`); both are 0 in the image layout.
     """
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
     patch = v.num_channels * v.patch_size**2 * v.hidden_size
@@ -54,24 +65,20 @@ def tower_matmul_params(cfg: OwlConfig) -> dict[str, int]:
         a.num_layers * (2 * a.hidden_size**2 + 3 * a.hidden_size * a.intermediate_size) + a.hidden_size * t.hidden_size
     )
     abstractor_kv = a.num_layers * 2 * a.encoder_hidden_size * a.hidden_size
-    kv = t.num_kv_heads * t.head_dim
-    llm = t.num_layers * (2 * t.hidden_size**2 + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size)
-    llm += t.hidden_size * t.vocab_size
+    if t.model_type == "bloom":  # query_key_value (H, 3H), dense (H, H), dense_h_to_4h (H, 4H), dense_4h_to_h
+        llm = t.num_layers * (4 * t.hidden_size**2 + 2 * t.hidden_size * t.intermediate_size)
+    else:  # q, o (H, H); k, v (H, kv); gate, up (H, I); down (I, H)
+        kv = t.num_kv_heads * t.head_dim
+        llm = t.num_layers * (2 * t.hidden_size**2 + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size)
+    llm += t.hidden_size * t.vocab_size  # the head, tied or not
     lora = 0
-    if cfg.lora is not None:  # r·(in + out) per adapted LLaMA projection, chosen by the adapter's own rule
-        shapes = {
-            "self_attn.q_proj": (t.hidden_size, t.hidden_size),
-            "self_attn.k_proj": (t.hidden_size, kv),
-            "self_attn.v_proj": (t.hidden_size, kv),
-            "self_attn.o_proj": (t.hidden_size, t.hidden_size),
-            "mlp.gate_proj": (t.hidden_size, t.intermediate_size),
-            "mlp.up_proj": (t.hidden_size, t.intermediate_size),
-            "mlp.down_proj": (t.intermediate_size, t.hidden_size),
-        }
+    if cfg.lora is not None:  # the adapter's own rule picks the layers
+        from owl_jax.training.lora_targets import linear_modules
+
         lora = sum(
-            t.num_layers * cfg.lora.rank * (fan_in + fan_out)
-            for name, (fan_in, fan_out) in shapes.items()
-            if cfg.lora.matches(f"language_model.model.layers.0.{name}")
+            cfg.lora.rank * (m.fan_in + m.fan_out)
+            for m in linear_modules(cfg)
+            if m.path[0] == "language_model" and cfg.lora.matches(m.hf_name)
         )
     return {
         "patch": patch,
@@ -80,6 +87,8 @@ def tower_matmul_params(cfg: OwlConfig) -> dict[str, int]:
         "abstractor_kv": abstractor_kv,
         "llm": llm,
         "lora": lora,
+        "temporal": v.num_layers * v.hidden_size**2 if cfg.video else 0,  # down (D, D/2) + up (D/2, D)
+        "temporal_fc": a.hidden_size * t.hidden_size if cfg.video else 0,
     }
 
 
@@ -94,7 +103,8 @@ def train_step_flops(
     causal_half: bool = True,
 ) -> float:
     """FLOPs of one optimizer step over `rows` sequences of `seq_len` tokens with `images` images in all
-    (every image slot the step encodes, padding slots included: they are computed like the others).
+    (every image slot the step encodes, padding slots included: they are computed like the others). Images
+    skip the video layout's temporal modules, so it counts none.
 
     `causal_half=False` counts causal attention in full (what a dense kernel that masks the upper triangle
     computes); the default halves it, the usual MFU convention.
@@ -134,8 +144,18 @@ def train_step_flops(
     return float(flops + sum(attention.values()))
 
 
-def forward_flops(cfg: OwlConfig, *, rows: int, seq_len: int, images: int, causal_half: bool = True) -> float:
-    """FLOPs of one forward pass (logits) over `rows` × `seq_len` tokens with `images` images."""
+def forward_flops(
+    cfg: OwlConfig,
+    *,
+    rows: int,
+    seq_len: int,
+    images: int,
+    causal_half: bool = True,
+    videos: int = 0,
+    frames: int = 1,
+) -> float:
+    """FLOPs of one forward pass (logits) over `rows` × `seq_len` tokens with `images` images and (video
+    layout) `videos` videos of `frames` frames each."""
     n = tower_matmul_params(cfg)
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
     tokens_v, queries = images * v.num_positions, images * cfg.num_query_tokens
@@ -149,6 +169,24 @@ def forward_flops(cfg: OwlConfig, *, rows: int, seq_len: int, images: int, causa
     flops += 4 * v.num_layers * images * v.num_positions**2 * v.hidden_size
     flops += 4 * a.num_layers * queries * (cfg.num_query_tokens + v.num_positions) * a.hidden_size
     flops += (0.5 if causal_half else 1.0) * 4 * t.num_layers * rows * seq_len**2 * t.num_heads * t.head_dim
+    if videos:
+        flops += _video_flops(cfg, n, videos, frames)
+    return float(flops)
+
+
+def _video_flops(cfg: OwlConfig, n: dict[str, int], videos: int, frames: int) -> float:
+    """Forward FLOPs of encoding `videos` videos of `frames` frames (`frames` >= 2: the temporal path)."""
+    v, a = cfg.vision, cfg.abstractor
+    q = cfg.num_query_tokens
+    frame_images = videos * frames
+    tokens_v, patches = frame_images * v.num_positions, frame_images * (v.num_positions - 1)
+    keys = 2 * q + frames * v.num_positions  # per video: both query sets, then every frame's tokens
+    visual_fc = a.hidden_size * cfg.text.hidden_size
+    flops = 2 * (n["patch"] * patches + n["vision"] * tokens_v + n["temporal"] * patches)
+    flops += 2 * videos * ((n["abstractor"] - visual_fc) * 2 * q + (visual_fc + n["temporal_fc"]) * q)
+    flops += 2 * n["abstractor_kv"] * videos * keys
+    flops += 4 * v.num_layers * frame_images * v.num_positions**2 * v.hidden_size
+    flops += 4 * a.num_layers * videos * 2 * q * keys * a.hidden_size
     return float(flops)
 
 
