@@ -3,6 +3,7 @@ non-UTF-8 input lines refused one by one; videos read before the model loads and
 the order they were attached. (Answers themselves are tested through `ChatSession` and the server.)"""
 
 import io
+import subprocess
 import sys
 
 import numpy as np
@@ -171,3 +172,16 @@ def test_videos_reach_the_session_in_the_order_attached(video_checkpoint, capsys
     errors = error_lines(capsys)
     assert "error: cannot read video 'missing.mp4': no such file" in errors
     assert "error: cannot read video '': no path given (/video PATH)" in errors
+
+
+def test_python_dash_m_owl_jax_chat_is_the_same_command(tmp_path):
+    missing = tmp_path / "nope.mp4"
+    command = ["-m", "owl_jax.chat", "--checkpoint", str(tmp_path), "--video", str(missing), "--prompt", "hi"]
+    result = subprocess.run(
+        [sys.executable, *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot read video {str(missing)!r}: no such file" in result.stderr
