@@ -37,7 +37,7 @@ QUICK_COMPILE = ("training", "data", "checkpoint", "serve", "eval")  # test fold
 
 # Modules whose training runs in subprocesses take minutes: collected first, so that under
 # `-n 2 --dist loadfile` one worker runs them while the other works through the rest.
-START_FIRST = ("training/test_runs.py", "training/test_trainer_sharding.py")
+START_FIRST = ("training/test_runs.py", "training/test_trainer_sharding.py", "training/test_layout_runs.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,7 +20,6 @@ from owl_jax.training import run as run_module
 from owl_jax.training.optimizer import video_only
 
 ADAPTED = {"bloom": {"query_key_value"}, "video": {"q_proj", "v_proj"}}
-TARGETS = {"bloom": r".*language_model.*\.query_key_value", "video": r".*language_model.*\.(q_proj|v_proj)"}
 TOKENIZER_FILES = {
     "bloom": {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"},
     "video": {"tokenizer.model"},
@@ -49,6 +48,9 @@ def trained(request, data_dir, tmp_path_factory):
     changes = {"model.init": "checkpoint", "model.checkpoint": str(source), "workdir": str(root / "run")}
     changes.update({"data.dir": data_dir, "data.eval": (), "data.max_images": 1, "data.seq_len": 64})
     changes.update({"stages.stage1.steps": 2, "stages.stage2.steps": 2})  # step 1 warms up from lr 0
+    # Stage 2 of the video layout is LLaMA's (q/v LoRA; the video-only parameters' labels are in
+    # test_layout_labels.py): its run stops after stage 1, which is where the layout differs.
+    changes["run"] = "stage1,stage2" if layout == "bloom" else "stage1"
     changes.update({"stages.stage1.batch_size": 2, "stages.stage2.batch_size": 2})
     changes.update({"log.tensorboard": False, "checkpoint.every": 100, "model.scan_layers": False})
     changes.update({"synthetic.n_captions": 8, "synthetic.n_multimodal": 8, "synthetic.n_text": 8})
@@ -78,6 +80,8 @@ def test_stage1_trains_the_vit_and_abstractor_and_leaves_the_llm(trained):
 
 def test_stage2_trains_lora_on_the_text_models_attention_and_the_abstractor(trained):
     layout, _, workdir = trained
+    if layout == "video":
+        pytest.skip("the video layout's run stops after stage 1")
     stage1, stage2 = leaves(workdir / "stage1" / "model"), leaves(workdir / "stage2" / "model")
     lora = set(stage2) - set(stage1)
     assert {(p[0], p[-2], p[-1]) for p in lora} == {
@@ -93,11 +97,13 @@ def test_saved_model_loads_with_its_tokenizer_and_gives_the_same_ids(trained):
     from owl_jax.data.processor import OwlProcessor
 
     layout, source, workdir = trained
-    folder = workdir / "stage2" / "model"
+    folder = workdir / ("stage2" if layout == "bloom" else "stage1") / "model"
     names = {p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))}
     assert names == TOKENIZER_FILES[layout]
     model, processor = owl_jax.from_pretrained(folder, show_progress=False)
-    assert model.config.lora.target_modules == TARGETS[layout] and model.config.video == (layout == "video")
+    if layout == "bloom":
+        assert model.config.lora.target_modules == r".*language_model.*\.query_key_value"
+    assert model.config.video == (layout == "video")
     reference = OwlProcessor.from_pretrained(source)
     assert processor.layout == reference.layout == ("video" if layout == "video" else "image")
     ids, expected = processor.encode_prompt(PROMPTS[layout]), reference.encode_prompt(PROMPTS[layout])
