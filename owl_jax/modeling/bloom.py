@@ -30,7 +30,7 @@ from flax import nnx
 from owl_jax import ops
 from owl_jax.config import LoRAConfig, Numerics, TextConfig
 from owl_jax.modeling.activations import activation
-from owl_jax.modeling.decoder import KVCache, run_decoder, write_cache
+from owl_jax.modeling.decoder import KVCache, head_logits, run_decoder, write_cache
 from owl_jax.modeling.linear import Linear
 from owl_jax.modeling.norms import LayerNorm
 from owl_jax.sharding import constrain
@@ -262,10 +262,4 @@ class BloomModel(nnx.Module):
 
     def logits(self, hidden: Array) -> Array:
         """`(B, L, D)` → float32 logits `(B, L, V)`."""
-        if self.lm_head is not None:
-            out = self.lm_head(hidden, float32_output=True)
-        else:
-            out = ops.matmul(
-                hidden, self.word_embeddings[...].T, dtype=self.dtype, numerics=self.numerics, out_dtype=jnp.float32
-            )
-        return constrain(out, ("batch", "length", "act_vocab"))
+        return head_logits(hidden, self.lm_head, self.word_embeddings[...], dtype=self.dtype, numerics=self.numerics)

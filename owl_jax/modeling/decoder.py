@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from owl_jax.config import TextConfig
+from owl_jax import ops
+from owl_jax.config import Numerics, TextConfig
 from owl_jax.modeling._stack import apply_layers
+from owl_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -114,3 +116,12 @@ def run_decoder(
         layers, x, body, num_layers=n, scan=scan, remat_policy=remat_policy, xs=xs, layer_states=layer_states
     )
     return x, (None if new is None else KVCache(*new))
+
+
+def head_logits(hidden: Array, lm_head: Any, embedding: Array, *, dtype: str, numerics: Numerics) -> Array:
+    """`(B, L, D)` → float32 logits `(B, L, V)`: through `lm_head`, or the embedding `(V, D)` when tied (None)."""
+    if lm_head is not None:
+        out = lm_head(hidden, float32_output=True)
+    else:
+        out = ops.matmul(hidden, embedding.T, dtype=dtype, numerics=numerics, out_dtype=jnp.float32)
+    return constrain(out, ("batch", "length", "act_vocab"))
