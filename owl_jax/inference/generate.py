@@ -7,8 +7,9 @@ a bucket and the cache to a second one, so a new prompt length inside a bucket r
 and decoding reuses one compiled loop of up to `decode_chunk` steps (the slot, the step and the number of
 steps are traced values).
 
-Greedy decoding reproduces the released model's `generate` (HF transformers 4.28); the tokens are chosen
-as it chooses them (`owl_jax.inference.sampling`).
+Greedy decoding and beam search reproduce the released model's `generate` (HF transformers 4.28); the
+tokens are chosen as it chooses them (`owl_jax.inference.sampling`; beam search over this cache:
+`owl_jax.inference.beam`). Stop strings end a row once its decoded text holds one (`owl_jax.inference.stops`).
 """
 
 from __future__ import annotations
@@ -25,27 +26,26 @@ import numpy as np
 from flax import nnx
 
 from owl_jax import ops
+from owl_jax.inference.beam import BeamSearch, Hypothesis
 from owl_jax.inference.sampling import DecodeStructure, DecodeValues, GenerationConfig, select_tokens
+from owl_jax.inference.steps import _cache_axes, _decode, _extend, _merge, _prefill
+from owl_jax.inference.stops import cut_at_stop, stop_scanner
 from owl_jax.modeling._stack import unstack_layer_states
 from owl_jax.modeling.llama import KVCache, can_fuse_projections
 from owl_jax.modeling.llama import fuse_projections as fuse_layer
-from owl_jax.modeling.owl import (
-    VIDEO_PLACEHOLDER,
-    Owl,
-    check_media_placeholders,
-    merge_image_embeddings,
-    merge_media_embeddings,
-)
-from owl_jax.sharding import constrain, use_mesh
+from owl_jax.modeling.owl import Owl, check_media_placeholders
+from owl_jax.sharding import use_mesh
 
 Array = jax.Array
 
 
 @dataclasses.dataclass
 class GenerationOutput:
-    tokens: list[list[int]]  # generated ids per row, up to and including EOS when it was produced
-    finished: list[bool]  # whether each row stopped at EOS
+    tokens: list[list[int]]  # generated ids per row, up to and including EOS or the token completing a stop string
+    finished: list[bool]  # whether each row stopped at EOS or at a stop string
     prompt_lengths: list[int]
+    texts: list[str] | None = None  # given `decode`: each row's text, EOS dropped and cut before a stop string
+    hypotheses: list[list[Hypothesis]] | None = None  # beam search: every row's num_beams hypotheses, best first
 
 
 def round_up(n: int, bucket: int) -> int:
@@ -53,75 +53,7 @@ def round_up(n: int, bucket: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Compiled pieces (pure functions of the split model state).
-
-
-def _cache_axes(cache: KVCache) -> KVCache:
-    if cache.per_layer:
-        axes = ("batch", "act_heads", None, None)
-        return KVCache(tuple(constrain(a, axes) for a in cache.k), tuple(constrain(a, axes) for a in cache.v))
-    axes = (None, "batch", "act_heads", None, None)
-    return KVCache(constrain(cache.k, axes), constrain(cache.v, axes))
-
-
-def _merge(graphdef, params) -> tuple[Owl, dict[str, Any]]:
-    """`Generator.state` → the model and the LLM's per-layer keyword arguments (`layer_states` None: the
-    model's stacked layers; `fused`: concatenated projection kernels or None)."""
-    state, layer_states, fused = params
-    return nnx.merge(graphdef, state), {"layer_states": layer_states, "fused": fused}
-
-
-def _prefill(graphdef, params, input_ids, mask, image_embeds, cache_len: int, video_embeds=None):
-    """Run left-padded prompts `(B, P)` into a fresh cache of `cache_len` slots; logits of the last slot."""
-    model, llm_args = _merge(graphdef, params)
-    b, p = input_ids.shape
-    embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
-    if image_embeds is not None:
-        embeds = merge_image_embeddings(embeds, input_ids, image_embeds)
-    if video_embeds is not None:
-        embeds = merge_media_embeddings(embeds, input_ids, video_embeds, placeholder=VIDEO_PLACEHOLDER)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    slots = jnp.arange(cache_len)
-    key_valid = jnp.pad(mask > 0, ((0, 0), (0, cache_len - p)))
-    attend = (slots[None, None, :] <= jnp.arange(p)[None, :, None]) & key_valid[:, None, :]
-    cache = _cache_axes(
-        KVCache.zeros(
-            model.config.text, b, cache_len, model.config.dtype, per_layer=llm_args["layer_states"] is not None
-        )
-    )
-    hidden, cache = model.language_model(embeds, positions, attend, cache=cache, cache_index=0, **llm_args)
-    logits = model.language_model.logits(hidden[:, -1:])[:, 0]
-    return logits, _cache_axes(cache), key_valid
-
-
-def _extend(graphdef, params, cache, key_valid, input_ids, n_real, start, image_embeds):
-    """Append one row's tokens `(1, n)` (the first `n_real` real) at cache slot `start`; logits of the last real one.
-
-    Slots from `start + n_real` on become invalid, so a conversation can branch from any earlier point.
-    """
-    model, llm_args = _merge(graphdef, params)
-    n = input_ids.shape[1]
-    embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
-    if image_embeds is not None:
-        embeds = merge_image_embeddings(embeds, input_ids, image_embeds)
-    slots = jnp.arange(key_valid.shape[1])
-    key_valid = key_valid & (slots < start)[None] | ((slots >= start) & (slots < start + n_real))[None]
-    query_slots = start + jnp.arange(n)
-    attend = (slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]
-    hidden, cache = model.language_model(embeds, query_slots[None], attend, cache=cache, cache_index=start, **llm_args)
-    last = jax.lax.dynamic_slice_in_dim(hidden, n_real - 1, 1, axis=1)
-    return model.language_model.logits(last)[:, 0], _cache_axes(cache), key_valid
-
-
-def _decode(graphdef, params, cache, tokens, positions, slot, key_valid):
-    """One token per row at cache `slot` → logits `(B, V)` and the updated cache and key mask."""
-    model, llm_args = _merge(graphdef, params)
-    key_valid = key_valid.at[:, slot].set(True)
-    embeds = model.language_model.embed(tokens[:, None])
-    hidden, cache = model.language_model(
-        embeds, positions[:, None], key_valid[:, None, :], cache=cache, cache_index=slot, **llm_args
-    )
-    return model.language_model.logits(hidden)[:, 0], _cache_axes(cache), key_valid
+# The decode loop's compiled pieces (the model steps they call are in `owl_jax.inference.steps`).
 
 
 def _decode_select(
@@ -253,6 +185,7 @@ class Generator:
         self.decode_chunk_fn = jit(_decode_chunk, static_argnums=(0, 8, 9), donate_argnums=(2,))
         self.encode = jit(lambda params, px: _merge(self.graphdef, params)[0].encode_images(px))
         self.encode_video = jit(lambda params, px: _merge(self.graphdef, params)[0].encode_videos(px))
+        self.beams = BeamSearch(self, _decode, _cache_axes, jit)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         """An empty KV cache in the layout this generator's steps take."""
@@ -285,6 +218,8 @@ class Generator:
         *,
         image_embeds: Array | None = None,
         stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+        decode: Callable[[list[int]], str] | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> GenerationOutput:
         """Generate for a batch of right-padded prompts (the processor's output).
 
@@ -293,9 +228,14 @@ class Generator:
           attention_mask: `(B, L)` 1 on real tokens (default: all).
           pixel_values: `(N, C, H, W)` the batch's images in prompt order (or pass `image_embeds`).
           video_pixel_values: `(M, C, T, H, W)` the batch's videos in prompt order (the video layout).
-          stream: called after every step with `(step, tokens (B,), finished (B,))` on the host.
+          stream: called after every step with `(step, tokens (B,), finished (B,))` on the host; with beam
+            search, once per token of the best hypotheses after the search (only then are they known).
+          decode: ids → text (the processor's `decode`); needed for `config.stop`, and fills `texts`.
+          on_progress: called after every chunk of decode steps with the number of tokens picked so far; an
+            exception raised from it (or from `stream`) abandons generation.
         """
         cfg = config.validate()
+        stop_scanner(cfg.stop, decode)  # refuses stop strings without `decode` before any work
         ids = np.asarray(input_ids, np.int32)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
         lengths = mask.sum(axis=1)
@@ -323,8 +263,16 @@ class Generator:
         with self._ctx():
             prompts = (jnp.asarray(left_ids), jnp.asarray(left_mask), image_embeds, cache_len, video_embeds)
             logits, cache, key_valid = self.prefill(self.graphdef, self.state, *prompts)
-        generated, finished, _, _ = self.decode_loop(logits, cache, key_valid, lengths, p, cfg, stream)
-        return GenerationOutput(generated, finished.tolist(), lengths.tolist())
+        hypotheses = None
+        if cfg.num_beams > 1:
+            hypotheses = self.beams.run(logits, cache, key_valid, lengths, p, cfg, on_progress, decode=decode)
+            generated, finished = self.beams.best(hypotheses, cfg, stream)
+        else:
+            generated, finished, _, _ = self.decode_loop(
+                logits, cache, key_valid, lengths, p, cfg, stream, decode=decode, on_progress=on_progress
+            )
+        texts = None if decode is None else [_text(t, cfg, decode) for t in generated]
+        return GenerationOutput(generated, list(map(bool, finished)), lengths.tolist(), texts, hypotheses)
 
     def decode_loop(
         self,
@@ -335,17 +283,25 @@ class Generator:
         slot: int,
         cfg: GenerationConfig,
         stream: Callable | None = None,
+        *,
+        decode: Callable[[list[int]], str] | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ):
-        """Pick tokens from `logits` and keep feeding them until EOS or `max_new_tokens`.
+        """Pick tokens from `logits` and keep feeding them until EOS, a stop string or `max_new_tokens`.
 
         Args:
           positions: `(B,)` RoPE position of each row's first generated token.
           slot: cache slot of the first generated token.
+          decode: ids → text, to find `cfg.stop` strings (checked on the host after every chunk).
+          on_progress: called after every chunk with the number of tokens picked so far.
 
         Returns:
           `(tokens per row, finished (B,), cache, key_valid)`; the cache holds every generated token but
-          the last (which was never fed back).
+          the last (which was never fed back). A row ended by a stop string ends with the token that
+          completed it; the device may have fed a few tokens past it (the host finds it a chunk later),
+          so the cache can hold more of that row than its tokens.
         """
+        scanner = stop_scanner(cfg.stop, decode)
         b = logits.shape[0]
         # The compiled steps depend only on the options' structure: the seed only seeds `key`, max_new_tokens
         # is the traced `limit` (the token history is padded to a bucket) and the sampling numbers are traced
@@ -369,6 +325,7 @@ class Generator:
         count = 1 if stream is not None else self.decode_chunk
         pending = (tokens[:, None], 1)
         finished = np.zeros((b,), bool)
+        ends = np.zeros((b,), int)  # how many tokens each finished row kept
         steps, last = 0, time.perf_counter()
         while True:
             with self._ctx():
@@ -376,26 +333,39 @@ class Generator:
                     self.graphdef, self.state, carry, *fixed, jnp.int32(count), values, structure, self.decode_chunk
                 )
             block, n = jax.device_get(pending)
-            for column in np.asarray(block)[:, : int(n)].T:
-                finished = finished | (column == cfg.eos_token_id)
+            block = np.asarray(block)[:, : int(n)]
+            stop_at = (
+                np.full((b,), -1)
+                if scanner is None
+                else scanner.scan_block(generated[:, :steps], block, finished, cfg.eos_token_id)
+            )
+            for j, column in enumerate(block.T):
+                column = np.where(finished, cfg.pad_token_id, column)  # rows ended by a stop string pad on too
+                ending = ~finished & ((column == cfg.eos_token_id) | (stop_at == j))
+                finished, ends = finished | ending, np.where(ending, steps + 1, ends)
                 generated[:, steps] = column
                 if stream is not None:
                     stream(steps, column.copy(), finished.copy())
                 steps += 1
+            if on_progress is not None:
+                on_progress(steps)
             if steps == cfg.max_new_tokens or finished.all():
                 break
+            if (stop_at >= 0).any():  # the device stops decoding those rows from the next queued chunk on
+                with self._ctx():
+                    carry = (*carry[:2], carry[2] | jnp.asarray(stop_at >= 0), *carry[3:])
             pending = (picks, ran)
             if stream is not None and n:
                 now = time.perf_counter()
                 per_step, last = (now - last) / int(n), now
                 count = int(min(self.decode_chunk, max(1, self.stream_interval // max(per_step, 1e-6))))
-        out = []
-        for row in range(b):
-            row_tokens = generated[row, :steps].tolist()
-            if cfg.eos_token_id in row_tokens:
-                row_tokens = row_tokens[: row_tokens.index(cfg.eos_token_id) + 1]
-            out.append(row_tokens)
+        out = [generated[row, : ends[row] if finished[row] else steps].tolist() for row in range(b)]
         return out, finished, carry[5], carry[6]
+
+
+def _text(tokens: list[int], cfg: GenerationConfig, decode: Callable[[list[int]], str]) -> str:
+    """A row's text: its tokens without EOS, decoded, cut before its first stop string."""
+    return cut_at_stop(decode([t for t in tokens if t != cfg.eos_token_id]), cfg.stop)
 
 
 def generate(

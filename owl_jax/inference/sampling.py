@@ -6,6 +6,7 @@ BOS, not from the prompt), then temperature, top-k, top-p.
 
 The compiled steps take the options in two parts: a `DecodeStructure` (static: which processors run, the
 n-gram size, the token ids) and `DecodeValues` (traced scalars: temperature, top-p, top-k, min_new_tokens).
+Beam search (`num_beams` > 1, `owl_jax.inference.beam`) runs the same processors on log-probabilities.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class GenerationConfig:
     - values, traced scalars (`values()`): `temperature`, `top_p`, `top_k` and `min_new_tokens`; `seed`
       only seeds the random key and `max_new_tokens` is a traced limit (the token history is padded to a
       bucket), so neither compiles anything either.
+
+    Beam search (`num_beams` > 1) is the released `generate(num_beams=...)`: `length_penalty` divides a
+    finished hypothesis's summed log-probabilities by its length to that power (a traced value) and
+    `early_stopping` (True, False or "never", static) says when a prompt's search ends; it never samples.
+    `stop` holds stop strings (a string or a list of them; kept as a tuple): a row ends once its decoded text
+    contains one, and its text is cut before it (`owl_jax.inference.stops`); they never compile anything.
     """
 
     max_new_tokens: int = 128
@@ -71,6 +78,16 @@ class GenerationConfig:
     pad_token_id: int = 0
     bos_token_id: int = 1
     seed: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
 
     def validate(self) -> GenerationConfig:
         if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
@@ -82,6 +99,17 @@ class GenerationConfig:
             raise ValueError(f"temperature must be positive when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1 or self.top_k < 0 or self.no_repeat_ngram_size < 0:
             raise ValueError("top_p must be in (0, 1], top_k and no_repeat_ngram_size >= 0")
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, (int, np.integer)) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError(f"num_beams={self.num_beams} is beam search, which does not sample; set do_sample=False")
+        penalty = self.length_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float, np.number)) or not np.isfinite(penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         return self
 
     def structure(self) -> DecodeStructure:

@@ -23,6 +23,7 @@ import numpy as np
 
 from owl_jax.data.prompts import IMAGE_MARKER, VIDEO_MARKER, build_conversation
 from owl_jax.inference.generate import GenerationConfig, Generator, round_up
+from owl_jax.inference.stops import cut_at_stop, visible_text
 from owl_jax.modeling.llama import KVCache
 from owl_jax.modeling.owl import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, check_media_placeholders
 
@@ -157,7 +158,9 @@ class ChatSession:
 
         The turn shows the media waiting from `add_media`, then `media` (`(kind, item)` pairs in any order),
         then `images`, then `videos`. `stream` receives each new piece of the answer's text as it is decoded.
-        If generation fails, the turn is dropped and its media wait for the next question.
+        If generation fails, the turn is dropped and its media wait for the next question. With beam search
+        (`config.num_beams` > 1) the beams decode on copies of the cache, `stream` gets the answer once the
+        search has ended, and the next turn prefills the answer again.
         """
         cfg = (config or self.config).validate()
         if self.supports_video and VIDEO_MARKER in question:
@@ -233,19 +236,27 @@ class ChatSession:
             if stream is None:
                 return
             generated.append(int(tokens[0]))
-            text = self.processor.decode([t for t in generated if t != cfg.eos_token_id])
+            text = visible_text(self.processor.decode([t for t in generated if t != cfg.eos_token_id]), cfg.stop)
             new = text[len("".join(pieces)) :]
             if new:
                 pieces.append(new)
                 stream(new)
 
         generated: list[int] = []
-        tokens, _, self.cache, self.key_valid = gen.decode_loop(
-            logits, self.cache, self.key_valid, np.array([len(ids)]), len(ids), cfg, on_token
-        )
-        answer_ids = tokens[0]
-        self.cached_ids = ids + answer_ids[:-1]
-        answer = self.processor.decode([t for t in answer_ids if t != cfg.eos_token_id]).strip()
+        decode = self.processor.decode if cfg.stop else None
+        if cfg.num_beams > 1:  # the beams decode on copies of the cache, which keeps the prompt alone
+            hypotheses = gen.beams.run(
+                logits, self.cache, self.key_valid, np.array([len(ids)]), len(ids), cfg, decode=decode
+            )
+            gen.beams.best(hypotheses, cfg, on_token)  # streams the answer once it is known
+            answer_ids, self.cached_ids = hypotheses[0][0].tokens, list(ids)
+        else:
+            tokens, _, self.cache, self.key_valid = gen.decode_loop(
+                logits, self.cache, self.key_valid, np.array([len(ids)]), len(ids), cfg, on_token, decode=decode
+            )
+            answer_ids = tokens[0]
+            self.cached_ids = ids + answer_ids[:-1]
+        answer = cut_at_stop(self.processor.decode([t for t in answer_ids if t != cfg.eos_token_id]), cfg.stop).strip()
         self.turns[-1].answer = answer
         return answer
 
