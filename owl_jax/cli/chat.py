@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_number(int, "an integer >= 0 (0: no top-k)", lambda v: v >= 0), default=0)
     p.add_argument("--top-p", type=_number(float, "a number in (0, 1]", lambda v: 0 < v <= 1), default=1.0)
     p.add_argument("--seed", type=_number(int, "an integer from 0 to 2**63 - 1", lambda v: 0 <= v < 2**63), default=0)
+    p.add_argument(
+        "--num-beams",
+        type=_number(int, "an integer >= 1", lambda v: v >= 1),
+        default=1,
+        help="beam search with this many beams, as the released generate(num_beams=...) (default 1: off); "
+        "it does not sample, and the answer appears once the search ends",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
         "--max-length",
@@ -156,6 +163,8 @@ def _lines(stream) -> Iterator[tuple[int, str | Exception]]:
 def main(argv: list[str] | None = None) -> int:
     """Load the checkpoint and chat (or answer `--prompt` once); returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.num_beams > 1 and args.temperature > 0:
+        return _fail("--num-beams above 1 is beam search, which does not sample; drop --temperature")
     if args.prompt is not None and not _is_text(args.prompt):
         return _fail("--prompt is not valid UTF-8 text")
     for path in args.image:
@@ -204,6 +213,7 @@ def _chat(args: argparse.Namespace, videos: list) -> int:
         eos_token_id=processor.eos_token_id,
         bos_token_id=processor.bos_token_id,
         pad_token_id=processor.pad_token_id,
+        num_beams=args.num_beams,
     )
     generator = Generator(model, unstack_layers=args.unstack_layers)
     session = ChatSession(generator, processor, max_length=args.max_length, config=config, num_frames=args.num_frames)

@@ -41,6 +41,12 @@ def _answer_arguments(p: argparse.ArgumentParser) -> None:
         help="sampling temperature (default 1 when sampling; 0 forces greedy)",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed; question q uses seed + q")
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams, as the released generate(num_beams=...) (1: off; no sampling)",
+    )
     p.add_argument("--model-id", default=None, help="model_id in the output (default: the checkpoint folder's name)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions by question_id")
     p.add_argument(
@@ -75,6 +81,15 @@ def _answer(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print("error: --limit must be at least 1", file=sys.stderr)
         return 2
+    if args.num_beams < 1:
+        print("error: --num-beams must be at least 1", file=sys.stderr)
+        return 2
+    if args.num_beams > 1 and _samples(args):
+        print(
+            "error: --num-beams above 1 is beam search, which does not sample; drop --top-k, --top-p and --temperature",
+            file=sys.stderr,
+        )
+        return 2
     try:  # fail on a bad folder or answers file before spending time on the model
         load_questions(args.owleval, check_images=True)
         earlier = resume_rows(args.out) if args.resume else []
@@ -98,6 +113,11 @@ def _answer(args: argparse.Namespace) -> int:
         writer.close()
 
 
+def _samples(args: argparse.Namespace) -> bool:
+    """Whether `answer`'s options ask for sampling (any of top-k, top-p or a temperature other than 0)."""
+    return args.temperature != 0 and (args.top_k > 0 or args.top_p < 1 or args.temperature is not None)
+
+
 def _answer_with_model(args: argparse.Namespace, done: dict[int, dict], writer: PartialWriter) -> int:
     import owl_jax
     from owl_jax.inference.generate import GenerationConfig
@@ -109,7 +129,7 @@ def _answer_with_model(args: argparse.Namespace, done: dict[int, dict], writer: 
     if processor is None:
         print(f"error: {args.checkpoint} has no tokenizer.model or tokenizer.json", file=sys.stderr)
         return 2
-    sample = args.temperature != 0 and (args.top_k > 0 or args.top_p < 1 or args.temperature is not None)
+    sample = _samples(args)
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=sample,
@@ -120,6 +140,7 @@ def _answer_with_model(args: argparse.Namespace, done: dict[int, dict], writer: 
         eos_token_id=processor.eos_token_id,
         bos_token_id=processor.bos_token_id,
         pad_token_id=processor.pad_token_id,
+        num_beams=args.num_beams,
     )
     model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
     rows = answer_owleval(

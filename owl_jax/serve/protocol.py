@@ -24,6 +24,8 @@ from owl_jax.inference.generate import GenerationConfig
 from owl_jax.serve.errors import ApiError
 
 ROLES = ("system", "user", "assistant")
+MAX_BEAMS = 8  # `best_of` / `num_beams`: each beam is a row of the KV cache, and each count compiles its search
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # `stop` strings per request and characters per stop string
 MEDIA_PARTS = {"image_url": "image", "video_url": "video"}  # content part type → medium
 MARKERS = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
 
@@ -194,12 +196,43 @@ def _number(body: dict, key: str, default: Any, kind: type, check: Callable[[Any
     return kind(value)
 
 
+def _beams(body: dict) -> int:
+    """The beams of a beam search from `best_of` (OpenAI's name for "keep the best of several") or the
+    extension `num_beams`; 1 (no beam search) when neither is given."""
+    rule = f"an integer from 1 to {MAX_BEAMS} (beams of a beam search)"
+    best_of = _number(body, "best_of", None, int, lambda v: 1 <= v <= MAX_BEAMS, rule)
+    num_beams = _number(body, "num_beams", None, int, lambda v: 1 <= v <= MAX_BEAMS, rule)
+    if best_of is not None and num_beams is not None and best_of != num_beams:
+        raise _bad(f"'best_of' ({best_of}) and 'num_beams' ({num_beams}) differ; send one of them", "num_beams")
+    return best_of or num_beams or 1
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    """The `stop` strings: a string or a list of them (none: absent, "" or [])."""
+    value = body.get("stop")
+    if value is None or value == "" or value == []:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not (
+        isinstance(stops, list)
+        and len(stops) <= MAX_STOPS
+        and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
+    ):
+        raise _bad(
+            f"'stop' must be a string or a list of at most {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters",
+            "stop",
+        )
+    return tuple(stops)
+
+
 def parse_options(
     body: dict, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int, bos_token_id: int
 ) -> tuple[GenerationConfig, bool, bool, bool]:
     """`(config, stream, include_usage, max_tokens_given)` from a request body.
 
     `temperature` 0 decodes greedily (top_p/top_k are then ignored); without `seed` sampling draws a random one.
+    `best_of` (or `num_beams`) above 1 runs beam search, which does not sample: `temperature` must then be
+    left out or 0. `stop` strings end the answer before the first one.
     """
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     limit = max_new_tokens
@@ -211,15 +244,20 @@ def parse_options(
     top_k = _number(body, "top_k", 0, int, lambda v: v >= 0, "an integer >= 0 (0: no top-k)")
     seed = _number(body, "seed", None, int, lambda v: 0 <= v < 2**63, "a non-negative integer")
     _number(body, "n", 1, int, lambda v: v == 1, "1 (one choice per request)")
+    beams = _beams(body)
+    if beams > 1 and body.get("temperature") is not None and temperature > 0:
+        raise _bad(
+            f"beam search ('best_of' or 'num_beams' {beams}) does not sample; leave 'temperature' out or send 0",
+            "temperature",
+        )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad(f"'stream' must be true or false; got {stream!r}", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
-    if body.get("stop") not in (None, [], ""):
-        raise _bad("'stop' sequences are not supported by this server", "stop")
-    sample = temperature > 0
+    stop = _stop(body)
+    sample = temperature > 0 and beams == 1
     if seed is None:
         seed = random.SystemRandom().randrange(2**31) if sample else 0
     config = GenerationConfig(
@@ -232,6 +270,8 @@ def parse_options(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,
+        num_beams=beams,
+        stop=stop,
     )
     return config, stream, bool(options.get("include_usage")), tokens is not None
 

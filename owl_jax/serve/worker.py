@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from owl_jax.inference.generate import GenerationConfig, Generator
+from owl_jax.inference.stops import cut_at_stop, visible_text
 from owl_jax.serve.errors import ApiError
 
 log = logging.getLogger("owl_jax.serve")
@@ -28,11 +29,12 @@ class TextStream:
     Every step re-decodes the whole answer (SentencePiece spacing depends on the neighbouring pieces) and
     sends what was added. Whitespace at the end is held back until more text follows (so the answer's
     trailing space or newline is never sent), and so is an unfinished UTF-8 character that byte-fallback
-    pieces have only partly produced (it decodes as U+FFFD until its last byte arrives).
+    pieces have only partly produced (it decodes as U+FFFD until its last byte arrives). With `stop` strings
+    the text ends before the first one, and an ending that may still become one is held back too.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], eos_token_id: int):
-        self.decode, self.eos_token_id = decode, eos_token_id
+    def __init__(self, decode: Callable[[list[int]], str], eos_token_id: int, stop: tuple[str, ...] = ()):
+        self.decode, self.eos_token_id, self.stop = decode, eos_token_id, stop
         self.ids: list[int] = []
         self.text = ""  # everything sent so far
 
@@ -41,11 +43,11 @@ class TextStream:
         if token == self.eos_token_id:
             return ""
         self.ids.append(int(token))
-        return self._advance(self.decode(self.ids).strip().rstrip("\ufffd").rstrip())
+        return self._advance(visible_text(self.decode(self.ids), self.stop).strip().rstrip("\ufffd").rstrip())
 
     def finish(self) -> str:
         """The text still held back once generation has ended."""
-        return self._advance(self.decode(self.ids).strip())
+        return self._advance(cut_at_stop(self.decode(self.ids), self.stop).strip())
 
     def _advance(self, text: str) -> str:
         # Sent text cannot be taken back; in the (unusual) case that re-decoding changed earlier characters
@@ -60,7 +62,7 @@ class TextStream:
 class Result:
     """How a finished generation ended."""
 
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
     prompt_tokens: int
     completion_tokens: int
 
@@ -183,19 +185,25 @@ class ModelWorker(threading.Thread):
 
     def _run(self, job: Job) -> None:
         cfg = job.config
-        text = TextStream(self.decode, cfg.eos_token_id)
+        text = TextStream(self.decode, cfg.eos_token_id, cfg.stop)
 
-        def on_token(step: int, tokens: np.ndarray, finished: np.ndarray) -> None:
+        def check(*_) -> None:
             if job.cancelled.is_set() or self._stopping.is_set():
                 raise _Cancelled
+
+        def on_token(step: int, tokens: np.ndarray, finished: np.ndarray) -> None:
+            check()
             piece = text.push(int(tokens[0]))
             if piece:
                 job.events.put(("delta", piece))
 
+        extra = {"decode": self.decode} if cfg.stop else {}  # stop strings are found in the decoded text
+        if cfg.num_beams > 1:  # beam search streams only once it has ended: cancel between its chunks too
+            extra["on_progress"] = check
         start = time.perf_counter()
         try:
             out = self.generator.generate(
-                job.input_ids, None, job.pixel_values, cfg, job.video_pixel_values, stream=on_token
+                job.input_ids, None, job.pixel_values, cfg, job.video_pixel_values, stream=on_token, **extra
             )
         except _Cancelled:
             stopping = self._stopping.is_set()

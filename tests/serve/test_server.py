@@ -284,7 +284,8 @@ def test_bad_requests(server):
         {"n": 2},
         {"max_tokens": MAX_NEW + 1},
         {"stream": "yes"},
-        {"stop": ["\n"]},
+        {"stop": [""]},
+        {"best_of": 2, "temperature": 0.5},
     ):
         error_of(post({"messages": hi, **options}), 400)
     image = lambda url: {"messages": [user("What?", url)]}
