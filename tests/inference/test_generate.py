@@ -35,7 +35,9 @@ def model_and_processor(tmp_path_factory):
     return owl_jax.from_pretrained(folder / "m", show_progress=False)
 
 
-@pytest.mark.parametrize("unstack_layers", [False, True])
+# The decode layouts (stacked cache, per-layer buffers) split between the tests below, each once: the
+# chunked decode loop, bf16 batches, chat turns and sharding do not depend on the layout in other ways.
+@pytest.mark.parametrize("unstack_layers", [False])
 def test_bf16_batched_generation_runs_and_matches_rows_alone(reference, unstack_layers):
     # A batch of several prompts in bf16 (XLA's CPU backend once refused the prefill's attention product)
     gen = Generator(load_fixture_model("checkpoint", dtype="bfloat16"), unstack_layers=unstack_layers)
@@ -93,7 +95,7 @@ def test_no_recompilation_across_steps_and_lengths(reference):
     assert (sizes() == after_first).all()
 
 
-@pytest.mark.parametrize("unstack_layers", [False, True])
+@pytest.mark.parametrize("unstack_layers", [True])
 def test_decode_chunks_change_no_token_and_no_cache_slot(reference, unstack_layers):
     """Decoding in on-device chunks of 1, 3 or 16 steps: the same sampled tokens and EOS stops (inside a
     chunk), and a cache that holds exactly the fed tokens: every generated one but the last."""
@@ -201,7 +203,7 @@ def test_banned_ngrams():
     assert np.flatnonzero(np.asarray(banned[0])).tolist() == [6]  # "5 6" was seen and the last token is 5
 
 
-@pytest.mark.parametrize("unstack_layers", [False, True])
+@pytest.mark.parametrize("unstack_layers", [False])
 def test_second_chat_turn_equals_reencoding(model_and_processor, unstack_layers):
     model, processor = model_and_processor
     gen = Generator(model, unstack_layers=unstack_layers)
@@ -252,7 +254,7 @@ def test_chat_turn_after_an_eos_stop_equals_reencoding(model_and_processor):
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
-@pytest.mark.parametrize("unstack_layers", [False, True])
+@pytest.mark.parametrize("unstack_layers", [True])
 def test_sharded_generation_matches(reference, unstack_layers):
     mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
     model, _ = owl_jax.from_pretrained(FIXTURE / "checkpoint", mesh=mesh, show_progress=False)

@@ -232,10 +232,10 @@ def _free_port() -> int:
 
 def test_two_processes_match_one(data_dir, reference, cache, tmp_path):
     """2 processes × 2 fake devices through jax.distributed: train, be preempted and save at step 3, restore,
-    continue to step 12 (where a second stop ends the run; the later steps add time, not coverage); the
-    losses equal the single-process run's."""
+    continue to step 6 (where a second stop ends the run; later steps add time, not coverage); the losses
+    equal the single-process run's."""
     multi = tmp_path / "multi"
-    stops = (3, 12)
+    stops = (3, 6)
     for stop in stops:
         port = _free_port()
         # No periodic saves (every 2 steps in the tiny config): each costs both processes a synchronised
