@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from owl_jax.modeling.llama import KVCache
-from owl_jax.modeling.owl import VIDEO_PLACEHOLDER, Owl, merge_image_embeddings, merge_media_embeddings
+from owl_jax.modeling.owl import Owl
 from owl_jax.sharding import constrain
 
 
@@ -36,11 +36,7 @@ def _prefill(graphdef, params, input_ids, mask, image_embeds, cache_len: int, vi
     """Run left-padded prompts `(B, P)` into a fresh cache of `cache_len` slots; logits of the last slot."""
     model, llm_args = _merge(graphdef, params)
     b, p = input_ids.shape
-    embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
-    if image_embeds is not None:
-        embeds = merge_image_embeddings(embeds, input_ids, image_embeds)
-    if video_embeds is not None:
-        embeds = merge_media_embeddings(embeds, input_ids, video_embeds, placeholder=VIDEO_PLACEHOLDER)
+    embeds = model.embed_inputs(input_ids, image_embeds, video_embeds=video_embeds)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     slots = jnp.arange(cache_len)
     key_valid = jnp.pad(mask > 0, ((0, 0), (0, cache_len - p)))
@@ -62,9 +58,7 @@ def _extend(graphdef, params, cache, key_valid, input_ids, n_real, start, image_
     """
     model, llm_args = _merge(graphdef, params)
     n = input_ids.shape[1]
-    embeds = model.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
-    if image_embeds is not None:
-        embeds = merge_image_embeddings(embeds, input_ids, image_embeds)
+    embeds = model.embed_inputs(input_ids, image_embeds)
     slots = jnp.arange(key_valid.shape[1])
     key_valid = key_valid & (slots < start)[None] | ((slots >= start) & (slots < start + n_real))[None]
     query_slots = start + jnp.arange(n)
