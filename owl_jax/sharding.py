@@ -4,7 +4,7 @@ Every parameter carries a tuple of logical axis names in its `axes` metadata (e.
 and activations are constrained with the same vocabulary. `LOGICAL_RULES` maps each name onto axes of a
 mesh named `data`, `fsdp` and `tensor`:
 
-- `data`: pure data parallelism (parameters replicated);
+- `data`: pure data parallelism (parameters replicated); the one axis that spans slices in a multi-slice mesh;
 - `fsdp`: data parallelism whose parameters and optimizer state are sharded (ZeRO-3 style);
 - `tensor`: Megatron-style tensor parallelism over heads, MLP hidden units and the vocabulary.
 
@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -58,8 +59,29 @@ class ShardingError(ValueError):
     """A logical axis or mesh that the rules cannot resolve."""
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `(data, fsdp, tensor)` mesh; one size may be -1 to take the remaining devices.
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    num_slices: int | None = None,
+) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh over `devices` (default `jax.devices()`); one size may be -1 to take the rest.
+
+    Args:
+      data, fsdp, tensor: the axis sizes; their product must equal the number of devices.
+      devices: the devices to lay out (e.g. `jax.devices()` or an AOT topology's devices).
+      num_slices: how many slices the devices span; None counts the distinct `slice_index` of the devices
+        (devices without one, such as CPU devices, count as one slice).
+
+    Layout:
+      - more than one slice: `data` spans the slices over the data-center network (DCN), each slice holding
+        `data // num_slices` of its indices, while `fsdp` and `tensor` stay inside a slice on the chips'
+        interconnect (ICI), built with `mesh_utils.create_hybrid_device_mesh`. `data` must be a multiple of
+        `num_slices`;
+      - one slice of TPU devices (devices with `coords`): `mesh_utils.create_device_mesh` orders them so that
+        neighbours along each axis are ICI neighbours;
+      - otherwise (e.g. CPU devices): the devices in the given order, reshaped to `(data, fsdp, tensor)`.
 
     Axis types are Auto (GSPMD propagation), so matmuls sharded on a contracting dimension work.
     """
@@ -77,13 +99,44 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
             f"devices, but {len(devices)} are available"
         )
-    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    if num_slices is None:
+        num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices < 1:
+        raise ShardingError(f"num_slices must be at least 1, got num_slices={num_slices}")
+    grid = _device_grid(devices, sizes, num_slices)
     try:
         from jax.sharding import AxisType
 
         return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     except (ImportError, TypeError):  # older jax: every axis is Auto already
         return Mesh(grid, MESH_AXES)
+
+
+def _device_grid(devices: list[jax.Device], sizes: list[int], num_slices: int) -> np.ndarray:
+    """The `(data, fsdp, tensor)` array of devices laid out as `make_mesh` documents."""
+    data, fsdp, tensor = sizes
+    if data % num_slices:
+        raise ShardingError(f"mesh data={data} must be a multiple of num_slices={num_slices}")
+    if num_slices > 1 and not all(hasattr(d, "slice_index") for d in devices):
+        plain = next(d for d in devices if not hasattr(d, "slice_index"))
+        raise ShardingError(f"num_slices={num_slices} needs devices with a slice_index, but {plain} has none")
+    try:
+        if num_slices > 1:
+            return mesh_utils.create_hybrid_device_mesh(
+                mesh_shape=(data // num_slices, fsdp, tensor),
+                dcn_mesh_shape=(num_slices, 1, 1),
+                devices=devices,
+                allow_split_physical_axes=True,
+            )
+        if all(hasattr(d, "coords") for d in devices):
+            return mesh_utils.create_device_mesh((data, fsdp, tensor), devices=devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as e:  # e.g. devices of other slices than named
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShardingError(
+            f"cannot lay out mesh data={data} x fsdp={fsdp} x tensor={tensor} over "
+            f"{len(devices)} devices in num_slices={num_slices}: {first}"
+        ) from e
+    return np.asarray(devices, dtype=object).reshape(sizes)
 
 
 def logical_to_spec(
