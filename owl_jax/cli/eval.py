@@ -1,8 +1,9 @@
-"""`owl-eval`: OwlEval with a checkpoint, in two steps.
+"""`owl-eval`: OwlEval with a checkpoint, in two steps, and the standard benchmarks.
 
     owl-eval answer --checkpoint DIR --owleval OWLEVAL_DIR --out answers.jsonl [--resume] ...
     owl-eval judge --answers A.jsonl [B.jsonl ...] --owleval OWLEVAL_DIR --judge-url URL --judge-model NAME \\
         [--out grades.jsonl [--resume]] ...
+    owl-eval bench --task vqav2|coco_caption|pope|mme|mmbench|scienceqa_img --data DIR --checkpoint DIR ...
 
 `answer` writes the released answer format (`owl_jax.eval.owleval`); `judge` grades answer files A-D with a
 judge model behind an OpenAI-compatible endpoint (`owl_jax.eval.judge`). `python -m owl_jax.eval.owleval` and
@@ -18,6 +19,7 @@ import sys
 import time
 
 from owl_jax.eval import judge, owleval
+from owl_jax.eval.bench import cli as bench
 from owl_jax.eval.grades import UNPARSEABLE, kept_grades, row_key
 from owl_jax.eval.jsonl import PartialWriter, resume_rows, write_jsonl
 from owl_jax.eval.judge import grade_answers
@@ -254,7 +256,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="owl-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
-    for name, module, add_arguments in (("answer", owleval, _answer_arguments), ("judge", judge, _judge_arguments)):
+    for name, module, add_arguments in (
+        ("answer", owleval, _answer_arguments),
+        ("judge", judge, _judge_arguments),
+        ("bench", bench, bench.add_arguments),
+    ):
         add_arguments(
             sub.add_parser(
                 name,
@@ -267,8 +273,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`owl-eval answer|judge ...`; returns the exit status."""
+    """`owl-eval answer|judge|bench ...`; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return bench.run(args)
     return _answer(args) if args.command == "answer" else _judge(args)
 
 
