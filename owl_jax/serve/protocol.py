@@ -119,7 +119,7 @@ def _split_message(message: Any, where: str, takes_videos: bool) -> tuple[str, s
             if not isinstance(part.get("text"), str):
                 raise _bad(f"{here}.text must be a string", f"{where}.content")
             texts.append(part["text"])
-        elif kind in MEDIA_PARTS:
+        elif isinstance(kind, str) and kind in MEDIA_PARTS:
             medium = MEDIA_PARTS[kind]
             if role != "user":
                 raise _bad(f"{where}: only user messages may contain {medium}s", f"{where}.content")

@@ -205,6 +205,8 @@ def mutated_bodies(draw):
 @examples(40, 2000)
 @hypothesis.example(case={**NORMAL, "messages": [{"role": "user", "content": "hi \ud800"}]})
 @hypothesis.example(case={**NORMAL, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]})
+@hypothesis.example(case={**NORMAL, "messages": [{"role": "user", "content": [{"type": [], "text": "What?"}]}]})
+@hypothesis.example(case={**NORMAL, "messages": [{"role": "user", "content": [{"type": {}, "image_url": {}}]}]})
 @hypothesis.example(case={**NORMAL, "temperature": 10**400})
 @hypothesis.example(case={**NORMAL, "top_k": 2**63, "temperature": 1, "seed": 2**63 - 1})
 def test_mutated_bodies_get_a_200_or_a_json_4xx(server, case):
