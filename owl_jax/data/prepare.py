@@ -22,7 +22,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from etils import epath
+
 from owl_jax.data import records, sources
+from owl_jax.paths import as_path, is_remote
 
 FORMATS = ("mplug_jsonl", "llava", "alpaca", "sharegpt", "captions", "webdataset", "tfds")
 TFDS_OPTIONS = {
@@ -282,8 +285,9 @@ def prepare(
 
 
 def _write_manifest(report: PrepareReport, path: str, **settings: Any) -> None:
-    """Write the manifest to `path` (a temporary name beside the final `{prefix}.manifest.json`)."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Write the manifest to `path` (a temporary name beside the final `{prefix}.manifest.json`; local or
+    remote, `owl_jax.paths`)."""
+    folder = as_path(path).parent
     manifest = {
         "format": report.format,
         "inputs": report.inputs,
@@ -294,12 +298,18 @@ def _write_manifest(report: PrepareReport, path: str, **settings: Any) -> None:
         "skipped": report.skipped,
         "skipped_examples": report.skipped_examples,
         # Relative, so a dataset folder can be moved or copied elsewhere as a whole.
-        "shards": [os.path.relpath(os.path.abspath(p), folder) for p in report.shards],
+        "shards": [_relative(p, folder) for p in report.shards],
     }
     text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    with open(path, "wb") as f:
-        # A file name that is not UTF-8 (kept by Python as lone surrogates) is written as a JSON escape.
-        f.write(text.encode("utf-8", "backslashreplace"))
+    # A file name that is not UTF-8 (kept by Python as lone surrogates) is written as a JSON escape.
+    as_path(path).write_bytes(text.encode("utf-8", "backslashreplace"))
+
+
+def _relative(path: str, folder: epath.Path) -> str:
+    """`path` relative to `folder` (a remote path: its part under `folder`, which holds it)."""
+    if is_remote(path):
+        return str(as_path(path).relative_to(folder))
+    return os.path.relpath(os.path.abspath(path), folder)
 
 
 if __name__ == "__main__":  # the same command as `owl-prepare`

@@ -4,8 +4,9 @@ and their checksums (`owl_jax.training.digest`).
 Saves are asynchronous (training continues while the previous save is written), happen every N steps,
 on request (SIGTERM / preemption) and at the end; the last K are kept. Orbax writes each checkpoint under
 a temporary name and commits it with a rename, so a run killed mid-save leaves only complete ones and a
-temporary folder, never read and removed at the next start. Restoring goes onto the current mesh from an
-abstract target with shardings.
+temporary folder, never read and removed at the next start (on an object store such as `gs://`, which has no
+rename, Orbax writes the checkpoint in place and its commit marker decides instead). Restoring goes onto the
+current mesh from an abstract target with shardings. The folder may be local or remote (`owl_jax.paths`).
 
 Resuming (`restore_latest`) takes the newest checkpoint that is intact: committed (Orbax's commit marker
 and step metadata with a commit time), restorable, and equal to its checksums. Newer damaged ones are
@@ -30,8 +31,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
+from owl_jax.paths import as_path, move_folder
 from owl_jax.training import digest as digest_lib
 
 ITEMS = ("state", "data", "config", "digest")
@@ -61,8 +64,8 @@ class Restored:
 class StageCheckpoints:
     """The checkpoints of one stage in `directory` (see the module docstring)."""
 
-    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
+        self.directory = as_path(directory)  # local: absolute; gs://...: as given, handed to Orbax unchanged
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=max(every, 1),
@@ -74,12 +77,12 @@ class StageCheckpoints:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     @property
-    def damaged_directory(self) -> str:
+    def damaged_directory(self) -> epath.Path:
         """Where damaged checkpoints are moved: a sibling of the checkpoints folder."""
-        return self.directory + ".damaged"
+        return self.directory.parent / (self.directory.name + ".damaged")
 
-    def step_path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+    def step_path(self, step: int) -> epath.Path:
+        return self.directory / str(step)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -167,11 +170,11 @@ class StageCheckpoints:
     def _file_problem(self, step: int) -> str | None:
         """Why checkpoint `step` is not a committed, complete one by its files, or None."""
         path = self.step_path(step)
-        if not os.path.isdir(path):
+        if not path.is_dir():
             return "not a folder"
-        if not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+        if not (path / COMMIT_MARKER).is_file():
             return f"not committed: no {COMMIT_MARKER}"
-        meta = _read_json(os.path.join(path, STEP_METADATA))
+        meta = _read_json(path / STEP_METADATA)
         if isinstance(meta, str):
             return meta
         if not isinstance(meta, dict) or not meta.get("commit_timestamp_nsecs"):
@@ -180,13 +183,12 @@ class StageCheckpoints:
         if not isinstance(items, dict) or not {"state", "data", "config"} <= set(items):
             return f"{STEP_METADATA} does not list the items state, data and config"
         for item in items:
-            if item in ITEMS and not os.path.isdir(os.path.join(path, item)):
+            if item in ITEMS and not (path / item).is_dir():
                 return f"item folder {item}/ missing"
         return None
 
     def _items(self, step: int) -> list[str]:
-        with open(os.path.join(self.step_path(step), STEP_METADATA)) as f:
-            listed = json.load(f)["item_handlers"]
+        listed = json.loads((self.step_path(step) / STEP_METADATA).read_text())["item_handlers"]
         return [i for i in ITEMS if i in listed]  # checkpoints from before checksums have no "digest"
 
     def _read(self, step: int, abstract_state: Any) -> dict:
@@ -229,10 +231,10 @@ class StageCheckpoints:
         error = None
         if jax.process_index() == 0:
             try:
-                os.makedirs(self.damaged_directory, exist_ok=True)
+                self.damaged_directory.mkdir(parents=True, exist_ok=True)
                 for step, _ in damaged:
-                    dest = _free_name(os.path.join(self.damaged_directory, str(step)))
-                    os.rename(self.step_path(step), dest)
+                    dest = _free_name(self.damaged_directory / str(step))
+                    move_folder(self.step_path(step), dest)  # an object store: copied, then removed
                     moved[step] = dest
             except OSError as e:
                 error = f"{type(e).__name__}: {e}"
@@ -260,12 +262,11 @@ def _as_json(value: dict) -> dict:
     return json.loads(json.dumps(value, default=str))
 
 
-def _read_json(path: str) -> Any:
+def _read_json(path: epath.Path) -> Any:
     """The JSON in `path`, or a string saying why it cannot be read."""
-    name = os.path.basename(path)
+    name = path.name
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode())
+        return json.loads(path.read_bytes().decode())
     except FileNotFoundError:
         return f"no {name}"
     except (OSError, ValueError) as e:
@@ -293,12 +294,12 @@ def _agree(reason: str | None) -> str | None:
     return reason
 
 
-def _free_name(path: str) -> str:
+def _free_name(path: epath.Path) -> epath.Path:
     """`path`, or `path.1`, `path.2`, ... whichever does not exist yet."""
     candidate, n = path, 0
-    while os.path.exists(candidate):
+    while candidate.exists():
         n += 1
-        candidate = f"{path}.{n}"
+        candidate = path.parent / f"{path.name}.{n}"
     return candidate
 
 

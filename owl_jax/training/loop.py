@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from owl_jax.data.pipeline import SKIP_REASONS, ExampleTransform, PipelineSpec, evaluation_rows, training_batches
+from owl_jax.paths import as_path
 from owl_jax.training.checkpoints import StageCheckpoints
 from owl_jax.training.evaluation import evaluate
 from owl_jax.training.flops import peak_flops, train_step_flops
@@ -92,8 +93,8 @@ def run_stage(
     stage: Any,
     trainer: Trainer,
     *,
-    workdir: str,
-    data_dir: str,
+    workdir: str | os.PathLike,
+    data_dir: str | os.PathLike,
     tokenizer: str,
     init_params: Callable[[], Any],
     special_ids: tuple[int, int] = (1, 2),
@@ -108,13 +109,15 @@ def run_stage(
 ) -> StageResult:
     """Train one stage to `stage.steps` optimizer steps (resuming if possible) and evaluate it.
 
+    `workdir` and `data_dir` may be local or remote (`gs://...`; `owl_jax.paths`): the stage writes its
+    checkpoints to `workdir/name/checkpoints` and its metrics to `workdir/name/logs`.
     `tokenizer` is the tokenizer file the rows are tokenized with, `special_ids` its BOS and EOS ids.
     `hooks.step_end` runs after each step once its checkpoint save has started (see `owl_jax.training.hooks`).
     """
-    stage_dir = os.path.join(workdir, name)
+    stage_dir = as_path(workdir) / name
     cfg = trainer.model_cfg
     ckpt = StageCheckpoints(
-        os.path.join(stage_dir, "checkpoints"),
+        stage_dir / "checkpoints",
         every=checkpoint_cfg.every,
         keep=checkpoint_cfg.keep,
         async_save=checkpoint_cfg.async_save,
@@ -146,7 +149,7 @@ def run_stage(
             f"{name}: batch_size {stage.batch_size} must be a multiple of processes ({procs}) × "
             f"grad_accum ({stage.grad_accum})"
         )
-    sources = [[os.path.join(data_dir, p) for p in group] for group in stage.data.sources]
+    sources = [[str(as_path(data_dir) / p) for p in group] for group in stage.data.sources]
     batches = training_batches(
         sources,
         transform,
@@ -159,7 +162,7 @@ def run_stage(
     if data_state:
         iterator.set_state(data_state)
 
-    writer = MetricsWriter(os.path.join(stage_dir, "logs"), tensorboard=log_cfg.tensorboard)
+    writer = MetricsWriter(stage_dir / "logs", tensorboard=log_cfg.tensorboard)
     images_per_step = stage.batch_size * max_images
     flops = train_step_flops(
         cfg,
@@ -250,7 +253,7 @@ def run_stage(
     evaluation = None
     if eval_paths:
         evaluation = _evaluate(trainer, state.params, eval_paths, transform, stage.batch_size, data_cfg.max_images)
-        writer = MetricsWriter(os.path.join(stage_dir, "logs"), tensorboard=log_cfg.tensorboard)
+        writer = MetricsWriter(stage_dir / "logs", tensorboard=log_cfg.tensorboard)
         writer.write(
             stage.steps,
             {

@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from owl_jax.checkpoint import abstract_model, flatten, leaf_shapes, merge_lora_params, nest, save_converted
+from owl_jax.checkpoint.converted import META_FILE
 from owl_jax.config import ConfigError, LoRAConfig, Numerics, OwlConfig
+from owl_jax.paths import as_path, is_remote, upload_folder
 from owl_jax.sharding import ShardingError, make_mesh
 from owl_jax.training import distributed
 from owl_jax.training.evaluation import format_table, majority_baseline
@@ -104,34 +108,68 @@ def adapt_params(flat: dict[tuple, Any], cfg: OwlConfig, previous_lora: LoRAConf
     return nest(flat)
 
 
-def prepare_synthetic(data_dir: str, syn: ConfigDict) -> None:
-    """Generate the synthetic data and prepare it like any other source (once; process 0 writes)."""
-    marker = os.path.join(data_dir, "synthetic.done.json")
-    wanted = json.loads(json.dumps(syn.to_dict()))  # as read back from the marker: tuples become lists
-    if jax.process_index() == 0 and not (os.path.exists(marker) and json.load(open(marker)) == wanted):
-        from owl_jax.data.prepare import prepare
-        from owl_jax.data.synthetic import generate
+SYNTHETIC_MARKER = "synthetic.done.json"
+SYNTHETIC_DATASETS = ("captions", "instruct_multimodal", "instruct_text", "eval")
 
-        generated = generate(
-            os.path.join(data_dir, "synthetic"),
-            seed=syn.seed,
-            image_size=syn.image_size,
-            n_captions=syn.n_captions,
-            n_multimodal=syn.n_multimodal,
-            n_text=syn.n_text,
-            n_eval_per_type=syn.n_eval_per_type,
-        )
-        for fmt, source, name in [
-            ("captions", generated.captions, "captions"),
-            ("mplug_jsonl", generated.instruct_multimodal, "instruct_multimodal"),
-            ("mplug_jsonl", generated.instruct_text, "instruct_text"),
-            ("mplug_jsonl", generated.eval, "eval"),
-        ]:
-            prepare(fmt, [str(source)], os.path.join(data_dir, name), overwrite=True, progress=False)
-        with open(marker, "w") as f:
-            json.dump(wanted, f)
+
+def prepare_synthetic(data_dir: str | os.PathLike, syn: ConfigDict) -> None:
+    """Generate the synthetic data and prepare it like any other source (once; process 0 writes).
+
+    A remote `data_dir` (`gs://...`) gets the same files, prepared in a local temporary folder and then
+    copied there (in place of the synthetic datasets it held; other files stay), the marker that says they
+    are complete last.
+    """
+    data_dir = as_path(data_dir)
+    marker = data_dir / SYNTHETIC_MARKER
+    wanted = json.loads(json.dumps(syn.to_dict()))  # as read back from the marker: tuples become lists
+    if jax.process_index() == 0 and not (marker.exists() and json.loads(marker.read_text()) == wanted):
+        if is_remote(data_dir):
+            with tempfile.TemporaryDirectory(prefix="owl_synthetic_") as local:
+                _prepare_synthetic_into(local, syn)
+                with open(os.path.join(local, SYNTHETIC_MARKER), "w") as f:
+                    json.dump(wanted, f)
+                _remove_synthetic(data_dir)
+                upload_folder(local, data_dir, last=[SYNTHETIC_MARKER])
+        else:
+            _prepare_synthetic_into(os.fspath(data_dir), syn)
+            marker.write_text(json.dumps(wanted))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("synthetic data prepared")
+
+
+def _remove_synthetic(data_dir: epath.Path) -> None:
+    """Remove the marker, sources and datasets of earlier synthetic data from a remote `data_dir`."""
+    from owl_jax.data.records import MANIFEST_SUFFIX, SHARD_SUFFIX
+
+    (data_dir / SYNTHETIC_MARKER).unlink(missing_ok=True)
+    if (data_dir / "synthetic").exists():
+        (data_dir / "synthetic").rmtree()
+    for name in SYNTHETIC_DATASETS:
+        for path in [*data_dir.glob(f"{name}-?????-of-?????{SHARD_SUFFIX}"), data_dir / (name + MANIFEST_SUFFIX)]:
+            path.unlink(missing_ok=True)
+
+
+def _prepare_synthetic_into(folder: str, syn: ConfigDict) -> None:
+    """The synthetic sources (`synthetic/`) and their prepared datasets, in the local `folder`."""
+    from owl_jax.data.prepare import prepare
+    from owl_jax.data.synthetic import generate
+
+    generated = generate(
+        os.path.join(folder, "synthetic"),
+        seed=syn.seed,
+        image_size=syn.image_size,
+        n_captions=syn.n_captions,
+        n_multimodal=syn.n_multimodal,
+        n_text=syn.n_text,
+        n_eval_per_type=syn.n_eval_per_type,
+    )
+    for fmt, source, name in [
+        ("captions", generated.captions, "captions"),
+        ("mplug_jsonl", generated.instruct_multimodal, "instruct_multimodal"),
+        ("mplug_jsonl", generated.instruct_text, "instruct_text"),
+        ("mplug_jsonl", generated.eval, "eval"),
+    ]:
+        prepare(fmt, [str(source)], os.path.join(folder, name), overwrite=True, progress=False)
 
 
 def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]:
@@ -153,16 +191,15 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
     loras = stage_loras(config, base_cfg)
     tokenizer = run_tokenizer(config, base_cfg)
     STOP.install()
-    workdir = os.path.abspath(config.workdir)
-    data_dir = os.path.abspath(config.data.dir or os.path.join(workdir, "data"))
+    workdir = as_path(config.workdir)  # local: absolute; gs://...: exactly as given (`owl_jax.paths`)
+    data_dir = as_path(config.data.dir) if config.data.dir else workdir / "data"
     if config.synthetic.enabled:
         prepare_synthetic(data_dir, config.synthetic)
-    eval_paths = [os.path.join(data_dir, p) for p in config.data.eval]
+    eval_paths = [str(data_dir / p) for p in config.data.eval]
     stages = run_stages(config)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     evaluations: dict[str, Any] = {}
     params, previous_lora = None, None
     for name in stages:
@@ -207,7 +244,7 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
         )
         params, previous_lora = result.params, lora
         evaluations[name] = result.evaluation
-        _save_model(os.path.join(workdir, name, "model"), params, cfg, tokenizer)
+        _save_model(str(workdir / name / "model"), params, cfg, tokenizer)
         if result.evaluation and jax.process_index() == 0:
             print(
                 f"{name}: held-out answer accuracy {result.evaluation['overall']:.1%}, "
@@ -221,25 +258,32 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
 
 def _save_model(folder: str, params: Any, cfg: OwlConfig, tokenizer: RunTokenizer) -> None:
     """The stage's final parameters as a converted folder (`from_pretrained` and `export` read it), with the
-    run's tokenizer files under their own names (`RunTokenizer.files`)."""
+    run's tokenizer files under their own names (`RunTokenizer.files`).
+
+    A local `folder` is written atomically (`save_converted`). A remote one (`gs://...`) is written in a local
+    temporary folder and copied there file by file, its `owl_jax.json` last (an object store has no rename).
+    """
     if jax.process_count() > 1:  # multi-host: the Orbax train checkpoint is the artifact
         return
-    import tempfile
-
     leaves = {p: np.asarray(jax.device_get(v)) for p, v in flatten(params).items()}
     with tempfile.TemporaryDirectory(prefix="owl_tokenizer_") as side:
         tokenizer.copy_into(side)  # written with the weights, inside the folder's atomic write
-        save_converted(
-            folder, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, side_files_from=side, overwrite=True
-        )
+        if not is_remote(folder):
+            save_converted(
+                folder, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, side_files_from=side, overwrite=True
+            )
+            return
+        with tempfile.TemporaryDirectory(prefix="owl_model_") as local:
+            staged = os.path.join(local, "model")
+            save_converted(staged, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, side_files_from=side)
+            upload_folder(staged, as_path(folder), last=[META_FILE], replace=True)
 
 
-def _report(eval_paths: list[str], evaluations: dict[str, Any], workdir: str) -> None:
+def _report(eval_paths: list[str], evaluations: dict[str, Any], workdir: epath.Path) -> None:
     from owl_jax.data.records import find_shards, read_examples
 
     files = [f for p in eval_paths for f in find_shards(p)]
     baseline = majority_baseline(list(read_examples(files)))
     table = format_table(baseline, {n: e["accuracy"] for n, e in evaluations.items() if e})
     print("\nHeld-out teacher-forced answer accuracy (every answer token right) per question type:\n" + table)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({"baseline": baseline, "evaluations": evaluations}, f, indent=2)
+    (workdir / "results.json").write_text(json.dumps({"baseline": baseline, "evaluations": evaluations}, indent=2))
