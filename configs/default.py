@@ -39,7 +39,7 @@ def get_config():
     c.model.init = "random"
     c.model.arch = model().to_hf_config()
     c.synthetic.enabled = True
-    c.data.update(seq_len=96, max_images=2, augment=False, eval=("eval",))
+    c.data.update(seq_len=96, max_images=2, augment=False, eval=("eval",), tokenization="prompt", generate_answers=True)
     c.checkpoint.update(every=100, keep=2)
     c.log.every = 10
     c.stages.llm_warmup = stage_config(
@@ -59,7 +59,7 @@ def get_config():
     )
     c.stages.stage2 = stage_config(
         "stage2",
-        steps=1200,
+        steps=1500,
         batch_size=16,
         sources=[["instruct_text"]] + [["instruct_multimodal"]] * 3,
         lora=lora_config(

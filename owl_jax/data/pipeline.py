@@ -49,6 +49,7 @@ class PipelineSpec:
     flip: bool = True
     drop_images: bool = False  # train on the conversation text alone (e.g. language-model pretraining)
     resize: str = "squash"  # un-augmented images: "squash" (image layout) or "shortest_edge_crop" (video layout)
+    tokenization: str = "released"  # or "prompt" (`owl_jax.data.conversation.tokenize_conversation`)
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -131,6 +132,7 @@ class ExampleTransform:
             bos_id=s.bos_id,
             eos_id=s.eos_id,
             pad_id=s.pad_id,
+            tokenization=s.tokenization,
         )
         if not tokens.loss_mask.any():
             return self.empty(3)

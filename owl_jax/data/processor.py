@@ -24,7 +24,6 @@ then dropped the videos).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ from PIL import Image
 from owl_jax.data import video as video_io
 from owl_jax.data.images import ImageBudget, decode_image
 from owl_jax.data.pixels import CLIP_MEAN, CLIP_STD, Normalizer, resize
+from owl_jax.data.prompt_ids import encode_prompt, marker_pattern
 from owl_jax.data.prompts import IMAGE_MARKER, VIDEO_MARKER, count_images, count_videos
 from owl_jax.data.tokenizer import (
     FAST_TOKENIZER_FILE,
@@ -104,7 +104,7 @@ class OwlProcessor:
         self._marker_ids = {IMAGE_MARKER: IMAGE_TOKEN_ID}
         if layout == "video":
             self._marker_ids[VIDEO_MARKER] = VIDEO_TOKEN_ID
-        self._split = re.compile("(" + "|".join(map(re.escape, self._marker_ids)) + ")")
+        self._split = marker_pattern(self._marker_ids)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, config: Any = None, **kwargs: Any) -> OwlProcessor:
@@ -148,22 +148,14 @@ class OwlProcessor:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Ids of one prompt (length L_i, no padding): BOS, text chunks, and `image_tokens` placeholders per marker."""
-        ids = [self.bos_token_id]
-        previous = None  # the marker just before, when only empty text separates it from this piece
-        for piece in self._split.split(prompt):
-            if piece in self._marker_ids:
-                if piece == previous:
-                    # Two identical markers back to back would form one run that the model cannot split.
-                    raise ValueError(
-                        f"adjacent {piece}{piece} markers in prompt {prompt[:80]!r}...: put text (e.g. a newline) "
-                        "between them"
-                    )
-                ids += [self._marker_ids[piece]] * self.image_tokens
-                previous = piece
-            elif piece:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False)
-                previous = None
-        return ids
+        return encode_prompt(
+            prompt,
+            lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+            bos_id=self.bos_token_id,
+            marker_ids=self._marker_ids,
+            run_length=self.image_tokens,
+            split=self._split,
+        )
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of one sequence of ids (shape (L,)).

@@ -18,11 +18,11 @@ from jax.experimental import multihost_utils
 from owl_jax.data.records import Example
 
 
-def majority_baseline(examples: Sequence[Example]) -> dict[str, float]:
-    """Per group: the fraction of examples whose answers equal the group's most frequent answers."""
+def majority_baseline(examples: Sequence[Example], *, last_only: bool = False) -> dict[str, float]:
+    """Per group: the fraction of examples whose answers (or last answers) equal the group's most frequent."""
     answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for e in examples:
-        answers[e.source][tuple(a for _, a in e.turns)] += 1
+        answers[e.source][e.turns[-1][1] if last_only else tuple(a for _, a in e.turns)] += 1
     return {g: c.most_common(1)[0][1] / sum(c.values()) for g, c in sorted(answers.items())}
 
 
@@ -56,12 +56,20 @@ def evaluate(
     }
 
 
-def format_table(baseline: dict[str, float], results: dict[str, dict[str, float]]) -> str:
-    """Rows per group: baseline and the accuracy after each stage (columns in `results` order)."""
-    stages = list(results)
-    header = f"{'question type':<14} {'majority':>9} " + " ".join(f"{s:>14}" for s in stages)
+def bar(majority: float) -> float:
+    """What a question type should reach: two thirds of the way from the majority answer to 100%."""
+    return majority + (1.0 - majority) * 2.0 / 3.0
+
+
+def format_table(baseline: dict[str, float], results: dict[str, dict[str, float]], *, with_bar: bool = False) -> str:
+    """Rows per group: baseline (and `bar`) and the accuracy in each column of `results` (in order)."""
+    columns = list(results)
+    width = max([14, *(len(c) + 1 for c in columns)])
+    header = f"{'question type':<14} {'majority':>9} " + ("     bar " if with_bar else "")
+    header += " ".join(f"{c:>{width}}" for c in columns)
     lines = [header, "-" * len(header)]
     for group in baseline:
-        cells = " ".join(f"{results[s].get(group, float('nan')):>14.1%}" for s in stages)
-        lines.append(f"{group:<14} {baseline[group]:>9.1%} {cells}")
+        cells = " ".join(f"{results[c].get(group, float('nan')):>{width}.1%}" for c in columns)
+        bar_cell = f"{bar(baseline[group]):>8.1%} " if with_bar else ""
+        lines.append(f"{group:<14} {baseline[group]:>9.1%} {bar_cell}{cells}")
     return "\n".join(lines)

@@ -138,6 +138,7 @@ def run_stage(
         image_tokens=cfg.image_tokens,
         augment=data_cfg.augment,
         drop_images=stage.data.drop_images,
+        tokenization=data_cfg.get("tokenization", "released"),
         bos_id=special_ids[0],
         eos_id=special_ids[1],
         resize="shortest_edge_crop" if cfg.video else "squash",  # as the processor of the model's layout

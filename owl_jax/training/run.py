@@ -245,10 +245,14 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
         params, previous_lora = result.params, lora
         evaluations[name] = result.evaluation
         _save_model(str(workdir / name / "model"), params, cfg, tokenizer)
+        if result.evaluation and config.data.get("generate_answers", False) and jax.process_count() == 1:
+            result.evaluation["generated"] = _generated(str(workdir / name / "model"), eval_paths, name)
         if result.evaluation and jax.process_index() == 0:
+            generated = result.evaluation.get("generated")
             print(
-                f"{name}: held-out answer accuracy {result.evaluation['overall']:.1%}, "
-                f"answer loss {result.evaluation['loss']:.3f}",
+                f"{name}: held-out answers {generated['overall']:.1%} generated, " if generated else f"{name}: ",
+                f"{result.evaluation['overall']:.1%} teacher-forced; answer loss {result.evaluation['loss']:.3f}",
+                sep="",
                 file=sys.stderr,
             )
     if eval_paths and jax.process_index() == 0:
@@ -279,11 +283,41 @@ def _save_model(folder: str, params: Any, cfg: OwlConfig, tokenizer: RunTokenize
             upload_folder(staged, as_path(folder), last=[META_FILE], replace=True)
 
 
-def _report(eval_paths: list[str], evaluations: dict[str, Any], workdir: epath.Path) -> None:
+def _eval_examples(eval_paths: list[str]) -> list:
     from owl_jax.data.records import find_shards, read_examples
 
-    files = [f for p in eval_paths for f in find_shards(p)]
-    baseline = majority_baseline(list(read_examples(files)))
-    table = format_table(baseline, {n: e["accuracy"] for n, e in evaluations.items() if e})
-    print("\nHeld-out teacher-forced answer accuracy (every answer token right) per question type:\n" + table)
-    (workdir / "results.json").write_text(json.dumps({"baseline": baseline, "evaluations": evaluations}, indent=2))
+    return list(read_examples([f for p in eval_paths for f in find_shards(p)]))
+
+
+def _generated(model_folder: str, eval_paths: list[str], name: str) -> dict[str, Any]:
+    """Greedy answers of the stage's saved model to every held-out question (`owl_jax.training.answers`)."""
+    from tqdm.auto import tqdm
+
+    from owl_jax.training.answers import answer_accuracy, generated_answers
+
+    examples = _eval_examples(eval_paths)
+    with tqdm(total=len(examples), desc=f"{name} answers", file=sys.stderr, dynamic_ncols=True) as bar:
+        answers = generated_answers(model_folder, examples, on_batch=lambda n: bar.update(n - bar.n))
+    return answer_accuracy(examples, answers)
+
+
+def _report(eval_paths: list[str], evaluations: dict[str, Any], workdir: epath.Path) -> None:
+    examples = _eval_examples(eval_paths)
+    done = {n: e for n, e in evaluations.items() if e}
+    baseline = majority_baseline(examples)
+    report: dict[str, Any] = {"baseline": baseline, "evaluations": evaluations}
+    if all("generated" in e for e in done.values()):
+        last = majority_baseline(examples, last_only=True)
+        columns = {n: e["generated"]["accuracy"] for n, e in done.items()}
+        final = list(done)[-1]
+        columns[f"{final} (tf)"] = done[final]["accuracy"]
+        print(
+            "\nHeld-out answers per question type: generated greedily after each stage (VQAv2-normalised exact "
+            f"match), and teacher-forced after {final} (tf: every answer token right given the true prefix):\n"
+            + format_table(last, columns, with_bar=True)
+        )
+        report["baseline_last_answer"] = last
+    else:
+        table = format_table(baseline, {n: e["accuracy"] for n, e in done.items()})
+        print("\nHeld-out teacher-forced answer accuracy (every answer token right) per question type:\n" + table)
+    (workdir / "results.json").write_text(json.dumps(report, indent=2))

@@ -133,7 +133,22 @@ def base_config() -> ConfigDict:
     # A tokenizer.model (LLaMA), a tokenizer.json (BLOOM) or a folder holding one; "" takes the one beside
     # model.checkpoint (model.llama for towers), and the demo tokenizer only for a random LLaMA.
     c.tokenizer = ""
-    c.data = ConfigDict(dict(dir="", seq_len=512, max_images=1, augment=True, max_skip_fraction=0.01, eval=()))
+    # tokenization: "released" trains every answer as the released training code tokenized it; "prompt"
+    # trains the last answer after its context encoded as inference encodes prompts (data/conversation.py).
+    # generate_answers: after each stage, also score the answers its saved model generates to the `eval`
+    # sets' questions (owl_jax.training.answers); single-process runs only.
+    c.data = ConfigDict(
+        dict(
+            dir="",
+            seq_len=512,
+            max_images=1,
+            augment=True,
+            max_skip_fraction=0.01,
+            eval=(),
+            tokenization="released",
+            generate_answers=False,
+        )
+    )
     c.synthetic = ConfigDict(
         dict(enabled=False, seed=0, image_size=64, n_captions=2000, n_multimodal=3000, n_text=1000, n_eval_per_type=100)
     )

@@ -27,6 +27,7 @@ from owl_jax.config import (
     ConfigError,
     Numerics,
 )
+from owl_jax.data.conversation import TOKENIZATIONS
 from owl_jax.training.schema import (
     BY_TEXT_MODEL,
     MODEL_INITS,
@@ -42,6 +43,8 @@ OPTIONAL = frozenset(
     {
         "model.attention_impl",
         "model.numerics",
+        "data.tokenization",
+        "data.generate_answers",
         "stages.*.loss_chunk",
         "stages.*.prepare_frozen",
         "stages.*.optim.end_lr",
@@ -254,6 +257,8 @@ def _check_values(config: ConfigDict) -> None:
     _count(config, "data.seq_len", 2)
     _count(config, "data.max_images", 0)
     _fraction(config, "data.max_skip_fraction")
+    if "tokenization" in config.data:
+        _choice(config, "data.tokenization", TOKENIZATIONS)
     _strings(config, "data.eval", allow_empty=True)
     for path in ("seed", "n_captions", "n_multimodal", "n_text", "n_eval_per_type"):
         _count(config, f"synthetic.{path}")
