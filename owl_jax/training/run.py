@@ -202,8 +202,13 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     evaluations: dict[str, Any] = {}
     params, previous_lora = None, None
+    # Final parameters of the stages a later stage starts from (`start_from`), kept until the run ends.
+    starts = {config.stages[n].get("start_from", "") for n in stages} - {""}
+    finals: dict[str, tuple[Any, Any]] = {}
     for name in stages:
         stage = config.stages[name]
+        if stage.get("start_from", ""):
+            params, previous_lora = finals[stage.start_from]
         lora = loras[name]
         cfg = base_cfg.replace(lora=lora)
         trainer = Trainer(
@@ -243,6 +248,8 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
             hooks=hooks,
         )
         params, previous_lora = result.params, lora
+        if name in starts:
+            finals[name] = (params, lora)
         evaluations[name] = result.evaluation
         _save_model(str(workdir / name / "model"), params, cfg, tokenizer)
         if result.evaluation and config.data.get("generate_answers", False) and jax.process_count() == 1:

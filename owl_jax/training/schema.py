@@ -71,6 +71,7 @@ def stage_config(
     eval_every: int = 0,
     loss_chunk: int = 256,
     prepare_frozen: str = "auto",
+    start_from: str = "",
 ) -> ConfigDict:
     """One stage.
 
@@ -88,6 +89,9 @@ def stage_config(
       prepare_frozen: "auto", "on" or "off": hold the frozen kernels that gradients pass through also in
         the compute dtype with transposed copies, made once per run (see `Trainer`); "auto" does it for
         bf16/fp16 compute on CPUs.
+      start_from: the stage (earlier in `run`) whose final parameters this stage starts from; "" (the
+        default) takes the previous stage's, or the model's for the first stage. Variants of a stage can
+        so share the stages before them (configs/ablation.py).
     """
     return ConfigDict(
         dict(
@@ -99,6 +103,7 @@ def stage_config(
             frozen_dtype=frozen_dtype,
             loss_chunk=loss_chunk,
             prepare_frozen=prepare_frozen,
+            start_from=start_from,
             lora=lora if lora is not None else lora_config(),
             optim=optim,
             eval_every=eval_every,

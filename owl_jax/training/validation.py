@@ -47,6 +47,7 @@ OPTIONAL = frozenset(
         "data.generate_answers",
         "stages.*.loss_chunk",
         "stages.*.prepare_frozen",
+        "stages.*.start_from",
         "stages.*.optim.end_lr",
         "stages.*.optim.clip_norm",
         "stages.*.lora.targets_by_model",
@@ -212,9 +213,14 @@ def _check_run(config: ConfigDict) -> None:
         raise ConfigError(
             f"run={config.run!r} names no stage; list stages of config.stages ({', '.join(config.stages)})"
         )
-    for name in names:
+    for i, name in enumerate(names):
         if name not in config.stages:
             raise ConfigError(f"run={config.run!r}: stage {name!r} is not in stages ({', '.join(config.stages)})")
+        start = config.stages[name].get("start_from", "")
+        if start and start not in names[:i]:
+            raise ConfigError(
+                f"stages.{name}.start_from={start!r} must name a stage run before it (run={config.run!r})"
+            )
 
 
 def _check_values(config: ConfigDict) -> None:
