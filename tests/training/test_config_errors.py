@@ -50,6 +50,11 @@ TINY = TINY_TRAINING_CONFIG
         ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
         ({"run": "stage1,stage3"}, r"run='stage1,stage3': stage 'stage3' is not in stages \(stage1, stage2\)"),
         ({"model.init": "towers"}, "model.clip is empty"),
+        ({"data.tokenization": "whole"}, "data.tokenization='whole' must be one of"),
+        (
+            {"stages.stage1.start_from": "stage2"},
+            r"stages.stage1.start_from='stage2' must name a stage run before it \(run='stage1,stage2'\)",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(changes, message):
@@ -65,7 +70,7 @@ def test_unknown_field_in_a_config_file_names_the_nearest_valid_one():
         validation.validate(config)
 
 
-@pytest.mark.parametrize("name", ["default", "stage1_pretrain", "stage2_instruct", "stage2_full_ft"])
+@pytest.mark.parametrize("name", ["default", "ablation", "stage1_pretrain", "stage2_instruct", "stage2_full_ft"])
 def test_shipped_configs_are_valid(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     config.model.update(checkpoint="ckpt", clip="clip", llama="llama")  # given on the command line
