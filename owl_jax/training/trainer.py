@@ -64,6 +64,11 @@ def merge_params(a: dict, b: dict) -> dict:
     return nest({**flatten(a), **flatten(b)})
 
 
+def _keys(path: tuple) -> tuple[str, ...]:
+    """A tree path as plain strings (dict keys, attribute names and sequence indices alike)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 class Trainer:
     """Builds the optimizer, the state shardings and the jitted steps of one training stage.
 
@@ -239,10 +244,24 @@ class Trainer:
         return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated), params, opt_state, rng)
 
     def _opt_shardings(self, params: Any) -> Any:
-        """Optimizer-state shardings: moments follow their parameters (as GSPMD propagates them), and
-        scalars (step counts, finiteness flags) are replicated over the mesh."""
-        compiled = jax.jit(self.tx.init).lower(params).compile().output_shardings
-        return jax.tree.map(lambda sh: sh if isinstance(sh, NamedSharding) else self.replicated, compiled)
+        """Optimizer-state shardings: every moment is sharded like its parameter, and scalars (step counts,
+        finiteness flags) are replicated over the mesh.
+
+        A moment sits in the state under its parameter's path, behind the optimizer's own keys (e.g.
+        `inner_states/train/.../mu/language_model/...`), so it takes the sharding of the parameter whose path
+        ends its own. (Asking GSPMD instead, from a compiled `tx.init`, replicates moments made by
+        `zeros_like`: a full copy of Adam's state on every chip.)"""
+        by_path = {_keys(path): p for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+        def one(path: tuple, leaf: Any) -> NamedSharding:
+            keys = _keys(path)
+            for start in range(len(keys)):
+                param = by_path.get(keys[start:])
+                if param is not None and param.shape == leaf.shape:
+                    return param.sharding
+            return self.replicated
+
+        return jax.tree_util.tree_map_with_path(one, jax.eval_shape(self.tx.init, params))
 
     # -- the model as a function of parameters -----------------------------------------------------
     def model(self, params: dict) -> nnx.Module:

@@ -82,3 +82,22 @@ def test_prepared_frozen_kernels_keep_their_sharding(stage, scan):
     np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=0)
     for path, value in ref_params.items():
         np.testing.assert_allclose(params[path], value, atol=1e-6, rtol=0, err_msg="/".join(path))
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_adam_moments_are_sharded_like_their_parameters(stage):
+    """Each of Adam's moments lives on the shards of its own parameter: a replicated moment would hold a full
+    copy of the trained weights' optimizer state on every chip."""
+    trainer = Trainer(STAGES[stage], stage=stage, mesh=make_mesh(1, 4, 2), optim=OPTIM, total_steps=10)
+    state = trainer.abstract_state()
+    params = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    split_moments = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        name = jax.tree_util.keystr(path)
+        owner = [p for p in params if (".mu" in name or ".nu" in name) and name.endswith(p)]
+        if owner:
+            assert leaf.sharding == params[owner[0]].sharding, name
+            split_moments += not leaf.sharding.is_fully_replicated
+        else:
+            assert leaf.shape == () and leaf.sharding.is_fully_replicated, name  # counts and flags
+    assert split_moments  # the mesh really splits some trained parameters, and their moments with them
