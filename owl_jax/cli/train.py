@@ -55,6 +55,8 @@ def run_training(config: Any, train: Callable[[ConfigDict], Any] | None = None) 
 
     try:
         validate(config)
+        if train is None and config.get("aot") is not None and config.aot.get("topology"):
+            train = _compile_for_target
         if train is None:
             logging.set_verbosity(logging.WARNING)  # Orbax reports every save step at INFO
             from owl_jax.training.run import run as train
@@ -71,6 +73,34 @@ def run_training(config: Any, train: Callable[[ConfigDict], Any] | None = None) 
         if isinstance(e, (FileNotFoundError, SkippedRecordsError, NoIntactCheckpoint)):
             _fail(str(e), 2)
         raise
+
+
+def _compile_for_target(config: ConfigDict) -> None:
+    """`--config.aot.topology=v5p-256`: compile the run's steps for that TPU target and report, instead of
+    training (`owl_jax.aot`); a mistake exits with one line and status 2, a compiler failure with status 1."""
+    from owl_jax.aot.train_plan import use_cpu_host
+
+    use_cpu_host()  # before JAX starts
+    from owl_jax.aot.cli import UsageError, run
+    from owl_jax.aot.targets import TargetError
+    from owl_jax.aot.train_plan import CompileError
+    from owl_jax.sharding import ShardingError
+
+    aot = config.aot
+    try:
+        run(
+            config,
+            target=aot.topology,
+            model=aot.model,
+            per_chip_batch=aot.per_chip_batch,
+            search=aot.search,
+            save=aot.save,
+            json_path=aot.json,
+        )
+    except (UsageError, ShardingError, TargetError) as e:
+        _fail(str(e), 2)
+    except CompileError as e:  # the TPU compiler refused the step for another reason than its HBM
+        _fail(str(e), 1)
 
 
 def _train(argv: list[str]) -> None:

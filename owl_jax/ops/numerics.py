@@ -6,17 +6,38 @@ option, and nothing else in the package looks at the backend.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 
 from owl_jax.config import Numerics
 
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("owl_jax_target_platform", default=None)
 
 
 def platform() -> str:
-    """The platform programs are compiled for: "cpu", "gpu" or "tpu"."""
-    return jax.default_backend()
+    """The platform programs are compiled for: "cpu", "gpu" or "tpu" (this process's backend, or the one
+    `compiling_for` names)."""
+    return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(name: str) -> Iterator[None]:
+    """Trace programs for platform `name` ("cpu", "gpu" or "tpu") inside this block, whatever this process
+    runs on: ahead-of-time compilation for devices it does not have (e.g. `owl_jax.aot` on a CPU host
+    compiling for a TPU topology), where every route must be the target's (splash attention compiled as a
+    kernel, not interpreted)."""
+    if name not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"platform must be cpu, gpu or tpu, got {name!r}")
+    token = _TARGET.set(name)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
 
 
 def resolve(numerics: Numerics) -> Numerics:

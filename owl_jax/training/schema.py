@@ -161,4 +161,9 @@ def base_config() -> ConfigDict:
     c.checkpoint = ConfigDict(dict(every=500, keep=3, async_save=True))
     c.log = ConfigDict(dict(every=10, tensorboard=True))
     c.peak_flops = 0.0  # per device; 0 picks a known value for the device kind (none on CPU)
+    # Compile the run's steps for a TPU target instead of training (owl_jax.aot): topology names it (v5p-256,
+    # v5e-256, 2xv5e-256, v5e:2x2, ...); model an architecture (7b, tiny, a .py file; "": the config's);
+    # per_chip_batch 0 takes the stage's batch_size over the data-parallel chips; search finds the largest
+    # per-chip batch and remat policy; save writes the compiled step, json the reports.
+    c.aot = ConfigDict(dict(topology="", model="", per_chip_batch=0, search=False, save="", json=""))
     return c

@@ -43,6 +43,8 @@ OPTIONAL = frozenset(
     {
         "model.attention_impl",
         "model.numerics",
+        "aot",
+        *(f"aot.{k}" for k in ("topology", "model", "per_chip_batch", "search", "save", "json")),
         "data.tokenization",
         "data.generate_answers",
         "stages.*.loss_chunk",
@@ -273,6 +275,20 @@ def _check_values(config: ConfigDict) -> None:
     _count(config, "checkpoint.keep", 1)
     _count(config, "log.every", 1)
     _real(config, "peak_flops")
+    if "aot" in config:
+        _check_aot(config)
+
+
+def _check_aot(config: ConfigDict) -> None:
+    if config.aot.get("topology"):
+        from owl_jax.aot.targets import TargetError, parse_target
+
+        try:
+            parse_target(config.aot.topology)
+        except TargetError as e:
+            raise ConfigError(f"aot.topology: {e}") from None
+    if "per_chip_batch" in config.aot:
+        _count(config, "aot.per_chip_batch", 0)
 
 
 def _strings(config: ConfigDict, path: str, *, allow_empty: bool = False) -> None:
