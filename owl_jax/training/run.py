@@ -142,17 +142,22 @@ def _remove_synthetic(data_dir: epath.Path) -> None:
     from owl_jax.data.records import MANIFEST_SUFFIX, SHARD_SUFFIX
 
     (data_dir / SYNTHETIC_MARKER).unlink(missing_ok=True)
-    if (data_dir / "synthetic").exists():
-        (data_dir / "synthetic").rmtree()
+    for folder in ("synthetic", "vqav2"):
+        if (data_dir / folder).exists():
+            (data_dir / folder).rmtree()
     for name in SYNTHETIC_DATASETS:
         for path in [*data_dir.glob(f"{name}-?????-of-?????{SHARD_SUFFIX}"), data_dir / (name + MANIFEST_SUFFIX)]:
             path.unlink(missing_ok=True)
 
 
 def _prepare_synthetic_into(folder: str, syn: ConfigDict) -> None:
-    """The synthetic sources (`synthetic/`) and their prepared datasets, in the local `folder`."""
+    """The synthetic sources (`synthetic/`) and their prepared datasets, in the local `folder`, and the
+    held-out questions in VQAv2's layout (`vqav2/`, for `python -m owl_jax.eval.bench --task vqav2`)."""
+    import shutil
+
     from owl_jax.data.prepare import prepare
     from owl_jax.data.synthetic import generate
+    from owl_jax.eval.bench.synthetic_vqav2 import export_vqav2
 
     generated = generate(
         os.path.join(folder, "synthetic"),
@@ -170,6 +175,8 @@ def _prepare_synthetic_into(folder: str, syn: ConfigDict) -> None:
         ("mplug_jsonl", generated.eval, "eval"),
     ]:
         prepare(fmt, [str(source)], os.path.join(folder, name), overwrite=True, progress=False)
+    shutil.rmtree(os.path.join(folder, "vqav2"), ignore_errors=True)  # an export of earlier synthetic data
+    export_vqav2(generated.eval, os.path.join(folder, "vqav2"))
 
 
 def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]:

@@ -42,3 +42,16 @@ def test_export_round_trip(tmp_path):
         assert set(results["per_question_type"]) == {"color", "shape", "count", "position"}
     wrong = {**stored, **{q: "purple" for q in list(stored)[:2]}}
     assert evaluate_vqav2(wrong, task.ground_truth)["overall"] == 75.0
+
+
+def test_the_main_jobs_data_holds_its_held_out_set_in_vqav2_layout(tmp_path):
+    """The main job's synthetic data folder comes with `vqav2/`, so `--task vqav2` scores the demo too."""
+    from helpers import tiny_training_config
+    from owl_jax.training.run import prepare_synthetic
+
+    syn = tiny_training_config().synthetic
+    syn.update(n_captions=2, n_multimodal=2, n_text=1, n_eval_per_type=2)
+    prepare_synthetic(tmp_path / "data", syn)
+    task = load_task("vqav2", tmp_path / "data" / "vqav2")
+    types = [task.ground_truth[i.question_id]["question_type"] for i in task.items]
+    assert sorted(types) == sorted(["color", "shape", "count", "position"] * 2)
