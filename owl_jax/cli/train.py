@@ -54,9 +54,11 @@ def run_training(config: Any, train: Callable[[ConfigDict], Any] | None = None) 
     from owl_jax.training.validation import validate
 
     try:
-        validate(config)
         if train is None and config.get("aot") is not None and config.aot.get("topology"):
+            # checked by owl_jax.aot once `aot.model` has replaced the weights the config would read
             train = _compile_for_target
+        else:
+            validate(config)
         if train is None:
             logging.set_verbosity(logging.WARNING)  # Orbax reports every save step at INFO
             from owl_jax.training.run import run as train
