@@ -51,7 +51,7 @@ from owl_jax.inference.generate import Generator, round_up
 from owl_jax.modeling._stack import unstack_layer_states
 from owl_jax.modeling.decoder import KVCache
 from owl_jax.modeling.llama import can_fuse_projections, fuse_projections
-from owl_jax.ops.numerics import compiling_for
+from owl_jax.ops.numerics import compiling_for, resolve_for
 from owl_jax.sharding import named_sharding, state_shardings, use_mesh
 
 PROMPT_BUCKET = 64  # the generator's default prompt bucket: the default prompt is a multiple of it
@@ -223,19 +223,11 @@ def compile_serving(
 
 
 def target_numerics(cfg: OwlConfig, platform: str) -> Numerics:
-    """`cfg.numerics` with every "auto" resolved for `platform` rather than for this process: on an
-    accelerator, products by XLA's own route, half-precision arrays moved as they are, loop invariants
-    hoisted; the steps' attention over the cache is masked, for which "auto" is the reference everywhere."""
-    n = cfg.numerics
-    if platform == "cpu":
-        return n
-    pick = lambda value, choice: choice if value == "auto" else value  # noqa: E731
-    return n.replace(
-        attention=pick(n.attention, "xla"),
-        matmul=pick(n.matmul, "xla"),
-        half_as_bits=pick(n.half_as_bits, "off"),
-        hoist_invariants=pick(n.hoist_invariants, "on"),
-    )
+    """`cfg.numerics` with every "auto" resolved for `platform` rather than for this process
+    (`ops.numerics.resolve_for`); the steps' attention over the cache is masked, for which "auto" is the
+    reference everywhere."""
+    resolved = resolve_for(cfg.numerics, platform)
+    return resolved.replace(attention="xla") if resolved.attention == "auto" else resolved
 
 
 def format_serving(

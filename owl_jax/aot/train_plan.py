@@ -27,8 +27,6 @@ from typing import Any
 
 from owl_jax.aot import targets as targets_lib
 
-TPU_ROUTES = {"attention": "splash", "matmul": "xla", "half_as_bits": "off", "hoist_invariants": "on"}
-
 
 @dataclasses.dataclass
 class TrainCompile:
@@ -84,9 +82,12 @@ class CompileError(RuntimeError):
 
 
 def tpu_numerics(numerics):
-    """`numerics` with each "auto" route replaced by the TPU's choice (explicit choices kept): this process's
-    platform is not the target's, so "auto" cannot be left to resolve here."""
-    return numerics.replace(**{k: v for k, v in TPU_ROUTES.items() if getattr(numerics, k) == "auto"})
+    """`numerics` with each "auto" route resolved for a TPU (explicit choices kept): this process's platform
+    is not the target's. Training attention takes splash (`ops.resolve_for` leaves attention to each call)."""
+    from owl_jax.ops.numerics import resolve_for
+
+    resolved = resolve_for(numerics, "tpu")
+    return resolved.replace(attention="splash") if resolved.attention == "auto" else resolved
 
 
 def use_cpu_host() -> None:

@@ -40,6 +40,13 @@ def compiling_for(name: str) -> Iterator[None]:
         _TARGET.reset(token)
 
 
+def resolve_for(numerics: Numerics, name: str) -> Numerics:
+    """`resolve(numerics)` as on platform `name` (see `compiling_for`): for compiling ahead of time for
+    devices this process does not have, where "auto" must not resolve by this host."""
+    with compiling_for(name):
+        return resolve(numerics)
+
+
 def resolve(numerics: Numerics) -> Numerics:
     """`numerics` with every "auto" but attention's replaced by this platform's choice ("auto" attention
     is resolved per call, as it also depends on shapes and masks: `ops.attention`)."""
