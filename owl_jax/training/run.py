@@ -212,6 +212,7 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
     # Final parameters of the stages a later stage starts from (`start_from`), kept until the run ends.
     starts = {config.stages[n].get("start_from", "") for n in stages} - {""}
     finals: dict[str, tuple[Any, Any]] = {}
+    held_out = None  # the eval sets' examples, read once when first needed
     for name in stages:
         stage = config.stages[name]
         if stage.get("start_from", ""):
@@ -260,7 +261,9 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
         evaluations[name] = result.evaluation
         _save_model(str(workdir / name / "model"), params, cfg, tokenizer)
         if result.evaluation and config.data.get("generate_answers", False) and jax.process_count() == 1:
-            result.evaluation["generated"] = _generated(str(workdir / name / "model"), eval_paths, name)
+            if held_out is None:
+                held_out = _eval_examples(eval_paths)
+            result.evaluation["generated"] = _generated(str(workdir / name / "model"), held_out, name)
         if result.evaluation and jax.process_index() == 0:
             generated = result.evaluation.get("generated")
             print(
@@ -270,7 +273,7 @@ def run(config: ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]
                 file=sys.stderr,
             )
     if eval_paths and jax.process_index() == 0:
-        _report(eval_paths, evaluations, workdir)
+        _report(held_out if held_out is not None else _eval_examples(eval_paths), evaluations, workdir)
     return evaluations
 
 
@@ -303,20 +306,18 @@ def _eval_examples(eval_paths: list[str]) -> list:
     return list(read_examples([f for p in eval_paths for f in find_shards(p)]))
 
 
-def _generated(model_folder: str, eval_paths: list[str], name: str) -> dict[str, Any]:
+def _generated(model_folder: str, examples: list, name: str) -> dict[str, Any]:
     """Greedy answers of the stage's saved model to every held-out question (`owl_jax.training.answers`)."""
     from tqdm.auto import tqdm
 
     from owl_jax.training.answers import answer_accuracy, generated_answers
 
-    examples = _eval_examples(eval_paths)
     with tqdm(total=len(examples), desc=f"{name} answers", file=sys.stderr, dynamic_ncols=True) as bar:
         answers = generated_answers(model_folder, examples, on_batch=lambda n: bar.update(n - bar.n))
     return answer_accuracy(examples, answers)
 
 
-def _report(eval_paths: list[str], evaluations: dict[str, Any], workdir: epath.Path) -> None:
-    examples = _eval_examples(eval_paths)
+def _report(examples: list, evaluations: dict[str, Any], workdir: epath.Path) -> None:
     done = {n: e for n, e in evaluations.items() if e}
     baseline = majority_baseline(examples)
     report: dict[str, Any] = {"baseline": baseline, "evaluations": evaluations}
