@@ -1,25 +1,14 @@
 """Beam search reached from a chat turn (which then goes on from its cache), `owl-chat --num-beams` and
 `owl-eval answer --num-beams`."""
 
-import shutil
-
 import pytest
 from PIL import Image
 
-import owl_jax
 from helpers import FIXTURE, make_owleval
 from owl_jax.inference.generate import GenerationConfig, Generator
 from owl_jax.inference.session import ChatSession
 
 pytestmark = pytest.mark.compile_quickly
-
-
-@pytest.fixture(scope="module")
-def model_and_processor(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    shutil.copytree(FIXTURE / "checkpoint", folder / "m")
-    shutil.copy(FIXTURE / "tokenizer.model", folder / "m" / "tokenizer.model")
-    return owl_jax.from_pretrained(folder / "m", show_progress=False)
 
 
 def test_chat_turns_with_beams_equal_generating_from_the_reencoded_conversation(model_and_processor):

@@ -27,14 +27,6 @@ def generator():
     return Generator(load_fixture_model("checkpoint"))
 
 
-@pytest.fixture(scope="module")
-def model_and_processor(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    shutil.copytree(FIXTURE / "checkpoint", folder / "m")
-    shutil.copy(FIXTURE / "tokenizer.model", folder / "m" / "tokenizer.model")
-    return owl_jax.from_pretrained(folder / "m", show_progress=False)
-
-
 # The decode layouts (stacked cache, per-layer buffers) split between the tests below, each once: the
 # chunked decode loop, bf16 batches, chat turns and sharding do not depend on the layout in other ways.
 @pytest.mark.parametrize("unstack_layers", [False])

@@ -1,12 +1,9 @@
 """Stop strings: where a text holds one, what of a growing text may be shown, and generation ending at one
 (batched rows, a chat turn and its stream). The expected tokens are the fixture's greedy tokens, decoded."""
 
-import shutil
-
 import pytest
 from PIL import Image
 
-import owl_jax
 from helpers import FIXTURE
 from owl_jax.inference.generate import GenerationConfig, Generator
 from owl_jax.inference.session import ChatSession
@@ -15,14 +12,6 @@ from owl_jax.inference.stops import StopScanner, cut_at_stop, find_stop, visible
 pytestmark = pytest.mark.compile_quickly
 
 STOP = "eenJ"  # the text of greedy_0 is "8 picturesow]afeenJto8 ...": "een" ends token 5, "J" is token 6
-
-
-@pytest.fixture(scope="module")
-def model_and_processor(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    shutil.copytree(FIXTURE / "checkpoint", folder / "m")
-    shutil.copy(FIXTURE / "tokenizer.model", folder / "m" / "tokenizer.model")
-    return owl_jax.from_pretrained(folder / "m", show_progress=False)
 
 
 def test_finding_cutting_and_holding_back_stop_strings():
