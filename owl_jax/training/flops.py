@@ -101,13 +101,15 @@ def train_step_flops(
     images: int,
     train_abstractor: bool = True,
     causal_half: bool = True,
+    remat: str = "none",
 ) -> float:
     """FLOPs of one optimizer step over `rows` sequences of `seq_len` tokens with `images` images in all
     (every image slot the step encodes, padding slots included: they are computed like the others). Images
     skip the video layout's temporal modules, so it counts none.
 
     `causal_half=False` counts causal attention in full (what a dense kernel that masks the upper triangle
-    computes); the default halves it, the usual MFU convention.
+    computes); the default halves it, the usual MFU convention. `remat` adds what the layers' remat policy
+    recomputes in the backward pass (`recompute_flops`): the hardware's count rather than the model's.
     """
     n = tower_matmul_params(cfg)
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
@@ -141,7 +143,65 @@ def train_step_flops(
         "abstractor": 4 * a.num_layers * queries * (cfg.num_query_tokens + v.num_positions) * a.hidden_size * a_abs,
         "llm": (0.5 if causal_half else 1.0) * 4 * t.num_layers * rows * seq_len**2 * t.num_heads * t.head_dim * a_llm,
     }
+    if remat != "none":
+        backward = {"vision": a_vision == 3, "abstractor": a_abs == 3, "llm": a_llm == 3}
+        flops += recompute_flops(
+            cfg, remat, backward, rows=rows, seq_len=seq_len, images=images, causal_half=causal_half
+        )
     return float(flops + sum(attention.values()))
+
+
+def recompute_flops(
+    cfg: OwlConfig,
+    remat: str,
+    backward: dict[str, bool],
+    *,
+    rows: int,
+    seq_len: int,
+    images: int,
+    causal_half: bool = True,
+) -> float:
+    """Forward FLOPs that remat policy `remat` runs again in the backward pass of the towers whose backward
+    runs (`backward`: vision, abstractor, llm → bool).
+
+    - `full` saves only each layer's input, so the backward pass recomputes the layer, except its last
+      matmul (the MLP's output projection), whose output is needed by nothing but the next layer, and
+      that input is saved. Attention is recomputed too; LoRA adapters with their layers.
+    - `dots_with_no_batch_dims` saves every weight matmul and recomputes attention (its products have batch
+      dimensions).
+    - `dots` saves every matmul: nothing. Attention in a custom kernel is not a saveable dot: such a kernel
+      runs its forward again under any policy, which this count, built from matmuls, leaves out.
+    """
+    if remat in ("none", "dots"):
+        return 0.0
+    n = tower_matmul_params(cfg)
+    v, a, t = cfg.vision, cfg.abstractor, cfg.text
+    tokens_v, queries = images * v.num_positions, images * cfg.num_query_tokens
+    attention = {
+        "vision": 4 * v.num_layers * images * v.num_positions**2 * v.hidden_size,
+        "abstractor": 4 * a.num_layers * queries * (cfg.num_query_tokens + v.num_positions) * a.hidden_size,
+        "llm": (0.5 if causal_half else 1.0) * 4 * t.num_layers * rows * seq_len**2 * t.num_heads * t.head_dim,
+    }
+    layers = {  # each stack's matmuls minus every layer's last one (and the weights outside the stack)
+        "vision": (n["vision"] - v.num_layers * v.hidden_size * v.intermediate_size) * tokens_v,
+        "abstractor": (
+            n["abstractor"] - a.hidden_size * t.hidden_size - a.num_layers * a.hidden_size * a.intermediate_size
+        )
+        * queries
+        + n["abstractor_kv"] * (queries + tokens_v),
+        "llm": (
+            n["llm"] - t.hidden_size * t.vocab_size - t.num_layers * t.hidden_size * t.intermediate_size + n["lora"]
+        )
+        * rows
+        * seq_len,
+    }
+    if remat not in ("full", "dots_with_no_batch_dims"):
+        raise ValueError(f"unknown remat policy {remat!r}; one of none, dots, dots_with_no_batch_dims, full")
+    total = 0.0
+    for tower, runs in backward.items():
+        if runs:
+            total += attention[tower] + (2 * layers[tower] if remat == "full" else 0)
+    return float(total)
 
 
 def forward_flops(

@@ -71,3 +71,22 @@ def test_jaxpr_counter_counts_scans_and_batched_dots():
         return z
 
     assert jaxpr_matmul_flops(jax.make_jaxpr(f)(x, w)) == 2 * 3 * 5 * 7 * 11 * (1 + 4 * 2)
+
+
+@pytest.mark.parametrize(
+    "stage,lora", [("stage1", None), ("stage2", LoRAConfig(rank=4, alpha=8, dropout=0.0)), ("text_pretrain", None)]
+)
+def test_recomputed_flops_match_the_traced_matmuls(stage, lora):
+    # Under full remat JAX keeps only the recomputation the backward pass needs: every layer but its last
+    # matmul. (Under the policies that save matmuls the jaxpr still holds duplicates, which the compiler
+    # removes, so the jaxpr overstates what they run.)
+    remat = "full"
+    cfg = tiny_config(lora=lora, remat_policy=remat)
+    trainer = Trainer(cfg, stage=stage, mesh=one_device_mesh(), optim=OPTIM, total_steps=3)
+    state = trainer.init_state(adapt_params(tiny_params(cfg), cfg, None, seed=0), seed=0)
+    batch = trainer.global_batch(tiny_batch(rows=ROWS, length=LENGTH, slots=SLOTS))
+    traced = jaxpr_matmul_flops(jax.make_jaxpr(trainer._step)(state, batch))
+    count = dict(rows=ROWS, seq_len=LENGTH, images=ROWS * SLOTS, causal_half=False)
+    counted = train_step_flops(cfg, stage, remat=remat, **count)
+    assert counted == pytest.approx(traced, rel=0.01)
+    assert counted > train_step_flops(cfg, stage, **count)
