@@ -25,11 +25,11 @@ def demo():
     return config, model_config(config)
 
 
-def compiled(demo, target: str, per_chip_batch: int):
+def compiled(demo, target: str, per_chip_batch: int, remat: str = "none"):
     config, cfg = demo
     return compile_train_step(
         config, "stage2", cfg, targets.parse_target(target), mesh_shape=(1, -1, 1),
-        per_chip_batch=per_chip_batch, seq_len=SEQ, remat="none",
+        per_chip_batch=per_chip_batch, seq_len=SEQ, remat=remat,
     )  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def v5e(demo):
 
 @pytest.fixture(scope="module")
 def v5p(demo):
-    return compiled(demo, "v5p:2x2x1", 1)
+    return compiled(demo, "v5p:2x2x1", 1, remat="full")
 
 
 def test_targets_name_slices_as_google_cloud_does():
@@ -65,16 +65,20 @@ def test_llama_training_attention_runs_the_splash_kernel(v5e, v5p, demo):
     layers = demo[1].text.num_layers
     for r in (v5e[1], v5p):
         kernels = r.kernel_calls
-        assert sum(c for k, c in kernels.items() if k.startswith("splash_mha_fwd")) == layers  # once per layer
+        runs = 1 if r.remat == "none" else 2  # once per layer, and again where remat recomputes the layer
+        assert sum(c for k, c in kernels.items() if k.startswith("splash_mha_fwd")) == layers * runs
         assert any(k.startswith("splash_mha_dq") for k in kernels)  # and its backward kernels
         assert any(k.startswith("splash_mha_dkv") for k in kernels)
 
 
 def test_compiled_matmul_flops_match_the_model_count(v5e, v5p):
-    # The scanned layers' bodies counted per iteration: without remat, the compiled dots are the model's.
+    # The scanned layers' bodies counted per iteration; without remat the compiled dots are the model's, and
+    # with full remat the model's plus the layers' recomputed forward.
     for r in (v5e[1], v5e[2], v5p):
         assert r.flops_compiled == pytest.approx(r.flops_model_in_hlo, rel=0.02)
-        assert r.flops_model_in_hlo < r.flops_model  # the kernel's attention is the rest
+        assert r.flops_model_in_hlo < r.flops_model + r.flops_recompute  # the kernel's attention is the rest
+    assert v5e[1].flops_recompute == 0
+    assert v5p.flops_recompute > 0.15 * v5p.flops_model  # most of the LLM's forward runs again
 
 
 def test_activation_memory_grows_with_the_batch(v5e):
@@ -141,6 +145,12 @@ def test_search_finds_the_largest_batch_in_few_compiles():
     assert best["full"].per_chip_batch == largest["full"] and winner is best["full"]
     assert not best["none"].fits  # less recomputation cannot hold the winner's batch: one compile says so
     assert len(attempts) == len(calls) < 12  # a row-by-row scan would take largest["full"] compiles
+
+    calls.clear()  # stopping within 10%: a fit, and a failure at most 10% above it
+    _, near, tried = search.best_remat(compile_at, policies=("full",), within=0.1)
+    found, failed = near["full"].per_chip_batch, search.smallest_failure(tried, near["full"])
+    assert found <= largest["full"] < failed <= 1.1 * found
+    assert len(tried) <= len(attempts)
 
 
 def test_mistakes_end_in_one_line_with_status_2(capsys):

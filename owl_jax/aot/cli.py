@@ -2,12 +2,15 @@
 
     python -m owl_jax.aot --config configs/stage2_instruct.py --model 7b --target v5p-256 \\
         [--mesh 1,128,1 | --mesh.data 1 --mesh.fsdp 128 --mesh.tensor 1] [--stage stage2] \\
-        [--per-chip-batch 2] [--seq-len 512] [--remat full] [--search] [--save PATH] [--json out.json]
+        [--per-chip-batch 2] [--seq-len 512] [--remat full] [--search [--search-within 0.05] | --fit-batch 32]
+        [--save PATH] [--json out.json]
 
 Compiles every stage of the config's `run` (or `--stage`) for `--target` (`owl_jax.aot.targets`: v5p-256,
 v5e-256, v4-128, 2xv5e-256, v5e:2x2, ...) and prints one markdown table per compile: memory per chip against
 HBM, FLOPs per step, collectives, kernels. `--search` finds each stage's largest per-chip batch and the
-remat policy that allows it (`owl_jax.aot.search`). `--model` names the architecture (7b: the released
+remat policy that allows it (`owl_jax.aot.search`; `--search-within 0` bisects to the exact batch, the
+default stops once a failure is within 5% above the largest fit). `--fit-batch N` instead finds the policy
+with the least recomputation that fits N rows per chip (a recipe's batch). `--model` names the architecture (7b: the released
 mPLUG-Owl LLaMA-7B; tiny; a file whose `get_config()` returns an OwlConfig); without it the config's own
 (`model.init=random`). Defaults come from the config: its mesh, `data.seq_len`, `model.remat_policy`, and a
 per-chip batch of the stage's `batch_size` over the data-parallel chips. `train.py --config X
@@ -84,6 +87,8 @@ def run(
     seq_len: int = 0,
     remat: str = "",
     search: bool = False,
+    search_within: float = 0.05,
+    fit_batch: int = 0,
     save: str = "",
     json_path: str = "",
     out=None,
@@ -115,6 +120,10 @@ def run(
         raise UsageError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
     mesh = mesh or (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     seq_len = seq_len or config.data.seq_len
+    if fit_batch < 0 or (fit_batch and search):
+        raise UsageError("--fit-batch takes a positive batch, and not with --search")
+    if search_within < 0:
+        raise UsageError(f"--search-within must be >= 0, got {search_within}")
     if seq_len < 2 or per_chip_batch < 0:
         raise UsageError(f"sequence length {seq_len} must be >= 2 and per-chip batch {per_chip_batch} >= 0")
     began = time.perf_counter()
@@ -134,10 +143,26 @@ def run(
             )  # fmt: skip
 
         default_batch = max(1, stage.batch_size // (data_parallel * stage.grad_accum))
-        if search:
-            winner, best, _ = best_remat(compile_at, policies=REMAT_ORDER, start=per_chip_batch or default_batch)
+        if fit_batch:
+            tried = []
+            for policy in REMAT_ORDER:  # least recomputation first: the first that fits is the fastest
+                tried.append(compile_at(policy, fit_batch))
+                if tried[-1].fits:
+                    tried[-1].chosen = True
+                    break
+            print(
+                f"\n### {name} on {tgt.name}: the least recomputation that fits {fit_batch} rows per chip\n", file=out
+            )
+            print(fmt.search_table({r.remat: r for r in tried}, tried[-1] if tried[-1].fits else None), file=out)
+            if tried[-1].fits:
+                print(f"\n### {name} on {tgt.name}, remat {tried[-1].remat}\n\n{fmt.table(tried[-1])}", file=out)
+            reports += tried
+        elif search:
+            winner, best, attempts = best_remat(
+                compile_at, policies=REMAT_ORDER, start=per_chip_batch or default_batch, within=search_within
+            )
             print(f"\n### {name} on {tgt.name}: largest per-chip batch by remat policy\n", file=out)
-            print(fmt.search_table(best, winner), file=out)
+            print(fmt.search_table(best, winner, attempts), file=out)
             chosen = [winner] if winner is not None else []
             if winner is not None and save:
                 chosen = [compile_at(winner.remat, winner.per_chip_batch, last=True)]
@@ -145,7 +170,7 @@ def run(
                 print(f"\n### {name} on {tgt.name}, remat {r.remat}\n\n{fmt.table(r)}", file=out)
             if winner is not None:
                 winner.chosen = True
-            reports += [r for r in best.values() if r is not None]
+            reports += attempts  # every compile the search made, the chosen one marked
         else:
             r = compile_at(remat, per_chip_batch or default_batch, last=True)
             print(f"\n### {name} on {tgt.name}\n\n{fmt.table(r)}", file=out)
@@ -194,6 +219,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=0)
     p.add_argument("--remat", default="", help="none, dots_with_no_batch_dims, dots or full")
     p.add_argument("--search", action="store_true", help="largest per-chip batch and best remat per stage")
+    p.add_argument(
+        "--fit-batch", type=int, default=0,
+        help="the remat policy with the least recomputation that fits this per-chip batch",
+    )  # fmt: skip
+    p.add_argument(
+        "--search-within", type=float, default=0.05,
+        help="stop once a failing batch is at most this fraction above the largest fit (0: exact)",
+    )  # fmt: skip
     p.add_argument("--save", default="", help="write the compiled step here (serialize_executable)")
     p.add_argument("--json", default="", help="write the reports here")
     return p
@@ -308,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             seq_len=args.seq_len,
             remat=args.remat,
             search=args.search,
+            search_within=args.search_within,
+            fit_batch=args.fit_batch,
             save=args.save,
             json_path=args.json,
         )

@@ -43,10 +43,16 @@ def table(r: TrainCompile) -> str:
             ),  # fmt: skip
             (
                 "FLOPs per step",
-                f"model {flops(r.flops_model)} (outside kernels {flops(r.flops_model_in_hlo)}), "
-                f"compiled {flops(r.flops_compiled)}, ratio {r.flops_ratio:.3f}",
+                f"model {flops(r.flops_model)}, + remat {r.remat} recomputes {flops(r.flops_recompute)}; "
+                f"outside kernels {flops(r.flops_model_in_hlo)}, compiled {flops(r.flops_compiled)}, "
+                f"ratio {r.flops_ratio:.3f}",
             ),  # fmt: skip
             ("step time at peak", f"{r.min_step_seconds * 1e3:.1f} ms (compiled FLOPs / chips / peak bf16 rate)"),
+            (
+                "HBM traffic",
+                f"{gib(r.hbm_traffic_bytes)} per chip per step: {r.min_step_seconds_hbm * 1e3:.1f} ms at "
+                f"{r.hbm_bytes_per_s / 1e9:.0f} GB/s",
+            ),  # fmt: skip
             ("collectives", "; ".join(f"{k} {c} ({gib(b)})" for k, (c, b) in r.collectives.items()) or "none"),
             ("kernels", ", ".join(f"{k} x{c}" for k, c in r.kernel_calls.items()) or "none"),
         ]
@@ -54,15 +60,21 @@ def table(r: TrainCompile) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def search_table(best: dict[str, TrainCompile | None], winner: TrainCompile | None) -> str:
-    """Per remat policy: its largest per-chip batch, or that it fails at the winner's batch; the winner marked."""
-    lines = ["| remat | per-chip batch | fits | peak | |", "|---|---|---|---|---|"]
+def search_table(
+    best: dict[str, TrainCompile | None], winner: TrainCompile | None, attempts: list[TrainCompile] = ()
+) -> str:
+    """Per remat policy: its largest per-chip batch found (and the smallest that failed above it, among
+    `attempts`), or that it fails at the winner's batch; the winner marked."""
+    from owl_jax.aot.search import smallest_failure
+
+    lines = ["| remat | per-chip batch | fits | peak | fails at | |", "|---|---|---|---|---|---|"]
     for policy, r in best.items():
         if r is None:
-            lines.append(f"| {policy} | | not even 1 row | | |")
+            lines.append(f"| {policy} | | not even 1 row | | | |")
         elif not r.fits:
-            lines.append(f"| {policy} | {r.per_chip_batch} | no: {r.error} | | |")
+            lines.append(f"| {policy} | {r.per_chip_batch} | no: {r.error} | | | |")
         else:
             mark = "chosen" if r is winner else ""
-            lines.append(f"| {policy} | {r.per_chip_batch} | yes | {gib(r.memory['peak_bytes'])} | {mark} |")
+            above = smallest_failure(list(attempts), r) or ""
+            lines.append(f"| {policy} | {r.per_chip_batch} | yes | {gib(r.memory['peak_bytes'])} | {above} | {mark} |")
     return "\n".join(lines)

@@ -25,10 +25,11 @@ REMAT_ORDER = ("none", "dots", "dots_with_no_batch_dims", "full")
 
 
 def largest_batch(
-    compile_at: Callable[[int], TrainCompile], *, start: int = 1, limit: int = 4096
+    compile_at: Callable[[int], TrainCompile], *, start: int = 1, limit: int = 4096, within: float = 0.0
 ) -> tuple[TrainCompile | None, list[TrainCompile]]:
     """The report of the largest batch in [1, limit] that `compile_at(batch)` fits (None if not even 1 does),
-    and every attempt in order."""
+    and every attempt in order. `within` > 0 stops the bisection once the smallest failing batch is at most
+    that fraction above the largest fit (0: the exact largest)."""
     attempts: dict[int, TrainCompile] = {}
 
     def fits(batch: int) -> bool:
@@ -44,7 +45,7 @@ def largest_batch(
         low = batch
         batch = min(limit + 1, max(low + 1, _extrapolated(attempts, low) or 2 * low))
     interpolate = True
-    while high - low > 1:
+    while high - low > max(1, within * low):
         guess = _interpolated(attempts, low, high) if interpolate else None
         mid = guess if guess is not None and low < guess < high else (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
@@ -82,6 +83,7 @@ def best_remat(
     policies: tuple[str, ...] = REMAT_ORDER,
     start: int = 1,
     limit: int = 4096,
+    within: float = 0.0,
 ) -> tuple[TrainCompile | None, dict[str, TrainCompile | None], list[TrainCompile]]:
     """The winning report, each policy's report at its largest batch found (or its failure at the winner's
     batch; None if nothing fits), and every attempt. `compile_at(policy, batch)` compiles one."""
@@ -90,7 +92,7 @@ def best_remat(
     winner, attempts = None, []
     for policy in order:
         if winner is None:
-            found, tried = largest_batch(lambda b, p=policy: compile_at(p, b), start=start, limit=limit)
+            found, tried = largest_batch(lambda b, p=policy: compile_at(p, b), start=start, limit=limit, within=within)
             attempts += tried
             best[policy] = winner = found
             continue
@@ -100,3 +102,13 @@ def best_remat(
         if report.fits:
             winner = report
     return winner, {p: best.get(p) for p in REMAT_ORDER if p in best}, attempts
+
+
+def smallest_failure(attempts: list[TrainCompile], report: TrainCompile) -> int | None:
+    """The smallest batch above `report`'s that failed under its remat policy, among `attempts`."""
+    failed = [
+        a.per_chip_batch
+        for a in attempts
+        if not a.fits and a.remat == report.remat and a.per_chip_batch > report.per_chip_batch
+    ]
+    return min(failed, default=None)

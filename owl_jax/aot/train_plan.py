@@ -12,8 +12,9 @@ share their rows. The global batch is that × data × fsdp × the stage's `grad_
 Compiled FLOPs are `analysis.matmul_flops` (every dot and convolution, loop bodies × trip count) × devices.
 The splash kernel's FLOPs are invisible there, so the model count they are compared with leaves out what the
 kernel computes (the LLM's causal attention, `train_step_flops` with full minus halved causal attention)
-when the program calls it. Recomputation shows as a ratio above 1: the remat policy's, and the chunked
-loss's head, which runs again in the backward pass.
+when the program calls it. The count adds what the remat policy recomputes (`recompute_flops`); a ratio
+above 1 is recomputation it does not model, such as the chunked loss's head running again in the backward
+pass.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ class TrainCompile:
     error: str = ""  # why it does not fit (or failed), in one line
     needed_bytes: int = 0  # what the compiler said it would need, when it ran out of HBM
     flops_model: float = 0.0  # train_step_flops, global, causal attention halved (the MFU convention)
-    flops_model_in_hlo: float = 0.0  # the part of flops_model outside custom-call kernels
+    flops_recompute: float = 0.0  # what the remat policy adds (training.flops.recompute_flops), global
+    flops_model_in_hlo: float = 0.0  # the part of flops_model + flops_recompute outside custom-call kernels
     flops_compiled: float = 0.0  # HLO matmul FLOPs, global
+    hbm_traffic_bytes: float = 0.0  # per chip per step (`traffic.hbm_bytes`)
+    hbm_bytes_per_s: float = 0.0  # the chip's HBM bandwidth
     kernel_calls: dict[str, int] = dataclasses.field(default_factory=dict)
     collectives: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     trainable_params: int = 0
@@ -70,9 +74,18 @@ class TrainCompile:
         """The step's time with every chip at its peak bf16 rate on the compiled FLOPs (a lower bound)."""
         return self.flops_compiled / (self.chips * self.peak_flops_per_chip) if self.peak_flops_per_chip else 0.0
 
+    @property
+    def min_step_seconds_hbm(self) -> float:
+        """The step's time moving its HBM traffic at the chip's full bandwidth (a lower bound)."""
+        return self.hbm_traffic_bytes / self.hbm_bytes_per_s if self.hbm_bytes_per_s else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(flops_ratio=self.flops_ratio, min_step_seconds=self.min_step_seconds)
+        d.update(
+            flops_ratio=self.flops_ratio,
+            min_step_seconds=self.min_step_seconds,
+            min_step_seconds_hbm=self.min_step_seconds_hbm,
+        )
         d["collectives"] = {k: {"count": c, "bytes": b} for k, (c, b) in self.collectives.items()}
         return d
 
@@ -126,7 +139,7 @@ def compile_train_step(
     """
     import jax
 
-    from owl_jax.aot import analysis
+    from owl_jax.aot import analysis, traffic
     from owl_jax.config import ConfigError
     from owl_jax.ops.numerics import compiling_for
     from owl_jax.sharding import make_mesh
@@ -168,6 +181,7 @@ def compile_train_step(
         fits=False,
         hbm_bytes=target.chip.hbm_bytes,
         peak_flops_per_chip=target.chip.peak_bf16_flops,
+        hbm_bytes_per_s=target.chip.hbm_bytes_per_s,
     )
     say = log or (lambda line: None)
     say(f"compiling {stage_name} ({stage.kind}) for {target.name}: mesh {mesh_text} (data x fsdp x tensor), "
@@ -211,13 +225,16 @@ def compile_train_step(
     report.collectives = analysis.collective_summary(module)
     report.kernel_calls = analysis.kernel_calls(module)
     report.flops_compiled = analysis.matmul_flops(module) * target.num_chips
+    report.hbm_traffic_bytes = traffic.hbm_bytes(module)
     encoded = 0 if stage.data.drop_images else rows * images  # as the training loop counts them
     count = dict(rows=rows, seq_len=seq_len, images=encoded, train_abstractor=stage.train_abstractor)
     report.flops_model = train_step_flops(cfg, stage.kind, **count)
+    hardware = train_step_flops(cfg, stage.kind, remat=remat, **count)  # with the policy's recomputation
+    report.flops_recompute = hardware - report.flops_model
     in_kernels = 0.0
     if any(name.startswith("splash") for name in report.kernel_calls):  # the LLM's causal attention
-        in_kernels = train_step_flops(cfg, stage.kind, causal_half=False, **count) - report.flops_model
-    report.flops_model_in_hlo = report.flops_model - in_kernels
+        in_kernels = train_step_flops(cfg, stage.kind, causal_half=False, remat=remat, **count) - hardware
+    report.flops_model_in_hlo = hardware - in_kernels
     if save:
         save_executable(compiled, save)
     peak = report.memory["peak_bytes"]
