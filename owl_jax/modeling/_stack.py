@@ -14,11 +14,17 @@ import jax
 from flax import nnx
 
 from owl_jax import ops
+from owl_jax.ops.matmul import WEIGHT_MATMUL
 
+_WEIGHT_PRODUCTS = jax.checkpoint_policies.save_only_these_names(WEIGHT_MATMUL)
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # every matmul's output (a weight's product inside a custom rule is seen by its name, not as a dot)
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable, _WEIGHT_PRODUCTS),
+    # the weights' products only: attention's batched products are recomputed
+    "dots_with_no_batch_dims": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _WEIGHT_PRODUCTS
+    ),
 }
 
 
