@@ -1,290 +1,93 @@
 #!/usr/bin/env python
-"""Load test of the HTTP server: many concurrent connections, some of them hostile.
+"""Load test of the HTTP server: throughput under concurrency, and many connections, some of them hostile.
 
     python benchmarks/serve_load.py [--url http://127.0.0.1:8000] [--requests 1000] [--concurrency 48]
         [--malformed 0.1] [--max-tokens 2] [--stream 0.2] [--seed 0] [--json results.json]
+    python benchmarks/serve_load.py --sweep 1,4,16,32 [--requests N] [--seconds 60] [--max-tokens 32]
+    python benchmarks/serve_load.py --hostile 0.1 [--requests 2000] [--concurrency 16] [--max-tokens 32]
+        [--stream 0.5] [--server-pid PID] [--rss-from 200] [--max-rss-growth-mib 64]
 
 Without `--url` it starts `owl-serve` (`python -m owl_jax.serve`) on the tiny reference fixture in a
-subprocess on a free port, and stops it with SIGTERM at the end. Each request opens its own connection
-(`--concurrency` at a time); a `--malformed` fraction of them are hostile (invalid JSON, wrong types,
-lone surrogates, deep nesting, wrong Content-Type or Content-Length, bad image URLs, ...) and must get a
-4xx; the others are short greedy chat completions (a `--stream` fraction of them streamed) and must get
-a 200. It prints one table: connection resets, other connection errors, status counts, 5xx, answers of
-the wrong kind (a 4xx for a valid request or a 2xx for a malformed one), p50/p99 latency, and whether the
-server still answers a normal request afterwards (and, when it started the server, the server's
-tracebacks and exit status).
+subprocess on a free port, and stops it with SIGTERM at the end. Only loopback addresses are accepted for
+`--url`. Every run is bounded: a number of requests, each with a `--timeout`.
 
-Only loopback addresses are accepted for `--url`. The run is bounded: `--requests` requests, each with a
-`--timeout`.
+Malformed requests (the default mode): each request opens its own connection (`--concurrency` at a
+time); a `--malformed` fraction of them are hostile (invalid JSON, wrong types, lone surrogates, deep
+nesting, wrong Content-Type or Content-Length, bad image URLs, ...) and must get a 4xx; the others are
+short greedy chat completions (a `--stream` fraction of them streamed) and must get a 200. It prints one
+table: connection resets, other connection errors, status counts, 5xx, answers of the wrong kind (a 4xx
+for a valid request or a 2xx for a malformed one), p50/p99 latency, and whether the server still answers
+a normal request afterwards (and, when it started the server, the server's tracebacks and exit status).
+
+Throughput (`--sweep 1,4,16,32`): 16 fixed greedy prompts (some with images as data URLs), streamed,
+`--max-tokens` each, are first served alone in turn (untimed: the server compiles its programs; their
+answers are the solo answers). Then, for each concurrency of the sweep, that many clients send the
+prompts in turn, each its next request once its last is answered: `--requests` per concurrency (default
+max(32, 8 × concurrency)), none started after `--seconds`. One table row per concurrency: requests,
+completion tokens/s and answered requests/s (of the level's wall time), p50/p95 time to the first text
+chunk, p50/p95 time between text chunks (the per-token latency a client sees), errors, and answers that
+differ from the solo ones. Exits 1 if any request failed or differed.
+
+Mixed and hostile (`--hostile 0.1`): the fixed prompts are served alone first (their solo answers); then
+`--requests` requests at `--concurrency`, a `--hostile` fraction of them hostile in turn (JSON cut short,
+with trailing bytes or not UTF-8, a truncated PNG, a PNG claiming 100000×100000 pixels, a non-image; and
+clients that disconnect after the first streamed chunk or right after sending), the rest the fixed
+prompts (a `--stream` fraction streamed). Checks: no 5xx; every hostile body refused with a 4xx; every
+well-formed request answered, with its prompt's solo answer; a normal request answered at the end; and
+the server's RSS (VmRSS from /proc, of the server it started, or of `--server-pid`; not measured with
+`--url` alone) grown by at most `--max-rss-growth-mib` from the `--rss-from`-th answered request to the
+last. Prints a table and the checks, and exits 1 when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import concurrent.futures
-import dataclasses
-import http.client
-import ipaddress
 import json
 import os
-import random
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-FIXTURE = os.path.join(REPO, "tests", "fixtures", "mplug_owl_tiny")
-CHAT = "/v1/chat/completions"
-JSON = {"Content-Type": "application/json"}
-PNG_1x1 = (
-    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+# The default mode lives in its own module; its names stay importable from here.
+from benchmarks import _serve_modes as modes  # noqa: E402
+from benchmarks._serve_malformed import (  # noqa: E402
+    CHAT,
+    JSON,
+    Outcome,
+    Request,
+    alive,
+    loopback,
+    make_requests,
+    malformed_requests,
+    report,
+    run_load,
+    send,
+    valid_body,
 )
 
-
-@dataclasses.dataclass
-class Request:
-    """One request to send: `body` bytes (or None), headers, whether the server must refuse it (4xx)."""
-
-    kind: str
-    body: bytes | None
-    headers: dict
-    malformed: bool
-    method: str = "POST"
-    path: str = CHAT
-    content_length: int | None = None  # a wrong Content-Length to announce (the body is still sent whole)
-
-
-def valid_body(max_tokens: int, stream: bool, text: str = "hi") -> dict:
-    return {
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": stream,
-    }
-
-
-def malformed_requests(max_tokens: int) -> list[Request]:
-    """The hostile requests the load mixes in; each must get a 4xx."""
-
-    def body(obj) -> bytes:
-        return json.dumps(obj).encode()
-
-    ok = valid_body(max_tokens, False)
-    user = lambda content: {**ok, "messages": [{"role": "user", "content": content}]}  # noqa: E731
-    image = lambda url: user([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}])  # noqa: E731
-    out = [
-        Request("invalid JSON", b'{"messages": [', JSON, True),
-        Request("not UTF-8", b'{"messages": "\xff\xfe"}', JSON, True),
-        Request("lone surrogate", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', JSON, True),
-        Request("deep nesting", b"[" * 50_000 + b"]" * 50_000, JSON, True),
-        Request(
-            "NaN temperature", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', JSON, True
-        ),
-        Request("huge integer", body({**ok, "temperature": 10**400}), JSON, True),
-        Request("negative max_tokens", body({**ok, "max_tokens": -1}), JSON, True),
-        Request("top_p 0", body({**ok, "top_p": 0}), JSON, True),
-        Request("messages missing", body({"max_tokens": max_tokens}), JSON, True),
-        Request("messages a string", body({**ok, "messages": "hi"}), JSON, True),
-        Request("content a number", body(user(5)), JSON, True),
-        Request("part type wrong", body(user([{"type": "audio", "audio": "x"}])), JSON, True),
-        Request("part not an object", body(user(["hi"])), JSON, True),
-        Request("role unknown", body({**ok, "messages": [{"role": "robot", "content": "hi"}]}), JSON, True),
-        Request("body an array", body([ok]), JSON, True),
-        Request("image not base64", body(image("data:image/png;base64,@@@")), JSON, True),
-        Request("image not an image", body(image("data:image/png;base64,aGVsbG8=")), JSON, True),
-        Request("image over http", body(image("http://127.0.0.1/a.png")), JSON, True),
-        Request("image local path", body(image("/etc/passwd")), JSON, True),
-        Request("wrong Content-Type", body(ok), {"Content-Type": "text/plain"}, True),
-        Request("no Content-Type", body(ok), {}, True),
-        Request("Content-Length too small", body(ok), JSON, True, content_length=5),
-        Request("Content-Length not a number", body(ok), {**JSON, "Content-Length": "lots"}, True),
-        Request("unknown model", body({**ok, "model": "gpt-4"}), JSON, True),
-        Request("GET on chat", None, {}, True, method="GET"),
-        Request("unknown path", body(ok), JSON, True, path="/v1/nothing"),
-    ]
-    return out
-
-
-def make_requests(n: int, malformed: float, max_tokens: int, stream: float, seed: int) -> list[Request]:
-    """`n` requests, `round(n * malformed)` of them hostile, in a shuffled order (the same for a seed)."""
-    rng = random.Random(seed)
-    bad = malformed_requests(max_tokens)
-    n_bad = round(n * malformed)
-    out = [bad[i % len(bad)] for i in range(n_bad)]
-    for i in range(n - n_bad):
-        streamed = rng.random() < stream
-        with_image = i % 10 == 0
-        obj = valid_body(max_tokens, streamed)
-        if with_image:
-            obj["messages"][0]["content"] = [
-                {"type": "image_url", "image_url": {"url": PNG_1x1}},
-                {"type": "text", "text": "What is this?"},
-            ]
-        kind = ("streamed" if streamed else "plain") + (" + image" if with_image else "")
-        out.append(Request(kind, json.dumps(obj).encode(), JSON, False))
-    rng.shuffle(out)
-    return out
-
-
-@dataclasses.dataclass
-class Outcome:
-    request: Request
-    status: int | None = None  # None: no HTTP answer
-    error: str | None = None  # "reset", "timeout", "refused" or another connection error
-    seconds: float = 0.0
-    detail: str = ""
-
-
-RESET = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected)
-
-
-def send(host: str, port: int, request: Request, timeout: float) -> Outcome:
-    """Send one request on a fresh connection and read the whole answer."""
-    out = Outcome(request)
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.putrequest(request.method, request.path, skip_accept_encoding=True)
-        headers = dict(request.headers)
-        if request.body is not None and "Content-Length" not in headers:
-            length = request.content_length if request.content_length is not None else len(request.body)
-            headers["Content-Length"] = str(length)
-        for key, value in headers.items():
-            conn.putheader(key, value)
-        conn.endheaders(request.body)
-        response = conn.getresponse()
-        data = response.read()
-        out.status = response.status
-        if 400 <= response.status < 500:
-            try:
-                message = json.loads(data)["error"]["message"]
-                if not isinstance(message, str) or not message:
-                    raise ValueError
-            except (ValueError, KeyError, TypeError):
-                out.detail = "a 4xx without a JSON error message"
-        elif response.status == 200 and request.path == CHAT:
-            text = data.decode("utf-8", "replace")
-            if not text.startswith("data: "):
-                if "choices" not in json.loads(data):
-                    out.detail = "a 200 without choices"
-            elif not text.endswith("data: [DONE]\n\n"):
-                out.detail = "a stream without data: [DONE]"
-            elif '\ndata: {"error"' in "\n" + text:
-                out.detail = "a stream that ended in an error"
-    except RESET as e:
-        out.error, out.detail = "reset", type(e).__name__
-    except ConnectionRefusedError:
-        out.error = "refused"
-    except TimeoutError:
-        out.error = "timeout"
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        out.error, out.detail = "other", f"{type(e).__name__}: {e}"
-    finally:
-        conn.close()
-        out.seconds = time.perf_counter() - start
-    return out
-
-
-def alive(host: str, port: int, timeout: float, max_tokens: int) -> bool:
-    """Whether the server answers /health and a normal chat request."""
-    health = send(host, port, Request("health", None, {}, False, method="GET", path="/health"), timeout)
-    chat = send(host, port, Request("plain", json.dumps(valid_body(max_tokens, False)).encode(), JSON, False), timeout)
-    return health.status == 200 and chat.status == 200
-
-
-def run_load(
-    url: str,
-    requests: int = 1000,
-    concurrency: int = 48,
-    malformed: float = 0.1,
-    *,
-    max_tokens: int = 2,
-    stream: float = 0.2,
-    seed: int = 0,
-    timeout: float = 60.0,
-    warmup: bool = True,
-) -> dict:
-    """Send the load to the server at `url`; returns the summary `report` prints.
-
-    With `warmup`, one valid request of each kind (plain, streamed, with an image) is sent first and not
-    counted, so that the latencies are not those of the server compiling its programs."""
-    parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname, parts.port or 80
-    if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
-        raise SystemExit(f"--url must be a loopback address (127.0.0.0/8 or localhost), got {host!r}")
-    todo = make_requests(requests, malformed, max_tokens, stream, seed)
-    if warmup:  # one valid request of each kind first, untimed: the server compiles its programs on first use
-        for kind in sorted({r.kind for r in todo if not r.malformed}):
-            send(host, port, next(r for r in todo if r.kind == kind), timeout)
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        outcomes = list(pool.map(lambda r: send(host, port, r, timeout), todo))
-    wall = time.perf_counter() - start
-    statuses = collections.Counter(o.status for o in outcomes if o.status is not None)
-    errors = collections.Counter(o.error for o in outcomes if o.error is not None)
-    wrong = [
-        o
-        for o in outcomes
-        if o.status is not None
-        and (
-            o.detail
-            or (o.request.malformed and not 400 <= o.status < 500)
-            or (not o.request.malformed and o.status != 200)
-        )
-    ]
-    answered = sorted(o.seconds for o in outcomes if o.status is not None)
-    q = statistics.quantiles(answered, n=100, method="inclusive") if len(answered) > 1 else answered * 99
-    return {
-        "url": url,
-        "requests": requests,
-        "concurrency": concurrency,
-        "malformed": sum(r.malformed for r in todo),
-        "resets": errors.get("reset", 0),
-        "connection_errors": dict(errors),
-        "status_counts": {str(k): v for k, v in sorted(statuses.items())},
-        "5xx": sum(v for k, v in statuses.items() if k >= 500),
-        "wrong_answers": len(wrong),
-        "wrong_examples": sorted({f"{o.request.kind}: {o.status} {o.detail}".strip() for o in wrong})[:10],
-        "p50_ms": round(1000 * q[49], 1) if q else None,
-        "p99_ms": round(1000 * q[98], 1) if q else None,
-        "requests_per_s": round(requests / wall, 1),
-        "alive": alive(host, port, timeout, max_tokens),
-    }
-
-
-def report(summary: dict) -> str:
-    """The summary as a small Markdown table (plus the wrong answers, if any)."""
-    statuses = ", ".join(f"{k}: {v}" for k, v in summary["status_counts"].items()) or "none"
-    errors = ", ".join(f"{k}: {v}" for k, v in summary["connection_errors"].items()) or "none"
-    rows = [
-        ("requests (malformed)", f"{summary['requests']} ({summary['malformed']})"),
-        ("concurrency", summary["concurrency"]),
-        ("connection resets", summary["resets"]),
-        ("connection errors", errors),
-        ("status counts", statuses),
-        ("5xx", summary["5xx"]),
-        ("wrong answers", summary["wrong_answers"]),
-        ("latency p50 / p99 (ms)", f"{summary['p50_ms']} / {summary['p99_ms']}"),
-        ("requests/s", summary["requests_per_s"]),
-        ("alive afterwards", "yes" if summary["alive"] else "NO"),
-    ]
-    if "server_tracebacks" in summary:
-        rows.append(("server tracebacks", summary["server_tracebacks"]))
-        rows.append(("server exit status (SIGTERM)", summary["server_exit"]))
-    lines = ["| | |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in rows]
-    for example in summary["wrong_examples"]:
-        lines.append(f"wrong: {example}")
-    return "\n".join(lines)
+__all__ = [
+    "CHAT",
+    "JSON",
+    "Outcome",
+    "Request",
+    "TinyServer",
+    "alive",
+    "loopback",
+    "main",
+    "make_requests",
+    "malformed_requests",
+    "report",
+    "run_load",
+    "send",
+    "valid_body",
+]
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "mplug_owl_tiny")
 
 
 class TinyServer:
@@ -337,29 +140,85 @@ class TinyServer:
         return self.proc.returncode
 
 
-def main() -> None:
+def parse_levels(text: str) -> list[int]:
+    """`--sweep` "1,4,16,32" → [1, 4, 16, 32] (argparse type: positive integers, comma-separated)."""
+    try:
+        levels = [int(part) for part in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return levels
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="a running server (loopback only); default: start one on the fixture")
     p.add_argument("--checkpoint", default=None, help="the checkpoint of the started server (default: tiny fixture)")
-    p.add_argument("--requests", type=int, default=1000)
-    p.add_argument("--concurrency", type=int, default=48)
-    p.add_argument("--malformed", type=float, default=0.1, help="fraction of hostile requests (default 0.1)")
-    p.add_argument("--stream", type=float, default=0.2, help="fraction of the valid requests streamed (0.2)")
-    p.add_argument("--max-tokens", type=int, default=2, help="max_tokens of the valid requests (default 2)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
+    p.add_argument("--sweep", type=parse_levels, default=None, help="throughput at these concurrencies, e.g. 1,4,16")
+    p.add_argument("--hostile", type=float, default=None, help="the mixed run, with this fraction hostile (0.1)")
+    p.add_argument("--requests", type=int, default=None, help="requests (default 1000; --hostile 2000; see --sweep)")
+    p.add_argument("--concurrency", type=int, default=None, help="connections at a time (48; --hostile 16)")
+    p.add_argument("--malformed", type=float, default=None, help="fraction of malformed requests (default 0.1)")
+    p.add_argument(
+        "--stream", type=float, default=None, help="fraction of valid requests streamed (0.2; --hostile 0.5)"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="max_tokens of valid requests (2; --sweep, --hostile 32)"
+    )
+    p.add_argument("--seconds", type=float, default=60.0, help="--sweep: no request starts after this, per level")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds one request may take (60; --sweep, --hostile 120)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-warmup", action="store_true", help="time the server's first requests too (compiling)")
+    p.add_argument("--no-warmup", action="store_true", help="default mode: time the first requests too")
+    p.add_argument("--server-pid", type=int, default=None, help="--hostile with --url: the server process, for RSS")
+    p.add_argument("--rss-from", type=int, default=200, help="--hostile: RSS growth from this answered request (200)")
+    p.add_argument("--max-rss-growth-mib", type=float, default=64.0, help="--hostile: the RSS check's bound (64)")
     p.add_argument("--json", default=None, help="also write the summary here")
-    args = p.parse_args()
-    if args.requests < 1 or args.concurrency < 1 or not 0 <= args.malformed <= 1 or not 0 <= args.stream <= 1:
-        p.error("--requests and --concurrency must be positive, --malformed and --stream in [0, 1]")
-    server = None
-    if args.url is None:
-        print("starting the server on the tiny fixture ...", file=sys.stderr, flush=True)
-        server = TinyServer(args.checkpoint, max_new_tokens=max(8, args.max_tokens))
-        args.url = server.url
-    try:
-        print(f"{args.requests} requests to {args.url} ...", file=sys.stderr, flush=True)
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse contradictory or out-of-range flags (exit 2), then fill in each mode's defaults."""
+    if args.sweep is not None and args.hostile is not None:
+        p.error("--sweep and --hostile are separate runs; give one of them")
+    if args.malformed is not None and (args.sweep is not None or args.hostile is not None):
+        p.error("--malformed belongs to the default mode; --hostile sets the hostile fraction of the mixed run")
+    if args.sweep is not None and (args.concurrency is not None or args.stream is not None):
+        p.error("--sweep sets the concurrencies and streams every request; drop --concurrency and --stream")
+    if args.url is not None:
+        try:
+            loopback(args.url)
+        except SystemExit as e:
+            p.error(str(e))
+    if args.server_pid is not None and not os.path.exists(f"/proc/{args.server_pid}/status"):
+        p.error(f"--server-pid: no process {args.server_pid} (or no /proc to read its memory from)")
+    new_mode = args.sweep is not None or args.hostile is not None
+    mixed = args.hostile is not None
+    defaults = {
+        "requests": 2000 if mixed else None if args.sweep else 1000,
+        "concurrency": 16 if mixed else 48,
+        "malformed": 0.1,
+        "stream": 0.5 if mixed else 0.2,
+        "max_tokens": 32 if new_mode else 2,
+        "timeout": 120.0 if new_mode else 60.0,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    fractions = [args.malformed, args.stream] + ([args.hostile] if mixed else [])
+    if (args.requests is not None and args.requests < 1) or args.concurrency < 1 or args.max_tokens < 1:
+        p.error("--requests, --concurrency and --max-tokens must be positive")
+    if not all(0 <= f <= 1 for f in fractions):
+        p.error("--malformed, --stream and --hostile must be in [0, 1]")
+    if args.seconds <= 0 or args.timeout <= 0 or args.rss_from < 1 or args.max_rss_growth_mib < 0:
+        p.error("--seconds, --timeout and --rss-from must be positive, --max-rss-growth-mib not negative")
+
+
+def _run(args: argparse.Namespace, server_pid: int | None) -> tuple[dict, str, bool]:
+    """The chosen mode's summary, its table and whether its checks hold."""
+    if args.sweep is None and args.hostile is None:
         summary = run_load(
             args.url,
             args.requests,
@@ -371,16 +230,69 @@ def main() -> None:
             timeout=args.timeout,
             warmup=not args.no_warmup,
         )
+        return summary, "", True
+    host, port = loopback(args.url)
+    if args.sweep is not None:
+        summary = modes.run_sweep(
+            host,
+            port,
+            args.sweep,
+            max_tokens=args.max_tokens,
+            requests=args.requests,
+            seconds=args.seconds,
+            timeout=args.timeout,
+        )
+        ok = all(row["errors"] == 0 and row["differ_from_solo"] == 0 for row in summary["levels"])
+        return summary, "sweep", ok
+    summary = modes.run_mixed(
+        host,
+        port,
+        args.requests,
+        args.concurrency,
+        args.hostile,
+        max_tokens=args.max_tokens,
+        stream=args.stream,
+        seed=args.seed,
+        timeout=args.timeout,
+        server_pid=server_pid,
+        rss_from=args.rss_from,
+        max_rss_growth_mib=args.max_rss_growth_mib,
+    )
+    return summary, "mixed", all(v is not False for v in summary["checks"].values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the load test the flags describe; returns the exit status (1: a check failed)."""
+    p = _parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    server, server_pid = None, args.server_pid
+    if args.url is None:
+        print("starting the server on the tiny fixture ...", file=sys.stderr, flush=True)
+        server = TinyServer(args.checkpoint, max_new_tokens=max(8, args.max_tokens))
+        args.url, server_pid = server.url, server.proc.pid
+    try:
+        print(f"load test of {args.url} ...", file=sys.stderr, flush=True)
+        summary, kind, ok = _run(args, server_pid)
     finally:
         if server is not None:
             exit_status = server.stop()
     if server is not None:
         summary["server_tracebacks"], summary["server_exit"] = server.tracebacks, exit_status
-    print(report(summary))
+    if kind == "sweep":
+        table = modes.sweep_table(summary)
+        if server is not None:
+            table += f"\nserver tracebacks: {server.tracebacks}; exit status (SIGTERM): {exit_status}"
+    elif kind == "mixed":
+        table = modes.mixed_table(summary)
+    else:
+        table = report(summary)
+    print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
