@@ -7,10 +7,10 @@
 
 Compiles every stage of the config's `run` (or `--stage`) for `--target` (`owl_jax.aot.targets`: v5p-256,
 v5e-256, v4-128, 2xv5e-256, v5e:2x2, ...) and prints one markdown table per compile: memory per chip against
-HBM, FLOPs per step, collectives, kernels. `--search` finds each stage's largest per-chip batch and the
-remat policy that allows it (`owl_jax.aot.search`; `--search-within 0` bisects to the exact batch, the
-default stops once a failure is within 5% above the largest fit). `--fit-batch N` instead finds the policy
-with the least recomputation that fits N rows per chip (a recipe's batch). `--model` names the architecture (7b: the released
+HBM, FLOPs per step, collectives, kernels. `--search` finds each stage's largest per-chip batch and the remat
+policy that allows it (`owl_jax.aot.search`; `--search-within 0` bisects to the exact batch, the default stops
+once a failure is within 5% above the largest fit). `--fit-batch N` instead finds the policy with the least
+recomputation that fits N rows per chip (a recipe's batch). `--model` names the architecture (7b: the released
 mPLUG-Owl LLaMA-7B; tiny; a file whose `get_config()` returns an OwlConfig); without it the config's own
 (`model.init=random`). Defaults come from the config: its mesh, `data.seq_len`, `model.remat_policy`, and a
 per-chip batch of the stage's `batch_size` over the data-parallel chips. `train.py --config X
