@@ -15,6 +15,7 @@ by that failure alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from owl_jax.aot.train_plan import TrainCompile
@@ -29,7 +30,7 @@ def largest_batch(
 ) -> tuple[TrainCompile | None, list[TrainCompile]]:
     """The report of the largest batch in [1, limit] that `compile_at(batch)` fits (None if not even 1 does),
     and every attempt in order. `within` > 0 stops the bisection once the smallest failing batch is at most
-    that fraction above the largest fit (0: the exact largest)."""
+    that fraction above the largest fit, rounded up to a whole row (0: the exact largest)."""
     attempts: dict[int, TrainCompile] = {}
 
     def fits(batch: int) -> bool:
@@ -43,14 +44,20 @@ def largest_batch(
             high = batch
             break
         low = batch
-        batch = min(limit + 1, max(low + 1, _extrapolated(attempts, low) or 2 * low))
+        # at least `within` above the last fit: a line through fits close to the HBM creeps up one row a time
+        batch = min(limit + 1, max(low + _tolerance(low, within), _extrapolated(attempts, low) or 2 * low))
     interpolate = True
-    while high - low > max(1, within * low):
+    while high - low > _tolerance(low, within):
         guess = _interpolated(attempts, low, high) if interpolate else None
         mid = guess if guess is not None and low < guess < high else (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
         interpolate = not interpolate  # every other step halves the interval, whatever the guesses do
     return (attempts[low] if low else None), list(attempts.values())
+
+
+def _tolerance(low: int, within: float) -> int:
+    """How far above the largest fit a failure may lie for the search to stop."""
+    return max(1, math.ceil(within * low))
 
 
 def _interpolated(attempts: dict[int, TrainCompile], low: int, high: int) -> int | None:
