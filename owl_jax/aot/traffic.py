@@ -149,39 +149,28 @@ def _use(body: Computation, name: str, module: HloModule, depth: int = 0):
     users = _users(body, name)
     if not users or depth > 8:
         return None
-    kinds, slices = set(), []
+    found = []  # per use: "in_place", the slices' shape string, or None (read whole)
     for u in users:
         if u.opcode == "dynamic-slice" and u.operands[0] == name:
-            kinds.add("slice")
-            slices.append(u.shape)
+            found.append(u.shape)
         elif u.opcode == "dynamic-update-slice" and u.operands[0] == name:
-            kinds.add("in_place")
+            found.append("in_place")
         elif u.opcode == "bitcast" or (u.opcode == "fusion" and len(u.operands) == 1):  # a view of the array
-            inner = _use(body, u.name, module, depth + 1)
-            kinds.add("in_place" if inner == "in_place" else "slice" if inner is not None else "whole")
-            slices += [inner] if inner not in (None, "in_place") else []
+            found.append(_use(body, u.name, module, depth + 1))
         elif u.opcode == "fusion" and u.callees() and u.callees()[0] in module.computations:
             nested = module.computations[u.callees()[0]]
-            inner_params = _parameters(nested)
-            for position, operand in enumerate(u.operands):
-                if operand != name:
-                    continue
-                inner = (
-                    _use(nested, inner_params[position].name, module, depth + 1) if position in inner_params else None
-                )
-                if inner == "in_place" and _source(body, u.name) and len(u.operands) >= 1:
-                    kinds.add("in_place")
-                elif inner is not None and inner != "in_place":
-                    kinds.add("slice")
-                    slices.append(inner)
-                else:
-                    kinds.add("whole")
+            params = _parameters(nested)
+            found += [
+                _use(nested, params[i].name, module, depth + 1) if i in params else None
+                for i, operand in enumerate(u.operands)
+                if operand == name
+            ]
         else:
-            kinds.add("whole")
-    if kinds == {"in_place"}:
+            found.append(None)
+    if all(f == "in_place" for f in found):
         return "in_place"
-    if kinds == {"slice"}:
-        return "(" + ", ".join(slices) + ")"
+    if all(f not in (None, "in_place") for f in found):
+        return "(" + ", ".join(found) + ")"
     return None
 
 

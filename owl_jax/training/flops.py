@@ -174,6 +174,8 @@ def recompute_flops(
     """
     if remat in ("none", "dots"):
         return 0.0
+    if remat not in ("full", "dots_with_no_batch_dims"):
+        raise ValueError(f"unknown remat policy {remat!r}; one of none, dots, dots_with_no_batch_dims, full")
     n = tower_matmul_params(cfg)
     v, a, t = cfg.vision, cfg.abstractor, cfg.text
     tokens_v, queries = images * v.num_positions, images * cfg.num_query_tokens
@@ -195,8 +197,6 @@ def recompute_flops(
         * rows
         * seq_len,
     }
-    if remat not in ("full", "dots_with_no_batch_dims"):
-        raise ValueError(f"unknown remat policy {remat!r}; one of none, dots, dots_with_no_batch_dims, full")
     total = 0.0
     for tower, runs in backward.items():
         if runs:
