@@ -153,6 +153,10 @@ def test_search_finds_the_largest_batch_in_few_compiles():
     assert found <= largest["full"] < failed <= found + math.ceil(0.1 * found)
     assert len(tried) <= len(attempts)
 
+    # starting at a fit close to the HBM: one more compile, the tolerance above it, settles the search
+    near_fit, tried = search.largest_batch(lambda b: compile_at("full", b), start=largest["full"] - 1, within=0.1)
+    assert near_fit.per_chip_batch == largest["full"] - 1 and len(tried) == 2 and not tried[1].fits
+
 
 def test_mistakes_end_in_one_line_with_status_2(capsys):
     from configs import default

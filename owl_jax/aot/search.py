@@ -1,11 +1,13 @@
 """The largest per-chip batch that fits, and the remat policy that allows the largest.
 
 Each attempt is a full compile (minutes for a 7B model on a small host); one that does not fit fails early, at
-the compiler's HBM check. `largest_batch` doubles from a starting batch, but after two fits it jumps to the
-batch the two peaks extrapolate to (peak memory is close to affine in the batch) instead of doubling through
-every fitting size; the first failure bounds a bisection over the integers between the last fit and it, whose
-every other step tries where the line from the last fit to the failure's own figure (what the compiler said
-it needed) crosses the HBM instead of the midpoint.
+the compiler's HBM check. Peak memory is close to affine in the batch, with a non-negative intercept (weights,
+optimizer state), so after one fit at batch b with peak p the limit lies at or above b * HBM / p: `largest_batch`
+jumps there (97% of it) instead of doubling; after two fits it jumps to where the line through them meets the
+HBM. The first failure bounds a bisection over the integers between the last fit and it, whose every other
+step tries where the line from the last fit to the failure's own figure (what the compiler said it needed)
+crosses the HBM instead of the midpoint. Every step lands at least the tolerance above the last fit, so a fit
+already close to the HBM is settled by one more compile.
 
 `best_remat` searches the policy with the most recomputation first (it allows the largest batch), then asks
 of each policy with less whether that batch still fits: one compile each. The winner is the largest batch,
@@ -45,10 +47,13 @@ def largest_batch(
             break
         low = batch
         # at least `within` above the last fit: a line through fits close to the HBM creeps up one row a time
-        batch = min(limit + 1, max(low + _tolerance(low, within), _extrapolated(attempts, low) or 2 * low))
+        guess = _extrapolated(attempts, low) or _proportional(attempts[low], low)
+        batch = min(limit + 1, max(low + _tolerance(low, within), guess))
     interpolate = True
     while high - low > _tolerance(low, within):
         guess = _interpolated(attempts, low, high) if interpolate else None
+        if guess is not None:  # never below the tolerance over the fit: a fit near the HBM ends in one step
+            guess = max(guess, low + _tolerance(low, within))
         mid = guess if guess is not None and low < guess < high else (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
         interpolate = not interpolate  # every other step halves the interval, whatever the guesses do
@@ -58,6 +63,12 @@ def largest_batch(
 def _tolerance(low: int, within: float) -> int:
     """How far above the largest fit a failure may lie for the search to stop."""
     return max(1, math.ceil(within * low))
+
+
+def _proportional(fit: TrainCompile, batch: int) -> int:
+    """A lower bound of the largest batch from one fit: 97% of HBM over the peak per row, intercept ignored."""
+    peak = fit.memory["peak_bytes"] if fit.memory else 0
+    return int(batch * 0.97 * fit.hbm_bytes / peak) if peak > 0 else 2 * batch
 
 
 def _interpolated(attempts: dict[int, TrainCompile], low: int, high: int) -> int | None:
