@@ -10,6 +10,7 @@ import jax
 from owl_jax.checkpoint import abstract_model, assemble, load_checkpoint
 from owl_jax.config import Numerics
 from owl_jax.modeling import Owl
+from owl_jax.quant.spec import QuantSpec
 
 
 def from_pretrained(
@@ -26,6 +27,7 @@ def from_pretrained(
     attention_impl: str | None = None,
     numerics: Numerics | None = None,
     show_progress: bool = True,
+    quantize: str | QuantSpec | None = None,
 ) -> tuple[Owl, Any]:
     """Load mPLUG-Owl for inference or further training.
 
@@ -43,6 +45,10 @@ def from_pretrained(
       scan_layers, remat_policy: how to run the layers (`OwlConfig`'s fields of those names).
       numerics: the routes of the model's arithmetic (`owl_jax.config.Numerics`; default: all "auto").
       attention_impl: shorthand for `numerics.attention`.
+      quantize: "int8" or "int4" (or a `owl_jax.quant.QuantSpec`): hold the language model's linear
+        weights as integers and scales (docs/quantization.md); each kernel is quantized as it is read. A
+        folder written quantized (`convert_weights.py import --quantize`) loads quantized without it (or
+        with its mode named).
 
     Returns:
       `(model, processor)`; `processor` is None when the folder holds no `tokenizer.model` or `tokenizer.json`.
@@ -57,6 +63,7 @@ def from_pretrained(
     )
     loaded = load_checkpoint(
         path,
+        quantize=quantize,
         weights_dtype=param_dtype,
         lora=None if lora is None else os.fspath(lora),
         merge_lora=merge_lora,

@@ -14,6 +14,8 @@ import os
 import re
 from typing import Any
 
+from owl_jax.quant.spec import QuantSpec
+
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "silu")
 DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
@@ -247,6 +249,9 @@ class OwlConfig:
     # queries with their own output projection in the abstractor. Images run the same way in both layouts.
     video: bool = False
     lora: LoRAConfig | None = None
+    # Weight-only quantization of linear layers (`owl_jax.quant.QuantSpec`): like `lora`, it changes the
+    # parameters the model holds (integers and scales in place of the selected kernels).
+    quant: QuantSpec | None = None
     # How to run (not part of the checkpoint).
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"
@@ -310,6 +315,11 @@ class OwlConfig:
             if not ok:
                 raise ConfigError(message)
         self.numerics.validate()
+        if self.quant is not None:
+            try:
+                self.quant.validate()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         return self
 
     # The released `MplugOwlConfig` layout (`owl_jax.hf_config`).

@@ -10,6 +10,11 @@ mesh named `data`, `fsdp` and `tensor`:
 
 A dimension that the mapped mesh axes do not divide evenly (e.g. the ViT's 257 positions) is replicated
 instead of failing, so small and odd-sized models run on any mesh.
+
+Quantized linear layers (`owl_jax.quant.QuantLinear`) need no rules of their own: `qvalue` carries its
+kernel's axes (int4's packed input pairs keep the input axis's name, so a shard unpacks on its own) and
+`qscale` the output axis's name, plus the input axis's on int4's group axis, so each shard of integers
+finds its groups' scales on the same device whenever the mesh divides the groups (else they replicate).
 """
 
 from __future__ import annotations

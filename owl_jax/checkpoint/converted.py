@@ -33,6 +33,7 @@ from owl_jax.checkpoint.errors import CheckpointError
 from owl_jax.checkpoint.folders import atomic_folder, copy_side_files, open_output
 from owl_jax.checkpoint.leaves import Path, PendingLeaf, flatten, largest_first, materialize, nest
 from owl_jax.config import ConfigError, LoRAConfig
+from owl_jax.quant.spec import QUANT_LEAVES, QuantSpec
 
 META_FILE = "owl_jax.json"
 PARAMS_DIR = "params"
@@ -83,6 +84,18 @@ def lora_config_of(meta: dict[str, Any], where: str = META_FILE) -> LoRAConfig |
         raise CheckpointError(f"{where}: lora is not a valid adapter config: {e}") from None
 
 
+def quant_spec_of(meta: dict[str, Any], where: str = META_FILE) -> QuantSpec | None:
+    """The quantization stored in `meta` (None for float weights); a malformed one raises `CheckpointError`
+    naming `where`."""
+    quant = meta.get("quantization")
+    if quant is None:
+        return None
+    try:
+        return QuantSpec.from_dict(quant, where=f"{where}: quantization")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(str(e)) from None
+
+
 def save_converted(
     out_dir: str,
     leaves: dict[Path, Any],
@@ -93,6 +106,7 @@ def save_converted(
     source: str = "",
     rotary_buffers: bool = True,
     overwrite: bool = False,
+    quant: QuantSpec | None = None,
 ) -> str:
     """Write a converted folder atomically; returns its path.
 
@@ -102,8 +116,10 @@ def save_converted(
       hf_config: the `config.json` dict to keep (the source's, unchanged).
       lora: the adapters' config when `leaves` holds `lora_a`/`lora_b` leaves.
       rotary_buffers: whether an export should write `rotary_emb.inv_freq` buffers (the released layout).
+      quant: the quantization of the `qvalue`/`qscale` leaves (`owl_jax.quant`), when `leaves` hold them.
     """
-    dtypes = sorted({str(np.dtype(v.dtype)) for p, v in leaves.items() if p[-1] not in ("lora_a", "lora_b")})
+    skip = ("lora_a", "lora_b", *QUANT_LEAVES)
+    dtypes = sorted({str(np.dtype(v.dtype)) for p, v in leaves.items() if p[-1] not in skip})
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         with open_output(os.path.join(tmp, "config.json")) as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
@@ -116,6 +132,7 @@ def save_converted(
             "lora": None if lora is None else lora.to_peft_dict(),
             "rotary_buffers": rotary_buffers,
             "source": source,
+            "quantization": None if quant is None else quant.to_dict(),
         }
         with open_output(os.path.join(tmp, META_FILE)) as f:
             json.dump(meta, f, indent=2)
@@ -259,7 +276,8 @@ def load_converted_leaves(
 
     Args:
       shapes: `{path: (shape, dtype)}` of the model to fill (from `leaves.leaf_shapes`).
-      dtype: cast to this dtype on restore; None keeps the stored dtypes.
+      dtype: cast to this dtype on restore; None keeps the stored dtypes. Quantized leaves (`qvalue`,
+        `qscale`) always keep theirs.
       shardings: place each leaf on these shardings (default: the first device).
       on_host: restore numpy arrays instead of device arrays.
 
@@ -283,7 +301,8 @@ def load_converted_leaves(
             f"{unexpected[:8]}, shape mismatches {misshaped[:8]}"
         )
 
-    target = {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(dtype) if dtype else m.dtype) for p, m in stored.items()}
+    cast = lambda p, m: np.dtype(dtype) if dtype and p[-1] not in QUANT_LEAVES else m.dtype
+    target = {p: jax.ShapeDtypeStruct(tuple(m.shape), cast(p, m)) for p, m in stored.items()}
     # Without shardings, each leaf is restored on the host and then placed, which holds less at once than
     # Orbax placing it; with shardings, Orbax reads only this process's shards.
     host_first = on_host or not shardings

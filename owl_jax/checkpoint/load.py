@@ -29,6 +29,8 @@ from owl_jax.checkpoint.released import open_released
 from owl_jax.checkpoint.streaming import KeyInventory, check_keys, keep_on_host, stream_leaves, to_devices
 from owl_jax.config import OwlConfig
 from owl_jax.hf_config import owl_config_from_hf, read_json_source
+from owl_jax.quant.load import quantize_loaded, quantized_for_import, resolve_quantization, stored_quantization
+from owl_jax.quant.spec import QUANT_LEAVES
 
 
 @dataclasses.dataclass
@@ -75,6 +77,7 @@ def open_checkpoint(
     path = os.path.abspath(path)
     hf_config = _read_hf_config(path)
     base_cfg = owl_config_from_hf(hf_config, where=os.path.join(path, "config.json"), **(runtime or {}))
+    base_cfg = base_cfg.replace(quant=None)  # the leaves as stored: quantized only if the folder says so
     lora_source = locate_lora(lora, lora_alpha=lora_alpha) if lora else None
 
     if not converted.is_converted(path):
@@ -91,7 +94,8 @@ def open_checkpoint(
             f"{path} already holds LoRA adapters; merge them first (export --merge-lora or "
             f"import --merge-lora) before applying another adapter"
         )
-    stored_cfg = base_cfg.replace(lora=stored_lora)
+    stored_quant = converted.quant_spec_of(meta, os.path.join(path, converted.META_FILE))
+    stored_cfg = base_cfg.replace(lora=stored_lora, quant=stored_quant)
     if stored_cfg.video:  # the abstractor's SwiGLU width of the weights (`layout.with_abstractor_width`)
         w1 = converted.stored_shapes(path).get(W1_PATH)
         stored_cfg = with_abstractor_width(stored_cfg, None if w1 is None else w1[-1])
@@ -112,7 +116,9 @@ def open_checkpoint(
     if lora_source is not None:
         leaves, cfg = _apply_adapter(leaves, cfg, lora_source, merge_lora, show_progress)
     if weights_dtype is not None:
-        leaves = {p: v.astype(np.dtype(weights_dtype), copy=False) for p, v in leaves.items()}
+        leaves = {
+            p: v if p[-1] in QUANT_LEAVES else v.astype(np.dtype(weights_dtype), copy=False) for p, v in leaves.items()
+        }
     if not on_host:
         finalize = _finalizer(cfg, mesh, on_host=False)
         leaves = {p: finalize(p, v) for p, v in leaves.items()}
@@ -126,6 +132,7 @@ def load_checkpoint(
     lora: str | None = None,
     merge_lora: bool = False,
     lora_alpha: float | None = None,
+    quantize: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     on_host: bool = False,
     show_progress: bool = True,
@@ -139,6 +146,8 @@ def load_checkpoint(
       lora: a peft adapter folder or trainer checkpoint to apply; `merge_lora` folds it (or adapters stored in
         a converted folder) into the base kernels.
       lora_alpha: the adapter's alpha when it has no `adapter_config.json`.
+      quantize: None, "int8", "int4", a dict of `QuantSpec` fields or a `QuantSpec`: the kernels it selects
+        are quantized as they are read (`owl_jax.quant.load`). None loads a quantized folder as stored.
       mesh: place leaves on their shards of this mesh (default: the first device); `on_host` keeps numpy.
       runtime: run-time config fields (`dtype`, `param_dtype`, `scan_layers`, ...) for the returned config.
 
@@ -146,6 +155,8 @@ def load_checkpoint(
       The config and `{path: array}` of every parameter of `Owl(config)`: `jax.Array`s, or numpy arrays
       with `on_host`. A released-layout folder is read one leaf at a time, each placed before the next is read.
     """
+    spec = resolve_quantization(path, quantize, merge_lora=merge_lora, lora=lora)
+    quantize_now = spec is not None and spec != stored_quantization(path)
     with open_checkpoint(
         path,
         weights_dtype=weights_dtype,
@@ -153,10 +164,12 @@ def load_checkpoint(
         merge_lora=merge_lora,
         lora_alpha=lora_alpha,
         mesh=mesh,
-        on_host=on_host,
+        on_host=on_host or quantize_now,
         show_progress=show_progress,
         runtime=runtime,
     ) as loaded:
+        if quantize_now:
+            return quantize_loaded(loaded, spec, mesh, on_host)
         if not converted.is_converted(loaded.source_dir):
             finalize = _finalizer(loaded.config, mesh, on_host)
             leaves = loaded.leaves
@@ -194,30 +207,40 @@ def import_checkpoint(
     lora: str | None = None,
     merge_lora: bool = False,
     lora_alpha: float | None = None,
+    quantize: Any = None,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> str:
     """HF folder (+ optional adapter) → converted folder; `dtype` None keeps the source's dtypes.
 
     Each parameter is read from the source just before it is written, so the import holds about one
-    parameter (plus the writer's copy of it) in memory, not the model. Returns the folder's path.
+    parameter (plus the writer's copy of it) in memory, not the model. With `quantize` (as in
+    `load_checkpoint`) the selected kernels are stored as integers and scales calibrated from the
+    source's values, and `dtype` casts only the leaves that stay float. Returns the folder's path.
     """
+    spec = resolve_quantization(hf_dir, quantize, merge_lora=merge_lora, lora=lora)
+    quantize_now = spec is not None and spec != stored_quantization(hf_dir)
     with open_checkpoint(
         hf_dir,
-        weights_dtype=dtype,
+        weights_dtype=None if quantize_now else dtype,
         lora=lora,
         merge_lora=merge_lora,
         lora_alpha=lora_alpha,
         on_host=True,
         show_progress=show_progress,
     ) as loaded:
+        leaves, cfg = loaded.leaves, loaded.config
+        if quantize_now:
+            cfg = cfg.replace(quant=spec)
+            leaves = quantized_for_import(leaves, cfg, dtype)
         return converted.save_converted(
             out_dir,
-            loaded.leaves,
+            leaves,
             hf_config=loaded.hf_config,
-            lora=loaded.config.lora,
+            lora=cfg.lora,
             side_files_from=loaded.source_dir,
             source=os.path.basename(loaded.source_dir),
             rotary_buffers=loaded.rotary_buffers,
             overwrite=overwrite,
+            quant=cfg.quant,
         )

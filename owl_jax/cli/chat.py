@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="hold the language model's linear weights as int8 or int4 (docs/quantization.md)",
+    )
+    p.add_argument(
         "--max-length",
         type=_number(int, "an integer >= 1", lambda v: v >= 1),
         default=2048,
@@ -190,7 +196,9 @@ def _chat(args: argparse.Namespace, videos: list) -> int:
     from owl_jax.inference.session import ChatSession
 
     try:
-        model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
+        model, processor = owl_jax.from_pretrained(
+            args.checkpoint, dtype=args.dtype, quantize=args.quantize, show_progress=False
+        )
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         return _fail(f"cannot load the checkpoint {args.checkpoint}: {_one_line(e)}")
     if processor is None:

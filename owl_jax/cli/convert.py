@@ -2,10 +2,14 @@
 layout and owl_jax.
 
     owl-convert import HF_DIR OUT_DIR [--dtype float32|bfloat16|float16] [--lora ADAPTER] [--merge-lora]
+                       [--quantize int8|int4 [--group-size 128] [--quantize-vision] [--quantize-lm-head]]
     owl-convert export CKPT_DIR OUT_DIR [--format safetensors|bin] [--merge-lora]
     owl-convert init --clip CLIP_DIR --llama LLAMA_DIR OUT_DIR [--num-query-tokens 64]
 
-`import` writes a folder that `owl_jax.from_pretrained` and `export` accept. `export` writes the released
+`import` writes a folder that `owl_jax.from_pretrained` and `export` accept; with `--quantize` the language
+model's linear weights are stored as int8 (per-channel scales) or int4 (per-group scales), each kernel
+quantized as it is read (docs/quantization.md), and `from_pretrained` loads the folder quantized
+(`export` refuses it: the float weights are gone). `export` writes the released
 layout (sharded, with an index) that the released PyTorch code loads with strict=True; LoRA parameters
 go to `OUT_DIR/adapter` as a peft adapter unless `--merge-lora`. `init` starts a fresh model (stage 1)
 from an HF CLIP vision tower and an HF LLaMA, with a randomly initialised abstractor.
@@ -41,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--lora", default=None, help="peft adapter folder or trainer checkpoint to add")
     imp.add_argument("--merge-lora", action="store_true", help="fold the adapter into the weights")
     imp.add_argument("--lora-alpha", type=float, default=None, help="adapter alpha when it has no adapter_config.json")
+    imp.add_argument(
+        "--quantize", choices=["int8", "int4"], default=None, help="store the linear weights quantized (weight-only)"
+    )
+    imp.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale (default 128)")
+    imp.add_argument("--quantize-vision", action="store_true", help="quantize the ViT's linear layers too")
+    imp.add_argument("--quantize-lm-head", action="store_true", help="quantize the language model's head too")
 
     exp = sub.add_parser("export", help="owl_jax folder → HF PyTorch layout")
     exp.add_argument("ckpt_dir")
@@ -106,6 +116,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(convert, args: argparse.Namespace, progress: bool, parse_size) -> str:
     if args.command == "import":
+        spec = None
+        if args.quantize:
+            from owl_jax.quant.spec import QuantSpec
+
+            spec = QuantSpec(
+                mode=args.quantize,
+                group_size=args.group_size,
+                include_vision=args.quantize_vision,
+                lm_head=args.quantize_lm_head,
+            ).validate()
+        elif args.quantize_vision or args.quantize_lm_head:
+            raise ValueError("--quantize-vision and --quantize-lm-head need --quantize int8|int4")
         return convert.import_checkpoint(
             args.hf_dir,
             args.out_dir,
@@ -113,10 +135,18 @@ def _run(convert, args: argparse.Namespace, progress: bool, parse_size) -> str:
             lora=args.lora,
             merge_lora=args.merge_lora,
             lora_alpha=args.lora_alpha,
+            quantize=spec,
             overwrite=args.overwrite,
             show_progress=progress,
         )
     if args.command == "export":
+        from owl_jax.quant.load import stored_quantization
+
+        if stored_quantization(args.ckpt_dir) is not None:
+            raise convert.CheckpointError(
+                f"{args.ckpt_dir} holds quantized weights; export needs float weights (export the folder it "
+                f"was quantized from)"
+            )
         return convert.export_checkpoint(
             args.ckpt_dir,
             args.out_dir,

@@ -58,6 +58,12 @@ def _answer_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to apply")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="hold the language model's linear weights as int8 or int4 (docs/quantization.md)",
+    )
     p.add_argument("--max-length", type=int, default=None, help="KV-cache positions per conversation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -126,7 +132,7 @@ def _answer_with_model(args: argparse.Namespace, done: dict[int, dict], writer: 
 
     start = time.perf_counter()
     model, processor = owl_jax.from_pretrained(
-        args.checkpoint, dtype=args.dtype, lora=args.lora, show_progress=not args.quiet
+        args.checkpoint, dtype=args.dtype, lora=args.lora, quantize=args.quantize, show_progress=not args.quiet
     )
     if processor is None:
         print(f"error: {args.checkpoint} has no tokenizer.model or tokenizer.json", file=sys.stderr)

@@ -39,7 +39,39 @@ def lora_targeted(lora: LoRAConfig | None, hf_name: str, stack: int | None) -> b
     return all(hits)
 
 
-class Linear(nnx.Module):
+class AdaptedProduct(nnx.Module):
+    """The forward pass shared by linear layers: `x W`, then the optional bias and low-rank adapter.
+
+    A subclass holds `bias`, `lora_a`, `lora_b`, `lora_scale`, `lora_dropout`, `dtype` and `numerics`,
+    and defines `product(x, out_dtype)`: `x W` for however it stores `W`.
+    """
+
+    def product(self, x: Array, out_dtype) -> Array:
+        raise NotImplementedError
+
+    def set_adapter(self, lora: tuple[nnx.LoRAParam, nnx.LoRAParam, float, float] | None) -> None:
+        """Attach `(lora_a, lora_b, scale, dropout)`, or no adapter for None."""
+        if lora is None:
+            self.lora_a = self.lora_b = None
+            self.lora_scale = self.lora_dropout = 0.0
+        else:
+            self.lora_a, self.lora_b, self.lora_scale, self.lora_dropout = lora
+
+    def __call__(self, x: Array, dropout_key: Array | None = None, *, float32_output: bool = False) -> Array:
+        """`(..., in)` → `(..., out)` in the compute dtype (float32 with `float32_output`)."""
+        if self.bias is None and self.lora_a is None and not float32_output:
+            return self.product(x, self.dtype)
+        y = self.product(x, jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        if self.lora_a is not None:
+            mm = dict(dtype=self.dtype, numerics=self.numerics)
+            h = ops.matmul(ops.dropout(x, self.lora_dropout, dropout_key), self.lora_a[...], **mm)
+            y = y + self.lora_scale * ops.matmul(h, self.lora_b[...], out_dtype=jnp.float32, **mm)
+        return y if float32_output else y.astype(self.dtype)
+
+
+class Linear(AdaptedProduct):
     """`y = x W + b`, with an optional low-rank adapter: `+ scale · dropout(x) A B`.
 
     `kernel` is `(in, out)` (the transpose of PyTorch's Linear weight); `lora_a` is `(in, r)`, `lora_b`
@@ -79,26 +111,15 @@ class Linear(nnx.Module):
         else:
             self.bias = None
         if not lora_targeted(lora, hf_name, stack):
-            self.lora_a = self.lora_b = None
-            self.lora_scale = self.lora_dropout = 0.0
+            self.set_adapter(None)
         else:
             ashape, aaxes = stacked(stack, (in_features, lora.rank), (axes[0], "lora_rank"))
             bshape, baxes = stacked(stack, (lora.rank, out_features), ("lora_rank", axes[1]))
             bound = in_features**-0.5  # peft's kaiming_uniform(a=sqrt(5)) on A; B starts at zero
-            self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), ashape, pdt, -bound, bound), axes=aaxes)
-            self.lora_b = nnx.LoRAParam(jnp.zeros(bshape, pdt), axes=baxes)
-            self.lora_scale = float(lora.scale)
-            self.lora_dropout = float(lora.dropout)
+            a = nnx.LoRAParam(jax.random.uniform(rngs.params(), ashape, pdt, -bound, bound), axes=aaxes)
+            b = nnx.LoRAParam(jnp.zeros(bshape, pdt), axes=baxes)
+            self.set_adapter((a, b, float(lora.scale), float(lora.dropout)))
 
-    def __call__(self, x: Array, dropout_key: Array | None = None, *, float32_output: bool = False) -> Array:
-        """`(..., in)` → `(..., out)` in the compute dtype (float32 with `float32_output`)."""
-        mm = dict(dtype=self.dtype, numerics=self.numerics)
-        if self.bias is None and self.lora_a is None and not float32_output:
-            return ops.matmul(x, self.kernel[...], **mm)
-        y = ops.matmul(x, self.kernel[...], out_dtype=jnp.float32, **mm)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        if self.lora_a is not None:
-            h = ops.matmul(ops.dropout(x, self.lora_dropout, dropout_key), self.lora_a[...], **mm)
-            y = y + self.lora_scale * ops.matmul(h, self.lora_b[...], out_dtype=jnp.float32, **mm)
-        return y if float32_output else y.astype(self.dtype)
+    def product(self, x: Array, out_dtype) -> Array:
+        """`(..., in) @ kernel` → `(..., out)` in `out_dtype`."""
+        return ops.matmul(x, self.kernel[...], dtype=self.dtype, numerics=self.numerics, out_dtype=out_dtype)

@@ -168,10 +168,12 @@ FUSED_PROJECTIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_pr
 
 
 def can_fuse_projections(layers: nnx.Module) -> bool:
-    """Whether `layers` are LLaMA layers whose q/k/v and gate/up projections are plain (no adapters, no
-    biases) and so can be concatenated (other text towers have nothing to fuse)."""
+    """Whether `layers` are LLaMA layers whose q/k/v and gate/up projections are plain float kernels (no
+    adapters, no biases, not quantized) and so can be concatenated (other text towers have nothing to fuse)."""
     return isinstance(layers, LlamaLayer) and all(
-        getattr(layers, name).lora_a is None and getattr(layers, name).bias is None
+        type(getattr(layers, name)) is Linear
+        and getattr(layers, name).lora_a is None
+        and getattr(layers, name).bias is None
         for group in FUSED_PROJECTIONS.values()
         for name in group
     )

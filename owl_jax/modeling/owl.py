@@ -170,6 +170,10 @@ class Owl(nnx.Module):
             config.abstractor, config.num_query_tokens, config.text.hidden_size, temporal=config.video, **run
         )
         self.language_model = text_model(config.text, **run)  # LLaMA or BLOOM
+        if config.quant is not None:  # the selected linear layers held as integers and scales
+            from owl_jax.quant.modules import quantize_linears
+
+            quantize_linears(self, config.quant)
 
     # -- images and videos -----------------------------------------------------------------------
     def vision_features(self, pixel_values: Array, dropout_key: Array | None = None) -> Array:

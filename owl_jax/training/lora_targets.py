@@ -39,7 +39,7 @@ def linear_modules(cfg: OwlConfig) -> list[LinearModule]:
     from owl_jax.modeling import Owl
     from owl_jax.modeling.linear import Linear
 
-    model = nnx.eval_shape(lambda: Owl(cfg.replace(lora=None), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Owl(cfg.replace(lora=None, quant=None), rngs=nnx.Rngs(0)))
     modules = []
     for path, node in nnx.iter_graph(model):
         if isinstance(node, Linear):

@@ -15,6 +15,9 @@ Stages:
 - `joint_pretrain`: every tower trains (no adapters): for a model without pretrained towers, a stand-in for
   the pretrained CLIP and LLaMA that stage 1 starts from.
 
+A quantized model's integers and scales (`owl_jax.quant`: `qvalue`, `qscale`) never train, whatever the
+stage: over a quantized language model, stage 2's adapters train as in QLoRA.
+
 The language model is LLaMA or BLOOM alike (`language_model`, its tied embedding included). In the video
 layout, the parameters only videos use (`VIDEO_ONLY`: the ViT's temporal modules, the temporal queries and
 their projection) train only with `train_temporal`: training batches hold images, which skip them, so they
@@ -27,6 +30,7 @@ from typing import Any
 
 import optax
 
+from owl_jax.quant.spec import QUANT_LEAVES
 from owl_jax.training.schema import STAGE_KINDS
 
 STAGES = STAGE_KINDS
@@ -53,6 +57,8 @@ def trainable(path: Path, stage: str, *, train_abstractor: bool = True, train_te
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
     if video_only(path) and not train_temporal:
+        return False
+    if path[-1] in QUANT_LEAVES:  # quantized kernels are frozen integers and their scales
         return False
     tower, is_lora = path[0], path[-1] in LORA_LEAVES
     if stage == "text_pretrain":

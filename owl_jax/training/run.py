@@ -17,8 +17,11 @@ from ml_collections import ConfigDict
 
 from owl_jax.checkpoint import abstract_model, flatten, leaf_shapes, merge_lora_params, nest, save_converted
 from owl_jax.checkpoint.converted import META_FILE
+from owl_jax.checkpoint.errors import CheckpointError
 from owl_jax.config import ConfigError, LoRAConfig, Numerics, OwlConfig
 from owl_jax.paths import as_path, is_remote, upload_folder
+from owl_jax.quant.leaves import is_quantized, quantize_leaves
+from owl_jax.quant.spec import parse_quantize
 from owl_jax.sharding import ShardingError, make_mesh
 from owl_jax.training import distributed
 from owl_jax.training.evaluation import format_table, majority_baseline
@@ -47,11 +50,18 @@ def model_config(config: ConfigDict) -> OwlConfig:
         scan_layers=m.scan_layers,
         remat_policy=m.remat_policy,
         numerics=numerics,
+        quant=parse_quantize(m.get("quantize", "")),
     )
     if m.init == "random":
         return OwlConfig.from_hf_config(m.arch.to_dict(), **runtime)
     if m.init == "checkpoint":
-        return OwlConfig.from_hf_config(m.checkpoint, **runtime)
+        from owl_jax.quant.load import resolve_quantization
+
+        try:  # a quantized folder is taken as stored, and must be asked for (model.quantize)
+            quant = resolve_quantization(m.checkpoint, m.get("quantize", ""), merge_lora=True, stored_when_none=False)
+        except CheckpointError as e:
+            raise ConfigError(f"model.checkpoint: {e}") from None
+        return OwlConfig.from_hf_config(m.checkpoint, **{**runtime, "quant": quant})
     if m.init == "towers":
         from owl_jax.checkpoint import config_from_towers
 
@@ -60,7 +70,15 @@ def model_config(config: ConfigDict) -> OwlConfig:
 
 
 def first_params(config: ConfigDict, cfg: OwlConfig) -> dict[tuple, Any]:
-    """Host parameters of the run's starting point, `{path: array}` (no adapters)."""
+    """Host parameters of the run's starting point, `{path: array}` (no adapters), quantized as `cfg.quant`
+    says (a random model is built quantized; loaded float kernels are quantized one at a time)."""
+    flat = _float_first_params(config, cfg)
+    if cfg.quant is None or is_quantized(flat):
+        return flat
+    return quantize_leaves(flat, cfg.replace(lora=None))
+
+
+def _float_first_params(config: ConfigDict, cfg: OwlConfig) -> dict[tuple, Any]:
     m = config.model
     if m.init == "random":
         model = _random_model(cfg.replace(lora=None), config.seed)
@@ -92,6 +110,11 @@ def adapt_params(flat: dict[tuple, Any], cfg: OwlConfig, previous_lora: LoRAConf
     """Carry parameters into a stage: merge adapters the new stage does not keep, add fresh ones it needs."""
     flat = {p: np.asarray(jax.device_get(v)) for p, v in flat.items()}
     if previous_lora is not None and cfg.lora != previous_lora:
+        if is_quantized(flat):
+            raise ConfigError(
+                "a stage over quantized weights (model.quantize) must keep the previous stage's LoRA config: "
+                "adapters cannot be merged into quantized kernels"
+            )
         flat = merge_lora_params(flat, previous_lora.scale)
     shapes = leaf_shapes(abstract_model(cfg)[1])
     missing = [p for p in shapes if p not in flat]
@@ -291,12 +314,20 @@ def _save_model(folder: str, params: Any, cfg: OwlConfig, tokenizer: RunTokenize
         tokenizer.copy_into(side)  # written with the weights, inside the folder's atomic write
         if not is_remote(folder):
             save_converted(
-                folder, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, side_files_from=side, overwrite=True
+                folder,
+                leaves,
+                hf_config=cfg.to_hf_config(),
+                lora=cfg.lora,
+                side_files_from=side,
+                overwrite=True,
+                quant=cfg.quant,
             )
             return
         with tempfile.TemporaryDirectory(prefix="owl_model_") as local:
             staged = os.path.join(local, "model")
-            save_converted(staged, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, side_files_from=side)
+            save_converted(
+                staged, leaves, hf_config=cfg.to_hf_config(), lora=cfg.lora, side_files_from=side, quant=cfg.quant
+            )
             upload_folder(staged, as_path(folder), last=[META_FILE], replace=True)
 
 

@@ -16,6 +16,9 @@ from ml_collections import ConfigDict
 STAGE_KINDS = ("stage1", "stage2", "stage2_full", "text_pretrain", "joint_pretrain")
 MODEL_INITS = ("random", "checkpoint", "towers")
 PREPARE_FROZEN = ("auto", "on", "off")
+QUANTIZE = ("", "int8", "int4")
+# Stages that may run over a quantized language model: they never train its linear weights.
+QUANTIZED_STAGES = ("stage1", "stage2")
 
 
 def optim_config(**overrides) -> ConfigDict:
@@ -133,6 +136,9 @@ def base_config() -> ConfigDict:
             scan_layers=True,
             remat_policy="none",
             attention_impl="auto",
+            # "int8" or "int4": hold the language model's linear weights quantized (owl_jax.quant). Only
+            # stages that leave them frozen may run: stage1, and stage2, whose adapters then train as QLoRA.
+            quantize="",
         )
     )
     # A tokenizer.model (LLaMA), a tokenizer.json (BLOOM) or a folder holding one; "" takes the one beside

@@ -30,6 +30,7 @@ from owl_jax.config import OwlConfig
 from owl_jax.modeling.loss import chunked_next_token_loss_sums, next_token_loss_sums
 from owl_jax.ops.bits import HalfBits
 from owl_jax.ops.numerics import half_as_bits
+from owl_jax.quant.spec import QUANT_LEAVES
 from owl_jax.sharding import use_mesh
 from owl_jax.training.optimizer import FROZEN, TRAIN, decay_mask, labels_for, learning_rate_schedule, make_optimizer
 
@@ -79,7 +80,8 @@ class Trainer:
       optim: a mapping with lr, end_lr, warmup_steps, b1, b2, eps, weight_decay, clip_norm.
       total_steps: optimizer steps of the stage (for the schedule).
       grad_accum: micro-batches per step.
-      frozen_dtype: dtype to hold frozen parameters in ("" keeps them as loaded).
+      frozen_dtype: dtype to hold frozen parameters in ("" keeps them as loaded); quantized integers and
+        scales (`model_cfg.quant`) keep theirs.
       loss_chunk: positions per chunk of the cross-entropy (0: all logits at once); see
         `chunked_next_token_loss_sums`.
       right_padded: batches are right-padded (as the data pipeline makes them; `global_batch` checks it), so
@@ -163,7 +165,8 @@ class Trainer:
         if not self.frozen_dtype:
             return params
         trainable, frozen = split_params(params, self.labels)
-        frozen = jax.tree.map(lambda x: x.astype(self.frozen_dtype), frozen)
+        cast = lambda p, x: x if p[-1] in QUANT_LEAVES else x.astype(self.frozen_dtype)  # integers stay
+        frozen = nest({p: cast(p, x) for p, x in flatten(frozen).items()})
         return merge_params(trainable, frozen)
 
     def init_state(self, params: dict, seed: int) -> TrainState:
@@ -224,7 +227,7 @@ class Trainer:
 
         def spec(path, var):
             value = var.get_value() if hasattr(var, "get_value") else var.value
-            frozen = self.frozen_dtype and flat_labels[path] == FROZEN
+            frozen = self.frozen_dtype and flat_labels[path] == FROZEN and path[-1] not in QUANT_LEAVES
             return jax.ShapeDtypeStruct(
                 value.shape, jnp.dtype(self.frozen_dtype) if frozen else value.dtype, sharding=flat_sh[path]
             )

@@ -32,6 +32,8 @@ from owl_jax.training.schema import (
     BY_TEXT_MODEL,
     MODEL_INITS,
     PREPARE_FROZEN,
+    QUANTIZE,
+    QUANTIZED_STAGES,
     STAGE_KINDS,
     base_config,
     optim_config,
@@ -43,6 +45,7 @@ OPTIONAL = frozenset(
     {
         "model.attention_impl",
         "model.numerics",
+        "model.quantize",
         "aot",
         *(f"aot.{k}" for k in ("topology", "model", "per_chip_batch", "search", "save", "json")),
         "data.tokenization",
@@ -257,6 +260,15 @@ def _check_values(config: ConfigDict) -> None:
     _choice(config, "model.remat_policy", REMAT_POLICIES)
     if "attention_impl" in model:
         _choice(config, "model.attention_impl", ATTENTION_IMPLS)
+    if "quantize" in model:
+        _choice(config, "model.quantize", QUANTIZE)
+        for name in run_stages(config) if model.quantize else ():
+            if name in config.stages and config.stages[name].kind not in QUANTIZED_STAGES:
+                raise ConfigError(
+                    f"stages.{name}.kind={config.stages[name].kind!r} trains the language model's weights, "
+                    f"which model.quantize={model.quantize!r} holds as frozen integers; quantized runs take "
+                    f"{' or '.join(QUANTIZED_STAGES)} stages"
+                )
     if "numerics" in model:
         routes = {"attention": ATTENTION_IMPLS, "matmul": MATMUL_ROUTES, "half_as_bits": SWITCHES}
         for name, choices in {**routes, "hoist_invariants": SWITCHES}.items():

@@ -3,7 +3,7 @@
     python -m owl_jax.eval.bench --task vqav2|coco_caption|pope|mme|mmbench|scienceqa_img --data DIR \\
         --checkpoint CKPT [--out DIR] [--batch-size 8] [--num-beams 1] [--max-new-tokens 128] [--limit N] \\
         [--tokenizer PATH] [--dtype float32|bfloat16] [--devices N] [--fsdp 1] [--tensor 1] [--unstack-layers] \\
-        [--overwrite]
+        [--quantize int8|int4] [--overwrite]
 
 (`owl-eval bench ...` is the same command.) `--data` is the benchmark's folder in its official layout (see
 `owl_jax.eval.bench.layouts`). The run writes `predictions.jsonl`, `results.json` and `results.md` into
@@ -36,6 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder, if the checkpoint has none")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to apply")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="hold the language model's linear weights as int8 or int4 (docs/quantization.md)",
+    )
     p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
     p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp axis size (the data axis takes the rest)")
     p.add_argument("--tensor", type=int, default=1, help="mesh tensor axis size")
@@ -68,6 +74,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
+        # recorded only when set, so runs from before the option resume as they were
+        **({"quantize": args.quantize} if getattr(args, "quantize", None) else {}),
     }
 
 
@@ -96,7 +104,12 @@ def make_answerer(args: argparse.Namespace) -> Any:
 
     mesh = make_mesh_for(args)
     model, processor = owl_jax.from_pretrained(
-        args.checkpoint, dtype=args.dtype, lora=args.lora, mesh=mesh, show_progress=not args.quiet
+        args.checkpoint,
+        dtype=args.dtype,
+        lora=args.lora,
+        mesh=mesh,
+        quantize=getattr(args, "quantize", None),
+        show_progress=not args.quiet,
     )
     if args.tokenizer is not None:
         cfg = model.config
