@@ -259,3 +259,36 @@ def load_bloomz_model(folder: str = "checkpoint", lora: str | None = None, merge
         show_progress=False,
     )
     return model
+
+
+# (question, images, max_new_tokens, stop strings): prompts of 9 to 127 tokens, with 0, 1 or 2 images
+INTERLEAVED_QUESTIONS = [
+    ("Hi", 0, 5, ()),
+    ("What is drawn here? Tell me in detail please, with all the colours you see.", 0, 12, ()),
+    ("<image>\nWhat?", 1, 9, ()),
+    ("<image>\n<image>\nCompare them.", 2, 20, ("e",)),
+    ("A much longer question " * 12, 0, 7, ()),
+    ("<image>\nDescribe " + "the picture " * 20, 1, 16, ()),
+    ("Count to ten.", 0, 11, ("e",)),
+    ("<image>\nand then <image>\nok", 2, 14, ()),
+]
+
+
+def interleaved_requests():
+    """The fixture model, its processor and `[(prompt ids (S,), pixel values, max_new_tokens, stop)]` of
+    `INTERLEAVED_QUESTIONS`: requests of different lengths, images and stops to run side by side."""
+    from PIL import Image
+
+    from owl_jax.data.processor import OwlProcessor
+
+    model = load_fixture_model("checkpoint")
+    cfg = model.config
+    processor = OwlProcessor(
+        FIXTURE / "tokenizer.model", image_size=cfg.vision.image_size, image_tokens=cfg.image_tokens
+    )
+    images = [Image.open(FIXTURE / "images" / name) for name in ("a.png", "b.png")]
+    requests = []
+    for question, n_images, max_new, stop in INTERLEAVED_QUESTIONS:
+        ids = np.asarray(processor.encode_prompt(f"Human: {question}\nAI: "), np.int32)
+        requests.append((ids, processor.preprocess_images(images[:n_images]), max_new, stop))
+    return model, processor, requests

@@ -1,0 +1,177 @@
+"""Continuous batching on the host side: which request holds which decode slot, and when each one ends.
+
+`SlotBatch` drives a `SlotDecoder` (`owl_jax.inference.slots`). `admit` starts a request in a free row,
+`advance` runs one decode step for all rows holding a request and hands every new token to its request's
+`on_token` callback; a request ends at EOS, at `max_new_tokens`, when its callback says a stop string
+ended it, or when the caller `release`s it (e.g. its client went away), and its row is free at once.
+
+The device runs one step ahead of the host: `advance` queues step k + 1 before it reads step k's tokens, so
+reading, streaming and admitting overlap the device's work and only the chosen tokens `(B,)` cross to the
+host (the log-probabilities too, when a row asks for them). A request that ends is therefore computed
+for one more step, whose token is dropped; each queued output remembers which request held each row when
+it was queued, so a row that a new request took meanwhile never receives its predecessor's token.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from owl_jax.inference.sampling import GenerationConfig
+from owl_jax.inference.slot_sampling import Picks
+from owl_jax.inference.slots import SlotDecoder, fetch
+
+
+class TokenLogprob(NamedTuple):
+    """A generated token's log-softmax of the raw logits, and the most likely tokens with theirs."""
+
+    logprob: float
+    top_ids: np.ndarray  # (N,) int32, most likely first
+    top_logprobs: np.ndarray  # (N,) float32
+
+
+@dataclasses.dataclass(eq=False)
+class SlotRequest:
+    """One prompt for a slot, and how it went.
+
+    `on_token(token, logprob)` is called for every generated token in order (`logprob` is a `TokenLogprob`
+    when `logprobs` is set and the token is not EOS, else None); it returns True when the token ended the
+    request (a stop string). An exception from it ends the request with `finish_reason` "error".
+    """
+
+    input_ids: np.ndarray  # (L,)
+    pixel_values: np.ndarray | None  # (N, C, H, W)
+    config: GenerationConfig
+    on_token: Callable[[int, TokenLogprob | None], bool] | None = None
+    logprobs: bool = False
+    video_pixel_values: np.ndarray | None = None  # (V, C, T, H, W)
+    tokens: list[int] = dataclasses.field(default_factory=list)  # up to and including EOS or a stop's last token
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" once it has ended
+    error: BaseException | None = None
+    row: int = -1
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SlotBatch:
+    """The requests in a `SlotDecoder`'s rows. Only one thread may call it."""
+
+    def __init__(self, decoder: SlotDecoder):
+        self.decoder = decoder
+        self.rows: list[SlotRequest | None] = [None] * decoder.rows
+        self._queued: collections.deque[tuple[Picks, list[tuple[int, SlotRequest]]]] = collections.deque()
+        self._ended: list[SlotRequest] = []
+
+    @property
+    def free(self) -> int:
+        """Rows without a request."""
+        return self.rows.count(None)
+
+    @property
+    def live(self) -> list[SlotRequest]:
+        """The requests holding rows."""
+        return [r for r in self.rows if r is not None]
+
+    @property
+    def busy(self) -> bool:
+        """Whether requests hold rows or outputs wait to be read."""
+        return bool(self._queued) or any(r is not None for r in self.rows)
+
+    def admit(self, request: SlotRequest) -> None:
+        """Start `request` in a free row (its first token arrives with the next `advance`).
+
+        ValueError for a request the slots cannot take (`SlotDecoder.refuses`, bad media placeholders) or
+        when no row is free; the batch is unchanged then.
+        """
+        if None not in self.rows:
+            raise ValueError("every slot is taken")
+        row = self.rows.index(None)
+        try:
+            picks = self.decoder.admit(
+                row, request.input_ids, request.pixel_values, request.config, request.video_pixel_values
+            )
+        except ValueError:
+            raise
+        except Exception as e:  # the device state may be gone: every request in flight fails
+            self.fail_all(e)
+            self._end(request, "error", e)
+            return
+        request.row = row
+        self.rows[row] = request
+        self._queued.append((picks, [(0, request)]))
+
+    def release(self, request: SlotRequest, reason: str = "cancelled") -> None:
+        """End `request` now (its tokens so far stay in `request.tokens`) and free its row."""
+        if not request.done:
+            self._end(request, reason)
+
+    def advance(self) -> list[SlotRequest]:
+        """Queue one decode step for the rows holding requests, read the outputs queued before it and
+        pass their tokens on; returns the requests that ended since the last call."""
+        live = [(row, r) for row, r in enumerate(self.rows) if r is not None]
+        keep = 0
+        if live:
+            try:
+                picks = self.decoder.step(any(r.config.do_sample for _, r in live))
+                self._queued.append((picks, live))
+                keep = 1
+            except Exception as e:
+                self.fail_all(e)
+        while len(self._queued) > keep:
+            self._read(*self._queued.popleft())
+        ended, self._ended = self._ended, []
+        return ended
+
+    def flush(self) -> list[SlotRequest]:
+        """Read every queued output without queueing a step; returns the requests that ended."""
+        while self._queued:
+            self._read(*self._queued.popleft())
+        ended, self._ended = self._ended, []
+        return ended
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every request with `error` and start over from empty rows (a failed step's state is gone)."""
+        self._queued.clear()
+        for request in self.live:
+            self._end(request, "error", error)
+        self.decoder.reset()
+
+    # ------------------------------------------------------------------------------------ internals
+    def _read(self, picks: Picks, holders: list[tuple[int, SlotRequest]]) -> None:
+        holders = [(i, r) for i, r in holders if not r.done]
+        if not holders:
+            return
+        try:
+            host = fetch(picks, logprobs=any(r.logprobs for _, r in holders))
+        except Exception as e:  # a failed step: its state is gone
+            self.fail_all(e)
+            return
+        for i, request in holders:
+            token = int(host.tokens[i])
+            cfg = request.config
+            request.tokens.append(token)
+            lp = None
+            if request.logprobs and token != cfg.eos_token_id:
+                lp = TokenLogprob(float(host.logprob[i]), host.top_ids[i], host.top_logprobs[i])
+            try:
+                stopped = bool(request.on_token(token, lp)) if request.on_token is not None else False
+            except Exception as e:
+                self._end(request, "error", e)
+                continue
+            if token == cfg.eos_token_id or stopped:
+                self._end(request, "stop")
+            elif len(request.tokens) >= cfg.max_new_tokens:
+                self._end(request, "length")
+
+    def _end(self, request: SlotRequest, reason: str, error: BaseException | None = None) -> None:
+        request.finish_reason, request.error = reason, error
+        if 0 <= request.row < len(self.rows) and self.rows[request.row] is request:
+            self.rows[request.row] = None
+            self.decoder.release(request.row)
+        self._ended.append(request)
