@@ -3,6 +3,10 @@
 
 Binds to 127.0.0.1 unless --host says otherwise: the server has no authentication, so exposing it on a
 network lets anyone there use the model (and, with --allow-local-files, read images from this machine).
+Image and video URLs over http(s) are fetched only from the hosts named by --allow-url-host.
+
+--slots N decodes up to N requests at once in one batch (default 16; 0 runs one request at a time, and
+gives no logprobs). --quantize int8|int4 loads the language model's weights quantized.
 
 SIGTERM or Ctrl-C stops it gracefully: no new connections; requests in flight get --shutdown-grace seconds
 to finish, then are cancelled (a stream ends with an error event and `data: [DONE]`, any other request gets
@@ -38,6 +42,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _positive_number(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="owl-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
         help="let image_url and video_url name files on this machine (file:// URLs or paths)",
     )
     p.add_argument(
+        "--allow-url-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="fetch http(s) image and video URLs from HOST (or HOST:PORT); repeatable; none by default",
+    )
+    p.add_argument(
+        "--url-timeout", type=_positive_number, default=10.0, help="seconds a URL fetch may take (default 10)"
+    )
+    p.add_argument(
         "--num-frames", type=int, default=4, help="frames sampled from each video (video checkpoints; default 4)"
     )
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MiB (default 20)")
@@ -67,6 +88,24 @@ def _parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=512, help="default and largest max_tokens of a request (default 512)"
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="hold the language model's linear weights as int8 or int4 (docs/quantization.md)",
+    )
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=16,
+        help="requests decoded at once in one batch (default 16; 0: one request at a time, no logprobs)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections beyond this get a 503 (default 512)",
+    )
     p.add_argument(
         "--backlog", type=int, default=128, help="connections the OS queues before the server accepts them (128)"
     )
@@ -91,11 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_frames < 2:
         print(f"error: --num-frames must be at least 2, got {args.num_frames}", file=sys.stderr)
         return 2
-    if args.max_body_mb <= 0 or args.max_new_tokens < 1 or (args.max_image_pixels or 1) < 1 or args.backlog < 1:
+    if (
+        args.max_body_mb <= 0
+        or args.max_new_tokens < 1
+        or (args.max_image_pixels or 1) < 1
+        or args.backlog < 1
+        or args.max_connections < 1
+    ):
         print(
-            "error: --max-body-mb, --max-new-tokens, --max-image-pixels and --backlog must be positive",
+            "error: --max-body-mb, --max-new-tokens, --max-image-pixels, --backlog and --max-connections must be "
+            "positive",
             file=sys.stderr,
         )
+        return 2
+    if args.slots < 0:
+        print(f"error: --slots must be 0 (one request at a time) or more, got {args.slots}", file=sys.stderr)
+        return 2
+    try:
+        from owl_jax.serve.fetch import parse_allow_list
+
+        parse_allow_list(args.allow_url_host)
+    except ValueError as e:
+        print(f"error: --allow-url-host: {e}", file=sys.stderr)
         return 2
     import signal
     import threading
@@ -110,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         from owl_jax.serve.server import make_server
 
         try:
-            model, processor = owl_jax.from_pretrained(args.checkpoint, dtype=args.dtype, show_progress=False)
+            model, processor = owl_jax.from_pretrained(
+                args.checkpoint, dtype=args.dtype, quantize=args.quantize, show_progress=False
+            )
         except (OSError, ValueError) as e:  # CheckpointError is a ValueError
             print(f"error: cannot load the checkpoint {args.checkpoint}: {_one_line(e)}", file=sys.stderr)
             return 2
@@ -132,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                 max_new_tokens=args.max_new_tokens,
                 backlog=args.backlog,
                 num_frames=args.num_frames,
+                slots=args.slots,
+                allow_url_hosts=tuple(args.allow_url_host),
+                url_timeout=args.url_timeout,
+                max_connections=args.max_connections,
             )
         except (OSError, OverflowError) as e:
             reason = getattr(e, "strerror", None) or _one_line(e)

@@ -1,8 +1,10 @@
 """Image URLs from chat messages → RGB PIL images, with the checks a server exposed to clients needs.
 
 `data:` URLs (base64) are always accepted. Local files (`file://` URLs or plain paths) only when the server
-was started with `--allow-local-files`: otherwise any client could make the server read its files. Network
-URLs are refused: the server never fetches anything. Video URLs follow the same rules (`media_source`).
+was started with `--allow-local-files`: otherwise any client could make the server read its files. http(s)
+URLs only from the hosts the server was started with (`--allow-url-host`, fetched by `owl_jax.serve.fetch`);
+without any, network URLs are refused and the server fetches nothing. Video URLs follow the same rules
+(`media_source`).
 
 Decoding follows `owl_jax.data.images`: the header is checked before any pixel is decoded, so a small
 file that claims a huge canvas (a decompression bomb) costs nothing, large images are shrunk while they
@@ -16,6 +18,7 @@ import base64
 import binascii
 import os
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
@@ -85,11 +88,19 @@ def open_image(source: bytes | str, max_pixels: int, name: str = "image") -> Ima
         raise _bad(str(e)) from None
 
 
-def media_source(url: Any, *, allow_local_files: bool, name: str = "image", media: str = "image") -> bytes | str:
-    """What a media URL from a chat message points at: the bytes of a data URL, or a local file's path.
+# Fetches an http(s) URL: `(url, name, media) -> bytes`, ApiError when refused (owl_jax.serve.fetch.UrlFetcher).
+Fetch = Callable[[str, str, str], bytes]
 
-    ApiError 400 for anything else: network URLs (never fetched), unknown schemes, and local files unless
-    `allow_local_files`. `media` ("image" or "video") names the field and the data URL's media type.
+
+def media_source(
+    url: Any, *, allow_local_files: bool, name: str = "image", media: str = "image", fetch: Fetch | None = None
+) -> bytes | str:
+    """What a media URL from a chat message points at: the bytes of a data URL or of a fetched http(s) URL,
+    or a local file's path.
+
+    ApiError 400 for anything else: network URLs (unless `fetch` is given: it decides which it fetches),
+    unknown schemes, and local files unless `allow_local_files`. `media` ("image" or "video") names the
+    field and the data URL's media type.
     """
     example = _EXAMPLES[media][0].split("/")[0]
     if not isinstance(url, str) or not url:
@@ -97,6 +108,8 @@ def media_source(url: Any, *, allow_local_files: bool, name: str = "image", medi
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return decode_data_url(url, name, media)
+    if scheme in ("http", "https") and fetch is not None:
+        return fetch(url, name, media)
     if scheme in ("http", "https", "ftp"):
         raise _bad(
             f"{name}: this server does not fetch {scheme} URLs; send the {media} inline as a "
@@ -115,6 +128,9 @@ def media_source(url: Any, *, allow_local_files: bool, name: str = "image", medi
     return local_path(url, name, media)
 
 
-def load_image_url(url: str, *, allow_local_files: bool, max_pixels: int, name: str = "image") -> Image.Image:
+def load_image_url(
+    url: str, *, allow_local_files: bool, max_pixels: int, name: str = "image", fetch: Fetch | None = None
+) -> Image.Image:
     """An `image_url` from a chat message → RGB PIL image (ApiError for refused or unreadable images)."""
-    return open_image(media_source(url, allow_local_files=allow_local_files, name=name), max_pixels, name)
+    source = media_source(url, allow_local_files=allow_local_files, name=name, fetch=fetch)
+    return open_image(source, max_pixels, name)

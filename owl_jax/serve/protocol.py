@@ -7,13 +7,15 @@ message must come from the user (its answer is what the model writes). Consecuti
 merged (texts joined by newlines), so a client may send an image and its question as two user messages.
 System messages (before the first user message) replace the template's system sentence. Text may not hold
 the markers themselves: every marker in the prompt has its medium behind it.
+
+The decoding and response options are read by `owl_jax.serve.options`. Every refusal is an `ApiError` 400
+whose `param` names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import random
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -22,10 +24,9 @@ from PIL import Image
 from owl_jax.data.prompts import IMAGE_MARKER, SYSTEM, VIDEO_MARKER, build_conversation
 from owl_jax.inference.generate import GenerationConfig
 from owl_jax.serve.errors import ApiError
+from owl_jax.serve.options import parse_options
 
 ROLES = ("system", "user", "assistant")
-MAX_BEAMS = 8  # `best_of` / `num_beams`: each beam is a row of the KV cache, and each count compiles its search
-MAX_STOPS, MAX_STOP_CHARS = 4, 256  # `stop` strings per request and characters per stop string
 MEDIA_PARTS = {"image_url": "image", "video_url": "video"}  # content part type → medium
 MARKERS = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
 
@@ -42,10 +43,23 @@ class ChatRequest:
     include_usage: bool  # stream_options.include_usage: send a usage chunk before [DONE]
     max_tokens_given: bool  # whether the client chose max_tokens (else the server's default may be shortened)
     videos: list[Any] = dataclasses.field(default_factory=list)  # what `load_video` returned, per video
+    n: int = 1  # choices: generations seeded config.seed + i
+    logprobs: bool = False  # send each answer token's log-probability
+    top_logprobs: int = 0  # and this many most likely alternatives at each position
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
+
+
+def parse_json_body(data: bytes) -> Any:
+    """A request body → its JSON value (UTF-8, -16 or -32); ApiError 400 saying why it is not JSON."""
+    try:
+        return json.loads(data)
+    except ValueError as e:  # JSONDecodeError, undecodable bytes, integers of over 4300 digits
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
 
 
 def _is_text(value: str) -> bool:
@@ -179,103 +193,6 @@ def parse_messages(messages: Any, takes_videos: bool = False) -> tuple[str, list
     return (text if system else SYSTEM), [(u, q, a) for u, q, a in turns]
 
 
-def _number(body: dict, key: str, default: Any, kind: type, check: Callable[[Any], bool], rule: str) -> Any:
-    value = body.get(key)
-    if value is None:
-        return default
-    # bool is an int in Python, but `"temperature": true` is a client bug worth reporting.
-    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    if ok and kind is float:
-        try:
-            value = float(value)  # an integer of 400 digits does not fit a float: refused below
-        except OverflowError:
-            ok = False
-    if not ok or (kind is float and not math.isfinite(value)) or not check(value):
-        shown = repr(value) if len(repr(value)) <= 40 else f"{type(value).__name__} {repr(value)[:40]}..."
-        raise _bad(f"'{key}' must be {rule}; got {shown}", key)
-    return kind(value)
-
-
-def _beams(body: dict) -> int:
-    """The beams of a beam search from `best_of` (OpenAI's name for "keep the best of several") or the
-    extension `num_beams`; 1 (no beam search) when neither is given."""
-    rule = f"an integer from 1 to {MAX_BEAMS} (beams of a beam search)"
-    best_of = _number(body, "best_of", None, int, lambda v: 1 <= v <= MAX_BEAMS, rule)
-    num_beams = _number(body, "num_beams", None, int, lambda v: 1 <= v <= MAX_BEAMS, rule)
-    if best_of is not None and num_beams is not None and best_of != num_beams:
-        raise _bad(f"'best_of' ({best_of}) and 'num_beams' ({num_beams}) differ; send one of them", "num_beams")
-    return best_of or num_beams or 1
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    """The `stop` strings: a string or a list of them (none: absent, "" or [])."""
-    value = body.get("stop")
-    if value is None or value == "" or value == []:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not (
-        isinstance(stops, list)
-        and len(stops) <= MAX_STOPS
-        and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
-    ):
-        raise _bad(
-            f"'stop' must be a string or a list of at most {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters",
-            "stop",
-        )
-    return tuple(stops)
-
-
-def parse_options(
-    body: dict, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int, bos_token_id: int
-) -> tuple[GenerationConfig, bool, bool, bool]:
-    """`(config, stream, include_usage, max_tokens_given)` from a request body.
-
-    `temperature` 0 decodes greedily (top_p/top_k are then ignored); without `seed` sampling draws a random one.
-    `best_of` (or `num_beams`) above 1 runs beam search, which does not sample: `temperature` must then be
-    left out or 0. `stop` strings end the answer before the first one.
-    """
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    limit = max_new_tokens
-    tokens = _number(
-        body, key, None, int, lambda v: 1 <= v <= limit, f"an integer from 1 to {limit} (the server's --max-new-tokens)"
-    )
-    temperature = _number(body, "temperature", 1.0, float, lambda v: v >= 0, "a number >= 0")
-    top_p = _number(body, "top_p", 1.0, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-    top_k = _number(body, "top_k", 0, int, lambda v: v >= 0, "an integer >= 0 (0: no top-k)")
-    seed = _number(body, "seed", None, int, lambda v: 0 <= v < 2**63, "a non-negative integer")
-    _number(body, "n", 1, int, lambda v: v == 1, "1 (one choice per request)")
-    beams = _beams(body)
-    if beams > 1 and body.get("temperature") is not None and temperature > 0:
-        raise _bad(
-            f"beam search ('best_of' or 'num_beams' {beams}) does not sample; leave 'temperature' out or send 0",
-            "temperature",
-        )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _bad(f"'stream' must be true or false; got {stream!r}", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
-    stop = _stop(body)
-    sample = temperature > 0 and beams == 1
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**31) if sample else 0
-    config = GenerationConfig(
-        max_new_tokens=tokens or max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else 1.0,
-        top_k=top_k if sample else 0,
-        top_p=top_p if sample else 1.0,
-        seed=seed,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id,
-        num_beams=beams,
-        stop=stop,
-    )
-    return config, stream, bool(options.get("include_usage")), tokens is not None
-
-
 def parse_chat_request(
     body: Any,
     *,
@@ -315,7 +232,7 @@ def parse_chat_request(
             param="model",
         )
     system, turns = parse_messages(body.get("messages"), takes_videos=load_video is not None)
-    config, stream, include_usage, given = parse_options(
+    options = parse_options(
         body,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
@@ -349,4 +266,16 @@ def parse_chat_request(
         prompt = build_conversation(layout, system)
     except ValueError as e:  # e.g. an "<image>" marker in the system text
         raise _bad(str(e), "messages") from None
-    return ChatRequest(prompt, loaded["image"], config, stream, include_usage, given, loaded["video"])
+    o = options
+    return ChatRequest(
+        prompt,
+        loaded["image"],
+        o.config,
+        o.stream,
+        o.include_usage,
+        o.max_tokens_given,
+        loaded["video"],
+        o.n,
+        o.logprobs,
+        o.top_logprobs,
+    )

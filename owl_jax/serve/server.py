@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server for mPLUG-Owl, on the standard library only.
+"""An OpenAI-compatible HTTP server for mPLUG-Owl: a FastAPI app served by uvicorn, and the model worker.
 
     server = make_server(model, processor, port=8000)
     server.serve_forever()          # or in a thread; server.shutdown() stops it (from another thread)
@@ -6,22 +6,23 @@
 Stopping gracefully (`owl-serve` on SIGTERM or Ctrl-C): `stop_serving()` makes `serve_forever` return,
 `drain(grace)` closes the listening socket, lets the running and queued requests finish for up to `grace`
 seconds, cancels the rest (a streamed answer ends with an error event and `data: [DONE]`, any other gets a
-503 JSON error) and waits briefly for those responses to be written.
+503 JSON error) and waits briefly for those responses to be written. The event loop runs on a thread of
+its own (`owl_jax.serve.runner`), so it goes on writing answers while `drain` waits.
 
-Endpoints: `POST /v1/chat/completions` (JSON, or server-sent events with `"stream": true`), `GET /v1/models`,
-`GET /health` and `GET /` (a chat page). Handler threads parse, validate and tokenize; one `ModelWorker`
-thread runs the model, one request at a time.
+Endpoints (`owl_jax.serve.app`): `POST /v1/chat/completions` (JSON, or server-sent events with
+`"stream": true`), `GET /v1/models`, `GET /health`, `GET /` (a chat page) and `GET /openapi.json`. The
+event loop reads bodies and writes answers; parsing, validation, media decoding and tokenizing run in its
+threadpool (`prepare`); the model worker (`owl_jax.serve.worker.make_worker`: a batching scheduler with
+`slots` rows, or one request at a time with `slots=0`) runs the model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import socket
+import queue
 import threading
 import time
-import uuid
-from http.server import ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,37 +31,39 @@ from PIL import Image
 from owl_jax.data import video
 from owl_jax.data.pixels import resize
 from owl_jax.inference.generate import Generator
-from owl_jax.serve.errors import ApiError
-from owl_jax.serve.handler import Handler
+from owl_jax.serve.app import ServerGate, build_app
+from owl_jax.serve.fetch import UrlFetcher
 from owl_jax.serve.images import load_image_url
-from owl_jax.serve.protocol import parse_chat_request
+from owl_jax.serve.jobs import PROMPT_CHARS_PER_POSITION, Prepared, prepare_jobs
+from owl_jax.serve.runner import UvicornThread, bind
 from owl_jax.serve.videos import load_video_url
-from owl_jax.serve.worker import Job, ModelWorker
+from owl_jax.serve.worker import make_worker
 
 log = logging.getLogger("owl_jax.serve")
 DEFAULT_MODEL_NAME = "mplug-owl"
-# Longer conversations are refused before tokenizing: no text that fits the context is this long (a token
-# stands for a few characters), and tokenizing a 20 MiB body would hold the shared tokenizer for ~30 s.
-PROMPT_CHARS_PER_POSITION = 64
 
 
-class OwlServer(ThreadingHTTPServer):
-    """The HTTP server plus the model worker thread; build it with `make_server`.
+class OwlServer:
+    """The HTTP server plus the model worker; build it with `make_server`.
 
     Attributes:
+      model, processor, generator, worker: what answers (the worker runs the generator).
       model_name: the id `/v1/models` lists and requests may name.
       allow_local_files: whether `image_url` and `video_url` may name files on this machine.
-      max_body_bytes, max_image_pixels, max_new_tokens: the limits requests are checked against (video
-        frames larger than `max_image_pixels` are refused too).
+      allow_url_hosts: the hosts whose http(s) media URLs are fetched (`owl_jax.serve.fetch`).
+      max_body_bytes, max_image_pixels, max_new_tokens, max_connections: the limits requests are checked
+        against (video frames larger than `max_image_pixels` are refused too; `limits` lists them all).
       context_length: prompt + answer tokens the model takes (`max_position_embeddings`).
       takes_videos: whether the model is the video layout (requests may then hold `video_url` parts).
       num_frames: frames sampled from each video.
+      server_address: `(host, port)` it listens on; `url` the same as `http://host:port`.
     """
 
-    daemon_threads = True  # a slow client never blocks shutdown
-    request_queue_size = 128  # the listen backlog (the standard library's 5 resets bursts of connections)
+    request_queue_size = 128  # the listen backlog (bursts of connections beyond it are reset)
     response_wait = 5.0  # seconds `drain` waits for in-flight responses to be written after cancelling
     linger_seconds = 5.0  # how long a closing connection keeps reading what the client still sends
+    request_timeout = 120.0  # seconds a connection may sit idle or trickle its request before it is dropped
+    keep_alive_seconds = 30.0  # how long an idle keep-alive connection stays open between requests
 
     def __init__(
         self,
@@ -76,6 +79,10 @@ class OwlServer(ThreadingHTTPServer):
         max_new_tokens: int = 512,
         backlog: int | None = None,
         num_frames: int = 4,
+        slots: int = 16,
+        allow_url_hosts: tuple[str, ...] | list[str] = (),
+        url_timeout: float = 10.0,
+        max_connections: int | None = 512,
     ):
         if processor is None:
             raise ValueError(
@@ -84,11 +91,23 @@ class OwlServer(ThreadingHTTPServer):
         video.check_num_frames(num_frames, "the server")
         if max_new_tokens < 1 or max_body_bytes < 1:
             raise ValueError("max_new_tokens and max_body_bytes must be positive")
+        if slots < 0:
+            raise ValueError(f"slots must be 0 (one request at a time) or more, got {slots}")
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"max_connections must be positive, got {max_connections}")
         if backlog is not None:
             if backlog < 1:
                 raise ValueError("backlog must be positive")
             self.request_queue_size = int(backlog)
+        self.max_body_bytes, self.max_new_tokens = int(max_body_bytes), int(max_new_tokens)
+        self.allow_url_hosts = tuple(allow_url_hosts)
+        self.fetch = (
+            UrlFetcher(self.allow_url_hosts, timeout=url_timeout, max_bytes=self.max_body_bytes)
+            if self.allow_url_hosts
+            else None
+        )
         self.stopping = threading.Event()  # set once the server stops taking requests
+        self._serving_stopped = threading.Event()  # makes serve_forever return
         self._hurry = threading.Event()  # cuts the shutdown grace period short
         self._active = 0  # requests being handled (not idle keep-alive connections)
         self._active_changed = threading.Condition()
@@ -96,10 +115,11 @@ class OwlServer(ThreadingHTTPServer):
         self._drained = False
         # The generator first: if building it fails, no socket has been bound yet.
         self.generator = generator or Generator(model)
-        super().__init__(address, Handler)
+        self.socket = bind(address[0], address[1], self.request_queue_size)
+        self.server_address = self.socket.getsockname()[:2]
         self.model, self.processor = model, processor
         self.model_name, self.allow_local_files = model_name, allow_local_files
-        self.max_body_bytes, self.max_new_tokens = int(max_body_bytes), int(max_new_tokens)
+        self.max_connections = max_connections
         self.max_image_pixels = int(max_image_pixels or processor.max_image_pixels)
         self.context_length = int(model.config.text.max_position_embeddings)
         self.vocab_size = int(model.config.text.vocab_size)
@@ -109,16 +129,56 @@ class OwlServer(ThreadingHTTPServer):
         # The processor's resize: the image layout squashes to S×S, the video layout crops the shortest edge.
         self.image_resize = "shortest_edge_crop" if getattr(processor, "layout", "image") == "video" else "squash"
         self.created = int(time.time())
-        # The processor's tokenizer is shared by handler threads (encoding) and the worker (decoding).
+        # The processor's tokenizer is shared by the threadpool (encoding) and the worker (decoding).
         self.tokenizer_lock = threading.Lock()
-        self.worker = ModelWorker(self.generator, self._decode)
-        self.worker.start()
+        self.app = build_app(self)
+        self.http = UvicornThread(
+            ServerGate(self.app, self),
+            self.socket,
+            backlog=self.request_queue_size,
+            linger_seconds=self.linger_seconds,
+            request_timeout=self.request_timeout,
+            keep_alive_seconds=self.keep_alive_seconds,
+        )
+        try:
+            self.worker = make_worker(self.generator, self._decode, slots=slots)
+            self.worker.start()
+        except BaseException:
+            self.socket.close()
+            raise
+        self.slots = int(slots)
 
     @property
     def url(self) -> str:
         """`http://host:port` the server listens on (the real port when it was started on port 0)."""
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def limits(self) -> dict:
+        """The limits requests are checked against."""
+        return {
+            "max_body_bytes": self.max_body_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "max_new_tokens": self.max_new_tokens,
+            "context_length": self.context_length,
+            "max_connections": self.max_connections,
+            "backlog": self.request_queue_size,
+        }
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until `stop_serving()` (or `shutdown()`) is called from another thread or a signal handler.
+
+        The event loop goes on running after this returns, until `drain` (or `server_close`) ends it.
+        """
+        if self.stopping.is_set():
+            return
+        self.http.start()
+        while not self._serving_stopped.wait(poll_interval):
+            if not self.http.is_alive():
+                log.error("the HTTP server has stopped")
+                return
 
     def shutdown(self, grace: float = 0.0) -> None:
         """Stop `serve_forever` (call it from another thread), then `drain(grace)`: requests in flight get
@@ -127,9 +187,10 @@ class OwlServer(ThreadingHTTPServer):
         self.drain(grace)
 
     def stop_serving(self) -> None:
-        """Make `serve_forever` return (call it from another thread; it waits for that)."""
+        """Make `serve_forever` return and refuse new chat requests (503); the connections open are still
+        served until `drain`."""
         self.stopping.set()
-        super().shutdown()
+        self._serving_stopped.set()
 
     def hurry(self) -> None:
         """Cut a running `drain`'s grace period short (e.g. on a second SIGTERM)."""
@@ -140,15 +201,15 @@ class OwlServer(ThreadingHTTPServer):
 
         Closes the listening socket, refuses new chat requests (503), lets running and queued generations
         go on for up to `grace` seconds, cancels what is left (streams end with an error event, other
-        requests get a 503) and waits up to `response_wait` seconds for the responses to be written. Call
-        it after `serve_forever` has returned; calling it again does nothing.
+        requests get a 503), waits up to `response_wait` seconds for the responses to be written, and ends
+        the event loop. Call it after `serve_forever` has returned; calling it again does nothing.
         """
         with self._drain_lock:
             if self._drained:
                 return True
             self._drained = True
-        self.stopping.set()
-        super().server_close()  # new connections are refused from now on
+        self.stop_serving()
+        self.http.close_listener()  # new connections are refused from now on
         pending = self.worker.pending
         if pending:
             log.info("stopping: %d requests in flight get up to %.1f s to finish", pending, grace)
@@ -163,7 +224,17 @@ class OwlServer(ThreadingHTTPServer):
             if self._active:
                 log.info("stopping: %d responses still unwritten", self._active)
                 finished = False
+        self.http.stop()
         return finished
+
+    def server_close(self) -> None:
+        """Close the listening socket, end the event loop and stop the model worker."""
+        self.stop_serving()
+        self.http.close_listener()
+        self.http.stop()
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.stop()
 
     def request_started(self) -> None:
         with self._active_changed:
@@ -174,32 +245,11 @@ class OwlServer(ThreadingHTTPServer):
             self._active -= 1
             self._active_changed.notify_all()
 
-    def shutdown_request(self, request: socket.socket) -> None:
-        """Close a connection gracefully: send our FIN, then read and drop what the client still sends.
+    def open_connections(self) -> int:
+        """Connections open now (idle keep-alive ones included)."""
+        return self.http.open_connections()
 
-        Closing a socket whose unread input is not empty makes the kernel reset the connection, and the
-        reset can destroy our answer (a 411, 413 or 400 sent before the body was read) before the client
-        reads it. So the server stops writing, drains until the client closes too, for at most
-        `linger_seconds`, and only then closes.
-        """
-        try:
-            request.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + self.linger_seconds
-            while (left := deadline - time.monotonic()) > 0:
-                request.settimeout(left)
-                if not request.recv(1 << 16):
-                    break
-        except OSError:  # reset, timed out, or already closed
-            pass
-        self.close_request(request)
-
-    def server_close(self) -> None:
-        """Close the listening socket and stop the model worker."""
-        super().server_close()
-        worker = getattr(self, "worker", None)  # absent when binding the socket failed in __init__
-        if worker is not None:
-            worker.stop()
-
+    # ------------------------------------------------------------------------------------- requests
     def _decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
             return self.processor.decode(ids)
@@ -213,7 +263,7 @@ class OwlServer(ThreadingHTTPServer):
         size, which it leaves as they are.
         """
         image = load_image_url(
-            url, allow_local_files=self.allow_local_files, max_pixels=self.max_image_pixels, name=name
+            url, allow_local_files=self.allow_local_files, max_pixels=self.max_image_pixels, name=name, fetch=self.fetch
         )
         return Image.fromarray(resize(image, self.processor.image_size, self.image_resize))
 
@@ -226,58 +276,13 @@ class OwlServer(ThreadingHTTPServer):
             max_frame_pixels=min(self.max_image_pixels, video.MAX_FRAME_PIXELS),
             backend=getattr(self.processor, "video_backend", "auto"),
             name=name,
+            fetch=self.fetch,
         )
 
-    def prepare(self, body: Any) -> tuple[Any, Job]:
-        """Validate a chat-completion body and build its `Job` (ApiError for requests that cannot be served)."""
-        p = self.processor
-        request = parse_chat_request(
-            body,
-            model_name=self.model_name,
-            load_image=self.load_image,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=p.eos_token_id,
-            pad_token_id=p.pad_token_id,
-            bos_token_id=p.bos_token_id,
-            max_images=max(0, (self.context_length - 1) // max(1, p.image_tokens)),
-            load_video=self.load_video if self.takes_videos else None,
-        )
-        if len(request.prompt) > self.max_prompt_chars:  # tokenizing megabytes would hold the tokenizer for seconds
-            raise ApiError(
-                400,
-                f"the conversation is {len(request.prompt)} characters; the server takes at most "
-                f"{self.max_prompt_chars} ({PROMPT_CHARS_PER_POSITION} per position of the model's context of "
-                f"{self.context_length})",
-                code="context_length_exceeded",
-                param="messages",
-            )
-        with self.tokenizer_lock:
-            ids = p.encode_prompt(request.prompt)
-        room = self.context_length - len(ids)
-        config = request.config
-        if room < 1 or (request.max_tokens_given and config.max_new_tokens > room):
-            want = f" + {config.max_new_tokens} max_tokens" if request.max_tokens_given else ""
-            media = f"{len(request.images)} images" + (f" and {len(request.videos)} videos" if request.videos else "")
-            raise ApiError(
-                400,
-                f"the conversation is {len(ids)} tokens ({media} of "
-                f"{p.image_tokens} tokens each){want}, more than the model's context of "
-                f"{self.context_length} tokens; shorten it or lower max_tokens",
-                code="context_length_exceeded",
-                param="messages",
-            )
-        if config.max_new_tokens > room:  # the server's default length, shortened to fit the context
-            config = dataclasses.replace(config, max_new_tokens=room)
-        if config.top_k >= self.vocab_size:  # keeps every token: the same as no top-k (and one compiled step)
-            config = dataclasses.replace(config, top_k=0)
-        job = Job(
-            np.asarray([ids], np.int32),
-            p.preprocess_images(request.images),
-            config,
-            label=f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            video_pixel_values=p.preprocess_videos(request.videos) if request.videos else None,
-        )
-        return request, job
+    def prepare(self, body: bytes | Any, events: Callable[[], queue.Queue] = queue.Queue) -> Prepared:
+        """Validate a chat-completion body (JSON bytes, or its parsed value) and build its jobs, one per
+        choice, each with `events()` as its event queue (ApiError for requests that cannot be served)."""
+        return prepare_jobs(self, body, events)
 
     def models(self) -> dict:
         """The `/v1/models` listing."""
@@ -301,7 +306,10 @@ def make_server(model: Any, processor: Any, *, host: str = "127.0.0.1", port: in
       model, processor: from `owl_jax.from_pretrained`.
       options: `OwlServer` keywords: `model_name`, `allow_local_files`, `max_body_bytes`, `max_image_pixels`
         (default: the processor's), `max_new_tokens` (default and ceiling of `max_tokens`), `generator`,
-        `backlog` (the listen queue, default 128), `num_frames` (frames per video, default 4).
+        `backlog` (the listen queue, default 128), `num_frames` (frames per video, default 4), `slots`
+        (rows of the batching worker, default 16; 0: one request at a time), `allow_url_hosts` (hosts whose
+        http(s) media URLs are fetched; none by default), `url_timeout` (seconds per fetch, default 10),
+        `max_connections` (open connections beyond it get a 503; default 512, None: no limit).
 
     Call `serve_forever()` (e.g. in a thread), then `shutdown(grace)` and `server_close()` to stop.
     """

@@ -1,9 +1,11 @@
 """Video URLs from chat messages → sampled frames, with the checks a server exposed to clients needs.
 
 The URL rules are the images' (`owl_jax.serve.images.media_source`): `data:` URLs (base64, media type
-`video/...` or none) always, local files only with `--allow-local-files`, network URLs never. The video
-readers take files, so a data URL's bytes are written to a temporary file that is removed as soon as the
-frames are read, whether or not reading succeeds; the request body limit bounds its size.
+`video/...` or none) always, local files only with `--allow-local-files`, http(s) URLs only from the
+allowed hosts (`--allow-url-host`). The video
+readers take files, so a data URL's (or a fetched URL's) bytes are written to a temporary file that is
+removed as soon as the frames are read, whether or not reading succeeds; the request body limit bounds
+its size.
 
 Frames are read by `owl_jax.data.video.read_frames` (as the released video model samples them). Frames
 larger than the server's pixel limit are refused from the stream's header, and the decode holds an
@@ -21,7 +23,7 @@ import numpy as np
 
 from owl_jax.data import images, video
 from owl_jax.serve.errors import ApiError
-from owl_jax.serve.images import media_source
+from owl_jax.serve.images import Fetch, media_source
 
 # A decoder holds a few full-size frames (reference frames, threads' work); the estimate allows this many.
 DECODER_FRAMES = 16
@@ -81,9 +83,10 @@ def load_video_url(
     max_frame_pixels: int,
     backend: str = "auto",
     name: str = "video",
+    fetch: Fetch | None = None,
 ) -> np.ndarray:
     """A `video_url` from a chat message → its sampled frames `(T, 224, 224, 3)` uint8 (ApiError otherwise)."""
-    source = media_source(url, allow_local_files=allow_local_files, name=name, media="video")
+    source = media_source(url, allow_local_files=allow_local_files, name=name, media="video", fetch=fetch)
     options = dict(num_frames=num_frames, max_frame_pixels=max_frame_pixels, backend=backend, name=name)
     if isinstance(source, str):
         return read_video(source, **options)
@@ -95,7 +98,7 @@ def load_video_url(
             f.write(source)
         return read_video(path, **options)
     except ApiError as e:  # a reader's message may quote the file: the client never saw this path
-        message = e.message.replace(path, "(the data URL's bytes)")
+        message = e.message.replace(path, "(the URL's bytes)")
         raise ApiError(e.status, message, type=e.type, code=e.code, param=e.param) from None
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -1,8 +1,11 @@
-"""The thread that owns the model: requests run one at a time, their text streamed back through queues.
+"""The thread that owns the model, and what its two kinds share: jobs in, text streamed back through queues.
 
-HTTP handler threads validate and tokenize a request, then hand a `Job` to the `ModelWorker`; the worker
-runs a fresh `Generator.generate` for it (its own KV cache, never shared between requests) and puts events
-on the job's own queue: `("delta", text)` per decoded piece, then `("done", Result)` or `("error", ApiError)`.
+HTTP handler threads validate and tokenize a request, then hand a `Job` to the worker `make_worker` built:
+a `ModelWorker`, which runs a fresh `Generator.generate` per job, one at a time (its own KV cache, never
+shared between requests), or a `owl_jax.serve.scheduler.BatchScheduler`, which decodes many jobs at once in
+slots of one cache. Either puts events on the job's own queue: `("delta", text)` per decoded piece (and,
+from the scheduler when `job.logprobs` is set, `("logprob", entry)` before the piece holding that token's
+text), then `("done", Result)` or `("error", ApiError)`.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from owl_jax.inference.generate import GenerationConfig, Generator
-from owl_jax.inference.stops import cut_at_stop, visible_text
+from owl_jax.inference.stops import cut_at_stop, find_stop, visible_text
 from owl_jax.serve.errors import ApiError
 
 log = logging.getLogger("owl_jax.serve")
@@ -26,28 +30,53 @@ log = logging.getLogger("owl_jax.serve")
 class TextStream:
     """Turns generated ids into text pieces whose concatenation is the answer, stripped of outer whitespace.
 
-    Every step re-decodes the whole answer (SentencePiece spacing depends on the neighbouring pieces) and
-    sends what was added. Whitespace at the end is held back until more text follows (so the answer's
-    trailing space or newline is never sent), and so is an unfinished UTF-8 character that byte-fallback
-    pieces have only partly produced (it decodes as U+FFFD until its last byte arrives). With `stop` strings
-    the text ends before the first one, and an ending that may still become one is held back too.
+    The answer's text is the decode of all its ids (SentencePiece spacing depends on the neighbouring
+    pieces), kept up to date without decoding the whole answer for every id: the ids from an anchor a few
+    ids back (between `context` and 2·`context`) are decoded, and the text they gained since the last id is
+    the text the new id added. Where that does not hold (the new id changed the text before it, as a byte
+    piece that completes a UTF-8 character shown as U+FFFD so far does, or the ids before the new one decode
+    to nothing) the whole answer is decoded again.
+    Whitespace at the end is held back until more text follows (so the answer's trailing space or newline
+    is never sent), and so is an unfinished UTF-8 character that byte-fallback pieces have only partly
+    produced. With `stop` strings the text ends before the first one (`stopped` says a stop string has
+    appeared: the answer is complete), and an ending that may still become one is held back too.
     """
+
+    context = 8  # at least this many ids before the new one are decoded with it
 
     def __init__(self, decode: Callable[[list[int]], str], eos_token_id: int, stop: tuple[str, ...] = ()):
         self.decode, self.eos_token_id, self.stop = decode, eos_token_id, stop
         self.ids: list[int] = []
+        self.raw = ""  # decode(self.ids)
         self.text = ""  # everything sent so far
+        self.stopped = False
+        self._anchor, self._tail = 0, ""  # decode(ids[anchor:]) before the last id came
 
     def push(self, token: int) -> str:
         """Add one generated id; returns the new text to send (often "")."""
         if token == self.eos_token_id:
             return ""
         self.ids.append(int(token))
-        return self._advance(visible_text(self.decode(self.ids), self.stop).strip().rstrip("\ufffd").rstrip())
+        self.raw = self._extend(self.raw, self.ids)
+        self.stopped = bool(self.stop) and find_stop(self.raw, self.stop) is not None
+        return self._advance(visible_text(self.raw, self.stop).strip().rstrip("\ufffd").rstrip())
 
     def finish(self) -> str:
         """The text still held back once generation has ended."""
-        return self._advance(cut_at_stop(self.decode(self.ids), self.stop).strip())
+        return self._advance(cut_at_stop(self.raw, self.stop).strip())
+
+    def _extend(self, raw: str, ids: list[int]) -> str:
+        """`decode(ids)`, given `raw == decode(ids[:-1])`."""
+        if len(ids) - 1 - self._anchor > 2 * self.context:
+            self._anchor = len(ids) - 1 - self.context
+            self._tail = self.decode(ids[self._anchor : -1])
+        tail, after = self._tail, self.decode(ids[self._anchor :])
+        self._tail = after
+        if self._anchor == 0:
+            return after
+        if not tail or not after.startswith(tail):  # the new id changed the text before it
+            return self.decode(ids)
+        return raw + after[len(tail) :]
 
     def _advance(self, text: str) -> str:
         # Sent text cannot be taken back; in the (unusual) case that re-decoding changed earlier characters
@@ -67,10 +96,11 @@ class Result:
     completion_tokens: int
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # jobs are compared by identity (a queue removes one)
 class Job:
     """One request for the worker: a single prompt's ids `(1, L)`, its images `(N, 3, S, S)`, its videos
-    `(V, 3, T, S, S)` (or None) and options."""
+    `(V, 3, T, S, S)` (or None) and options. With `logprobs`, the batch scheduler reports every generated
+    token's log-probability and the `top_logprobs` (0..20) most likely tokens; the serial worker cannot."""
 
     input_ids: np.ndarray
     pixel_values: np.ndarray
@@ -79,29 +109,91 @@ class Job:
     events: queue.Queue[tuple[str, object]] = dataclasses.field(default_factory=queue.Queue)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     video_pixel_values: np.ndarray | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+def cancelled_error(stopping: bool) -> ApiError:
+    """The 503 a job gets when it is ended early: the server stopping, or its client gone."""
+    return ApiError(
+        503, "the server is shutting down" if stopping else "the request was cancelled", type="server_error"
+    )
 
 
 class _Cancelled(Exception):
     """Raised from the stream callback to abandon a generation whose client went away."""
 
 
-class ModelWorker(threading.Thread):
-    """Runs jobs from a queue, one at a time, on one `Generator`.
+def log_result(job: Job, result: Result, seconds: float) -> None:
+    log.info(
+        "%s: %d prompt tokens, %d images, %d videos, %d new tokens in %.2f s (%.1f tokens/s), finish %s",
+        job.label,
+        result.prompt_tokens,
+        len(job.pixel_values),
+        0 if job.video_pixel_values is None else len(job.video_pixel_values),
+        result.completion_tokens,
+        seconds,
+        result.completion_tokens / max(seconds, 1e-9),
+        result.finish_reason,
+    )
 
-    Args:
-      generator: the model's generator (only this thread calls it).
-      decode: ids → text (the processor's `decode`; the caller serializes it with tokenizer use elsewhere).
+
+def run_serial(generator: Generator, decode: Callable[[list[int]], str], job: Job, stopping: threading.Event) -> None:
+    """Answer `job` with one `Generator.generate` call, streaming its text; ends early (503) once
+    `job.cancelled` or `stopping` is set. Every outcome is an event on `job.events`."""
+    cfg = job.config
+    text = TextStream(decode, cfg.eos_token_id, cfg.stop)
+
+    def check(*_) -> None:
+        if job.cancelled.is_set() or stopping.is_set():
+            raise _Cancelled
+
+    def on_token(step: int, tokens: np.ndarray, finished: np.ndarray) -> None:
+        check()
+        piece = text.push(int(tokens[0]))
+        if piece:
+            job.events.put(("delta", piece))
+
+    extra: dict[str, Any] = {"decode": decode} if cfg.stop else {}  # stop strings are found in the decoded text
+    if cfg.num_beams > 1:  # beam search streams only once it has ended: cancel between its chunks too
+        extra["on_progress"] = check
+    start = time.perf_counter()
+    try:
+        out = generator.generate(
+            job.input_ids, None, job.pixel_values, cfg, job.video_pixel_values, stream=on_token, **extra
+        )
+    except _Cancelled:
+        log.info("%s cancelled (%s)", job.label, "server stopping" if stopping.is_set() else "client gone")
+        job.events.put(("error", cancelled_error(stopping.is_set())))
+        return
+    except ValueError as e:  # inputs the model cannot take (validated earlier, so rare)
+        job.events.put(("error", ApiError(400, str(e))))
+        return
+    except Exception as e:  # keep the worker alive for the next request
+        log.exception("%s failed", job.label)
+        job.events.put(("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+        return
+    rest = text.finish()
+    if rest:
+        job.events.put(("delta", rest))
+    tokens = out.tokens[0]
+    result = Result("stop" if out.finished[0] else "length", int(out.prompt_lengths[0]), len(tokens))
+    log_result(job, result, time.perf_counter() - start)
+    job.events.put(("done", result))
+
+
+class JobThread(threading.Thread):
+    """What both workers share: the job queue, the count of jobs not yet answered, and stopping.
 
     Stopping: `drain(grace)` refuses new jobs and waits up to `grace` seconds for the queued and running
     ones; `stop()` then cancels what is left (each gets a 503 "the server is shutting down") and ends the
-    thread. A job whose `cancelled` is set while it waits in the queue is dropped without running.
+    thread. Subclasses implement `run`, reading `jobs` (None ends the thread) and calling `_answered` once
+    per job.
     """
 
-    def __init__(self, generator: Generator, decode: Callable[[list[int]], str]):
-        super().__init__(name="owl-model-worker", daemon=True)
-        self.generator, self.decode = generator, decode
+    def __init__(self, name: str):
+        super().__init__(name=name, daemon=True)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.current: Job | None = None
         self._stopping = threading.Event()
         self._closed = False  # no new jobs (draining or stopped)
         self._pending = 0  # jobs submitted and not yet answered
@@ -134,18 +226,19 @@ class ModelWorker(threading.Thread):
             return True
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running job early, refuse the queued ones and end the thread."""
+        """Finish the running jobs early, refuse the queued ones and end the thread."""
         if self._stopping.is_set():
             return
         with self._idle:
             self._closed = True
         self._stopping.set()
-        current = self.current
-        if current is not None:
-            current.cancelled.set()
+        self._interrupt()
         self.jobs.put(None)
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
+
+    def _interrupt(self) -> None:
+        """Called by `stop` (from another thread) after `_stopping` is set."""
 
     def _answered(self) -> None:
         with self._idle:
@@ -153,8 +246,49 @@ class ModelWorker(threading.Thread):
             self._idle.notify_all()
 
     def _refuse(self, job: Job) -> None:
-        job.events.put(("error", ApiError(503, "the server is shutting down", type="server_error")))
+        job.events.put(("error", cancelled_error(stopping=True)))
         self._answered()
+
+    def _drop_if_cancelled(self, job: Job) -> bool:
+        """Answer a job whose client went away while it waited (503); returns whether it had."""
+        if not job.cancelled.is_set():
+            return False
+        log.info("%s cancelled before it started (client gone)", job.label)
+        job.events.put(("error", cancelled_error(stopping=False)))
+        self._answered()
+        return True
+
+    def _refuse_queued(self) -> None:
+        """At shutdown: anything still queued gets an answer instead of waiting forever."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._refuse(job)
+
+
+class ModelWorker(JobThread):
+    """Runs jobs from a queue, one at a time, on one `Generator`.
+
+    Args:
+      generator: the model's generator (only this thread calls it).
+      decode: ids → text (the processor's `decode`; the caller serializes it with tokenizer use elsewhere).
+
+    Stopping as `JobThread`. A job whose `cancelled` is set while it waits in the queue is dropped without
+    running.
+    """
+
+    def __init__(self, generator: Generator, decode: Callable[[list[int]], str]):
+        super().__init__(name="owl-model-worker")
+        self.generator, self.decode = generator, decode
+        self.current: Job | None = None
+
+    def _interrupt(self) -> None:
+        current = self.current
+        if current is not None:
+            current.cancelled.set()
 
     def run(self) -> None:
         while True:
@@ -164,75 +298,25 @@ class ModelWorker(threading.Thread):
             if self._stopping.is_set():
                 self._refuse(job)
                 continue
-            if job.cancelled.is_set():  # its client went away while it waited
-                log.info("%s cancelled before it started (client gone)", job.label)
-                job.events.put(("error", ApiError(503, "the request was cancelled", type="server_error")))
-                self._answered()
+            if self._drop_if_cancelled(job):
                 continue
             self.current = job
             try:
-                self._run(job)
+                run_serial(self.generator, self.decode, job, self._stopping)
             finally:
                 self.current = None
                 self._answered()
-        while True:  # anything still queued at shutdown gets an answer instead of waiting forever
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                self._refuse(job)
+        self._refuse_queued()
 
-    def _run(self, job: Job) -> None:
-        cfg = job.config
-        text = TextStream(self.decode, cfg.eos_token_id, cfg.stop)
 
-        def check(*_) -> None:
-            if job.cancelled.is_set() or self._stopping.is_set():
-                raise _Cancelled
+def make_worker(generator: Any, decode: Callable[[list[int]], str], *, slots: int = 0, **options: Any) -> JobThread:
+    """The model's worker thread (not started): a `ModelWorker` (one job at a time) when `slots` is 0, else
+    a `BatchScheduler` decoding up to `slots` jobs at once (`options`: its keywords). A generator that is
+    not a `Generator` (a stand-in without a model) always gets the `ModelWorker`."""
+    if slots < 0:
+        raise ValueError(f"slots must be >= 0, got {slots}")
+    if not slots or not isinstance(generator, Generator):
+        return ModelWorker(generator, decode)
+    from owl_jax.serve.scheduler import BatchScheduler  # it builds on this module
 
-        def on_token(step: int, tokens: np.ndarray, finished: np.ndarray) -> None:
-            check()
-            piece = text.push(int(tokens[0]))
-            if piece:
-                job.events.put(("delta", piece))
-
-        extra = {"decode": self.decode} if cfg.stop else {}  # stop strings are found in the decoded text
-        if cfg.num_beams > 1:  # beam search streams only once it has ended: cancel between its chunks too
-            extra["on_progress"] = check
-        start = time.perf_counter()
-        try:
-            out = self.generator.generate(
-                job.input_ids, None, job.pixel_values, cfg, job.video_pixel_values, stream=on_token, **extra
-            )
-        except _Cancelled:
-            stopping = self._stopping.is_set()
-            log.info("%s cancelled (%s)", job.label, "server stopping" if stopping else "client gone")
-            why = "the server is shutting down" if stopping else "the request was cancelled"
-            job.events.put(("error", ApiError(503, why, type="server_error")))
-            return
-        except ValueError as e:  # inputs the model cannot take (validated earlier, so rare)
-            job.events.put(("error", ApiError(400, str(e))))
-            return
-        except Exception as e:  # keep the worker alive for the next request
-            log.exception("%s failed", job.label)
-            job.events.put(("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
-            return
-        rest = text.finish()
-        if rest:
-            job.events.put(("delta", rest))
-        seconds = time.perf_counter() - start
-        tokens = out.tokens[0]
-        result = Result("stop" if out.finished[0] else "length", int(out.prompt_lengths[0]), len(tokens))
-        log.info(
-            "%s: %d prompt tokens, %d images, %d videos, %d new tokens in %.2f s (%.1f tokens/s), finish %s",
-            job.label,
-            result.prompt_tokens,
-            len(job.pixel_values),
-            0 if job.video_pixel_values is None else len(job.video_pixel_values),
-            result.completion_tokens,
-            seconds,
-            result.completion_tokens / max(seconds, 1e-9),
-            result.finish_reason,
-        )
-        job.events.put(("done", result))
+    return BatchScheduler(generator, decode, slots=slots, **options)

@@ -9,7 +9,7 @@ from helpers import FIXTURE
 from owl_jax.data.processor import OwlProcessor
 from owl_jax.inference.generate import GenerationOutput
 from owl_jax.serve.errors import ApiError
-from owl_jax.serve.protocol import parse_options
+from owl_jax.serve.options import parse_options
 from owl_jax.serve.worker import Job, ModelWorker, TextStream
 
 
@@ -35,7 +35,8 @@ def test_best_of_and_num_beams_ask_for_beam_search():
     assert refused(best_of=2, num_beams=3).param == "num_beams"
     for value in (0, 9, 2.5, "3", True):
         assert refused(best_of=value).param == "best_of"
-    assert refused(n=3).param == "n"  # still one choice per request
+    for value in (0, 9, 2.5, True):  # 1 to 8 choices
+        assert refused(n=value).param == "n"
 
 
 def test_stop_strings_are_a_string_or_a_short_list():

@@ -1,0 +1,91 @@
+"""The model worker's events, read on the event loop without blocking it.
+
+The worker (a thread) puts each job's events on `job.events`, a `queue.Queue`: `("logprob", entry)`,
+`("delta", text)`, then `("done", Result)` or `("error", ApiError)`. A request's jobs (one per choice) get
+`NotifyingQueue`s of one `Notifier`: every `put` also schedules, thread-safely, a wake-up of the coroutine
+that answers the request, which then takes what has arrived with `get_nowait`. So the event loop never
+waits on a queue, and an answer's pieces are sent as soon as they are made. `job_events` merges the
+jobs' events in arrival order, and checks every `poll` seconds that the worker is still alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from owl_jax.serve.errors import ApiError
+
+POLL_SECONDS = 0.2  # while no event comes, how often the worker's liveness is checked
+
+
+class Notifier:
+    """Wakes the coroutine answering one request when any of its queues gets an event (from any thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.ready = asyncio.Event()
+
+    def queue(self) -> NotifyingQueue:
+        """A new queue whose `put`s wake this notifier (a job's `events`)."""
+        return NotifyingQueue(self)
+
+    def notify(self) -> None:
+        """Wake the waiting coroutine; callable from any thread (does nothing once the loop has closed)."""
+        try:
+            self.loop.call_soon_threadsafe(self.ready.set)
+        except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            pass
+
+    async def wait(self, timeout: float) -> None:
+        """Return once notified (at once if notified since the last wait), or after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout)
+        except TimeoutError:
+            pass
+        self.ready.clear()
+
+
+class NotifyingQueue(queue.Queue):
+    """A job's event queue that wakes its request's `Notifier` on every `put`."""
+
+    def __init__(self, notifier: Notifier):
+        super().__init__()
+        self.notifier = notifier
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.notifier.notify()
+
+
+async def job_events(
+    jobs: Sequence[Any],
+    notifier: Notifier,
+    worker_alive: Callable[[], bool],
+    poll: float = POLL_SECONDS,
+    stop: Callable[[], bool] = lambda: False,
+) -> AsyncIterator[tuple[int, str, Any]]:
+    """`(job index, kind, value)` of the jobs' events as they arrive, until every job has ended ("done" or
+    "error") or `stop()` is true (checked whenever the notifier wakes, e.g. once the client has gone). A job
+    still unfinished when the worker has stopped ends with an ApiError 503."""
+    ended = [False] * len(jobs)
+    while not all(ended) and not stop():
+        got = False
+        for i, job in enumerate(jobs):
+            while not ended[i]:
+                try:
+                    kind, value = job.events.get_nowait()
+                except queue.Empty:
+                    break
+                got = True
+                ended[i] = kind in ("done", "error")
+                yield i, kind, value
+        if got or all(ended):
+            continue
+        await notifier.wait(poll)
+        if not worker_alive():
+            for i, job in enumerate(jobs):
+                if not ended[i] and job.events.empty():
+                    ended[i] = True
+                    yield i, "error", ApiError(503, "the model worker has stopped", type="server_error")
