@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pathlib
+import shutil
 import struct
+import threading
 import zlib
 
 import jax
@@ -292,3 +295,28 @@ def interleaved_requests():
         ids = np.asarray(processor.encode_prompt(f"Human: {question}\nAI: "), np.int32)
         requests.append((ids, processor.preprocess_images(images[:n_images]), max_new, stop))
     return model, processor, requests
+
+
+def served_fixture(tmp_path_factory):
+    """The tiny fixture as a user's folder (its checkpoint with `tokenizer.model`) loaded by
+    `owl_jax.from_pretrained`: `(model, processor, folder)`."""
+    import owl_jax
+
+    folder = tmp_path_factory.mktemp("model") / "m"
+    shutil.copytree(FIXTURE / "checkpoint", folder)
+    shutil.copy(FIXTURE / "tokenizer.model", folder / "tokenizer.model")
+    model, processor = owl_jax.from_pretrained(folder, show_progress=False)
+    return model, processor, folder
+
+
+@contextlib.contextmanager
+def serving(server):
+    """`server` (an `OwlServer`) serving on a thread while the block runs, then shut down and closed."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

@@ -27,6 +27,8 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
+from owl_jax.quant.spec import add_quantize_argument
+
 PROG = "owl-chat"
 MIN_FRAMES = 2  # owl_jax.data.video.MIN_FRAMES, without importing it before the arguments are checked
 
@@ -80,12 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         "it does not sample, and the answer appears once the search ends",
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument(
-        "--quantize",
-        choices=["int8", "int4"],
-        default=None,
-        help="hold the language model's linear weights as int8 or int4 (docs/quantization.md)",
-    )
+    add_quantize_argument(p)
     p.add_argument(
         "--max-length",
         type=_number(int, "an integer >= 1", lambda v: v >= 1),

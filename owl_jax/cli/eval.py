@@ -25,6 +25,7 @@ from owl_jax.eval.jsonl import PartialWriter, resume_rows, write_jsonl
 from owl_jax.eval.judge import grade_answers
 from owl_jax.eval.owleval import answer_owleval, load_questions, write_answers
 from owl_jax.eval.tables import format_tables, summarize
+from owl_jax.quant.spec import add_quantize_argument
 
 
 def _answer_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,12 +59,7 @@ def _answer_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to apply")
-    p.add_argument(
-        "--quantize",
-        choices=["int8", "int4"],
-        default=None,
-        help="hold the language model's linear weights as int8 or int4 (docs/quantization.md)",
-    )
+    add_quantize_argument(p)
     p.add_argument("--max-length", type=int, default=None, help="KV-cache positions per conversation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

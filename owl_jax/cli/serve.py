@@ -21,6 +21,8 @@ import logging
 import os
 import sys
 
+from owl_jax.quant.spec import add_quantize_argument
+
 
 def _port(text: str) -> int:
     try:
@@ -88,12 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=512, help="default and largest max_tokens of a request (default 512)"
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument(
-        "--quantize",
-        choices=["int8", "int4"],
-        default=None,
-        help="hold the language model's linear weights as int8 or int4 (docs/quantization.md)",
-    )
+    add_quantize_argument(p)
     p.add_argument(
         "--slots",
         type=int,

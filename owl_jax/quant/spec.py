@@ -114,3 +114,13 @@ def parse_quantize(value: Any) -> QuantSpec | None:
     if isinstance(value, dict):
         return QuantSpec.from_dict(value)
     raise QuantSpecError(f"quantize must be None, one of {MODES}, a dict or a QuantSpec, got {type(value).__name__}")
+
+
+def add_quantize_argument(parser) -> None:
+    """`--quantize int8|int4` on an argparse parser: the value for `from_pretrained(quantize=...)`."""
+    parser.add_argument(
+        "--quantize",
+        choices=list(MODES),
+        default=None,
+        help="hold the language model's linear weights as int8 or int4 (docs/quantization.md)",
+    )

@@ -11,18 +11,15 @@ import base64
 import copy
 import http.client
 import json
-import shutil
 import socket
-import threading
 import time
 
 import hypothesis
 import hypothesis.strategies as st
 import pytest
 
-import owl_jax
 from benchmarks import serve_load
-from helpers import FIXTURE, solid_png
+from helpers import served_fixture, serving, solid_png
 from hostile import examples
 from owl_jax.serve import make_server
 
@@ -36,17 +33,9 @@ NORMAL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "tem
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "m"
-    shutil.copytree(FIXTURE / "checkpoint", folder)
-    shutil.copy(FIXTURE / "tokenizer.model", folder / "tokenizer.model")
-    model, processor = owl_jax.from_pretrained(folder, show_progress=False)
-    srv = make_server(model, processor, port=0, max_new_tokens=2, max_body_bytes=2**20)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
+    model, processor, _ = served_fixture(tmp_path_factory)
+    with serving(make_server(model, processor, port=0, max_new_tokens=2, max_body_bytes=2**20)) as srv:
+        yield srv
 
 
 def exchange(server, payload: bytes | None, headers: dict, *, half_close: bool = False, method="POST"):

@@ -5,14 +5,10 @@ checks in the suite at a small size: concurrent greedy answers equal the same pr
 mix of well-formed, hostile and disconnecting clients gets no 5xx and leaves the server answering.
 """
 
-import shutil
-import threading
-
 import pytest
 
-import owl_jax
 from benchmarks import _serve_modes as modes
-from helpers import FIXTURE
+from helpers import served_fixture, serving
 from owl_jax.serve import make_server
 
 pytestmark = pytest.mark.hostile
@@ -22,17 +18,9 @@ MAX_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "m"
-    shutil.copytree(FIXTURE / "checkpoint", folder)
-    shutil.copy(FIXTURE / "tokenizer.model", folder / "tokenizer.model")
-    model, processor = owl_jax.from_pretrained(folder, show_progress=False)
-    srv = make_server(model, processor, port=0, max_new_tokens=MAX_TOKENS, slots=4)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
+    model, processor, _ = served_fixture(tmp_path_factory)
+    with serving(make_server(model, processor, port=0, max_new_tokens=MAX_TOKENS, slots=4)) as srv:
+        yield srv
 
 
 def test_concurrent_answers_equal_the_solo_ones(server):

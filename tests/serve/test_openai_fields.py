@@ -11,7 +11,6 @@ import http.client
 import http.server
 import json
 import os
-import shutil
 import threading
 import time
 import types
@@ -19,8 +18,7 @@ import types
 import numpy as np
 import pytest
 
-import owl_jax
-from helpers import FIXTURE, solid_png
+from helpers import FIXTURE, served_fixture, serving, solid_png
 from owl_jax.data.processor import OwlProcessor
 from owl_jax.inference.generate import GenerationOutput
 from owl_jax.serve import make_server
@@ -95,24 +93,10 @@ def images():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "m"
-    shutil.copytree(FIXTURE / "checkpoint", folder)
-    shutil.copy(FIXTURE / "tokenizer.model", folder / "tokenizer.model")
-    model, processor = owl_jax.from_pretrained(folder, show_progress=False)
-    srv = run(
-        make_server(
-            model,
-            processor,
-            port=0,
-            max_new_tokens=MAX_NEW,
-            max_body_bytes=2**16,
-            allow_url_hosts=("127.0.0.1",),
-            url_timeout=0.5,
-        )
-    )
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    model, processor, _ = served_fixture(tmp_path_factory)
+    options = dict(max_new_tokens=MAX_NEW, max_body_bytes=2**16, allow_url_hosts=("127.0.0.1",), url_timeout=0.5)
+    with serving(make_server(model, processor, port=0, **options)) as srv:
+        yield srv
 
 
 # ---------------------------------------------------------------------------------------------- n

@@ -22,6 +22,7 @@ from typing import Any
 
 from owl_jax.eval.bench.runner import RESULTS_JSON, RESULTS_MD, markdown_report, run_task
 from owl_jax.eval.bench.tasks import TASKS, load_task
+from owl_jax.quant.spec import add_quantize_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,12 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder, if the checkpoint has none")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder to apply")
-    p.add_argument(
-        "--quantize",
-        choices=["int8", "int4"],
-        default=None,
-        help="hold the language model's linear weights as int8 or int4 (docs/quantization.md)",
-    )
+    add_quantize_argument(p)
     p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
     p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp axis size (the data axis takes the rest)")
     p.add_argument("--tensor", type=int, default=1, help="mesh tensor axis size")
