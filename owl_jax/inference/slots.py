@@ -159,6 +159,21 @@ def _resize(state: SlotState, length: int) -> SlotState:
     return state._replace(cache=cache, key_valid=move(state.key_valid, 1), write=jnp.zeros((), jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _zeros(text: Any, rows: int, length: int, dtype: str) -> SlotState:
+    """The state of `rows` idle rows over a ring of `length` columns."""
+    return SlotState(
+        KVCache.zeros(text, rows, length, dtype, per_layer=True),
+        jnp.zeros((rows, length), bool),
+        jnp.zeros((rows,), jnp.int32),
+        jnp.zeros((rows,), jnp.int32),
+        jnp.zeros((rows,), jnp.int32),
+        jax.random.split(jax.random.key(0), rows),
+        empty_values(rows),
+        jnp.zeros((), jnp.int32),
+    )
+
+
 @functools.cache
 def _programs(graphdef, treedef, options: tuple[tuple[str, Any], ...]) -> tuple[Callable, ...]:
     """The jitted admit, step, encoder and ring resize of one model (its graph, and the structure of `Generator.state`
@@ -197,10 +212,10 @@ class SlotDecoder:
         `max_position_embeddings`).
       prompt_buckets: prompt lengths are padded up to the first of these that holds them (one compiled
         admit each; default: `generator.prompt_bucket` doubling up to S).
-      ring_lengths: the cache lengths the ring takes (default: the prompt buckets; S is always one). The
-        ring is the shortest of them that holds every live row's keys and the next step's, so a step
-        reads as many columns as the longest request needs, not S: it grows as requests grow or join
-        and shrinks when long ones leave (`_resize` keeps the most recent columns).
+      ring_lengths: the cache lengths the ring takes (default: S/8 or the smallest prompt bucket, doubling
+        up to S; S is always one). The ring is the shortest of them that holds every live row's keys and
+        the next step's, so a step reads as many columns as the longest request needs, not S: it grows as
+        requests grow or join and shrinks when long ones leave (`_resize` keeps the most recent columns).
       top_logprobs: how many alternatives each step reports (`Picks.top_ids`), at most the vocabulary.
 
     Only one thread may call it. Rows are chosen by the caller (`owl_jax.inference.slot_batch`).
@@ -225,7 +240,8 @@ class SlotDecoder:
                 f"need rows >= 1 and prompt buckets within 1..length; got rows={rows}, length={self.length}, "
                 f"prompt_buckets={self.buckets}"
             )
-        self.rings = tuple(sorted({*(ring_lengths or self.buckets), self.length}))
+        rings = ring_lengths or default_buckets(max(self.buckets[0], self.length // 8), self.length)
+        self.rings = tuple(sorted({*rings, self.length}))
         if self.rings[0] < 1 or self.rings[-1] > self.length:
             raise ValueError(f"ring lengths must be within 1..length={self.length}; got {ring_lengths}")
         self.top_n = max(1, min(int(top_logprobs), cfg.text.vocab_size))
@@ -242,19 +258,9 @@ class SlotDecoder:
 
     # --------------------------------------------------------------------------------------- set-up
     def _empty_state(self, length: int) -> SlotState:
-        b, s = self.rows, length
-        with self.generator._ctx():
-            cfg = self.generator.model.config
-            return SlotState(
-                KVCache.zeros(cfg.text, b, s, cfg.dtype, per_layer=True),
-                jnp.zeros((b, s), bool),
-                jnp.zeros((b,), jnp.int32),
-                jnp.zeros((b,), jnp.int32),
-                jnp.zeros((b,), jnp.int32),
-                jax.random.split(jax.random.key(0), b),
-                empty_values(b),
-                jnp.zeros((), jnp.int32),
-            )
+        cfg = self.generator.model.config
+        with self.generator._ctx():  # made by a program, so placed as the steps' outputs are
+            return _zeros(cfg.text, self.rows, length, cfg.dtype)
 
     def _media_buffer(self, video: bool) -> Array:
         """Zeros `(S // tokens_per_medium, T, D)` in the encoder's output dtype."""
