@@ -158,8 +158,9 @@ async def chat(server: OwlServer, request: Request) -> Response:
         if not body.stream:
             completion = Completion(prepared.label, server.model_name, body.n, body.logprobs)
             try:
-                async for index, kind, value in events:
-                    completion.add(index, kind, value)
+                async for batch in events:
+                    for index, kind, value in batch:
+                        completion.add(index, kind, value)
             except ApiError:
                 for job in jobs:
                     job.cancelled.set()
@@ -169,10 +170,10 @@ async def chat(server: OwlServer, request: Request) -> Response:
         first = await anext(events, None)
         if first is None:  # the client went away
             return Response()
-        if first[1] == "error":
+        if first[0][1] == "error":
             for job in jobs:
                 job.cancelled.set()
-            raise first[2]
+            raise first[0][2]
     finally:
         watch.stop()  # a streamed answer's client is watched by StreamingResponse from here on
     stream = ChunkStream(prepared.label, server.model_name, body.n, body.logprobs, body.include_usage)
@@ -183,20 +184,24 @@ async def chat(server: OwlServer, request: Request) -> Response:
     )
 
 
-async def _sse(stream: ChunkStream, first: tuple, events: Any, jobs: list) -> Any:
-    """The server-sent events of a streamed answer; a client gone (the response is cancelled) or an error
-    cancels the jobs still running."""
+async def _sse(stream: ChunkStream, first: list, events: Any, jobs: list) -> Any:
+    """The server-sent events of a streamed answer, one write per batch of events; a client gone (the
+    response is cancelled) or an error cancels the jobs still running."""
     try:
         yield stream.start()
-        event = first
+        batch = first
         while True:
-            out = stream.event(*event)
-            if out:
-                yield out
+            out = []
+            for event in batch:
+                out.append(stream.event(*event))
+                if stream.finished:
+                    break
+            if any(out):
+                yield b"".join(out)
             if stream.finished:
                 return
-            event = await anext(events, None)
-            if event is None:
+            batch = await anext(events, None)
+            if batch is None:
                 return
     finally:
         for job, choice in zip(jobs, stream.choices):

@@ -5,7 +5,8 @@ The worker (a thread) puts each job's events on `job.events`, a `queue.Queue`: `
 `NotifyingQueue`s of one `Notifier`: every `put` also schedules, thread-safely, a wake-up of the coroutine
 that answers the request, which then takes what has arrived with `get_nowait`. So the event loop never
 waits on a queue, and an answer's pieces are sent as soon as they are made. `job_events` merges the
-jobs' events in arrival order, and checks every `poll` seconds that the worker is still alive.
+jobs' events into batches of what has arrived, and checks every `poll` seconds that the worker is still
+alive.
 """
 
 from __future__ import annotations
@@ -26,24 +27,33 @@ class Notifier:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.ready = asyncio.Event()
+        self._armed = False  # a wake-up is on its way and the waiter has not yet looked at the queues
 
     def queue(self) -> NotifyingQueue:
         """A new queue whose `put`s wake this notifier (a job's `events`)."""
         return NotifyingQueue(self)
 
     def notify(self) -> None:
-        """Wake the waiting coroutine; callable from any thread (does nothing once the loop has closed)."""
+        """Wake the waiting coroutine; callable from any thread (does nothing once the loop has closed).
+
+        One wake-up serves every event put before the waiter looks at its queues again, so a stream of
+        tokens costs the event loop one wake-up per look, not one per token."""
+        if self._armed:
+            return
+        self._armed = True
         try:
             self.loop.call_soon_threadsafe(self.ready.set)
         except RuntimeError:  # the event loop has closed: nobody is waiting any more
             pass
 
     async def wait(self, timeout: float) -> None:
-        """Return once notified (at once if notified since the last wait), or after `timeout` seconds."""
+        """Return once notified (at once if notified since the last wait), or after `timeout` seconds; the
+        caller then looks at its queues (events put from here on wake it again)."""
         try:
             await asyncio.wait_for(self.ready.wait(), timeout)
         except TimeoutError:
             pass
+        self._armed = False
         self.ready.clear()
 
 
@@ -65,27 +75,32 @@ async def job_events(
     worker_alive: Callable[[], bool],
     poll: float = POLL_SECONDS,
     stop: Callable[[], bool] = lambda: False,
-) -> AsyncIterator[tuple[int, str, Any]]:
-    """`(job index, kind, value)` of the jobs' events as they arrive, until every job has ended ("done" or
-    "error") or `stop()` is true (checked whenever the notifier wakes, e.g. once the client has gone). A job
-    still unfinished when the worker has stopped ends with an ApiError 503."""
+) -> AsyncIterator[list[tuple[int, str, Any]]]:
+    """The jobs' events as they arrive, each batch every `(job index, kind, value)` that has arrived since the
+    last (in arrival order per job), until every job has ended ("done" or "error") or `stop()` is true
+    (checked whenever the notifier wakes, e.g. once the client has gone). A job still unfinished when the
+    worker has stopped ends with an ApiError 503. A streamed answer writes one batch at a time: when the
+    event loop falls behind the worker, the tokens waiting go out in one write instead of one each."""
     ended = [False] * len(jobs)
     while not all(ended) and not stop():
-        got = False
+        batch = []
         for i, job in enumerate(jobs):
             while not ended[i]:
                 try:
                     kind, value = job.events.get_nowait()
                 except queue.Empty:
                     break
-                got = True
                 ended[i] = kind in ("done", "error")
-                yield i, kind, value
-        if got or all(ended):
+                batch.append((i, kind, value))
+        if batch:
+            yield batch
+            continue
+        if all(ended):
             continue
         await notifier.wait(poll)
         if not worker_alive():
-            for i, job in enumerate(jobs):
-                if not ended[i] and job.events.empty():
-                    ended[i] = True
-                    yield i, "error", ApiError(503, "the model worker has stopped", type="server_error")
+            lost = [i for i, job in enumerate(jobs) if not ended[i] and job.events.empty()]
+            for i in lost:
+                ended[i] = True
+            if lost:
+                yield [(i, "error", ApiError(503, "the model worker has stopped", type="server_error")) for i in lost]
