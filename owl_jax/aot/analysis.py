@@ -3,7 +3,8 @@
 - `memory_summary`: the bytes XLA's buffer assignment reports per device (arguments, outputs, temporaries,
   output bytes living in donated argument buffers, and the most the program holds at once).
 - `collective_summary`: the collectives one run executes per device, by kind, with the bytes of their results.
-- `matmul_flops`: the FLOPs of the program's dots and convolutions per device for one run.
+- `matmul_flops`: the FLOPs of the program's dots and convolutions per device for one run;
+  `rematerialized_flops`: the part of them XLA's own rematerialization adds.
 - `kernel_calls` / `hlo_has_splash`: the Mosaic (Pallas) kernels the program calls.
 
 XLA's own `cost_analysis()` counts the body of a `while` loop once, and a scan over layers is one: a model
@@ -15,6 +16,9 @@ the loop's input and its step in the body). A loop of another form counts once a
 cost model counts them (for a convolution, only the window positions that meet a real input element: TPU
 programs write batched products as dilated convolutions), the quantity `owl_jax.training.flops` counts.
 Custom-call kernels are opaque, their FLOPs not counted (see `kernel_calls`).
+
+Near the HBM limit XLA's rematerialization clones an instruction (`%x.remat`, `%x.remat2`) to compute it again
+rather than hold its result: extra work where the original still runs (`rematerialized_flops`), else a move.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ _DTYPE_BYTES |= {"s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c6
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9a-z]*)?)\[([0-9,]*)\]")
 _CALLEES = re.compile(r"\b(?:calls|to_apply|body|true_computation|false_computation)=(%[\w.\-]+)")
 _CALLEE_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_REMAT = re.compile(r"\.remat\d*(?:\.\d+)?$")  # XLA's rematerialization clone: `%x.remat`, `%x.remat2.1`
 
 
 def memory_summary(compiled: Any) -> dict[str, int]:
@@ -83,6 +88,24 @@ def matmul_flops(compiled: Any) -> float:
         c = module.computations.get(comp)
         if c is not None:
             total += times * sum(_matmul_flops(ins, c) for ins in c.instructions)
+    return total
+
+
+def rematerialized_flops(compiled: Any) -> float:
+    """The part of `matmul_flops(compiled)` XLA's rematerialization adds, per device for one run: of each
+    original's copies in a computation (`%x`, `%x.remat`, ...), all but the costliest (fusions: their callees)."""
+    module = _module(compiled)
+    called: dict[str, float] = {}
+    total = 0.0
+    for comp, times in module.executions.items():  # every computation it names is in the module
+        c = module.computations[comp]
+        copies: dict[str, list[Instruction]] = {}
+        for ins in c.instructions:
+            copies.setdefault(_REMAT.sub("", ins.name), []).append(ins)
+        for group in copies.values():
+            if len(group) > 1 and any(_REMAT.search(ins.name) for ins in group):
+                each = [_instruction_flops(module, ins, c, called) for ins in group]
+                total += times * (sum(each) - max(each))
     return total
 
 
@@ -325,6 +348,18 @@ def _matmul_flops(ins: Instruction, comp: Computation) -> float:
         dims = [int(d) for d in contracting.group(1).split(",") if d] if contracting else []
         return 2.0 * math.prod(out) * math.prod(lhs[d] for d in dims)
     return 2.0 * _convolution_fmas(ins.attributes, lhs, rhs, out)
+
+
+def _instruction_flops(module: HloModule, ins: Instruction, comp: Computation, memo: dict[str, float]) -> float:
+    """One execution's matmul FLOPs of `ins` and the computations it calls (XLA rematerializes no loop)."""
+
+    def of(name: str) -> float:
+        if name not in memo:
+            c = module.computations[name]
+            memo[name] = sum(_instruction_flops(module, i, c, memo) for i in c.instructions)
+        return memo[name]
+
+    return _matmul_flops(ins, comp) + sum(of(k) for k in ins.callees() if k in module.computations)
 
 
 def _convolution_fmas(attributes: str, lhs: tuple, rhs: tuple, out: tuple) -> float:

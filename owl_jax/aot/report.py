@@ -13,6 +13,16 @@ def flops(n: float) -> str:
     return f"{n:.4g}"
 
 
+def xla_remat(r: TrainCompile) -> str:
+    """What XLA's own rematerialization adds to the compiled FLOPs, and the ratio without it ("" if none)."""
+    if not r.flops_xla_remat:
+        return ""
+    return (
+        f"; XLA's rematerialization {flops(r.flops_xla_remat)} of them, "
+        f"ratio {r.flops_ratio_without_xla_remat:.3f} without it"
+    )
+
+
 def table(r: TrainCompile) -> str:
     """One compile as a two-column markdown table."""
     mesh = " x ".join(f"{a} {r.mesh[a]}" for a in ("data", "fsdp", "tensor"))
@@ -45,7 +55,7 @@ def table(r: TrainCompile) -> str:
                 "FLOPs per step",
                 f"model {flops(r.flops_model)}, + remat {r.remat} recomputes {flops(r.flops_recompute)}; "
                 f"outside kernels {flops(r.flops_model_in_hlo)}, compiled {flops(r.flops_compiled)}, "
-                f"ratio {r.flops_ratio:.3f}",
+                f"ratio {r.flops_ratio:.3f}" + xla_remat(r),
             ),  # fmt: skip
             ("step time at peak", f"{r.min_step_seconds * 1e3:.1f} ms (compiled FLOPs / chips / peak bf16 rate)"),
             (
