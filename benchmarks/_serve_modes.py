@@ -45,11 +45,13 @@ def run_level(
     max_tokens: int,
     timeout: float,
     reference: list[str],
+    stream: bool = True,
 ) -> dict:
-    """`requests` streamed greedy requests of the fixed prompts in turn, `concurrency` clients, each
-    sending its next request when its last one is answered; none starts after `seconds`. Returns the row
-    of `sweep_table` (completion tokens and requests per second of wall time, percentiles in ms);
-    the i-th sends fixed prompt i mod len(`reference`), whose solo answer `reference` holds."""
+    """`requests` greedy requests of the fixed prompts in turn (streamed, or whole answers with `stream`
+    false), `concurrency` clients, each sending its next request when its last one is answered; none starts
+    after `seconds`. Returns the row of `sweep_table` (completion tokens and requests per second of wall
+    time, percentiles in ms); the i-th sends fixed prompt i mod len(`reference`), whose solo answer
+    `reference` holds."""
     counter, lock, answers = itertools.count(), threading.Lock(), []
     deadline = time.perf_counter() + seconds
 
@@ -59,7 +61,7 @@ def run_level(
                 i = next(counter)
             if i >= requests:
                 return
-            answer = chat(host, port, prompt_body(i % len(reference), max_tokens, True), timeout)
+            answer = chat(host, port, prompt_body(i % len(reference), max_tokens, stream), timeout)
             with lock:
                 answers.append((i, answer))
 
@@ -100,6 +102,7 @@ def run_sweep(
     seconds: float = 60.0,
     timeout: float = 120.0,
     prompts: int = len(PROMPTS),
+    stream: bool = True,
 ) -> dict:
     """The throughput sweep: one `run_level` per concurrency in `levels`, after the solo answers.
 
@@ -109,8 +112,9 @@ def run_sweep(
     rows = []
     for c in levels:
         n = requests if requests is not None else max(32, 8 * c)
-        rows.append(run_level(host, port, c, n, seconds, max_tokens=max_tokens, timeout=timeout, reference=reference))
-    return {"mode": "sweep", "max_tokens": max_tokens, "prompts": prompts, "levels": rows}
+        level = dict(max_tokens=max_tokens, timeout=timeout, reference=reference, stream=stream)
+        rows.append(run_level(host, port, c, n, seconds, **level))
+    return {"mode": "sweep", "max_tokens": max_tokens, "prompts": prompts, "stream": stream, "levels": rows}
 
 
 SWEEP_COLUMNS = [

@@ -26,7 +26,8 @@ prompts in turn, each its next request once its last is answered: `--requests` p
 max(32, 8 × concurrency)), none started after `--seconds`. One table row per concurrency: requests,
 completion tokens/s and answered requests/s (of the level's wall time), p50/p95 time to the first text
 chunk, p50/p95 time between text chunks (the per-token latency a client sees), errors, and answers that
-differ from the solo ones. Exits 1 if any request failed or differed.
+differ from the solo ones. Exits 1 if any request failed or differed. `--stream 0` sends the same requests
+unstreamed (whole answers: no time to first chunk or between chunks).
 
 Mixed and hostile (`--hostile 0.1`): the fixed prompts are served alone first (their solo answers); then
 `--requests` requests at `--concurrency`, a `--hostile` fraction of them hostile in turn (JSON cut short,
@@ -186,8 +187,10 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--sweep and --hostile are separate runs; give one of them")
     if args.malformed is not None and (args.sweep is not None or args.hostile is not None):
         p.error("--malformed belongs to the default mode; --hostile sets the hostile fraction of the mixed run")
-    if args.sweep is not None and (args.concurrency is not None or args.stream is not None):
-        p.error("--sweep sets the concurrencies and streams every request; drop --concurrency and --stream")
+    if args.sweep is not None and args.concurrency is not None:
+        p.error("--sweep sets the concurrencies; drop --concurrency")
+    if args.sweep is not None and args.stream not in (None, 0, 1):
+        p.error("--sweep streams every request (--stream 1, the default) or none (--stream 0)")
     if args.url is not None:
         try:
             loopback(args.url)
@@ -201,7 +204,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "requests": 2000 if mixed else None if args.sweep else 1000,
         "concurrency": 16 if mixed else 48,
         "malformed": 0.1,
-        "stream": 0.5 if mixed else 0.2,
+        "stream": 0.5 if mixed else 1.0 if args.sweep else 0.2,
         "max_tokens": 32 if new_mode else 2,
         "timeout": 120.0 if new_mode else 60.0,
     }
@@ -242,6 +245,7 @@ def _run(args: argparse.Namespace, server_pid: int | None) -> tuple[dict, str, b
             requests=args.requests,
             seconds=args.seconds,
             timeout=args.timeout,
+            stream=bool(args.stream),
         )
         ok = all(row["errors"] == 0 and row["differ_from_solo"] == 0 for row in summary["levels"])
         return summary, "sweep", ok
