@@ -26,7 +26,16 @@ from owl_jax.inference.slots import SlotDecoder
 from owl_jax.serve.errors import ApiError
 from owl_jax.serve.logprobs import TokenTexts
 from owl_jax.serve.options import MAX_TOP_LOGPROBS
-from owl_jax.serve.worker import Job, JobThread, Result, TextStream, cancelled_error, log_result, run_serial
+from owl_jax.serve.worker import (
+    Job,
+    JobThread,
+    Result,
+    TextStream,
+    cancelled_error,
+    failed_error,
+    log_result,
+    run_serial,
+)
 
 log = logging.getLogger("owl_jax.serve")
 
@@ -188,7 +197,7 @@ class BatchScheduler(JobThread):
                 return
             e = request.error
             log.error("%s failed: %s: %s", job.label, type(e).__name__, e, exc_info=e)
-            job.events.put(("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+            job.events.put(("error", failed_error(e)))
         finally:
             self._answered()
 

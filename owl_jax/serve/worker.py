@@ -120,6 +120,11 @@ def cancelled_error(stopping: bool) -> ApiError:
     )
 
 
+def failed_error(error: BaseException) -> ApiError:
+    """The 500 a job gets when its generation raised `error`."""
+    return ApiError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")
+
+
 class _Cancelled(Exception):
     """Raised from the stream callback to abandon a generation whose client went away."""
 
@@ -171,7 +176,7 @@ def run_serial(generator: Generator, decode: Callable[[list[int]], str], job: Jo
         return
     except Exception as e:  # keep the worker alive for the next request
         log.exception("%s failed", job.label)
-        job.events.put(("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+        job.events.put(("error", failed_error(e)))
         return
     rest = text.finish()
     if rest:
