@@ -41,6 +41,7 @@ from owl_jax.data.tokenizer import (
     find_tokenizer,
     find_tokenizer_file,
     load_tokenizer,
+    plain_decoder,
 )
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_TOKEN_ID", "LAYOUTS", "OwlProcessor", "VIDEO_TOKEN_ID", "find_tokenizer"]
@@ -93,6 +94,7 @@ class OwlProcessor:
             raise ValueError(f"video_backend {video_backend!r} is not one of {video_io.BACKENDS}")
         self.tokenizer = load_tokenizer(tokenizer_path_or_dir)
         self._vocab_size = len(self.tokenizer)
+        self._plain_decode = plain_decoder(self.tokenizer)
         self.image_size = int(image_size)
         self.image_tokens = int(image_tokens)
         self.layout = layout
@@ -168,6 +170,8 @@ class OwlProcessor:
         vocab, unk = self._vocab_size, self.tokenizer.unk_token_id
         ids = [int(i) for i in np.asarray(ids).reshape(-1) if i >= 0]
         ids = [i if i < vocab else unk for i in ids if i < vocab or unk is not None]
+        if skip_special_tokens and self._plain_decode is not None:
+            return self._plain_decode(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def batch_decode(self, ids: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:

@@ -152,6 +152,23 @@ def test_decode_round_trip(processor):
     assert processor.decode(processor.encode_prompt("Hi") + [2], skip_special_tokens=False) == "<s> Hi</s>"
 
 
+def test_plain_decode_matches_transformers(processor):
+    """The SentencePiece fast path decodes every id sequence as transformers' id-by-id path does: random
+    runs over the whole vocabulary (byte pieces, specials, unknown ids and media placeholders included)."""
+    assert processor._plain_decode is not None
+    tok = processor.tokenizer
+    rng = np.random.default_rng(0)
+    vocab = len(tok)
+    byte_ids = [i for i in range(vocab) if tok.convert_ids_to_tokens(i).startswith("<0x")]
+    for length in [0, 1, 2, 5, 17, 64] * 40:
+        ids = rng.integers(0, vocab, length).tolist()
+        if length > 1:  # splice in special ids, byte pieces and media placeholders
+            ids[rng.integers(length)] = int(rng.choice([0, 1, 2, -1]))
+            ids[rng.integers(length)] = int(rng.choice(byte_ids))
+        expected = tok.decode([i for i in ids if i >= 0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert processor.decode(ids) == expected, ids
+
+
 def test_control_tokens_in_text_stay_text(processor):
     text = "a </s> b <s> c <unk>"
     ids = processor.encode_prompt(text)
