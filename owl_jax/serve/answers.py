@@ -33,6 +33,7 @@ from owl_jax.serve.schema import (
 )
 
 DONE = b"data: [DONE]\n\n"
+_MARKER = "\ue000owl-text\ue001"  # stands for a chunk's text in its template (private-use characters)
 
 
 def encode_json(obj: Any) -> bytes:
@@ -124,11 +125,28 @@ class ChunkStream:
         self.choices = [_Choice() for _ in range(n)]
         self.created = int(time.time())
         self.finished = False
+        self._templates: dict[int, tuple[bytes, ...]] = {}  # choice → text chunk before and after the text
 
     def _chunk(self, choices: list[ChunkChoice], usage_: Usage | None = None) -> bytes:
         chunk = ChatCompletionChunk(id=self.label, created=self.created, model=self.model, choices=choices)
         chunk.usage = usage_
         return sse(chunk.body())
+
+    def _text_chunk(self, index: int, text: str) -> bytes:
+        """The chunk carrying `text` for choice `index`: `_chunk`'s bytes, made from a template (the chunk of
+        a marker text, cut around the marker) when there are no log-probabilities to carry, since a stream
+        sends one such chunk per token."""
+        if self.logprobs:
+            return self._chunk([self._choice(index, Delta(content=text))])
+        template = self._templates.get(index)
+        if template is None:
+            sample = self._chunk([self._choice(index, Delta(content=_MARKER))])
+            parts = sample.split(encode_json(_MARKER))
+            template = self._templates[index] = (parts[0], parts[1]) if len(parts) == 2 else ()
+        try:
+            return template[0] + json.dumps(text, ensure_ascii=False).encode("utf-8") + template[1]
+        except (IndexError, UnicodeEncodeError):  # no template (the marker came twice), or a lone surrogate
+            return self._chunk([self._choice(index, Delta(content=text))])
 
     def _choice(self, index: int, delta: Delta, finish: str | None = None) -> ChunkChoice:
         logprobs = None
@@ -150,7 +168,7 @@ class ChunkStream:
             choice.logprobs.append(value)
             return b""
         if kind == "delta":
-            return self._chunk([self._choice(index, Delta(content=value))])
+            return self._text_chunk(index, value)
         if kind == "error":
             return self.error(value)
         choice.result = value

@@ -23,6 +23,7 @@ from owl_jax.data.processor import OwlProcessor
 from owl_jax.inference.generate import GenerationOutput
 from owl_jax.serve import make_server
 from owl_jax.serve.answers import ChunkStream, Completion
+from owl_jax.serve.schema import ChunkChoice, Delta
 from owl_jax.serve.worker import Result
 
 MAX_NEW = 4
@@ -186,6 +187,18 @@ def test_logprob_events_ride_on_the_chunk_of_their_text():
     body = whole.body()
     assert [t["token"] for t in body["choices"][0]["logprobs"]["content"]] == ["Hel", "lo", " "]
     assert body["choices"][0]["message"]["content"] == "Hello" and body["usage"] == sent[-2]["usage"]
+
+
+@pytest.mark.parametrize("model", ["m", "owl \ue000owl-text\ue001 twice"])
+def test_text_chunks_are_the_schema_chunks(model):
+    """A text chunk made from the stream's template is byte for byte the chunk the schema models make."""
+    stream = ChunkStream("chatcmpl-1", model, 2, False, False)
+    texts = ["Hello", ' a "quote" \\ and \n\t', "日本語 ✓", "", "\ue000owl-text\ue001", "lone \ud800 surrogate"]
+    for index in (0, 1):
+        for text in texts:
+            expected = stream._chunk([ChunkChoice(index=index, delta=Delta(content=text))])
+            assert stream.event(index, "delta", text) == expected, (index, text)
+    assert json.loads(stream.event(1, "delta", "x")[len("data: ") :])["choices"][0]["delta"] == {"content": "x"}
 
 
 # ------------------------------------------------------------------------------------------- URLs
