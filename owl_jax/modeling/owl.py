@@ -112,7 +112,7 @@ def check_media_placeholders(input_ids: Any, tokens_per_medium: int, *, num_imag
         raise ValueError(f"input_ids must be (batch, length), got shape {ids.shape}")
     runs = dict.fromkeys(_MEDIA, 0)
     for row_index, row in enumerate(ids):
-        unknown = np.flatnonzero((row < 0) & ~np.isin(row, list(_MEDIA)))
+        unknown = np.flatnonzero((row < 0) & (row != IMAGE_PLACEHOLDER) & (row != VIDEO_PLACEHOLDER))
         if unknown.size:
             raise ValueError(
                 f"input_ids row {row_index} holds placeholder id {row[unknown[0]]} at position {unknown[0]}; "
