@@ -6,7 +6,8 @@ network lets anyone there use the model (and, with --allow-local-files, read ima
 Image and video URLs over http(s) are fetched only from the hosts named by --allow-url-host.
 
 --slots N decodes up to N requests at once in one batch (default 16; 0 runs one request at a time, and
-gives no logprobs). --quantize int8|int4 loads the language model's weights quantized.
+gives no logprobs), --decode-steps K steps per device call (default 1). --quantize int8|int4 loads the language
+model's weights quantized.
 
 SIGTERM or Ctrl-C stops it gracefully: no new connections; requests in flight get --shutdown-grace seconds
 to finish, then are cancelled (a stream ends with an error event and `data: [DONE]`, any other request gets
@@ -98,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         help="requests decoded at once in one batch (default 16; 0: one request at a time, no logprobs)",
     )
     p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=1,
+        help="decode steps per device call with --slots (default 1; more: less host work per token, "
+        "admissions wait longer; docs/serving.md)",
+    )
+    p.add_argument(
         "--max-connections",
         type=int,
         default=512,
@@ -142,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.slots < 0:
         print(f"error: --slots must be 0 (one request at a time) or more, got {args.slots}", file=sys.stderr)
+        return 2
+    if args.decode_steps < 1:
+        print(f"error: --decode-steps must be at least 1, got {args.decode_steps}", file=sys.stderr)
         return 2
     try:
         from owl_jax.serve.fetch import parse_allow_list
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 backlog=args.backlog,
                 num_frames=args.num_frames,
                 slots=args.slots,
+                decode_steps=args.decode_steps,
                 allow_url_hosts=tuple(args.allow_url_host),
                 url_timeout=args.url_timeout,
                 max_connections=args.max_connections,

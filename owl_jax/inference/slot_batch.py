@@ -1,15 +1,20 @@
 """Continuous batching on the host side: which request holds which decode slot, and when each one ends.
 
 `SlotBatch` drives a `SlotDecoder` (`owl_jax.inference.slots`). `admit` starts a request in a free row,
-`advance` runs one decode step for all rows holding a request and hands every new token to its request's
-`on_token` callback; a request ends at EOS, at `max_new_tokens`, when its callback says a stop string
-ended it, or when the caller `release`s it (e.g. its client went away), and its row is free at once.
+`advance` runs `steps_per_call` decode steps for all rows holding a request in one device call and hands
+every new token to its request's `on_token` callback; a request ends at EOS, at `max_new_tokens`, when its
+callback says a stop string ended it, or when the caller `release`s it (e.g. its client went away), and
+its row is free at once. Several steps per call cut the host's work per token (one dispatch, one read and
+one wake-up of the reader for several tokens) at the price of rows computing up to `steps_per_call - 1`
+tokens past their request's end, and of admissions waiting for the call in flight.
 
-The device runs one step ahead of the host: `advance` queues step k + 1 before it reads step k's tokens, so
-reading, streaming and admitting overlap the device's work and only the chosen tokens `(B,)` cross to the
-host (the log-probabilities too, when a row asks for them). A request that ends is therefore computed
-for one more step, whose token is dropped; each queued output remembers which request held each row when
-it was queued, so a row that a new request took meanwhile never receives its predecessor's token.
+The device runs one call ahead of the host: `advance` queues call k + 1 before it reads call k's tokens,
+so reading, streaming and admitting overlap the device's work and only the chosen tokens `(steps, B)`
+cross to the host (the log-probabilities too, when a row asks for them). A request that ends is therefore
+computed for one more call, whose tokens are dropped; each queued output remembers which request held
+each row when it was queued, so a row that a new request took meanwhile never receives its predecessor's
+token. A request admitted while others decode has its first token read with the next call's outputs, so
+the rows decoding never wait for a prefill; one admitted into an idle batch has it read at once.
 """
 
 from __future__ import annotations
@@ -17,13 +22,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from owl_jax.inference.sampling import GenerationConfig
 from owl_jax.inference.slot_sampling import Picks
-from owl_jax.inference.slots import SlotDecoder, fetch
+from owl_jax.inference.slots import SlotDecoder
+
+
+def fetch(picks: Picks, rows: Any = slice(None), logprobs: bool = False) -> Picks:
+    """`picks` on the host (numpy); the log-probabilities only when `logprobs` (else None)."""
+    if not logprobs:
+        return Picks(np.asarray(jax.device_get(picks.tokens))[rows], None, None, None)
+    host = jax.device_get(picks)
+    return Picks(*(np.asarray(a)[rows] for a in host))
 
 
 class TokenLogprob(NamedTuple):
@@ -60,13 +74,17 @@ class SlotRequest:
 
 
 class SlotBatch:
-    """The requests in a `SlotDecoder`'s rows. Only one thread may call it."""
+    """The requests in a `SlotDecoder`'s rows, decoded `steps_per_call` steps per device call. Only one
+    thread may call it."""
 
-    def __init__(self, decoder: SlotDecoder):
-        self.decoder = decoder
+    def __init__(self, decoder: SlotDecoder, steps_per_call: int = 1):
+        if int(steps_per_call) < 1:
+            raise ValueError(f"steps_per_call must be at least 1, got {steps_per_call}")
+        self.decoder, self.steps_per_call = decoder, int(steps_per_call)
         self.rows: list[SlotRequest | None] = [None] * decoder.rows
         self._queued: collections.deque[tuple[Picks, list[tuple[int, SlotRequest]]]] = collections.deque()
         self._ended: list[SlotRequest] = []
+        self._admitted = 0  # outputs queued by `admit` since the last `advance`
 
     @property
     def free(self) -> int:
@@ -103,6 +121,8 @@ class SlotBatch:
             self._end(request, "error", e)
             return
         request.row = row
+        if any(r is not None for r in self.rows):  # others decode: read its first token with the next step's
+            self._admitted += 1
         self.rows[row] = request
         self._queued.append((picks, [(0, request)]))
 
@@ -112,15 +132,16 @@ class SlotBatch:
             self._end(request, reason)
 
     def advance(self) -> list[SlotRequest]:
-        """Queue one decode step for the rows holding requests, read the outputs queued before it and
-        pass their tokens on; returns the requests that ended since the last call."""
+        """Queue one call of `steps_per_call` decode steps for the rows holding requests, read the outputs
+        queued before it (but those of admissions into a busy batch since the last call) and pass their
+        tokens on; returns the requests that ended since the last call."""
         live = [(row, r) for row, r in enumerate(self.rows) if r is not None]
-        keep = 0
+        keep, self._admitted = self._admitted, 0
         if live:
             try:
-                picks = self.decoder.step(any(r.config.do_sample for _, r in live))
+                picks = self.decoder.step(any(r.config.do_sample for _, r in live), self.steps_per_call)
                 self._queued.append((picks, live))
-                keep = 1
+                keep += 1
             except Exception as e:
                 self.fail_all(e)
         while len(self._queued) > keep:
@@ -130,6 +151,7 @@ class SlotBatch:
 
     def flush(self) -> list[SlotRequest]:
         """Read every queued output without queueing a step; returns the requests that ended."""
+        self._admitted = 0
         while self._queued:
             self._read(*self._queued.popleft())
         ended, self._ended = self._ended, []
@@ -138,6 +160,7 @@ class SlotBatch:
     def fail_all(self, error: BaseException) -> None:
         """End every request with `error` and start over from empty rows (a failed step's state is gone)."""
         self._queued.clear()
+        self._admitted = 0
         for request in self.live:
             self._end(request, "error", error)
         self.decoder.reset()
@@ -152,22 +175,31 @@ class SlotBatch:
         except Exception as e:  # a failed step: its state is gone
             self.fail_all(e)
             return
+        if host.tokens.ndim == 1:  # an admission's first token: one step of one row
+            host = Picks(*(None if a is None else a[None] for a in host))
+        tokens = host.tokens.tolist()  # (steps, rows)
         for i, request in holders:
-            token = int(host.tokens[i])
-            cfg = request.config
-            request.tokens.append(token)
-            lp = None
-            if request.logprobs and token != cfg.eos_token_id:
-                lp = TokenLogprob(float(host.logprob[i]), host.top_ids[i], host.top_logprobs[i])
-            try:
-                stopped = bool(request.on_token(token, lp)) if request.on_token is not None else False
-            except Exception as e:
-                self._end(request, "error", e)
-                continue
-            if token == cfg.eos_token_id or stopped:
-                self._end(request, "stop")
-            elif len(request.tokens) >= cfg.max_new_tokens:
-                self._end(request, "length")
+            for t, step in enumerate(tokens):
+                if request.done:
+                    break
+                self._take(request, step[i], host, t, i)
+
+    def _take(self, request: SlotRequest, token: int, host: Picks, t: int, i: int) -> None:
+        """Hand `request` its next token (`host`'s step `t`, row `i`) and end it if that token ends it."""
+        cfg = request.config
+        request.tokens.append(token)
+        lp = None
+        if request.logprobs and token != cfg.eos_token_id:
+            lp = TokenLogprob(float(host.logprob[t, i]), host.top_ids[t, i], host.top_logprobs[t, i])
+        try:
+            stopped = bool(request.on_token(token, lp)) if request.on_token is not None else False
+        except Exception as e:
+            self._end(request, "error", e)
+            return
+        if token == cfg.eos_token_id or stopped:
+            self._end(request, "stop")
+        elif len(request.tokens) >= cfg.max_new_tokens:
+            self._end(request, "length")
 
     def _end(self, request: SlotRequest, reason: str, error: BaseException | None = None) -> None:
         request.finish_reason, request.error = reason, error

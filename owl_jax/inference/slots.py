@@ -15,7 +15,8 @@ Attention does not care in which columns the keys sit (RoPE is applied before th
 says which are the row's), so a row computes what `Generator.generate` computes for the request alone, up
 to the order in which the softmax sums its terms. One `step` then feeds every row's last pick and picks the
 next for all rows at once (`owl_jax.inference.slot_sampling`: per-row options and seeds, plus the raw
-log-probabilities); idle rows are computed too and ignored by the caller.
+log-probabilities); idle rows are computed too and ignored by the caller. `step(sample, count)` runs
+`count` such steps in one program (a scan), so the host dispatches and reads once per `count` tokens.
 
 The cache is one `(B, Hkv, S, Dh)` buffer per layer (`KVCache.per_layer`), updated in place by an
 unrolled loop over the layers: a stacked cache would be rewritten whole by every step (`lax.scan` restacks
@@ -31,7 +32,7 @@ it; instead the ring grows when a request joins or grows past it and shrinks whe
 one copy that keeps the most recent columns (`_resize`).
 
 Compiled programs: one `admit` per prompt bucket and ring length, two `step`s (with and without sampling
-rows) per ring length, one `_resize` per pair of ring lengths met, and one image (and video) encoder: a
+rows) per ring length and step count, one `_resize` per pair of ring lengths met, and one image (and video) encoder: a
 request's images are encoded one at a time into a fixed buffer of `context // tokens_per_image`
 embeddings that `admit` reads, so neither the image count nor the prompt length inside a bucket compiles
 anything new. Decoders of one model share their programs.
@@ -135,6 +136,11 @@ def _step(graphdef, params, state: SlotState, sample: bool, top_n: int):
     return state, picks
 
 
+def _steps(graphdef, params, state: SlotState, sample: bool, top_n: int, count: int):
+    """`count` decode steps in one program: the state after them and their `Picks` `(count, B)`."""
+    return jax.lax.scan(lambda carry, _: _step(graphdef, params, carry, sample, top_n), state, None, length=count)
+
+
 def _encode_into(graphdef, params, buffer, index, pixel_values, video: bool):
     """`buffer` `(M, T, D)` with entry `index` set to the embedding of one image `(1, C, H, W)` (or one
     video `(1, C, T, H, W)`)."""
@@ -174,6 +180,13 @@ def _zeros(text: Any, rows: int, length: int, dtype: str) -> SlotState:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _seed_key(seed: int) -> Array:
+    """`jax.random.key(seed)`, made once per seed: made eagerly it costs more host time than a whole
+    admission's dispatch, and requests mostly share a few seeds."""
+    return jax.random.key(seed)
+
+
 @functools.cache
 def _programs(graphdef, treedef, options: tuple[tuple[str, Any], ...]) -> tuple[Callable, ...]:
     """The jitted admit, step, encoder and ring resize of one model (its graph, and the structure of `Generator.state`
@@ -187,7 +200,7 @@ def _programs(graphdef, treedef, options: tuple[tuple[str, Any], ...]) -> tuple[
     params = lambda leaves: jax.tree.unflatten(treedef, leaves)
     return (
         jit(lambda leaves, *a: _admit(graphdef, params(leaves), *a), static_argnums=(9,), donate_argnums=(1,)),
-        jit(lambda leaves, *a: _step(graphdef, params(leaves), *a), static_argnums=(2, 3), donate_argnums=(1,)),
+        jit(lambda leaves, *a: _steps(graphdef, params(leaves), *a), static_argnums=(2, 3, 4), donate_argnums=(1,)),
         jit(lambda leaves, *a: _encode_into(graphdef, params(leaves), *a), static_argnums=(4,), donate_argnums=(1,)),
         jit(_resize, static_argnums=(1,)),
     )
@@ -351,12 +364,12 @@ class SlotDecoder:
         gen = self.generator
         with gen._ctx():
             for i in range(n_images):
-                px = jnp.asarray(pixel_values[i : i + 1])
+                px = np.asarray(pixel_values[i : i + 1])
                 self.images = self._encode(self._params, self.images, i, px, False)
             for i in range(n_videos):
-                px = jnp.asarray(video_pixel_values[i : i + 1])
+                px = np.asarray(video_pixel_values[i : i + 1])
                 self.videos = self._encode(self._params, self.videos, i, px, True)
-            key = jax.random.key(config.seed)
+            key = _seed_key(config.seed)
             self.state, picks = self._admit(
                 self._params,
                 self.state,
@@ -376,25 +389,25 @@ class SlotDecoder:
         """Row `row` holds no request any more: the ring no longer keeps room for its keys."""
         self.live[row] = False
 
-    def step(self, sample: bool) -> Picks:
-        """One decode step for every row (`sample`: whether any row samples); returns `Picks` `(B,)`."""
+    def step(self, sample: bool, count: int = 1) -> Picks:
+        """`count` decode steps for every row in one call (`sample`: whether any row samples); returns
+        their `Picks` `(count, B)`.
+
+        A row may compute past its request's end (its caller drops those tokens): a request of n prompt
+        tokens keeps at most S - n of them, all computed before any column of its own is overwritten.
+        """
+        count = int(count)
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
         if self.live.any():
-            self._fit(int(self.filled[self.live].max()) + 1)
+            self._fit(int(self.filled[self.live].max()) + count)
         gen = self.generator
         with gen._ctx():
-            self.state, picks = self._step(self._params, self.state, bool(sample), self.top_n)
-        self.filled[self.live] += 1
+            self.state, picks = self._step(self._params, self.state, bool(sample), self.top_n, count)
+        self.filled[self.live] += count
         return picks
 
     def compiled(self) -> dict[str, int]:
         """How many programs each compiled function holds (shared by the decoders with the same compiler
         options; a steady stream of requests adds none)."""
         return {name: getattr(self, f"_{name}")._cache_size() for name in ("admit", "step", "encode", "resize")}
-
-
-def fetch(picks: Picks, rows: Any = slice(None), logprobs: bool = False) -> Picks:
-    """`picks` on the host (numpy); the log-probabilities only when `logprobs` (else None)."""
-    if not logprobs:
-        return Picks(np.asarray(jax.device_get(picks.tokens))[rows], None, None, None)
-    host = jax.device_get(picks)
-    return Picks(*(np.asarray(a)[rows] for a in host))

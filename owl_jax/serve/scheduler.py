@@ -1,14 +1,16 @@
 """The batching worker: many jobs decode at once in the slots of one KV cache (continuous batching).
 
 `BatchScheduler` is a `ModelWorker` stand-in (same methods, same events, same shutdown) built on
-`owl_jax.inference.slot_batch`. Between two decode steps it takes the jobs submitted meanwhile: each one a
-slot can serve is prefilled into a free row and joins the running batch at the next step; jobs wait in
-order while every row is taken; a job whose client went away (`job.cancelled`) leaves its row at the next
-step with a 503. A job ends, and frees its row, at EOS, at `max_new_tokens` or once its text holds a stop
-string (`TextStream.stopped`). Jobs a slot cannot serve (beam search, n-gram bans, prompts longer than a
-slot) run whole through `Generator.generate` (`worker.run_serial`, as the serial worker runs them) between
-two steps. An error in one job answers that job with a 500; a failed step fails the jobs in the batch and
-the scheduler goes on with a fresh one.
+`owl_jax.inference.slot_batch`, which runs `steps_per_call` decode steps per device call. Between two calls
+it takes the jobs submitted meanwhile: each one a slot can serve is prefilled into a free row and joins the
+running batch at the next call; jobs wait in order while every row is taken; a job whose client went away
+(`job.cancelled`) leaves its row at the next call with a 503. A job ends, and frees its row, at EOS, at
+`max_new_tokens` or once its text holds a stop string (`TextStream.stopped`). Its text goes out as one
+delta event per call (decoded once for the call's tokens; token by token when it has stop strings or asks
+for log-probabilities, whose events precede their token's text). Jobs a slot cannot serve (beam search,
+n-gram bans, prompts longer than a slot) run whole through `Generator.generate` (`worker.run_serial`, as
+the serial worker runs them) between two calls. An error in one job answers that job with a 500; a failed
+call fails the jobs in the batch and the scheduler goes on with a fresh one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ class _Running:
     request: SlotRequest
     text: TextStream
     start: float
+    pending: list[str] = dataclasses.field(default_factory=list)  # text made since the last delta event
+
+    def send_text(self) -> None:
+        """One delta event for the text its tokens made since the last one (none when they made none)."""
+        piece = self.text.take()
+        if piece:
+            self.pending.append(piece)
+        if self.pending:
+            self.job.events.put(("delta", "".join(self.pending)))
+            self.pending.clear()
 
 
 class BatchScheduler(JobThread):
@@ -60,6 +72,7 @@ class BatchScheduler(JobThread):
       slot_length: cache columns per row: prompt + max_new_tokens of a slot job (default: the model's
         `max_position_embeddings`).
       prompt_buckets: prompt lengths are padded up to these (one compiled prefill each; `SlotDecoder`).
+      steps_per_call: decode steps per device call (`SlotBatch`); a job's text goes out once per call.
     """
 
     def __init__(
@@ -70,13 +83,14 @@ class BatchScheduler(JobThread):
         slots: int = 16,
         slot_length: int | None = None,
         prompt_buckets: Sequence[int] | None = None,
+        steps_per_call: int = 1,
     ):
         super().__init__(name="owl-batch-scheduler")
         self.generator, self.decode = generator, decode
         self.decoder = SlotDecoder(
             generator, slots, length=slot_length, prompt_buckets=prompt_buckets, top_logprobs=MAX_TOP_LOGPROBS
         )
-        self.batch = SlotBatch(self.decoder)
+        self.batch = SlotBatch(self.decoder, steps_per_call)
         self.texts = TokenTexts(decode)
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[SlotRequest, _Running] = {}
@@ -92,7 +106,10 @@ class BatchScheduler(JobThread):
                 try:
                     self._cancel_gone()
                     self._start_waiting()
-                    for request in self.batch.advance():
+                    ended = self.batch.advance()
+                    for running in self.running.values():
+                        running.send_text()
+                    for request in ended:
                         self._finish(request)
                 except Exception as e:  # never let one bad step end the thread
                     log.exception("the batch failed")
@@ -154,22 +171,27 @@ class BatchScheduler(JobThread):
 
         def on_token(token: int, logprob: TokenLogprob | None) -> bool:
             if logprob is not None:
+                if running.pending:  # the text of the tokens before this one goes first
+                    running.send_text()
                 job.events.put(("logprob", self.texts.entry(token, logprob, top)))
-            piece = text.push(token)
-            if piece:
-                job.events.put(("delta", piece))
+            text.add(token)
+            if cfg.stop or job.logprobs:  # a stop string ends the answer at its token; logprobs precede their text
+                piece = text.take()
+                if piece:
+                    running.pending.append(piece)
             return text.stopped
 
         request = SlotRequest(
             job.input_ids[0], job.pixel_values, cfg, on_token, bool(job.logprobs), job.video_pixel_values
         )
+        running = _Running(job, request, text, time.perf_counter())
         try:
             self.batch.admit(request)
         except ValueError as e:  # inputs the model cannot take (validated earlier, so rare)
             job.events.put(("error", ApiError(400, str(e))))
             self._answered()
             return
-        self.running[request] = _Running(job, request, text, time.perf_counter())
+        self.running[request] = running
         if request.done:  # the admission itself failed
             self._finish(request)
 
@@ -179,6 +201,7 @@ class BatchScheduler(JobThread):
             return
         job = running.job
         try:
+            running.send_text()
             reason = request.finish_reason
             if reason in ("stop", "length"):
                 try:

@@ -80,6 +80,7 @@ class OwlServer:
         backlog: int | None = None,
         num_frames: int = 4,
         slots: int = 16,
+        decode_steps: int = 1,
         allow_url_hosts: tuple[str, ...] | list[str] = (),
         url_timeout: float = 10.0,
         max_connections: int | None = 512,
@@ -93,6 +94,8 @@ class OwlServer:
             raise ValueError("max_new_tokens and max_body_bytes must be positive")
         if slots < 0:
             raise ValueError(f"slots must be 0 (one request at a time) or more, got {slots}")
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
         if max_connections is not None and max_connections < 1:
             raise ValueError(f"max_connections must be positive, got {max_connections}")
         if backlog is not None:
@@ -141,7 +144,8 @@ class OwlServer:
             keep_alive_seconds=self.keep_alive_seconds,
         )
         try:
-            self.worker = make_worker(self.generator, self._decode, slots=slots)
+            options = {"steps_per_call": decode_steps} if slots else {}
+            self.worker = make_worker(self.generator, self._decode, slots=slots, **options)
             self.worker.start()
         except BaseException:
             self.socket.close()
@@ -307,7 +311,8 @@ def make_server(model: Any, processor: Any, *, host: str = "127.0.0.1", port: in
       options: `OwlServer` keywords: `model_name`, `allow_local_files`, `max_body_bytes`, `max_image_pixels`
         (default: the processor's), `max_new_tokens` (default and ceiling of `max_tokens`), `generator`,
         `backlog` (the listen queue, default 128), `num_frames` (frames per video, default 4), `slots`
-        (rows of the batching worker, default 16; 0: one request at a time), `allow_url_hosts` (hosts whose
+        (rows of the batching worker, default 16; 0: one request at a time), `decode_steps` (decode steps per
+        device call of the batching worker, default 1), `allow_url_hosts` (hosts whose
         http(s) media URLs are fetched; none by default), `url_timeout` (seconds per fetch, default 10),
         `max_connections` (open connections beyond it get a 503; default 512, None: no limit).
 

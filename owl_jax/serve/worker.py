@@ -32,10 +32,11 @@ class TextStream:
 
     The answer's text is the decode of all its ids (SentencePiece spacing depends on the neighbouring
     pieces), kept up to date without decoding the whole answer for every id: the ids from an anchor a few
-    ids back (between `context` and 2·`context`) are decoded, and the text they gained since the last id is
-    the text the new id added. Where that does not hold (the new id changed the text before it, as a byte
-    piece that completes a UTF-8 character shown as U+FFFD so far does, or the ids before the new one decode
-    to nothing) the whole answer is decoded again.
+    ids back (between `context` and 2·`context`) are decoded, and the text they gained since the last decode
+    is the text the new ids added. Where that does not hold (a new id changed the text before it, as a byte
+    piece that completes a UTF-8 character shown as U+FFFD so far does, or the ids before the new ones
+    decode to nothing) the whole answer is decoded again. Ids come one at a time (`push`) or several per
+    decode (`add` each, then `take`).
     Whitespace at the end is held back until more text follows (so the answer's trailing space or newline
     is never sent), and so is an unfinished UTF-8 character that byte-fallback pieces have only partly
     produced. With `stop` strings the text ends before the first one (`stopped` says a stop string has
@@ -50,26 +51,39 @@ class TextStream:
         self.raw = ""  # decode(self.ids)
         self.text = ""  # everything sent so far
         self.stopped = False
-        self._anchor, self._tail = 0, ""  # decode(ids[anchor:]) before the last id came
+        self._anchor, self._tail = 0, ""  # decode(ids[anchor:decoded])
+        self._decoded = 0  # ids decoded into `raw`
 
     def push(self, token: int) -> str:
         """Add one generated id; returns the new text to send (often "")."""
-        if token == self.eos_token_id:
+        self.add(token)
+        return self.take()
+
+    def add(self, token: int) -> None:
+        """Add one generated id without decoding it yet (`take` decodes every id added since the last);
+        `stopped` is only up to date after `take`."""
+        if token != self.eos_token_id:
+            self.ids.append(int(token))
+
+    def take(self) -> str:
+        """The new text to send for the ids added since the last `take` (often "")."""
+        if self._decoded == len(self.ids):
             return ""
-        self.ids.append(int(token))
-        self.raw = self._extend(self.raw, self.ids)
+        self.raw = self._extend(self.raw, self.ids, self._decoded)
+        self._decoded = len(self.ids)
         self.stopped = bool(self.stop) and find_stop(self.raw, self.stop) is not None
         return self._advance(visible_text(self.raw, self.stop).strip().rstrip("\ufffd").rstrip())
 
     def finish(self) -> str:
         """The text still held back once generation has ended."""
+        self.take()
         return self._advance(cut_at_stop(self.raw, self.stop).strip())
 
-    def _extend(self, raw: str, ids: list[int]) -> str:
-        """`decode(ids)`, given `raw == decode(ids[:-1])`."""
-        if len(ids) - 1 - self._anchor > 2 * self.context:
-            self._anchor = len(ids) - 1 - self.context
-            self._tail = self.decode(ids[self._anchor : -1])
+    def _extend(self, raw: str, ids: list[int], old: int) -> str:
+        """`decode(ids)`, given `raw == decode(ids[:old])`."""
+        if old - self._anchor > 2 * self.context:
+            self._anchor = old - self.context
+            self._tail = self.decode(ids[self._anchor : old])
         tail, after = self._tail, self.decode(ids[self._anchor :])
         self._tail = after
         if self._anchor == 0:

@@ -17,6 +17,7 @@ from owl_jax.inference.stops import find_stop
 pytestmark = pytest.mark.compile_quickly
 
 BUCKETS = (64, 128)
+STEPS = 3  # decode steps per call: requests end anywhere inside a call (the server's default, 1, runs in its tests)
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +84,12 @@ def test_buckets_and_refusals(setup):
 
 def test_interleaved_greedy_requests_equal_each_alone_and_compile_nothing(setup):
     model, processor, requests, alone, decoder = setup
-    batch = SlotBatch(decoder)
+    batch = SlotBatch(decoder, STEPS)
     before = decoder.compiled()  # the programs are shared with other decoders of the model
     sampled = GenerationConfig(max_new_tokens=2, do_sample=True, top_k=5, top_p=0.9, eos_token_id=2, pad_token_id=2)
     run(batch, [slot_request(processor, requests[2][0], requests[2][1], sampled)])
 
-    # Eight requests, at most four at a time, joining every third step as rows free up (the ring's write
+    # Eight requests, at most four at a time, joining every third call as rows free up (the ring's write
     # column is wherever the earlier requests left it, and its length follows the longest live request).
     def interleave():
         slots = [slot_request(processor, *r) for r in requests]
@@ -109,7 +110,7 @@ def test_interleaved_greedy_requests_equal_each_alone_and_compile_nothing(setup)
 
 def test_the_ring_follows_the_longest_live_request(setup):
     model, processor, requests, alone, decoder = setup
-    batch = SlotBatch(decoder)
+    batch = SlotBatch(decoder, STEPS)
     short, long = requests[0], requests[4]  # 8 and 127 prompt tokens
     assert len(short[0]) <= BUCKETS[0] < len(long[0]) <= BUCKETS[1] and decoder.rings == (*BUCKETS, 256)
     a = slot_request(processor, *short)
@@ -131,7 +132,7 @@ def test_the_ring_follows_the_longest_live_request(setup):
 
 def test_a_released_request_frees_its_row_for_the_next(setup):
     model, processor, requests, alone, decoder = setup
-    batch = SlotBatch(decoder)
+    batch = SlotBatch(decoder, STEPS)
     long = GenerationConfig(max_new_tokens=40, min_new_tokens=40, eos_token_id=2, pad_token_id=2)
     first = [slot_request(processor, requests[i][0], requests[i][1], long) for i in range(4)]
     for request in first:
@@ -155,7 +156,7 @@ def test_a_seeded_sample_is_the_same_alone_and_in_a_busy_batch(setup):
         max_new_tokens=12, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=7, eos_token_id=2, pad_token_id=2
     )
     ids, px, _ = requests[5]
-    batch = SlotBatch(decoder)
+    batch = SlotBatch(decoder, STEPS)
     by_itself = slot_request(processor, ids, px, config)
     run(batch, [by_itself])
     others = [slot_request(processor, *requests[i]) for i in (1, 4)]
@@ -172,7 +173,7 @@ def test_a_seeded_sample_is_the_same_alone_and_in_a_busy_batch(setup):
 def test_logprobs_are_the_log_softmax_of_the_model_logits(setup):
     model, processor, requests, alone, decoder = setup
     ids, px, config = requests[2]
-    batch = SlotBatch(decoder)
+    batch = SlotBatch(decoder, STEPS)
     request = slot_request(processor, ids, px, config, logprobs=True)
     run(batch, [request])
     assert request.tokens == alone[2]
@@ -197,7 +198,7 @@ def test_a_generator_with_per_layer_weights(setup):
     generator = Generator(model, unstack_layers=True)
     assert generator.state[2] is not None  # fused q/k/v and gate/up kernels
     decoder = SlotDecoder(generator, 2, length=256, prompt_buckets=(32,))
-    batch = SlotBatch(decoder)
+    batch = SlotBatch(decoder, STEPS)
     slots = [slot_request(processor, *requests[i]) for i in (0, 2)]
     run(batch, slots, every=2)
     assert [r.tokens for r in slots] == [alone[0], alone[2]]

@@ -230,3 +230,15 @@ def test_make_worker_and_the_incremental_text_stream(setup):
         assert stream.text + stream.finish() == processor.decode(ids).strip()
     # Without byte pieces: about one decode of at most 2·context + 1 ids per new id.
     assert max(calls) <= 2 * TextStream.context + 1 and len(calls) <= 1.2 * len(ids)
+    # Several ids per decode (`add`, then `take`), byte pieces included: the same text, piece by piece.
+    for low in [3] * 8 + [259] * 2:
+        ids = rng.integers(low, 1024, size=120).tolist()
+        stream, sent, at = TextStream(processor.decode, eos_token_id=2), "", 0
+        while at < len(ids):
+            n = int(rng.integers(1, 6))
+            for token in ids[at : at + n]:
+                stream.add(token)
+            at += n
+            sent += stream.take()
+            assert stream.raw == processor.decode(ids[:at])
+        assert sent + stream.finish() == processor.decode(ids).strip()

@@ -205,6 +205,15 @@ def test_listen_backlog_is_128_and_configurable(serve):
     assert small.request_queue_size == 7
 
 
+def test_bad_decode_steps_are_refused(processor, capsys):
+    from owl_jax.cli.serve import main
+
+    with pytest.raises(ValueError, match="decode_steps"):
+        make_server(FAKE_MODEL, processor, port=0, generator=FakeGenerator(0), decode_steps=0)
+    assert main(["--checkpoint", "never-read", "--decode-steps", "0"]) == 2
+    assert "--decode-steps must be at least 1" in capsys.readouterr().err
+
+
 def test_port_in_use_is_an_os_error(serve, processor, capsys):
     from owl_jax.cli.serve import main
 
