@@ -7,7 +7,8 @@
     python benchmarks/serve_load.py --hostile 0.1 [--requests 2000] [--concurrency 16] [--max-tokens 32]
         [--stream 0.5] [--server-pid PID] [--rss-from 200] [--max-rss-growth-mib 64]
 
-Without `--url` it starts `owl-serve` (`python -m owl_jax.serve`, with `--slots`, default 16) on the tiny
+Without `--url` it starts `owl-serve` (`python -m owl_jax.serve`, with `--slots`, default 16, and
+`--decode-steps`, default 1) on the tiny
 reference fixture in a subprocess on a free port, and stops it with SIGTERM at the end. Only loopback
 addresses are accepted for `--url`. Every run is bounded: a number of requests, each with a `--timeout`.
 
@@ -94,7 +95,14 @@ FIXTURE = os.path.join(REPO, "tests", "fixtures", "mplug_owl_tiny")
 class TinyServer:
     """`python -m owl_jax.serve` on a copy of the tiny fixture, on a free port; its stderr is drained."""
 
-    def __init__(self, checkpoint: str | None, max_new_tokens: int, slots: int = 16, startup_timeout: float = 300.0):
+    def __init__(
+        self,
+        checkpoint: str | None,
+        max_new_tokens: int,
+        slots: int = 16,
+        decode_steps: int = 1,
+        startup_timeout: float = 300.0,
+    ):
         self.folder = tempfile.mkdtemp(prefix="serve_load_")
         if checkpoint is None:
             checkpoint = os.path.join(self.folder, "owl-tiny")
@@ -104,7 +112,8 @@ class TinyServer:
         env.setdefault("JAX_PLATFORMS", "cpu")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "owl_jax.serve", "--checkpoint", checkpoint, "--port", "0"]
-            + ["--max-new-tokens", str(max_new_tokens), "--shutdown-grace", "2", "--slots", str(slots)],
+            + ["--max-new-tokens", str(max_new_tokens), "--shutdown-grace", "2", "--slots", str(slots)]
+            + ["--decode-steps", str(decode_steps)],
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
@@ -174,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", action="store_true", help="default mode: time the first requests too")
     p.add_argument("--slots", type=int, default=16, help="the started server's --slots (16; 0: one request at a time)")
+    p.add_argument("--decode-steps", type=int, default=1, help="the started server's --decode-steps (1)")
     p.add_argument("--server-pid", type=int, default=None, help="--hostile with --url: the server process, for RSS")
     p.add_argument("--rss-from", type=int, default=200, help="--hostile: RSS growth from this answered request (200)")
     p.add_argument("--max-rss-growth-mib", type=float, default=64.0, help="--hostile: the RSS check's bound (64)")
@@ -274,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     server, server_pid = None, args.server_pid
     if args.url is None:
         print("starting the server on the tiny fixture ...", file=sys.stderr, flush=True)
-        server = TinyServer(args.checkpoint, max_new_tokens=max(8, args.max_tokens), slots=args.slots)
+        server = TinyServer(
+            args.checkpoint, max_new_tokens=max(8, args.max_tokens), slots=args.slots, decode_steps=args.decode_steps
+        )
         args.url, server_pid = server.url, server.proc.pid
     try:
         print(f"load test of {args.url} ...", file=sys.stderr, flush=True)
