@@ -6,8 +6,8 @@ network lets anyone there use the model (and, with --allow-local-files, read ima
 Image and video URLs over http(s) are fetched only from the hosts named by --allow-url-host.
 
 --slots N decodes up to N requests at once in one batch (default 16; 0 runs one request at a time, and
-gives no logprobs), --decode-steps K steps per device call (default 1). --quantize int8|int4 loads the language
-model's weights quantized.
+gives no logprobs), K decode steps per device call with --decode-steps K (default 1). --quantize int8|int4
+loads the language model's weights quantized.
 
 SIGTERM or Ctrl-C stops it gracefully: no new connections; requests in flight get --shutdown-grace seconds
 to finish, then are cancelled (a stream ends with an error event and `data: [DONE]`, any other request gets

@@ -32,10 +32,10 @@ it; instead the ring grows when a request joins or grows past it and shrinks whe
 one copy that keeps the most recent columns (`_resize`).
 
 Compiled programs: one `admit` per prompt bucket and ring length, two `step`s (with and without sampling
-rows) per ring length and step count, one `_resize` per pair of ring lengths met, and one image (and video) encoder: a
-request's images are encoded one at a time into a fixed buffer of `context // tokens_per_image`
-embeddings that `admit` reads, so neither the image count nor the prompt length inside a bucket compiles
-anything new. Decoders of one model share their programs.
+rows) per ring length and step count, one `_resize` per pair of ring lengths met, and one image (and
+video) encoder: a request's images are encoded one at a time into a fixed buffer of
+`context // tokens_per_image` embeddings that `admit` reads, so neither the image count nor the prompt
+length inside a bucket compiles anything new. Decoders of one model share their programs.
 """
 
 from __future__ import annotations

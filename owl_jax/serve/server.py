@@ -144,8 +144,7 @@ class OwlServer:
             keep_alive_seconds=self.keep_alive_seconds,
         )
         try:
-            options = {"steps_per_call": decode_steps} if slots else {}
-            self.worker = make_worker(self.generator, self._decode, slots=slots, **options)
+            self.worker = make_worker(self.generator, self._decode, slots=slots, steps_per_call=decode_steps)
             self.worker.start()
         except BaseException:
             self.socket.close()

@@ -69,15 +69,19 @@ class TextStream:
         """The new text to send for the ids added since the last `take` (often "")."""
         if self._decoded == len(self.ids):
             return ""
-        self.raw = self._extend(self.raw, self.ids, self._decoded)
-        self._decoded = len(self.ids)
-        self.stopped = bool(self.stop) and find_stop(self.raw, self.stop) is not None
+        self._decode_added()
         return self._advance(visible_text(self.raw, self.stop).strip().rstrip("\ufffd").rstrip())
 
     def finish(self) -> str:
-        """The text still held back once generation has ended."""
-        self.take()
+        """The text still held back once generation has ended (the ids not yet taken included)."""
+        self._decode_added()
         return self._advance(cut_at_stop(self.raw, self.stop).strip())
+
+    def _decode_added(self) -> None:
+        if self._decoded < len(self.ids):
+            self.raw = self._extend(self.raw, self.ids, self._decoded)
+            self._decoded = len(self.ids)
+            self.stopped = bool(self.stop) and find_stop(self.raw, self.stop) is not None
 
     def _extend(self, raw: str, ids: list[int], old: int) -> str:
         """`decode(ids)`, given `raw == decode(ids[:old])`."""

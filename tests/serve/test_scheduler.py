@@ -242,3 +242,7 @@ def test_make_worker_and_the_incremental_text_stream(setup):
             sent += stream.take()
             assert stream.raw == processor.decode(ids[:at])
         assert sent + stream.finish() == processor.decode(ids).strip()
+    stream = TextStream(processor.decode, eos_token_id=2)
+    for token in ids:  # ids never taken: `finish` gives their whole text
+        stream.add(token)
+    assert stream.finish() == processor.decode(ids).strip()
