@@ -97,7 +97,9 @@ def _admit(graphdef, params, state: SlotState, images, videos, row, ids, mask, v
     in prompt order (spare entries unused) or are None. Returns the new state and the row's `Picks` `(1,)`."""
     s = state.key_valid.shape[1]
     p = ids.shape[1]
-    logits, small, valid = _prefill(graphdef, _per_layer(params), ids, mask, images, s, videos)
+    logits, small, valid = _prefill(graphdef, _per_layer(params), ids, mask, images, p, videos)
+    small = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, s - p), (0, 0))), small)
+    valid = jnp.pad(valid, ((0, 0), (0, s - p)))
     shift = (state.write - p) % s
     cache = jax.tree.map(lambda big, one: _roll_into(big, one, row, shift), state.cache, small)
     key_valid = jax.lax.dynamic_update_slice_in_dim(state.key_valid, jnp.roll(valid, shift, axis=1), row, axis=0)
