@@ -119,7 +119,7 @@ class ClientWatch:
 
     def __init__(self, request: Request, jobs: list, notifier: Notifier):
         self.gone = False
-        self._task = asyncio.create_task(self._watch(request, jobs, notifier))
+        self._task: asyncio.Task | None = asyncio.create_task(self._watch(request, jobs, notifier))
 
     async def _watch(self, request: Request, jobs: list, notifier: Notifier) -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -130,7 +130,12 @@ class ClientWatch:
         notifier.notify()
 
     def stop(self) -> None:
-        self._task.cancel()
+        # Let go of the task: its cancellation's traceback holds the watch's frame, which holds this watch;
+        # kept here too, that cycle (with the request's jobs and their pixels) would wait for a full garbage
+        # collection, which a busy server seldom runs.
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -142,7 +147,7 @@ async def chat(server: OwlServer, request: Request) -> Response:
         return error_response(e, close=True)  # what the body still holds is not read
     if server.stopping.is_set():
         raise ApiError(503, "the server is shutting down", type="server_error")
-    notifier = Notifier(asyncio.get_running_loop())
+    notifier = Notifier(server.doorbell(asyncio.get_running_loop()))
     prepared = await run_in_threadpool(server.prepare, data, notifier.queue)
     body, jobs = prepared.request, prepared.jobs
     try:

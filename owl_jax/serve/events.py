@@ -4,15 +4,19 @@ The worker (a thread) puts each job's events on `job.events`, a `queue.Queue`: `
 `("delta", text)`, then `("done", Result)` or `("error", ApiError)`. A request's jobs (one per choice) get
 `NotifyingQueue`s of one `Notifier`: every `put` also schedules, thread-safely, a wake-up of the coroutine
 that answers the request, which then takes what has arrived with `get_nowait`. So the event loop never
-waits on a queue, and an answer's pieces are sent as soon as they are made. `job_events` merges the
-jobs' events into batches of what has arrived, and checks every `poll` seconds that the worker is still
-alive.
+waits on a queue, and an answer's pieces are sent as soon as they are made. The wake-ups of all requests
+go through the loop's one `Doorbell`: a batch step that puts events for many requests in a row schedules
+one thread-safe call, not one per request (each such call writes to the loop's self-pipe, and each write
+lets the event loop's thread take the interpreter lock from the worker in the middle of its step).
+`job_events` merges the jobs' events into batches of what has arrived, and checks every `poll` seconds
+that the worker is still alive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -21,11 +25,39 @@ from owl_jax.serve.errors import ApiError
 POLL_SECONDS = 0.2  # while no event comes, how often the worker's liveness is checked
 
 
-class Notifier:
-    """Wakes the coroutine answering one request when any of its queues gets an event (from any thread)."""
+class Doorbell:
+    """Wakes `Notifier`s of one event loop from any thread, with one thread-safe call for all the wake-ups
+    asked for before it runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self._lock = threading.Lock()
+        self._due: list[Notifier] = []  # to wake at the next call; non-empty: that call is scheduled
+
+    def ring(self, notifier: Notifier) -> None:
+        """Wake `notifier`'s waiter soon (does nothing once the loop has closed)."""
+        with self._lock:
+            self._due.append(notifier)
+            if len(self._due) > 1:  # a call is on its way and will wake this one too
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            with self._lock:
+                self._due.clear()
+
+    def _wake(self) -> None:
+        with self._lock:
+            due, self._due = self._due, []
+        for notifier in due:
+            notifier.ready.set()
+
+
+class Notifier:
+    """Wakes the coroutine answering one request when any of its queues gets an event (from any thread)."""
+
+    def __init__(self, doorbell: Doorbell):
+        self.doorbell = doorbell
         self.ready = asyncio.Event()
         self._armed = False  # a wake-up is on its way and the waiter has not yet looked at the queues
 
@@ -41,10 +73,7 @@ class Notifier:
         if self._armed:
             return
         self._armed = True
-        try:
-            self.loop.call_soon_threadsafe(self.ready.set)
-        except RuntimeError:  # the event loop has closed: nobody is waiting any more
-            pass
+        self.doorbell.ring(self)
 
     async def wait(self, timeout: float) -> None:
         """Return once notified (at once if notified since the last wait), or after `timeout` seconds; the

@@ -188,6 +188,7 @@ class BatchScheduler(JobThread):
         try:
             self.batch.admit(request)
         except ValueError as e:  # inputs the model cannot take (validated earlier, so rare)
+            request.on_token = None  # no cycle left behind (see `_finish`)
             job.events.put(("error", ApiError(400, str(e))))
             self._answered()
             return
@@ -199,6 +200,9 @@ class BatchScheduler(JobThread):
         running = self.running.pop(request, None)
         if running is None:
             return
+        # The callback refers to its `_Running`, which holds the request: a cycle that would keep the job
+        # (its pixels and events) alive until a full garbage collection, which a busy server seldom runs.
+        request.on_token = None
         job = running.job
         try:
             running.send_text()

@@ -32,6 +32,7 @@ from owl_jax.data import video
 from owl_jax.data.pixels import resize
 from owl_jax.inference.generate import Generator
 from owl_jax.serve.app import ServerGate, build_app
+from owl_jax.serve.events import Doorbell
 from owl_jax.serve.fetch import UrlFetcher
 from owl_jax.serve.images import load_image_url
 from owl_jax.serve.jobs import PROMPT_CHARS_PER_POSITION, Prepared, prepare_jobs
@@ -116,6 +117,7 @@ class OwlServer:
         self._active_changed = threading.Condition()
         self._drain_lock = threading.Lock()
         self._drained = False
+        self._doorbell: Doorbell | None = None
         # The generator first: if building it fails, no socket has been bound yet.
         self.generator = generator or Generator(model)
         self.socket = bind(address[0], address[1], self.request_queue_size)
@@ -281,6 +283,12 @@ class OwlServer:
             name=name,
             fetch=self.fetch,
         )
+
+    def doorbell(self, loop: Any) -> Doorbell:
+        """The `Doorbell` of the event loop serving requests (made at its first request; loop thread only)."""
+        if self._doorbell is None or self._doorbell.loop is not loop:
+            self._doorbell = Doorbell(loop)
+        return self._doorbell
 
     def prepare(self, body: bytes | Any, events: Callable[[], queue.Queue] = queue.Queue) -> Prepared:
         """Validate a chat-completion body (JSON bytes, or its parsed value) and build its jobs, one per
