@@ -104,15 +104,18 @@ def run_sweep(
     prompts: int = len(PROMPTS),
     stream: bool = True,
 ) -> dict:
-    """The throughput sweep: one `run_level` per concurrency in `levels`, after the solo answers.
+    """The throughput sweep: one `run_level` per concurrency in `levels`, after the solo answers and one
+    untimed round at the highest concurrency (a busy batch runs programs that lone requests never reach,
+    e.g. several decode steps per call: they compile there, not inside a timed level).
 
-    `requests` per level (default max(32, 8 × concurrency)), each level bounded by `seconds` too; the first
+    `requests` per level (default max(100, 20 × concurrency)), each level bounded by `seconds` too; the first
     `prompts` fixed prompts (all 16 by default)."""
     reference = solo_answers(host, port, max_tokens, timeout, stream=True, prompts=prompts)
+    level = dict(max_tokens=max_tokens, timeout=timeout, reference=reference, stream=stream)
+    run_level(host, port, max(levels), 2 * max(levels), seconds, **level)
     rows = []
     for c in levels:
-        n = requests if requests is not None else max(32, 8 * c)
-        level = dict(max_tokens=max_tokens, timeout=timeout, reference=reference, stream=stream)
+        n = requests if requests is not None else max(100, 20 * c)
         rows.append(run_level(host, port, c, n, seconds, **level))
     return {"mode": "sweep", "max_tokens": max_tokens, "prompts": prompts, "stream": stream, "levels": rows}
 

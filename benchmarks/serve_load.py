@@ -8,9 +8,9 @@
         [--stream 0.5] [--server-pid PID] [--rss-from 200] [--max-rss-growth-mib 64]
 
 Without `--url` it starts `owl-serve` (`python -m owl_jax.serve`, with `--slots`, default 16, and
-`--decode-steps`, default 1) on the tiny
-reference fixture in a subprocess on a free port, and stops it with SIGTERM at the end. Only loopback
-addresses are accepted for `--url`. Every run is bounded: a number of requests, each with a `--timeout`.
+`--decode-steps`, default 4) on the tiny reference fixture in a subprocess on a free port, and stops it
+with SIGTERM at the end. Only loopback addresses are accepted for `--url`. Every run is bounded: a number
+of requests, each with a `--timeout`.
 
 Malformed requests (the default mode): each request opens its own connection (`--concurrency` at a
 time); a `--malformed` fraction of them are hostile (invalid JSON, wrong types, lone surrogates, deep
@@ -22,9 +22,11 @@ a normal request afterwards (and, when it started the server, the server's trace
 
 Throughput (`--sweep 1,4,16,32`): 16 fixed greedy prompts (some with images as data URLs), streamed,
 `--max-tokens` each, are first served alone in turn (untimed: the server compiles its programs; their
-answers are the solo answers). Then, for each concurrency of the sweep, that many clients send the
+answers are the solo answers), then twice the highest concurrency's worth of requests at that
+concurrency, also untimed (a busy batch's programs compile). Then, for each concurrency of the sweep,
+that many clients send the
 prompts in turn, each its next request once its last is answered: `--requests` per concurrency (default
-max(32, 8 × concurrency)), none started after `--seconds`. One table row per concurrency: requests,
+max(100, 20 × concurrency)), none started after `--seconds`. One table row per concurrency: requests,
 completion tokens/s and answered requests/s (of the level's wall time), p50/p95 time to the first text
 chunk, p50/p95 time between text chunks (the per-token latency a client sees), errors, and answers that
 differ from the solo ones. Exits 1 if any request failed or differed. `--stream 0` sends the same requests
@@ -100,7 +102,7 @@ class TinyServer:
         checkpoint: str | None,
         max_new_tokens: int,
         slots: int = 16,
-        decode_steps: int = 1,
+        decode_steps: int = 4,
         startup_timeout: float = 300.0,
     ):
         self.folder = tempfile.mkdtemp(prefix="serve_load_")
@@ -183,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", action="store_true", help="default mode: time the first requests too")
     p.add_argument("--slots", type=int, default=16, help="the started server's --slots (16; 0: one request at a time)")
-    p.add_argument("--decode-steps", type=int, default=1, help="the started server's --decode-steps (1)")
+    p.add_argument("--decode-steps", type=int, default=4, help="the started server's --decode-steps (4)")
     p.add_argument("--server-pid", type=int, default=None, help="--hostile with --url: the server process, for RSS")
     p.add_argument("--rss-from", type=int, default=200, help="--hostile: RSS growth from this answered request (200)")
     p.add_argument("--max-rss-growth-mib", type=float, default=64.0, help="--hostile: the RSS check's bound (64)")

@@ -6,8 +6,8 @@ network lets anyone there use the model (and, with --allow-local-files, read ima
 Image and video URLs over http(s) are fetched only from the hosts named by --allow-url-host.
 
 --slots N decodes up to N requests at once in one batch (default 16; 0 runs one request at a time, and
-gives no logprobs), K decode steps per device call with --decode-steps K (default 1). --quantize int8|int4
-loads the language model's weights quantized.
+gives no logprobs); --decode-steps K runs K decode steps per device call once half the slots are busy
+(default 4; fewer busy slots run one). --quantize int8|int4 loads the language model's weights quantized.
 
 SIGTERM or Ctrl-C stops it gracefully: no new connections; requests in flight get --shutdown-grace seconds
 to finish, then are cancelled (a stream ends with an error event and `data: [DONE]`, any other request gets
@@ -101,9 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decode-steps",
         type=int,
-        default=1,
-        help="decode steps per device call with --slots (default 1; more: less host work per token, "
-        "admissions wait longer; docs/serving.md)",
+        default=4,
+        help="decode steps per device call with --slots once half the slots are busy (default 4; fewer "
+        "busy slots run one step per call; more: less host work per token, admissions wait longer; "
+        "docs/serving.md)",
     )
     p.add_argument(
         "--max-connections",

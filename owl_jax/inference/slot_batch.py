@@ -1,12 +1,17 @@
 """Continuous batching on the host side: which request holds which decode slot, and when each one ends.
 
 `SlotBatch` drives a `SlotDecoder` (`owl_jax.inference.slots`). `admit` starts a request in a free row,
-`advance` runs `steps_per_call` decode steps for all rows holding a request in one device call and hands
-every new token to its request's `on_token` callback; a request ends at EOS, at `max_new_tokens`, when its
-callback says a stop string ended it, or when the caller `release`s it (e.g. its client went away), and
-its row is free at once. Several steps per call cut the host's work per token (one dispatch, one read and
-one wake-up of the reader for several tokens) at the price of rows computing up to `steps_per_call - 1`
-tokens past their request's end, and of admissions waiting for the call in flight.
+`advance` runs decode steps for all rows holding a request in one device call and hands every new token to
+its request's `on_token` callback; a request ends at EOS, at `max_new_tokens`, when its callback says a
+stop string ended it, or when the caller `release`s it (e.g. its client went away), and its row is free at
+once.
+
+Steps per call follow the load. The host's work per call (reading, detokenizing and streaming one piece
+per request) grows with the rows holding requests, while the device's work per step hardly does. So a
+batch at most half full runs one step per call, and a lone request streams token by token; once at least
+half the rows hold requests, each call runs `steps_per_call` steps, which spreads the host's work over as
+many tokens, at the price of rows computing up to `steps_per_call - 1` tokens past their request's end
+and of admissions waiting for the call in flight.
 
 The device runs one call ahead of the host: `advance` queues call k + 1 before it reads call k's tokens,
 so reading, streaming and admitting overlap the device's work and only the chosen tokens `(steps, B)`
@@ -74,8 +79,8 @@ class SlotRequest:
 
 
 class SlotBatch:
-    """The requests in a `SlotDecoder`'s rows, decoded `steps_per_call` steps per device call. Only one
-    thread may call it."""
+    """The requests in a `SlotDecoder`'s rows, decoded `steps_per_call` steps per device call while at
+    least half the rows hold requests and one step per call below that. Only one thread may call it."""
 
     def __init__(self, decoder: SlotDecoder, steps_per_call: int = 1):
         if int(steps_per_call) < 1:
@@ -100,6 +105,11 @@ class SlotBatch:
     def busy(self) -> bool:
         """Whether requests hold rows or outputs wait to be read."""
         return bool(self._queued) or any(r is not None for r in self.rows)
+
+    def steps_for(self, live: int) -> int:
+        """Decode steps per call with `live` rows holding requests: `steps_per_call` from half the rows on,
+        else 1 (two compiled step programs at most)."""
+        return self.steps_per_call if 2 * live >= self.decoder.rows else 1
 
     def admit(self, request: SlotRequest) -> None:
         """Start `request` in a free row (its first token arrives with the next `advance`).
@@ -132,14 +142,14 @@ class SlotBatch:
             self._end(request, reason)
 
     def advance(self) -> list[SlotRequest]:
-        """Queue one call of `steps_per_call` decode steps for the rows holding requests, read the outputs
-        queued before it (but those of admissions into a busy batch since the last call) and pass their
-        tokens on; returns the requests that ended since the last call."""
+        """Queue one call of decode steps (`steps_for(rows holding requests)`) for the rows holding requests,
+        read the outputs queued before it (but those of admissions into a busy batch since the last call)
+        and pass their tokens on; returns the requests that ended since the last call."""
         live = [(row, r) for row, r in enumerate(self.rows) if r is not None]
         keep, self._admitted = self._admitted, 0
         if live:
             try:
-                picks = self.decoder.step(any(r.config.do_sample for _, r in live), self.steps_per_call)
+                picks = self.decoder.step(any(r.config.do_sample for _, r in live), self.steps_for(len(live)))
                 self._queued.append((picks, live))
                 keep += 1
             except Exception as e:

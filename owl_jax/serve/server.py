@@ -81,7 +81,7 @@ class OwlServer:
         backlog: int | None = None,
         num_frames: int = 4,
         slots: int = 16,
-        decode_steps: int = 1,
+        decode_steps: int = 4,
         allow_url_hosts: tuple[str, ...] | list[str] = (),
         url_timeout: float = 10.0,
         max_connections: int | None = 512,
@@ -319,8 +319,8 @@ def make_server(model: Any, processor: Any, *, host: str = "127.0.0.1", port: in
         (default: the processor's), `max_new_tokens` (default and ceiling of `max_tokens`), `generator`,
         `backlog` (the listen queue, default 128), `num_frames` (frames per video, default 4), `slots`
         (rows of the batching worker, default 16; 0: one request at a time), `decode_steps` (decode steps per
-        device call of the batching worker, default 1), `allow_url_hosts` (hosts whose
-        http(s) media URLs are fetched; none by default), `url_timeout` (seconds per fetch, default 10),
+        device call of the batching worker once half its rows are busy, default 4), `allow_url_hosts`
+        (hosts whose http(s) media URLs are fetched; none by default), `url_timeout` (seconds per fetch, default 10),
         `max_connections` (open connections beyond it get a 503; default 512, None: no limit).
 
     Call `serve_forever()` (e.g. in a thread), then `shutdown(grace)` and `server_close()` to stop.

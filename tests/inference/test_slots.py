@@ -17,7 +17,7 @@ from owl_jax.inference.stops import find_stop
 pytestmark = pytest.mark.compile_quickly
 
 BUCKETS = (64, 128)
-STEPS = 3  # decode steps per call: requests end anywhere inside a call (the server's default, 1, runs in its tests)
+STEPS = 3  # decode steps per call from half the rows on: requests end anywhere inside a call
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +103,32 @@ def test_interleaved_greedy_requests_equal_each_alone_and_compile_nothing(setup)
     interleave()  # compiles what the mix needs, within the buckets' bounds
     compiled, rings = decoder.compiled(), decoder.rings
     admits = sum(p <= r for p in decoder.buckets for r in rings)
-    bounds = {"admit": admits, "step": 2 * len(rings), "encode": 1, "resize": len(rings) * (len(rings) - 1)}
+    steps = 2 * 2 * len(rings)  # with and without sampling rows, one step or STEPS per call, per ring length
+    bounds = {"admit": admits, "step": steps, "encode": 1, "resize": len(rings) * (len(rings) - 1)}
     assert all(compiled[k] - before[k] <= n for k, n in bounds.items()), (compiled, before, bounds)
     assert lowerings_during(interleave) == 0 and decoder.compiled() == compiled  # the same mix again
+
+
+def test_steps_per_call_follow_the_busy_rows(setup):
+    model, processor, requests, alone, decoder = setup
+    batch = SlotBatch(decoder, STEPS)
+    assert [batch.steps_for(n) for n in range(decoder.rows + 1)] == [1, 1, STEPS, STEPS, STEPS]
+    calls = []
+    step = decoder.step
+
+    def record(sample, count=1):
+        calls.append((int(decoder.live.sum()), count))
+        return step(sample, count)
+
+    decoder.step = record
+    try:
+        slots = [slot_request(processor, *r) for r in requests[:4]]
+        run(batch, slots)  # they join one per call while rows are free, then leave as they end
+    finally:
+        del decoder.step
+    assert {count for live, count in calls if 2 * live >= decoder.rows} == {STEPS}
+    assert {count for live, count in calls if 2 * live < decoder.rows} == {1}
+    assert [r.tokens for r in slots] == alone[:4]
 
 
 def test_the_ring_follows_the_longest_live_request(setup):
